@@ -1,0 +1,295 @@
+"""Triton kernels for the diagonal scan ``h_t = a_t * h_{t-1} + x_t``.
+
+One program owns BLOCK_D channels of one sequence and walks its time axis in
+tiles of BLOCK_T steps. Within a tile, ``tl.associative_scan`` combines the
+affine maps ``h -> a h + x`` (composition is associative):
+
+    (a1, x1) then (a2, x2)  =  (a2 a1, a2 x1 + x2)
+
+which yields, for every row r, the tile-local product ``A_r`` and state ``X_r``
+from a zero start. The state carried in from the previous tile is then applied
+as ``h_r = A_r * carry + X_r`` and the last row becomes the next carry. Rows
+past the end of the sequence load the identity map (a = 1, x = 0), so the last
+row is always the tile's final state.
+
+Reverse scans load each tile in reversed time order and run the same forward
+scan over rows. The backward pass is the same kernel with ``BACKWARD=True``: it
+scans the incoming gradient against the *next* step's conjugated coefficient in
+the opposite direction, and fuses ``dL/da_t = g_t * conj(h_{t-1})`` and
+``dL/dh_0`` into the same sweep, so the backward reads a, h and dL/dh once and
+writes dL/dx and dL/da once.
+
+Complex tensors arrive as their real views (trailing dimension 2) and each part
+is carried as its own fp32 tile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _combine_real(a1, x1, a2, x2):
+    return a2 * a1, a2 * x1 + x2
+
+
+@triton.jit
+def _combine_complex(ar1, ai1, xr1, xi1, ar2, ai2, xr2, xi2):
+    # (a2 a1, a2 x1 + x2) in complex arithmetic.
+    ar = ar2 * ar1 - ai2 * ai1
+    ai = ar2 * ai1 + ai2 * ar1
+    xr = ar2 * xr1 - ai2 * xi1 + xr2
+    xi = ar2 * xi1 + ai2 * xr1 + xi2
+    return ar, ai, xr, xi
+
+
+@triton.jit
+def _last_row(tile, rows, BLOCK_T: tl.constexpr):
+    """Row BLOCK_T - 1 of a (BLOCK_T, BLOCK_D) tile, as a (BLOCK_D,) vector."""
+    return tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, tile, 0.0), axis=0)
+
+
+@triton.jit
+def diagonal_scan_kernel(
+    a_ptr,            # coefficients, real view, strides given below (may be 0: broadcast)
+    x_ptr,            # forward: inputs x; backward: dL/dh.   (B, T, D[, 2]) contiguous
+    h0_ptr,           # initial states (N, D[, 2]) contiguous, read when HAS_H0
+    out_ptr,          # forward: states h; backward: dL/dx.   (B, T, D[, 2]) contiguous
+    h_ptr,            # backward only: the forward states h   (B, T, D[, 2])
+    grad_a_ptr,       # backward only: dL/da, full (B, T, D[, 2]) in the accumulation dtype
+    grad_h0_ptr,      # backward only: dL/dh0 (N, D[, 2]) in the accumulation dtype
+    cu_seqlens_ptr,   # (N + 1,) packed-sequence offsets when VARLEN
+    T, D,
+    stride_ab, stride_at, stride_ad,
+    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, BACKWARD: tl.constexpr,
+    IS_COMPLEX: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    seq = tl.program_id(1)
+    if VARLEN:  # packed sequences share batch row 0
+        batch = seq * 0
+        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+        end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+    else:
+        batch = seq
+        start = (seq * 0).to(tl.int64)
+        end = start + T
+    length = end - start
+    W: tl.constexpr = 2 if IS_COMPLEX else 1  # scalars per element
+    # The scan walks time backwards for a reverse forward pass, and for the
+    # backward of a forward-in-time pass.
+    SCAN_DOWN: tl.constexpr = REVERSE != BACKWARD
+    FWD_STEP: tl.constexpr = -1 if REVERSE else 1  # time step of the forward recurrence
+
+    chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    chan_ok = chans < D
+    rows = tl.arange(0, BLOCK_T)
+    row_base = batch.to(tl.int64) * T  # global time index of this batch row's t = 0
+    a_base = batch.to(tl.int64) * stride_ab + chans.to(tl.int64)[None, :] * stride_ad
+
+    # Carried state: h (forward) or g = dL/dx (backward), real and imaginary parts.
+    if HAS_H0 and not BACKWARD:
+        h0_off = (seq.to(tl.int64) * D + chans) * W
+        carry_re = tl.load(h0_ptr + h0_off, mask=chan_ok, other=0.0).to(ACC)
+        if IS_COMPLEX:
+            carry_im = tl.load(h0_ptr + h0_off + 1, mask=chan_ok, other=0.0).to(ACC)
+        else:
+            carry_im = tl.zeros((BLOCK_D,), ACC)
+    else:
+        carry_re = tl.zeros((BLOCK_D,), ACC)
+        carry_im = tl.zeros((BLOCK_D,), ACC)
+
+    for tile_start in range(0, length, BLOCK_T):
+        step = (tile_start + rows).to(tl.int64)     # how many steps into the sweep
+        if SCAN_DOWN:
+            t = end - 1 - step
+        else:
+            t = start + step
+        row_ok = step < length
+        mask = row_ok[:, None] & chan_ok[None, :]
+        off = ((row_base + t)[:, None] * D + chans[None, :]) * W
+
+        if BACKWARD:
+            # g_t = dL/dh_t + conj(a_{t + FWD_STEP}) g_{t + FWD_STEP}: the coefficient
+            # comes from the forward step after t, and is 0 past the sequence end.
+            t_coef = t + FWD_STEP
+            coef_ok = mask & ((t_coef >= start) & (t_coef < end))[:, None]
+        else:
+            t_coef = t
+            coef_ok = mask
+        a_off = a_base + t_coef[:, None] * stride_at
+        a_re = tl.load(a_ptr + a_off, mask=coef_ok, other=0.0).to(ACC)
+        # The identity map (a = 1, x = 0) in padded rows keeps the last row equal
+        # to the tile's end state.
+        a_re = tl.where(mask, a_re, 1.0)
+        x_re = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+        if IS_COMPLEX:
+            a_im = tl.load(a_ptr + a_off + 1, mask=coef_ok, other=0.0).to(ACC)
+            if BACKWARD:
+                a_im = -a_im  # conjugate
+            x_im = tl.load(x_ptr + off + 1, mask=mask, other=0.0).to(ACC)
+            A_re, A_im, X_re, X_im = tl.associative_scan((a_re, a_im, x_re, x_im), 0, _combine_complex)
+            h_re = A_re * carry_re[None, :] - A_im * carry_im[None, :] + X_re
+            h_im = A_re * carry_im[None, :] + A_im * carry_re[None, :] + X_im
+            carry_im = _last_row(h_im, rows, BLOCK_T)
+        else:
+            A_re, X_re = tl.associative_scan((a_re, x_re), 0, _combine_real)
+            h_re = A_re * carry_re[None, :] + X_re
+        carry_re = _last_row(h_re, rows, BLOCK_T)
+
+        tl.store(out_ptr + off, h_re.to(out_ptr.dtype.element_ty), mask=mask)
+        if IS_COMPLEX:
+            tl.store(out_ptr + off + 1, h_im.to(out_ptr.dtype.element_ty), mask=mask)
+
+        if BACKWARD:
+            # dL/da_t = g_t * conj(h_{t - FWD_STEP}), with h_0 at the sequence start.
+            t_prev = t - FWD_STEP
+            prev_in = (t_prev >= start) & (t_prev < end)
+            prev_off = ((row_base + t_prev)[:, None] * D + chans[None, :]) * W
+            prev_mask = mask & prev_in[:, None]
+            hp_re = tl.load(h_ptr + prev_off, mask=prev_mask, other=0.0).to(ACC)
+            if IS_COMPLEX:
+                hp_im = tl.load(h_ptr + prev_off + 1, mask=prev_mask, other=0.0).to(ACC)
+            if HAS_H0:
+                h0_off = (seq.to(tl.int64) * D + chans) * W
+                init_re = tl.load(h0_ptr + h0_off, mask=chan_ok, other=0.0).to(ACC)
+                at_start = mask & (~prev_in)[:, None]
+                hp_re = tl.where(at_start, init_re[None, :], hp_re)
+                if IS_COMPLEX:
+                    init_im = tl.load(h0_ptr + h0_off + 1, mask=chan_ok, other=0.0).to(ACC)
+                    hp_im = tl.where(at_start, init_im[None, :], hp_im)
+            if IS_COMPLEX:
+                tl.store(grad_a_ptr + off, h_re * hp_re + h_im * hp_im, mask=mask)
+                tl.store(grad_a_ptr + off + 1, h_im * hp_re - h_re * hp_im, mask=mask)
+            else:
+                tl.store(grad_a_ptr + off, h_re * hp_re, mask=mask)
+
+    if BACKWARD:
+        # dL/dh0 = conj(a_first) * g_first, "first" the first forward step.
+        if REVERSE:
+            t_first = end - 1
+        else:
+            t_first = start
+        g0_off = (seq.to(tl.int64) * D + chans) * W
+        first_ok = chan_ok & ((chans * 0 + length) > 0)  # vector mask; empty sequences give 0
+        af_off = batch.to(tl.int64) * stride_ab + t_first * stride_at + chans.to(tl.int64) * stride_ad
+        af_re = tl.load(a_ptr + af_off, mask=first_ok, other=0.0).to(ACC)
+        if IS_COMPLEX:
+            af_im = tl.load(a_ptr + af_off + 1, mask=first_ok, other=0.0).to(ACC)
+            tl.store(grad_h0_ptr + g0_off, af_re * carry_re + af_im * carry_im, mask=chan_ok)
+            tl.store(grad_h0_ptr + g0_off + 1, af_re * carry_im - af_im * carry_re, mask=chan_ok)
+        else:
+            tl.store(grad_h0_ptr + g0_off, af_re * carry_re, mask=chan_ok)
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype in (torch.float64, torch.complex128) else tl.float32
+
+
+def _config(dtype: torch.dtype, interpret: bool) -> dict:
+    """Tile sizes. Tiles are small in the interpreter, whose cost grows with tile area."""
+    if interpret:
+        return dict(BLOCK_T=64, BLOCK_D=16, num_warps=1)
+    wide = dtype in (torch.bfloat16, torch.float16)
+    return dict(BLOCK_T=32, BLOCK_D=128 if wide else 64, num_warps=4)
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _launch(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward):
+    B, T, D = x.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if N == 0 or D == 0:
+        return
+    interpret = x.device.type != "cuda"
+    cfg = _config(x.dtype, interpret)
+    a_real = _real(a.expand(B, T, D))
+    s_b, s_t, s_d = a_real.stride()[:3]
+    dummy = _real(out)  # stands in for pointers a launch does not use
+    grid = (triton.cdiv(D, cfg["BLOCK_D"]), N)
+    diagonal_scan_kernel[grid](
+        a_real, _real(x), _real(h0) if h0 is not None else dummy, _real(out),
+        _real(h) if h is not None else dummy,
+        _real(grad_a) if grad_a is not None else dummy,
+        _real(grad_h0) if grad_h0 is not None else dummy,
+        cu_seqlens if cu_seqlens is not None else dummy,
+        T, D, s_b, s_t, s_d,
+        HAS_H0=h0 is not None, VARLEN=cu_seqlens is not None, REVERSE=reverse, BACKWARD=backward,
+        IS_COMPLEX=x.is_complex(), ACC=_tl_acc(x.dtype),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    )
+
+
+def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor],
+                          cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+    """States of ``h_t = a_t * h_{t-1} + x_t``.
+
+    Args:
+        a: broadcastable to (B, T, D), same real/complex kind as x (strides kept, broadcast is free).
+        x: (B, T, D) float32 | bfloat16 | float16 | float64 | complex64 | complex128.
+        initial_state: (N, D) or None. cu_seqlens: (N + 1,) int32/int64 with B = 1, or None.
+
+    Returns:
+        h: (B, T, D) in x's dtype.
+    """
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    _launch(a, x, h0, out, None, None, None, cu_seqlens, reverse, backward=False)
+    return out
+
+
+def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
+                           initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                           reverse: bool, x_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the diagonal scan in one sweep.
+
+    Args:
+        a: as forward; h: (B, T, D) forward states; grad_h: (B, T, D) dL/dh (any strides).
+        initial_state: (N, D) or None; x_dtype: dtype for dL/dx.
+
+    Returns:
+        grad_a: (B, T, D) in the accumulation dtype (summing over broadcast dims is the caller's),
+        grad_x: (B, T, D) in x_dtype, grad_initial_state: (N, D) in the accumulation dtype.
+    """
+    B, T, D = h.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    acc = torch.float64 if h.dtype in (torch.float64, torch.complex128) else torch.float32
+    if h.is_complex():
+        acc = torch.complex128 if acc == torch.float64 else torch.complex64
+    grad_h = grad_h.contiguous()
+    h = h.contiguous()
+    grad_x = torch.empty((B, T, D), dtype=x_dtype, device=h.device)
+    grad_a = torch.empty((B, T, D), dtype=acc, device=h.device)
+    grad_h0 = torch.zeros((N, D), dtype=acc, device=h.device)
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    _launch(a, grad_h, h0, grad_x, h, grad_a, grad_h0, cu_seqlens, reverse, backward=True)
+    return grad_a, grad_x, grad_h0
+
+
+# Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
+def aot_specs():
+    """Yields (kernel, signature, constexprs, num_warps) for every launch the GPU launcher makes."""
+    for dtype_name, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                    ("complex64", torch.complex64)):
+        elem = "fp32" if dtype_name == "complex64" else dtype_name
+        cfg = _config(torch_dtype, interpret=False)
+        for backward in (False, True):
+            for reverse in (False, True):
+                for varlen in (False, True):
+                    sig = {
+                        "a_ptr": f"*{elem}", "x_ptr": f"*{elem}", "h0_ptr": f"*{elem}",
+                        "out_ptr": f"*{elem}", "h_ptr": f"*{elem}", "grad_a_ptr": "*fp32", "grad_h0_ptr": "*fp32",
+                        "cu_seqlens_ptr": "*i32", "T": "i32", "D": "i32",
+                        "stride_ab": "i64", "stride_at": "i64", "stride_ad": "i64",
+                    }
+                    constexprs = dict(HAS_H0=True, VARLEN=varlen, REVERSE=reverse, BACKWARD=backward,
+                                      IS_COMPLEX=dtype_name == "complex64", ACC=tl.float32,
+                                      BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"])
+                    yield diagonal_scan_kernel, sig, constexprs, cfg["num_warps"]

@@ -1,0 +1,121 @@
+"""Checks and backend selection shared by the three scan families.
+
+Every public op validates its arguments here before any kernel runs, so that a
+bad call fails with a ``ValueError``/``TypeError`` that names the argument, the
+shape or dtype it got, and what it needs (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+
+REAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def triton_interpreter_on() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Sequence[torch.dtype] = (),
+                 shape_doc: str = "") -> torch.Tensor:
+    """Checks that ``t`` is a tensor of the given rank and one of the allowed dtypes."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{shape_doc and ' of shape ' + shape_doc}, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {shape_doc}, got shape {tuple(t.shape)}")
+    if dtypes and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share one device")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], doc: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {doc} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int, device: torch.device) -> int:
+    """Validates packed-sequence boundaries and returns the number of sequences N.
+
+    ``cu_seqlens`` is a 1-D integer tensor ``[0, l_1, l_1 + l_2, ..., T]`` of N + 1
+    offsets into the time axis of a batch with B = 1. Without it, N = B.
+    """
+    if cu_seqlens is None:
+        return batch
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of int32/int64 offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must have dtype int32 or int64, got {str(cu_seqlens.dtype).replace('torch.', '')}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed into B = 1, got B = {batch}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
+    if offsets[-1] != seqlen:
+        raise ValueError(f"cu_seqlens must end at the sequence length T = {seqlen}, got {offsets[-1]}")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets}")
+    return len(offsets) - 1
+
+
+def resolve_backend(backend: str, device: torch.device, *, available: Sequence[str]) -> str:
+    """Turns the user's ``backend`` into one that can run on ``device``.
+
+    ``available`` lists the backends the family implements. ``"auto"`` takes the
+    fastest correct one: Triton on CUDA tensors, the chunked PyTorch form elsewhere.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and "triton" in available and triton_importable():
+            return "triton"
+        return "torch"
+    if backend not in available:
+        runnable = [b for b in available if b in ("torch", "reference") or device.type == "cuda"]
+        raise ValueError(f"backend={backend!r} is not implemented for this op; available here: {runnable}")
+    if backend == "triton":
+        if not triton_importable():
+            raise ValueError("backend='triton' needs the triton package, which is not installed; "
+                             "use backend='torch' (or pip install triton)")
+        if device.type != "cuda" and not triton_interpreter_on():
+            raise ValueError(f"backend='triton' cannot run on {device.type} tensors: Triton kernels need a CUDA "
+                             "device (or TRITON_INTERPRET=1 for the slow CPU interpreter); use backend='torch' "
+                             "or 'reference' on the CPU")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got {device.type} tensors; "
+                         "use backend='torch' or 'reference' on the CPU")
+    return backend
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 (complex64) accumulation for every storage dtype, fp64 kept for the oracle."""
+    if dtype in (torch.float64, torch.complex128):
+        return dtype
+    if dtype.is_complex:
+        return torch.complex64
+    return torch.float32

@@ -1,0 +1,242 @@
+"""diagonal_scan: every backend against the float64 reference, forward and backward."""
+
+import pytest
+import torch
+
+import linrec
+from linrec.diagonal import diagonal_scan_reference
+
+from conftest import DEVICE, HAS_CUDA, rel_rms
+
+BACKENDS = ["triton", "torch"]
+TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _inputs(B, T, D, dtype, *, a_kind="mixed", seed=0, a_shape=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = a_shape if a_shape is not None else (B, T, D)
+    if dtype.is_complex:
+        r = torch.rand(shape, generator=g) * 0.3 + 0.69
+        theta = torch.rand(shape, generator=g) * 6.28
+        a = torch.polar(r, theta).to(dtype)
+        x = torch.randn(B, T, D, generator=g, dtype=torch.float32).to(dtype) + 1j * torch.randn(B, T, D, generator=g)
+        return a, x.to(dtype)
+    if a_kind == "mixed":  # negatives, zeros (resets) and ones (no decay) among gates in [-1, 1]
+        a = torch.rand(shape, generator=g) * 2 - 1
+        flat = a.view(-1)
+        flat[::7] = 0.0
+        flat[3::11] = 1.0
+        flat[5::13] = -1.0
+    else:
+        a = torch.rand(shape, generator=g) * 0.1 + 0.9
+    x = torch.randn(B, T, D, generator=g)
+    return a.to(dtype), x.to(dtype)
+
+
+def _run(backend, a, x, h0, reverse, cu_seqlens=None, seed=1):
+    """Forward + backward of a random projection; returns (h, [grads of a, x, h0])."""
+    leaves = [t.detach().clone().to(DEVICE).requires_grad_() if t is not None else None for t in (a, x, h0)]
+    cu = cu_seqlens.to(DEVICE) if cu_seqlens is not None else None
+    h = linrec.diagonal_scan(leaves[0], leaves[1], leaves[2], reverse=reverse, cu_seqlens=cu, backend=backend)
+    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = w.to(h.dtype if not h.is_complex() else h.dtype).to(DEVICE)
+    (h * w).real.sum().backward() if h.is_complex() else (h.float() * w.float()).sum().backward()
+    return h, [t.grad if t is not None else None for t in leaves]
+
+
+def _to64(t):
+    if t is None:
+        return None
+    return t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+def _check(backend, a, x, h0, reverse, tol, cu_seqlens=None):
+    h, grads = _run(backend, a, x, h0, reverse, cu_seqlens)
+    h_ref, grads_ref = _run("reference", _to64(a), _to64(x), _to64(h0), reverse, cu_seqlens)
+    assert h.dtype == x.dtype and h.shape == x.shape
+    assert torch.isfinite(torch.view_as_real(h) if h.is_complex() else h).all()
+    assert rel_rms(h, h_ref) < tol, f"output error {rel_rms(h, h_ref)}"
+    for name, got, want in zip(("a", "x", "initial_state"), grads, grads_ref):
+        if want is None:
+            continue
+        assert got.shape == want.shape
+        assert rel_rms(got, want) < tol, f"grad of {name} error {rel_rms(got, want)}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 7, 100, 1029])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fp32_matches_reference(backend, T, reverse):
+    a, x = _inputs(2, T, 19, torch.float32)
+    h0 = torch.randn(2, 19)
+    _check(backend, a, x, h0, reverse, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.complex64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_dtypes_match_reference(backend, dtype, reverse):
+    a, x = _inputs(2, 77, 24, dtype)
+    h0 = torch.randn(2, 24, dtype=torch.complex64 if dtype.is_complex else torch.float32).to(dtype)
+    _check(backend, a, x, h0, reverse, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("a_shape", [(19,), (1, 50, 19), (3, 1, 19), (1, 1, 1)])
+def test_broadcast_a(backend, a_shape):
+    a, x = _inputs(3, 50, 19, torch.float32, a_shape=a_shape, a_kind="decay")
+    _check(backend, a, x, None, False, 1e-5)
+    h, grads = _run(backend, a, x, None, False)
+    assert grads[0].shape == a.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_varlen_equals_separate_sequences(backend, reverse):
+    lengths = [5, 0, 33, 1, 17]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    T = int(cu[-1])
+    a, x = _inputs(1, T, 12, torch.float32)
+    h0 = torch.randn(len(lengths), 12)
+    _check(backend, a, x, h0, reverse, 1e-5, cu_seqlens=cu)
+    h, _ = _run(backend, a, x, h0, reverse, cu_seqlens=cu)
+    for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if e > s:
+            single = linrec.diagonal_scan(a[:, s:e].to(DEVICE), x[:, s:e].to(DEVICE), h0[n : n + 1].to(DEVICE),
+                                          reverse=reverse, backend=backend)
+            torch.testing.assert_close(h[:, s:e].detach(), single, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    a, x = _inputs(2, 9, 3, torch.float32)
+    args = [t.double().to(DEVICE).requires_grad_() for t in (a, x, torch.randn(2, 3))]
+    # The interpreter is slow: fast mode checks random projections of the Jacobian.
+    fast = backend == "triton" and not HAS_CUDA
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda a_, x_, h0_: linrec.diagonal_scan(a_, x_, h0_, reverse=reverse, backend=backend), args,
+            fast_mode=fast)
+    c = [t.to(torch.complex128).to(DEVICE).requires_grad_() for t in (a * 0.5 + 0.3j, x, torch.randn(2, 3) * 1j)]
+    assert torch.autograd.gradcheck(lambda a_, x_, h0_: linrec.diagonal_scan(a_, x_, h0_, backend=backend), c,
+                                    fast_mode=fast)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_sequence_fp32_accuracy(backend):
+    # T >= 65536 exercises 64-bit offsets and the accumulated error of long carries.
+    T = 70000
+    a, x = _inputs(1, T, 1 if not HAS_CUDA else 64, torch.float32, a_kind="decay")
+    h = linrec.diagonal_scan(a.to(DEVICE), x.to(DEVICE), backend=backend)
+    ref = diagonal_scan_reference(a.double(), x.double()) if T * a.shape[2] < 200_000 else \
+        linrec.diagonal_scan(a.double(), x.double(), backend="torch")
+    assert rel_rms(h.cpu(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs_and_stride0_grads_and_no_mutation(backend):
+    a_big, x_big = _inputs(2, 40, 30, torch.float32)
+    a = a_big[:, ::2, ::3].to(DEVICE)  # non-contiguous views
+    x = x_big.transpose(0, 1).contiguous().transpose(0, 1)[:, ::2, ::3].to(DEVICE)
+    h0 = torch.randn(10, 2).t().to(DEVICE)  # (2, 10) non-contiguous
+    snapshot = [t.clone() for t in (a, x, h0)]
+    leaves = [t.clone().requires_grad_() for t in (a, x, h0)]
+    h = linrec.diagonal_scan(*leaves, backend=backend)
+    h.sum().backward()  # stride-0 incoming gradient
+    ref_leaves = [t.detach().double().requires_grad_() for t in (a, x, h0)]
+    diagonal_scan_reference(*ref_leaves).sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        assert rel_rms(got.grad, want.grad) < 1e-5
+    for before, after in zip(snapshot, (a, x, h0)):
+        assert torch.equal(before, after)
+
+
+def test_auto_backend_picks_by_device():
+    a, x = _inputs(1, 10, 4, torch.float32)
+    h = linrec.diagonal_scan(a, x)  # CPU tensors: the torch backend
+    torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"))
+
+
+def test_opcheck():
+    a, x = _inputs(2, 20, 5, torch.float32)
+    h0 = torch.randn(2, 5)
+    for backend in ("torch", "reference"):
+        for reverse in (False, True):
+            torch.library.opcheck(torch.ops.linrec.diagonal_scan.default,
+                                  (a.requires_grad_(), x.requires_grad_(), h0.requires_grad_(), None, reverse, backend))
+    cu = torch.tensor([0, 7, 20])
+    torch.library.opcheck(torch.ops.linrec.diagonal_scan.default, (a[:1], x[:1], h0, cu, False, "torch"))
+
+
+def test_torch_compile_fullgraph():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 12)
+
+        def forward(self, u):
+            gate, inp = self.proj(u).sigmoid().chunk(2, dim=-1)
+            return linrec.diagonal_scan(gate, inp, backend="torch").sum()
+
+    model = Model()
+    u = torch.randn(2, 30, 6)
+    eager = model(u)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(u)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+# --- bad input: each raises a clear error naming the argument -------------------------------------
+
+def _good():
+    return torch.rand(2, 10, 4), torch.randn(2, 10, 4)
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    (lambda a, x: linrec.diagonal_scan(a, x[0]), ValueError, "x must have 3 dimensions"),
+    (lambda a, x: linrec.diagonal_scan(a[..., :3], x), ValueError, "a must have shape"),
+    (lambda a, x: linrec.diagonal_scan(a[None], x), ValueError, "a must have at most 3"),
+    (lambda a, x: linrec.diagonal_scan(a, x.long()), TypeError, "x must have dtype"),
+    (lambda a, x: linrec.diagonal_scan(a.int(), x), TypeError, "a must have dtype"),
+    (lambda a, x: linrec.diagonal_scan(a.to(torch.complex64), x), TypeError, "a must have dtype"),
+    (lambda a, x: linrec.diagonal_scan(a.numpy(), x), TypeError, "a must be a torch.Tensor"),
+    (lambda a, x: linrec.diagonal_scan(a, x, torch.zeros(3, 4)), ValueError, "initial_state must have shape"),
+    (lambda a, x: linrec.diagonal_scan(a, x, torch.zeros(2, 4, dtype=torch.int64)), TypeError, "initial_state"),
+    (lambda a, x: linrec.diagonal_scan(a, x, backend="fast"), ValueError, "backend must be one of"),
+    (lambda a, x: linrec.diagonal_scan(a, x, backend="cuda"), ValueError, "backend='cuda'"),
+    (lambda a, x: linrec.diagonal_scan(a, x, reverse=1), TypeError, "reverse must be a bool"),
+    (lambda a, x: linrec.diagonal_scan(a[:1], x[:1], cu_seqlens=torch.tensor([0, 6, 4, 10])), ValueError,
+     "non-decreasing"),
+    (lambda a, x: linrec.diagonal_scan(a[:1], x[:1], cu_seqlens=torch.tensor([1, 10])), ValueError, "start at 0"),
+    (lambda a, x: linrec.diagonal_scan(a[:1], x[:1], cu_seqlens=torch.tensor([0, 9])), ValueError, "end at"),
+    (lambda a, x: linrec.diagonal_scan(a, x, cu_seqlens=torch.tensor([0, 10])), ValueError, "B = 1"),
+    (lambda a, x: linrec.diagonal_scan(a[:1], x[:1], cu_seqlens=torch.tensor([0.0, 10.0])), TypeError,
+     "cu_seqlens must have dtype"),
+    (lambda a, x: linrec.diagonal_scan(a[:1], x[:1], torch.zeros(1, 4), cu_seqlens=torch.tensor([0, 4, 10])),
+     ValueError, "initial_state must have shape"),
+])
+def test_bad_input(case, exc, match):
+    a, x = _good()
+    with pytest.raises(exc, match=match):
+        case(a, x)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the error is for machines without CUDA")
+def test_triton_backend_without_cuda_or_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a, x = _good()
+    with pytest.raises(ValueError, match="Triton kernels need a CUDA device"):
+        linrec.diagonal_scan(a, x, backend="triton")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs two devices")
+def test_device_mismatch_is_an_error():
+    a, x = _good()
+    with pytest.raises(ValueError, match="a is on"):
+        linrec.diagonal_scan(a, x.cuda())
