@@ -160,12 +160,22 @@ def test_auto_backend_picks_by_device():
 def test_opcheck():
     a, x = _inputs(2, 20, 5, torch.float32)
     h0 = torch.randn(2, 5)
-    for backend in ("torch", "reference"):
+    for backend in ("triton", "torch", "reference"):
         for reverse in (False, True):
             torch.library.opcheck(torch.ops.linrec.diagonal_scan.default,
                                   (a.requires_grad_(), x.requires_grad_(), h0.requires_grad_(), None, reverse, backend))
     cu = torch.tensor([0, 7, 20])
     torch.library.opcheck(torch.ops.linrec.diagonal_scan.default, (a[:1], x[:1], h0, cu, False, "torch"))
+
+
+def test_torch_compile_fullgraph_varlen():
+    a, x = _inputs(1, 12, 3, torch.float32)
+    cu = torch.tensor([0, 5, 12])
+
+    def f(a_, x_):
+        return linrec.diagonal_scan(a_, x_, cu_seqlens=cu, backend="torch")
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(a, x), f(a, x))
 
 
 def test_torch_compile_fullgraph():
