@@ -190,10 +190,10 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype in (torch.float64, torch.complex128) else tl.float32
 
 
-def _config(dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile sizes. Tiles are small in the interpreter, whose cost grows with tile area."""
+def _config(dtype: torch.dtype, interpret: bool, D: int = 64) -> dict:
+    """Tile sizes. Tiles are small in the interpreter, whose scan costs a Python call per tile element."""
     if interpret:
-        return dict(BLOCK_T=64, BLOCK_D=16, num_warps=1)
+        return dict(BLOCK_T=16, BLOCK_D=min(16, triton.next_power_of_2(max(D, 1))), num_warps=1)
     wide = dtype in (torch.bfloat16, torch.float16)
     return dict(BLOCK_T=32, BLOCK_D=128 if wide else 64, num_warps=4)
 
@@ -208,7 +208,7 @@ def _launch(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward):
     if N == 0 or D == 0:
         return
     interpret = x.device.type != "cuda"
-    cfg = _config(x.dtype, interpret)
+    cfg = _config(x.dtype, interpret, D)
     a_real = _real(a.expand(B, T, D))
     s_b, s_t, s_d = a_real.stride()[:3]
     dummy = _real(out)  # stands in for pointers a launch does not use
