@@ -1,0 +1,174 @@
+"""Pieces shared by the layers in ``linrec.nn``.
+
+* ``ShortConv``: a depthwise causal convolution over time (kernel 4 by default) that
+  carries its last ``kernel_size - 1`` inputs as a state, so that a sequence fed in
+  pieces gives the outputs of one call, and that restarts at the boundaries of
+  packed sequences (``cu_seqlens``).
+* ``RMSNorm``: root-mean-square normalisation over the last dimension.
+* helpers to pick the final recurrent state of every sequence out of a scan's output
+  and to check a layer's ``state`` argument.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def num_sequences(x: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    """N, the number of sequences in a (B, T, ...) input: B, or the packed count with ``cu_seqlens``."""
+    if cu_seqlens is None:
+        return x.shape[0]
+    if x.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed into B = 1, got input of shape {tuple(x.shape)}")
+    return cu_seqlens.numel() - 1
+
+
+def check_input(name: str, x: Tensor, d_model: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor of shape (B, T, d_model={d_model}), got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{name} expects input of shape (B, T, d_model={d_model}), got {tuple(x.shape)}")
+
+
+def check_state_tensor(layer: str, name: str, t: Tensor, shape: Sequence[int], doc: str) -> None:
+    """Checks one tensor of a layer's ``state`` argument against the shape it needs."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{layer}: state {name} must be a torch.Tensor of shape {doc} = {tuple(shape)}, "
+                        f"got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{layer}: state {name} must have shape {doc} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def final_states(h: Tensor, cu_seqlens: Optional[Tensor], initial_state: Optional[Tensor]) -> Tensor:
+    """The last state of every sequence from a forward scan's output.
+
+    Args:
+        h: (B, T, *S) all states of a forward-in-time scan.
+        cu_seqlens: (N + 1,) offsets of N sequences packed along T (B = 1), or None.
+        initial_state: (N, *S) or None; what an empty sequence (or T = 0) hands on.
+
+    Returns:
+        (N, *S): ``h[:, -1]`` without ``cu_seqlens``; ``h[0, end_n - 1]`` for sequence n with it.
+    """
+    N = h.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is None:
+        initial_state = h.new_zeros((N,) + tuple(h.shape[2:]))
+    if cu_seqlens is None:
+        return h[:, -1] if h.shape[1] > 0 else initial_state.to(h.dtype)
+    ends = cu_seqlens[1:].long()
+    lengths = ends - cu_seqlens[:-1].long()
+    last = h[0, (ends - 1).clamp_min(0)] if h.shape[1] > 0 else initial_state.to(h.dtype)
+    empty = (lengths == 0).view((N,) + (1,) * (h.dim() - 2))
+    return torch.where(empty, initial_state.to(h.dtype), last)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution over time with a carried state (Mamba / Gated DeltaNet style).
+
+    ``y_t[c] = act(bias[c] + sum_{j=0}^{W-1} weight[c, j] * x_{t-W+1+j}[c])`` with kernel width W,
+    where inputs before the start of a sequence come from the carried state (the sequence's
+    previous W - 1 inputs), or are zero when there is none.
+
+    Args:
+        channels: C, the number of channels (each has its own kernel).
+        kernel_size: W, the temporal width (>= 1).
+        activation: "silu" or None.
+        bias: whether to add a learned per-channel bias.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, activation: Optional[str] = "silu", bias: bool = False):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+        if activation not in (None, "silu"):
+            raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        # (C, 1, W): the layout of F.conv1d with groups = C. Uniform init as nn.Conv1d (fan_in = W).
+        bound = 1.0 / math.sqrt(kernel_size)
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def state_shape(self, num_seqs: int) -> Tuple[int, int, int]:
+        """(N, C, W - 1): the last W - 1 inputs of each sequence, oldest first."""
+        return (num_seqs, self.channels, self.kernel_size - 1)
+
+    def forward(self, x: Tensor, state: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Tensor]:
+        """Convolves x over time.
+
+        Args:
+            x: (B, T, C) any float dtype.
+            state: (N, C, W - 1) in x's dtype (cast if not), or None for zeros; N = B, or the
+                number of packed sequences with ``cu_seqlens``.
+            cu_seqlens: (N + 1,) int offsets of sequences packed along T (B = 1), or None.
+
+        Returns:
+            y: (B, T, C) in x's dtype.
+            new_state: (N, C, W - 1), the last W - 1 inputs of each sequence (state included).
+        """
+        B, T, C = x.shape
+        W = self.kernel_size
+        N = num_sequences(x, cu_seqlens)
+        if state is None:
+            state = x.new_zeros(self.state_shape(N))
+        else:
+            check_state_tensor("ShortConv", "conv", state, self.state_shape(N), "(N, C, kernel_size - 1)")
+            state = state.to(x.dtype)
+        xt = x.transpose(1, 2)  # (B, C, T)
+        if cu_seqlens is None:
+            # Prepend each sequence's carried inputs; a 'valid' convolution then gives T outputs.
+            padded = torch.cat([state, xt], dim=2)  # (B, C, W - 1 + T)
+            new_state = padded[:, :, padded.shape[2] - (W - 1):]
+        else:
+            # Packed: give every sequence its own W - 1 carried inputs in front of it, so that no
+            # window reaches into the previous sequence. Sequence n (offsets s_n..e_n) occupies
+            # columns [s_n + n (W-1), e_n + (n+1)(W-1)) of `padded`; its output for packed
+            # position p is the window ending at column p + (n+1)(W-1), i.e. conv output p + n (W-1).
+            offsets = cu_seqlens.tolist()
+            pieces: List[Tensor] = []
+            for n in range(N):
+                pieces.append(state[n:n + 1])
+                pieces.append(xt[:, :, offsets[n]:offsets[n + 1]])
+            padded = torch.cat(pieces, dim=2)  # (1, C, T + N (W - 1))
+            ends = [offsets[n + 1] + n * (W - 1) for n in range(N)]
+            new_state = torch.cat([padded[:, :, e:e + W - 1] for e in ends], dim=0)  # (N, C, W - 1)
+        y = F.conv1d(padded, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                     groups=C)  # (B, C, len(padded) - W + 1)
+        if cu_seqlens is not None:
+            seq_id = torch.repeat_interleave(torch.arange(N, device=x.device),
+                                             (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=T)
+            y = y[:, :, torch.arange(T, device=x.device) + seq_id * (W - 1)]
+        y = y.transpose(1, 2)
+        if self.activation == "silu":
+            y = F.silu(y)
+        return y, new_state
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x^2) + eps) * weight`` over the last dimension (Zhang & Sennrich, 2019).
+
+    Args:
+        dim: size of the normalised (last) dimension.
+        eps: added to the mean square.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., dim) -> (..., dim) in x's dtype, computed in fp32."""
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def inverse_softplus(y: Tensor) -> Tensor:
+    """x with softplus(x) = y for y > 0: ``x = y + log(1 - exp(-y))`` (stable for small and large y)."""
+    return y + torch.log(-torch.expm1(-y))

@@ -1,0 +1,275 @@
+"""linrec.nn layers: shapes, finite gradients, state carry-over (pieces and token by token equal
+one call, gradients included), packed variable-length batches, backend agreement, and the
+parameter ranges each layer promises (|lambda|, a_t, beta, column norms)."""
+
+import math
+
+import pytest
+import torch
+
+import linrec
+from linrec.nn import LRU, RGLRU, BlockDiagonalRNN, DeltaProduct, ShortConv
+
+from conftest import DEVICE, rel_rms
+
+D_MODEL = 12
+
+# name -> (constructor taking backend, the op the layer needs)
+LAYERS = {
+    "lru": (lambda be: LRU(D_MODEL, 8, backend=be), "diagonal_scan"),
+    "rglru": (lambda be: RGLRU(D_MODEL, 10, backend=be), "diagonal_scan"),
+    "rglru_neg": (lambda be: RGLRU(D_MODEL, 10, allow_neg_eigval=True, backend=be), "diagonal_scan"),
+    "rglru_noconv": (lambda be: RGLRU(D_MODEL, conv_size=0, backend=be), "diagonal_scan"),
+    "deltaproduct": (lambda be: DeltaProduct(D_MODEL, num_heads=2, head_dim=4, num_householder=2,
+                                             backend=be), "householder_scan"),
+    "deltanet_nogate": (lambda be: DeltaProduct(D_MODEL, num_heads=3, head_dim=4, num_householder=1, use_gate=False,
+                                                allow_neg_eigval=False, backend=be), "householder_scan"),
+    "deltaproduct_noconv": (lambda be: DeltaProduct(D_MODEL, num_heads=2, head_dim=3, num_householder=3,
+                                                    conv_size=0, backend=be), "householder_scan"),
+    "fan": (lambda be: BlockDiagonalRNN(D_MODEL, block_size=3, num_blocks=2, parameterization="fan",
+                                        backend=be), "block_diagonal_scan"),
+    "slice": (lambda be: BlockDiagonalRNN(D_MODEL, block_size=3, num_blocks=2, parameterization="slice",
+                                          backend=be), "block_diagonal_scan"),
+}
+NAMES = list(LAYERS)
+TOL = 1e-5  # fp32, DESIGN.md §4
+
+
+def make_layer(name, backend="auto", seed=0):
+    ctor, op = LAYERS[name]
+    if not hasattr(linrec, op):
+        pytest.skip(f"linrec.{op} has not landed yet")
+    torch.manual_seed(seed)
+    return ctor(backend).to(DEVICE)
+
+
+def randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def grads_of(layer, x, y_fn):
+    """Backpropagates a fixed random projection of y_fn(); returns (y, {param: grad}, grad_x)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    y = y_fn(x)
+    w = randn(*y.shape, seed=7)
+    (y * w).sum().backward()
+    return y.detach(), {n: p.grad.detach().clone() for n, p in layer.named_parameters()}, x.grad.detach()
+
+
+def run_in_pieces(layer, x, lengths):
+    """Feeds x (B, T, d) through the layer in consecutive pieces, carrying the state."""
+    state, ys, t = None, [], 0
+    for n in lengths:
+        y, state = layer(x[:, t:t + n], state=state, return_state=True)
+        ys.append(y)
+        t += n
+    assert t == x.shape[1]
+    return torch.cat(ys, dim=1)
+
+
+def flat_state(state):
+    """All tensors of a (nested tuple) state, for comparisons."""
+    if state is None:
+        return []
+    if isinstance(state, torch.Tensor):
+        return [state]
+    return [t for s in state for t in flat_state(s)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_finite_gradients(name):
+    layer = make_layer(name)
+    x = randn(2, 9, D_MODEL)
+    y, grads, gx = grads_of(layer, x, layer)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all() and torch.isfinite(gx).all()
+    assert len(grads) == len(list(layer.parameters()))
+    for pname, g in grads.items():
+        assert torch.isfinite(g).all(), f"non-finite grad for {pname}"
+        assert g.abs().sum() > 0, f"zero grad for {pname}"
+    y2, state = layer(x, return_state=True)
+    assert torch.equal(y2, y)
+    assert all(torch.isfinite(torch.view_as_real(s) if s.is_complex() else s).all() for s in flat_state(state))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("lengths", [[4, 1, 3, 5], [1] * 13], ids=["pieces", "token_by_token"])
+def test_pieces_equal_one_call(name, lengths):
+    """Chunked prefill / decoding with the carried state reproduces one call, gradients included."""
+    layer = make_layer(name)
+    x = randn(2, 13, D_MODEL)
+    y_full, g_full, gx_full = grads_of(layer, x, layer)
+    y_pcs, g_pcs, gx_pcs = grads_of(layer, x, lambda xx: run_in_pieces(layer, xx, lengths))
+    assert rel_rms(y_pcs, y_full) < TOL
+    assert rel_rms(gx_pcs, gx_full) < TOL
+    for pname in g_full:
+        assert rel_rms(g_pcs[pname], g_full[pname]) < TOL, pname
+    # the final state of the pieces equals that of one call
+    _, s_full = layer(x, return_state=True)
+    _, s_pcs = layer(x[:, 9:], state=layer(x[:, :9], return_state=True)[1], return_state=True)
+    for a, b in zip(flat_state(s_pcs), flat_state(s_full)):
+        assert rel_rms(a, b) < TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_sequences_equal_separate_calls(name):
+    """cu_seqlens: a packed batch (B = 1) gives each sequence's own outputs and final state, with and
+    without initial states, and convolutions do not leak across boundaries."""
+    layer = make_layer(name)
+    lengths = [5, 1, 7]
+    seqs = [randn(1, n, D_MODEL, seed=10 + i) for i, n in enumerate(lengths)]
+    packed = torch.cat(seqs, dim=1)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    prefix = randn(len(lengths), 3, D_MODEL, seed=20)
+    _, s0 = layer(prefix, return_state=True)                  # N initial states, batched
+    for init in (None, s0):
+        y_packed, s_packed = layer(packed, state=init, return_state=True, cu_seqlens=cu)
+        ys, states = [], []
+        for i, xs in enumerate(seqs):
+            init_i = None if init is None else _select(init, i)
+            y_i, s_i = layer(xs, state=init_i, return_state=True)
+            ys.append(y_i)
+            states.append(s_i)
+        assert rel_rms(y_packed, torch.cat(ys, dim=1)) < TOL
+        for i in range(len(lengths)):
+            for a, b in zip(flat_state(_select(s_packed, i)), flat_state(states[i])):
+                assert rel_rms(a, b) < TOL
+
+
+def _select(state, i):
+    """Sequence i of a (nested tuple) state, keeping a leading dim of 1."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state[i:i + 1]
+    return tuple(_select(s, i) for s in state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_backend_agrees(name):
+    layer = make_layer(name)
+    ref = make_layer(name, backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    x = randn(2, 11, D_MODEL)
+    y, g, gx = grads_of(layer, x, layer)
+    y_ref, g_ref, gx_ref = grads_of(ref, x, ref)
+    assert rel_rms(y, y_ref) < TOL and rel_rms(gx, gx_ref) < TOL
+    for pname in g:
+        assert rel_rms(g[pname], g_ref[pname]) < TOL, pname
+
+
+@pytest.mark.parametrize("name", ["lru", "rglru", "deltaproduct", "fan"])
+def test_bfloat16_input_runs(name):
+    layer = make_layer(name)
+    x = randn(2, 9, D_MODEL)
+    y32 = layer(x)
+    y16 = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16.float()).all()
+    assert rel_rms(y16.float(), y32) < 5e-2
+
+
+# ---- parameter ranges -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r_min,r_max,max_phase", [(0.9, 0.999, 2 * math.pi), (0.0, 0.5, math.pi / 10)])
+def test_lru_eigenvalues_on_the_ring(r_min, r_max, max_phase):
+    torch.manual_seed(0)
+    layer = LRU(D_MODEL, 4096, r_min=r_min, r_max=r_max, max_phase=max_phase)
+    lam = layer.eigenvalues().detach()
+    mod = lam.abs()
+    assert mod.min() >= r_min - 1e-6 and mod.max() <= r_max + 1e-6
+    # uniform on the ring's area: |lambda|^2 is uniform in [r_min^2, r_max^2], so its mean is the midpoint
+    assert abs(mod.pow(2).mean().item() - (r_min ** 2 + r_max ** 2) / 2) < 0.02 * (r_max ** 2 - r_min ** 2) + 1e-3
+    phase = torch.angle(lam) % (2 * math.pi)
+    assert phase.max() <= max_phase + 1e-4
+    gamma = torch.exp(layer.gamma_log.detach())
+    assert torch.allclose(gamma, torch.sqrt(1 - mod.pow(2)), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("allow_neg", [False, True])
+def test_rglru_gate_range(allow_neg):
+    torch.manual_seed(0)
+    layer = RGLRU(D_MODEL, 64, allow_neg_eigval=allow_neg)
+    # at init a^c = exp(-c softplus(Lambda)) is uniform in [0.9, 0.999]
+    a_c = torch.exp(-layer.c * torch.nn.functional.softplus(layer.Lambda.detach()))
+    assert a_c.min() >= 0.9 - 1e-6 and a_c.max() <= 0.999 + 1e-6
+    with torch.no_grad():
+        layer.Lambda.uniform_(-5.0, 5.0)         # include gates near 0 (and near -1)
+        a, x_in = layer.gates(randn(4, 50, 64) * 5)
+    lo = -1.0 if allow_neg else 0.0
+    assert a.min() >= lo and a.max() <= 1.0 and torch.isfinite(x_in).all()
+    if allow_neg:
+        assert a.min() < -0.5                   # the negative range is reached
+    else:
+        assert a.min() > 0.0
+
+
+@pytest.mark.parametrize("allow_neg", [False, True])
+def test_delta_product_beta_range(allow_neg):
+    torch.manual_seed(0)
+    layer = DeltaProduct(D_MODEL, num_heads=2, head_dim=4, num_householder=3, allow_neg_eigval=allow_neg)
+    beta = layer.betas(randn(2, 40, D_MODEL) * 20).detach()
+    assert beta.shape == (2, 40, 3, 2)
+    hi = 2.0 if allow_neg else 1.0
+    assert beta.min() >= 0.0 and beta.max() <= hi
+    assert beta.max() > (1.5 if allow_neg else 0.9)
+    log_gate = layer.log_gates(randn(2, 40, D_MODEL)).detach()
+    assert log_gate.shape == (2, 40, 2) and (log_gate <= 0).all()
+
+
+@pytest.mark.parametrize("p", [1.0, 1.2, 2.0])
+def test_fan_columns_have_unit_bounded_p_norm(p):
+    torch.manual_seed(0)
+    layer = BlockDiagonalRNN(D_MODEL, block_size=4, num_blocks=3, parameterization="fan", p=p)
+    A = layer.transitions(randn(2, 30, D_MODEL) * 10).detach()       # large inputs: normalisation active
+    assert A.shape == (2, 30, 3, 4, 4)
+    col = torch.linalg.vector_norm(A, ord=p, dim=-2)
+    assert col.max() <= 1.0 + 1e-5
+    assert col.max() >= 1.0 - 1e-5  # columns above 1 were scaled onto the unit sphere, not shrunk further
+    if p == 1.0:  # induced l1 norm = max column l1 norm <= 1: the recurrence never expands in l1
+        h = randn(2, 30, 3, 4)
+        assert (torch.einsum("btgij,btgj->btgi", A, h).abs().sum(-1) <= h.abs().sum(-1) + 1e-5).all()
+
+
+def test_slice_starts_near_identity():
+    torch.manual_seed(0)
+    layer = BlockDiagonalRNN(D_MODEL, block_size=4, num_blocks=3, parameterization="slice")
+    A = layer.transitions(randn(2, 30, D_MODEL)).detach()
+    eye = torch.eye(4).expand_as(A)
+    assert (A - eye).abs().max() < 0.2
+    assert (A - eye).abs().max() > 0  # input-dependent
+
+
+# ---- short convolution and bad input ----------------------------------------------------------
+
+def test_short_conv_matches_conv1d_and_resets_at_boundaries():
+    torch.manual_seed(0)
+    conv = ShortConv(5, 4, activation=None, bias=True).to(DEVICE)
+    x = randn(1, 9, 5)
+    want = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (3, 0)), conv.weight, conv.bias,
+                                      groups=5).transpose(1, 2)
+    y, state = conv(x)
+    assert torch.allclose(y, want, atol=1e-6) and torch.equal(state, x[0, -3:].t()[None])
+    cu = torch.tensor([0, 2, 9], device=DEVICE)
+    y_packed, _ = conv(x, cu_seqlens=cu)
+    assert torch.allclose(y_packed[:, :2], conv(x[:, :2])[0], atol=1e-6)
+    assert torch.allclose(y_packed[:, 2:], conv(x[:, 2:])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lru", "rglru", "deltaproduct", "fan"])
+def test_bad_input_raises(name):
+    layer = make_layer(name)
+    with pytest.raises(ValueError, match="d_model"):
+        layer(randn(2, 5, D_MODEL + 1))
+    _, state = layer(randn(2, 5, D_MODEL), return_state=True)
+    with pytest.raises(ValueError, match="state"):
+        layer(randn(3, 5, D_MODEL), state=state)
+    with pytest.raises(ValueError, match="B = 1"):
+        layer(randn(2, 5, D_MODEL), cu_seqlens=torch.tensor([0, 5], device=DEVICE))
+
+
+def test_bad_constructor_arguments_raise():
+    with pytest.raises(ValueError, match="parameterization"):
+        BlockDiagonalRNN(D_MODEL, 2, 2, parameterization="dense")
+    with pytest.raises(ValueError, match="r_min"):
+        LRU(D_MODEL, 4, r_min=0.5, r_max=1.0)
