@@ -2,13 +2,15 @@
 
 Public ops (DESIGN.md §2):
 
+* ``block_diagonal_scan(A, x, initial_state=None, *, reverse=False, cu_seqlens=None, backend="auto")``
 * ``diagonal_scan(a, x, initial_state=None, *, reverse=False, cu_seqlens=None, backend="auto")``
 
 Layers live in ``linrec.nn``.
 """
 
+from .block_diagonal import block_diagonal_scan
 from .diagonal import diagonal_scan
 
 __version__ = "0.1.0"
 
-__all__ = ["diagonal_scan"]
+__all__ = ["block_diagonal_scan", "diagonal_scan"]

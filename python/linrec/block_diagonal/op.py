@@ -1,0 +1,132 @@
+"""``linrec.block_diagonal_scan``: argument checks, backend dispatch and the ``torch.library`` ops.
+
+Two custom ops carry the work so that ``torch.compile`` traces through them:
+
+* ``linrec::block_diagonal_scan`` (A, x, initial_state?, cu_seqlens?, reverse, backend) -> h
+* ``linrec::block_diagonal_scan_backward`` (A, h, grad_h, initial_state?, cu_seqlens?, reverse, backend)
+  -> (grad_A, grad_x, grad_initial_state)
+
+``A`` reaches the ops in its own broadcastable shape; the backward sums dL/dA
+over the broadcast dimensions in the accumulation dtype before casting.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._common import REAL_DTYPES, check_cu_seqlens, check_same_device, check_shape, check_tensor, resolve_backend
+from .chunked import block_diagonal_scan_chunked, block_diagonal_scan_chunked_backward
+from .reference import block_diagonal_scan_reference
+
+AVAILABLE_BACKENDS = ("triton", "torch", "reference")
+MAX_BLOCK = 64
+
+
+@torch.library.custom_op("linrec::block_diagonal_scan", mutates_args=())
+def _block_diagonal_scan_op(A: Tensor, x: Tensor, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                            reverse: bool, backend: str) -> Tensor:
+    if backend == "triton":
+        from linrec.kernels.block_diagonal import block_diagonal_scan_forward
+        return block_diagonal_scan_forward(A, x, initial_state, cu_seqlens, reverse)
+    if backend == "torch":
+        return block_diagonal_scan_chunked(A, x, initial_state, cu_seqlens, reverse)
+    return block_diagonal_scan_reference(A, x, initial_state, cu_seqlens, reverse)
+
+
+@_block_diagonal_scan_op.register_fake
+def _(A, x, initial_state, cu_seqlens, reverse, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("linrec::block_diagonal_scan_backward", mutates_args=())
+def _block_diagonal_scan_backward_op(A: Tensor, h: Tensor, grad_h: Tensor, initial_state: Optional[Tensor],
+                                     cu_seqlens: Optional[Tensor], reverse: bool, backend: str
+                                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from linrec.kernels.block_diagonal import block_diagonal_scan_backward
+        grad_A, grad_x, grad_h0 = block_diagonal_scan_backward(A, h, grad_h, initial_state, cu_seqlens, reverse)
+    else:  # the reference and the chunked form share the chunked backward
+        grad_A, grad_x, grad_h0 = block_diagonal_scan_chunked_backward(A, h, grad_h, initial_state, cu_seqlens,
+                                                                       reverse)
+    h0_dtype = initial_state.dtype if initial_state is not None else h.dtype
+    return grad_A.to(A.dtype).contiguous(), grad_x.to(h.dtype).contiguous(), grad_h0.to(h0_dtype).contiguous()
+
+
+@_block_diagonal_scan_backward_op.register_fake
+def _(A, h, grad_h, initial_state, cu_seqlens, reverse, backend):
+    N = h.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    h0_dtype = initial_state.dtype if initial_state is not None else h.dtype
+    return (torch.empty_like(A, memory_format=torch.contiguous_format),
+            torch.empty_like(h, memory_format=torch.contiguous_format),
+            h.new_empty((N, h.shape[2], h.shape[3]), dtype=h0_dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    A, x, initial_state, cu_seqlens, reverse, backend = inputs
+    ctx.save_for_backward(A, output, initial_state, cu_seqlens)
+    ctx.reverse, ctx.backend = reverse, backend
+    ctx.has_h0 = initial_state is not None
+
+
+def _backward(ctx, grad_h):
+    A, h, initial_state, cu_seqlens = ctx.saved_tensors
+    grad_A, grad_x, grad_h0 = torch.ops.linrec.block_diagonal_scan_backward(
+        A, h, grad_h, initial_state, cu_seqlens, ctx.reverse, ctx.backend)
+    return grad_A, grad_x, (grad_h0 if ctx.has_h0 else None), None, None, None
+
+
+_block_diagonal_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_diagonal_scan(A: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *, reverse: bool = False,
+                        cu_seqlens: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Block-diagonal linear recurrence ``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]`` over time (dim 1).
+
+    Args:
+        A: transitions, (B, T, G, b, b) or broadcastable to it, e.g. (G, b, b) for a
+            time-invariant recurrence. Real, any float dtype; the last two dimensions
+            are exactly (b, b) (no broadcasting inside a block). Singular blocks are fine.
+        x: (B, T, G, b) float32 | bfloat16 | float16 (float64 for checks), block size 1 <= b <= 64.
+        initial_state: (N, G, b) or None for zeros, with N = B, or N packed sequences.
+        reverse: compute ``h_t = A_t @ h_{t+1} + x_t`` from t = T down to 1.
+        cu_seqlens: (N + 1,) int32/int64 offsets of N sequences packed along T (B = 1), or None.
+        backend: "auto" | "triton" | "torch" | "reference".
+
+    Returns:
+        h: (B, T, G, b) in x's dtype, every state; the final state is h[:, -1] (h[:, 0] if reverse).
+        Accumulation is fp32 whatever the storage dtype (fp64 for fp64 inputs).
+    """
+    check_tensor("x", x, ndim=4, dtypes=REAL_DTYPES, shape_doc="(B, T, G, b)")
+    B, T, G, b = x.shape
+    if not 1 <= b <= MAX_BLOCK:
+        raise ValueError(f"x's block size b (last dimension) must be in 1..{MAX_BLOCK}, got shape {tuple(x.shape)}")
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a torch.Tensor of shape (B, T, G, b, b) = {(B, T, G, b, b)} or broadcastable "
+                        f"to it, got {type(A).__name__}")
+    check_tensor("A", A, dtypes=REAL_DTYPES)
+    if A.dim() < 2 or A.dim() > 5:
+        raise ValueError(f"A must have 2 to 5 dimensions, (B, T, G, b, b) = {(B, T, G, b, b)} or broadcastable "
+                         f"to it, got shape {tuple(A.shape)}")
+    if A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A's blocks must be square (..., b, b), got shape {tuple(A.shape)}")
+    if A.shape[-1] != b:
+        raise ValueError(f"A's block size must match x's: A must have shape (..., b, b) = (..., {b}, {b}) for x of "
+                         f"shape {tuple(x.shape)}, got {tuple(A.shape)}")
+    try:
+        if torch.broadcast_shapes(A.shape[:-2], x.shape[:3]) != x.shape[:3]:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"A must have shape (B, T, G, b, b) = {(B, T, G, b, b)} or broadcast to it, "
+                         f"got {tuple(A.shape)}") from None
+    check_same_device("x", x, A=A, initial_state=initial_state)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    N = check_cu_seqlens(cu_seqlens, B, T, x.device)
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, ndim=3, dtypes=REAL_DTYPES, shape_doc="(N, G, b)")
+        check_shape("initial_state", initial_state, (N, G, b), "(N, G, b)")
+    backend = resolve_backend(backend, x.device, available=AVAILABLE_BACKENDS)
+    return torch.ops.linrec.block_diagonal_scan(A, x, initial_state, cu_seqlens, reverse, backend)

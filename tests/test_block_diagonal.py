@@ -1,0 +1,317 @@
+"""block_diagonal_scan: every backend against the float64 reference, forward and backward."""
+
+import pytest
+import torch
+
+import linrec
+from linrec.block_diagonal import block_diagonal_scan_reference
+
+from conftest import DEVICE, HAS_CUDA, rel_rms
+
+BACKENDS = ["torch"]  # "triton" is added with the kernels
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _orthogonal(shape, g):
+    """Random orthogonal b x b blocks of shape (..., b, b) (spectral norm exactly 1)."""
+    q, r = torch.linalg.qr(torch.randn(shape, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def _inputs(B, T, G, b, dtype, *, kind="contractive", seed=0, A_shape=None):
+    """A: (B, T, G, b, b) (or A_shape) and x: (B, T, G, b), both in ``dtype``.
+
+    kind "contractive": random blocks scaled to spectral norm <= ~0.95, with some exact
+    zero blocks (resets) and some identity blocks; "orthogonal": orthogonal blocks;
+    "colnorm": non-negative columns summing to 1 (stochastic matrices).
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = A_shape if A_shape is not None else (B, T, G, b, b)
+    if kind == "orthogonal":
+        A = _orthogonal(shape, g)
+    elif kind == "colnorm":
+        A = torch.rand(shape, generator=g, dtype=torch.float64)
+        A = A / A.sum(dim=-2, keepdim=True)
+    else:
+        A = torch.randn(shape, generator=g, dtype=torch.float64)
+        A = 0.95 * A / torch.linalg.matrix_norm(A, ord=2).clamp_min(1e-6)[..., None, None]
+        flat = A.reshape(-1, b, b)
+        flat[::7] = 0.0
+        flat[3::11] = torch.eye(b, dtype=torch.float64)
+    x = torch.randn(B, T, G, b, generator=g, dtype=torch.float64)
+    return A.to(dtype), x.to(dtype)
+
+
+def _run(backend, A, x, h0, reverse, cu_seqlens=None, seed=1):
+    """Forward + backward of a random projection; returns (h, [grads of A, x, h0])."""
+    leaves = [t.detach().clone().to(DEVICE).requires_grad_() if t is not None else None for t in (A, x, h0)]
+    cu = cu_seqlens.to(DEVICE) if cu_seqlens is not None else None
+    h = linrec.block_diagonal_scan(leaves[0], leaves[1], leaves[2], reverse=reverse, cu_seqlens=cu, backend=backend)
+    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE)
+    (h.double() * w).sum().backward()
+    return h, [t.grad if t is not None else None for t in leaves]
+
+
+def _to64(t):
+    return None if t is None else t.double()
+
+
+def _check(backend, A, x, h0, reverse, tol, cu_seqlens=None):
+    h, grads = _run(backend, A, x, h0, reverse, cu_seqlens)
+    h_ref, grads_ref = _run("reference", _to64(A), _to64(x), _to64(h0), reverse, cu_seqlens)
+    assert h.dtype == x.dtype and h.shape == x.shape
+    assert torch.isfinite(h).all()
+    assert rel_rms(h, h_ref) < tol, f"output error {rel_rms(h, h_ref)}"
+    for name, got, want in zip(("A", "x", "initial_state"), grads, grads_ref):
+        if want is None:
+            continue
+        assert got.shape == want.shape and got.dtype == (A, x, h0)[("A", "x", "initial_state").index(name)].dtype
+        assert torch.isfinite(got).all()
+        assert rel_rms(got, want) < tol, f"grad of {name} error {rel_rms(got, want)}"
+
+
+# Shapes are kept small: the Triton interpreter pays ~1 ms per program step.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 8, 16, 64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fp32_matches_reference(backend, b, reverse):
+    T = 37 if b < 64 else 9
+    G = 3 if b < 16 else (2 if b == 16 else 1)
+    A, x = _inputs(2, T, G, b, torch.float32, seed=b)
+    h0 = torch.randn(2, G, b)
+    _check(backend, A, x, h0, reverse, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 2, 100, 301])
+def test_lengths_and_chunking(backend, T):
+    # T around and past the chunk size; odd lengths leave a tail after the last chunk.
+    if backend == "triton" and not HAS_CUDA and T > 100:
+        T = 129
+    A, x = _inputs(2, T, 2, 3, torch.float32, seed=T)
+    _check(backend, A, x, torch.randn(2, 2, 3), False, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b", [2, 16])
+def test_low_precision_matches_reference(backend, dtype, b):
+    A, x = _inputs(2, 29, 2, b, dtype, seed=3)
+    h0 = torch.randn(2, 2, b).to(dtype)
+    _check(backend, A, x, h0, b == 16, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("A_shape", [(3, 4, 4), (1, 30, 1, 4, 4), (2, 1, 3, 4, 4), (4, 4), (30, 3, 4, 4)])
+def test_broadcast_A(backend, A_shape):
+    A, x = _inputs(2, 30, 3, 4, torch.float32, A_shape=A_shape, seed=5)
+    _check(backend, A, x, None, False, 1e-5)
+    _, grads = _run(backend, A, x, None, True)
+    assert grads[0].shape == A.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_varlen_equals_separate_sequences(backend, reverse):
+    lengths = [5, 0, 23, 1, 12]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    T = int(cu[-1])
+    A, x = _inputs(1, T, 2, 3, torch.float32, seed=7)
+    h0 = torch.randn(len(lengths), 2, 3)
+    _check(backend, A, x, h0, reverse, 1e-5, cu_seqlens=cu)
+    h, _ = _run(backend, A, x, h0, reverse, cu_seqlens=cu)
+    for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if e > s:
+            single = linrec.block_diagonal_scan(A[:, s:e].to(DEVICE), x[:, s:e].to(DEVICE), h0[n : n + 1].to(DEVICE),
+                                                reverse=reverse, backend=backend)
+            torch.testing.assert_close(h[:, s:e].detach(), single, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_time_invariant_A(backend):
+    cu = torch.tensor([0, 4, 11, 20])
+    A, x = _inputs(1, 20, 2, 4, torch.float32, A_shape=(2, 4, 4), seed=8)
+    _check(backend, A, x, torch.randn(3, 2, 4), True, 1e-5, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_b1_agrees_with_diagonal_scan(backend):
+    A, x = _inputs(2, 40, 5, 1, torch.float32, seed=9)
+    h0 = torch.randn(2, 5, 1)
+    h = linrec.block_diagonal_scan(A.to(DEVICE), x.to(DEVICE), h0.to(DEVICE), backend=backend)
+    h_diag = linrec.diagonal_scan(A[..., 0, 0].to(DEVICE), x[..., 0].to(DEVICE), h0[..., 0].to(DEVICE),
+                                  backend=backend)
+    torch.testing.assert_close(h[..., 0], h_diag, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_G1_is_a_dense_recurrence(backend):
+    A, x = _inputs(2, 20, 1, 5, torch.float64, seed=10)
+    h = linrec.block_diagonal_scan(A.float().to(DEVICE), x.float().to(DEVICE), backend=backend).cpu().double()
+    state = torch.zeros(2, 5, dtype=torch.float64)
+    for t in range(20):
+        state = torch.einsum("bij,bj->bi", A[:, t, 0], state) + x[:, t, 0]
+        assert rel_rms(h[:, t, 0], state) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    A, x = _inputs(2, 7, 2, 3, torch.float64, seed=11)
+    h0 = torch.randn(2, 2, 3, dtype=torch.float64)
+    args = [t.to(DEVICE).requires_grad_() for t in (A, x, h0)]
+    fast = backend == "triton" and not HAS_CUDA  # the interpreter is slow: random Jacobian projections
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda A_, x_, h0_: linrec.block_diagonal_scan(A_, x_, h0_, reverse=reverse, backend=backend), args,
+            fast_mode=fast)
+    At = A[0, 0].to(DEVICE).requires_grad_()  # time-invariant (G, b, b)
+    assert torch.autograd.gradcheck(lambda A_, x_: linrec.block_diagonal_scan(A_, x_, backend=backend),
+                                    (At, args[1]), fast_mode=fast)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["orthogonal", "colnorm"])
+def test_long_sequence_fp32_accuracy(backend, kind):
+    # Transitions of spectral norm <= 1 over T = 16k: errors must not grow with T.
+    T = 16384
+    B, G, b = (1, 2, 4) if HAS_CUDA or backend == "torch" else (1, 1, 2)
+    A, x = _inputs(B, T, G, b, torch.float64, kind=kind, seed=12)
+    h = linrec.block_diagonal_scan(A.float().to(DEVICE), x.float().to(DEVICE), backend=backend)
+    ref = linrec.block_diagonal_scan(A, x, backend="torch")  # float64; the torch form matches the loop to 1e-15
+    assert rel_rms(h.cpu(), ref) < 1e-5
+
+
+def test_torch_backend_float64_matches_reference_exactly():
+    A, x = _inputs(2, 300, 3, 4, torch.float64, kind="orthogonal", seed=13)
+    h0 = torch.randn(2, 3, 4, dtype=torch.float64)
+    for reverse in (False, True):
+        got = linrec.block_diagonal_scan(A, x, h0, reverse=reverse, backend="torch")
+        want = block_diagonal_scan_reference(A, x, h0, reverse=reverse)
+        assert rel_rms(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs_and_stride0_grads_and_no_mutation(backend):
+    A_big, x_big = _inputs(2, 40, 6, 3, torch.float32, seed=14)
+    A = A_big[:, ::2, ::2].transpose(-1, -2).to(DEVICE)  # non-contiguous views
+    x = x_big[:, ::2, ::2].to(DEVICE)
+    h0 = torch.randn(3, 3, 2).permute(2, 0, 1).to(DEVICE)  # (2, 3, 3) non-contiguous
+    snapshot = [t.clone() for t in (A, x, h0)]
+    leaves = [t.clone().requires_grad_() for t in (A, x, h0)]
+    h = linrec.block_diagonal_scan(*leaves, backend=backend)
+    h.sum().backward()  # stride-0 incoming gradient
+    ref_leaves = [t.detach().double().requires_grad_() for t in (A, x, h0)]
+    block_diagonal_scan_reference(*ref_leaves).sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        assert rel_rms(got.grad, want.grad) < 1e-5
+    for before, after in zip(snapshot, (A, x, h0)):
+        assert torch.equal(before, after)
+
+
+def test_auto_backend_picks_by_device():
+    A, x = _inputs(1, 10, 2, 3, torch.float32)
+    h = linrec.block_diagonal_scan(A, x)  # CPU tensors: the torch backend
+    torch.testing.assert_close(h, linrec.block_diagonal_scan(A, x, backend="torch"))
+
+
+def test_opcheck():
+    A, x = _inputs(2, 20, 2, 3, torch.float32)
+    h0 = torch.randn(2, 2, 3)
+    for backend in ("torch", "reference"):
+        for reverse in (False, True):
+            torch.library.opcheck(torch.ops.linrec.block_diagonal_scan.default,
+                                  (A.clone().requires_grad_(), x.clone().requires_grad_(),
+                                   h0.clone().requires_grad_(), None, reverse, backend))
+    torch.library.opcheck(torch.ops.linrec.block_diagonal_scan.default,
+                          (A[0, 0].clone().requires_grad_(), x.clone().requires_grad_(), None, None, False, "torch"))
+    cu = torch.tensor([0, 7, 20])
+    torch.library.opcheck(torch.ops.linrec.block_diagonal_scan.default,
+                          (A[:1].clone().requires_grad_(), x[:1].clone().requires_grad_(), h0, cu, False, "torch"))
+
+
+def test_torch_compile_fullgraph():
+    G, b = 2, 3
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_A = torch.nn.Linear(6, G * b * b)
+            self.to_x = torch.nn.Linear(6, G * b)
+
+        def forward(self, u):
+            B, T, _ = u.shape
+            A = torch.tanh(self.to_A(u)).view(B, T, G, b, b) / b
+            return linrec.block_diagonal_scan(A, self.to_x(u).view(B, T, G, b), backend="torch").sum()
+
+    model = Model()
+    u = torch.randn(2, 30, 6)
+    eager = model(u)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(u)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+# --- bad input: each raises a clear error naming the argument -------------------------------------
+
+def _good():
+    return torch.rand(2, 10, 3, 4, 4), torch.randn(2, 10, 3, 4)
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    (lambda A, x: linrec.block_diagonal_scan(A, x[0]), ValueError, "x must have 4 dimensions"),
+    (lambda A, x: linrec.block_diagonal_scan(A, x.long()), TypeError, "x must have dtype"),
+    (lambda A, x: linrec.block_diagonal_scan(A, x.to(torch.complex64)), TypeError, "x must have dtype"),
+    (lambda A, x: linrec.block_diagonal_scan(A.numpy(), x), TypeError, "A must be a torch.Tensor"),
+    (lambda A, x: linrec.block_diagonal_scan(A.int(), x), TypeError, "A must have dtype"),
+    (lambda A, x: linrec.block_diagonal_scan(A[..., :3], x), ValueError, "blocks must be square"),
+    (lambda A, x: linrec.block_diagonal_scan(A[..., :3, :3], x), ValueError, "block size must match"),
+    (lambda A, x: linrec.block_diagonal_scan(A[:, :, :2], x), ValueError, r"A must have shape \(B, T, G, b, b\)"),
+    (lambda A, x: linrec.block_diagonal_scan(A[:, :5], x), ValueError, r"A must have shape \(B, T, G, b, b\)"),
+    (lambda A, x: linrec.block_diagonal_scan(A[None], x), ValueError, "A must have 2 to 5 dimensions"),
+    (lambda A, x: linrec.block_diagonal_scan(A[0, 0, 0, 0], x), ValueError, "A must have 2 to 5 dimensions"),
+    (lambda A, x: linrec.block_diagonal_scan(torch.rand(65, 65), torch.randn(1, 2, 1, 65)), ValueError,
+     "block size b"),
+    (lambda A, x: linrec.block_diagonal_scan(A, x, torch.zeros(3, 3, 4)), ValueError, "initial_state must have shape"),
+    (lambda A, x: linrec.block_diagonal_scan(A, x, torch.zeros(2, 12)), ValueError, "initial_state must have 3"),
+    (lambda A, x: linrec.block_diagonal_scan(A, x, torch.zeros(2, 3, 4, dtype=torch.int64)), TypeError,
+     "initial_state"),
+    (lambda A, x: linrec.block_diagonal_scan(A, x, backend="fast"), ValueError, "backend must be one of"),
+    (lambda A, x: linrec.block_diagonal_scan(A, x, backend="cuda"), ValueError, "backend='cuda'"),
+    (lambda A, x: linrec.block_diagonal_scan(A, x, reverse=1), TypeError, "reverse must be a bool"),
+    (lambda A, x: linrec.block_diagonal_scan(A[:1], x[:1], cu_seqlens=torch.tensor([0, 6, 4, 10])), ValueError,
+     "non-decreasing"),
+    (lambda A, x: linrec.block_diagonal_scan(A[:1], x[:1], cu_seqlens=torch.tensor([1, 10])), ValueError,
+     "start at 0"),
+    (lambda A, x: linrec.block_diagonal_scan(A[:1], x[:1], cu_seqlens=torch.tensor([0, 9])), ValueError, "end at"),
+    (lambda A, x: linrec.block_diagonal_scan(A, x, cu_seqlens=torch.tensor([0, 10])), ValueError, "B = 1"),
+    (lambda A, x: linrec.block_diagonal_scan(A[:1], x[:1], cu_seqlens=torch.tensor([0.0, 10.0])), TypeError,
+     "cu_seqlens must have dtype"),
+    (lambda A, x: linrec.block_diagonal_scan(A[:1], x[:1], torch.zeros(1, 3, 4),
+                                             cu_seqlens=torch.tensor([0, 4, 10])),
+     ValueError, "initial_state must have shape"),
+])
+def test_bad_input(case, exc, match):
+    A, x = _good()
+    with pytest.raises(exc, match=match):
+        case(A, x)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the error is for machines without CUDA")
+def test_triton_backend_without_cuda_or_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    A, x = _good()
+    with pytest.raises(ValueError, match="Triton kernels need a CUDA device"):
+        linrec.block_diagonal_scan(A, x, backend="triton")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs two devices")
+def test_device_mismatch_is_an_error():
+    A, x = _good()
+    with pytest.raises(ValueError, match="A is on"):
+        linrec.block_diagonal_scan(A, x.cuda())
