@@ -4,13 +4,16 @@ Public ops (DESIGN.md §2):
 
 * ``block_diagonal_scan(A, x, initial_state=None, *, reverse=False, cu_seqlens=None, backend="auto")``
 * ``diagonal_scan(a, x, initial_state=None, *, reverse=False, cu_seqlens=None, backend="auto")``
+* ``householder_scan(q, k, v, beta, log_gate=None, initial_state=None, *, scale=None,
+  output_final_state=False, cu_seqlens=None, backend="auto")``
 
 Layers live in ``linrec.nn``.
 """
 
 from .block_diagonal import block_diagonal_scan
 from .diagonal import diagonal_scan
+from .householder import householder_scan
 
 __version__ = "0.1.0"
 
-__all__ = ["block_diagonal_scan", "diagonal_scan"]
+__all__ = ["block_diagonal_scan", "diagonal_scan", "householder_scan"]

@@ -1,0 +1,247 @@
+"""``linrec.householder_scan``: argument checks, backend dispatch and the ``torch.library`` ops.
+
+Two custom ops carry the work so that ``torch.compile`` traces through them:
+
+* ``linrec::householder_scan`` (q, k, v, beta, log_gate?, initial_state?, cu_seqlens?, scale, backend)
+  -> (o, final_state)
+* ``linrec::householder_scan_backward`` (the same inputs, grad_o, grad_final_state?)
+  -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)
+
+The ops always see k as (B, T, n, H, K), v as (B, T, n, H, V) and beta as
+(B, T, n, H); the public function adds the n = 1 axis for 4-D/3-D inputs and
+drops it from the gradients again (autograd does that through ``unsqueeze``).
+The final state is always computed (it costs nothing extra) and returned only
+when asked for. Gradients of absent optional inputs come back as empty tensors
+that the autograd wrapper turns into None.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._common import (REAL_DTYPES, accumulation_dtype, check_cu_seqlens, check_same_device, check_shape,
+                       check_tensor, resolve_backend)
+from .chunked import householder_scan_chunked
+from .recurrent import RECURRENT_MAX_T, householder_scan_recurrent
+from .reference import householder_scan_reference
+
+AVAILABLE_BACKENDS = ("torch", "reference")
+
+
+def _num_sequences(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def _forward_impl(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend):
+    if backend == "triton":
+        from linrec.kernels.householder import householder_scan_forward
+        o, final, _ = householder_scan_forward(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale)
+        return o, final
+    if backend == "torch":
+        if q.shape[1] <= RECURRENT_MAX_T:  # decoding: step by step, no chunk padding
+            return householder_scan_recurrent(q, k, v, beta, log_gate, initial_state, scale, cu_seqlens)
+        return householder_scan_chunked(q, k, v, beta, log_gate, initial_state, scale, cu_seqlens)
+    return householder_scan_reference(q, k, v, beta, log_gate, initial_state, scale, cu_seqlens)
+
+
+@torch.library.custom_op("linrec::householder_scan", mutates_args=())
+def _householder_scan_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor],
+                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
+                         backend: str) -> Tuple[Tensor, Tensor]:
+    o, final = _forward_impl(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend)
+    # With T = 0 (or empty packed sequences) a backend may hand back the initial state itself;
+    # custom-op outputs must not alias inputs.
+    if initial_state is not None and final.untyped_storage().data_ptr() == \
+            initial_state.untyped_storage().data_ptr():
+        final = final.clone()
+    return o.contiguous(), final.contiguous()
+
+
+@_householder_scan_op.register_fake
+def _(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = _num_sequences(q, cu_seqlens)
+    return (q.new_empty((B, T, H, V)), q.new_empty((N, H, K, V), dtype=accumulation_dtype(q.dtype)))
+
+
+def _autograd_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final, scale, backend):
+    """Backward of the torch / reference backends: autograd through their own forward, recomputed."""
+    inputs = [t.detach().requires_grad_() if t is not None else None
+              for t in (q, k, v, beta, log_gate, initial_state)]
+    # A custom op's kernel runs below the autograd dispatch keys; let them back in for the recompute.
+    excluded = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), \
+            torch.enable_grad():
+        o, final = _forward_impl(*inputs, cu_seqlens, scale, backend)
+        outputs, grads_out = [o], [grad_o]
+        if grad_final is not None:
+            outputs.append(final)
+            grads_out.append(grad_final)
+        leaves = [t for t in inputs if t is not None]
+        grads = torch.autograd.grad(outputs, leaves, grads_out, allow_unused=True)
+    it = iter(grads)
+    result = []
+    for t in inputs:
+        if t is None:
+            result.append(None)
+        else:
+            g = next(it)
+            result.append(torch.zeros_like(t) if g is None else g)
+    return result
+
+
+@torch.library.custom_op("linrec::householder_scan_backward", mutates_args=())
+def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor],
+                                  initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], grad_o: Tensor,
+                                  grad_final: Optional[Tensor], scale: float, backend: str
+                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from linrec.kernels.householder import householder_scan_backward
+        grads = householder_scan_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o,
+                                          grad_final, scale)
+    else:
+        grads = _autograd_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final,
+                                   scale, backend)
+    out = []
+    for g, t in zip(grads, (q, k, v, beta, log_gate, initial_state)):
+        if t is None:
+            out.append(q.new_empty((0,)))
+        else:
+            out.append(g.to(t.dtype).contiguous())
+    return tuple(out)
+
+
+@_householder_scan_backward_op.register_fake
+def _(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final, scale, backend):
+    return tuple(q.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (q, k, v, beta, log_gate, initial_state))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.has_gate, ctx.has_h0 = log_gate is not None, initial_state is not None
+
+
+def _backward(ctx, grad_o, grad_final):
+    q, k, v, beta, log_gate, initial_state, cu_seqlens = ctx.saved_tensors
+    if grad_o is None:
+        B, T, H, _ = q.shape
+        grad_o = q.new_zeros((B, T, H, v.shape[-1]))
+    gq, gk, gv, gb, gg, gh0 = torch.ops.linrec.householder_scan_backward(
+        q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final, ctx.scale, ctx.backend)
+    return (gq, gk, gv, gb, gg if ctx.has_gate else None, gh0 if ctx.has_h0 else None, None, None, None)
+
+
+_householder_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor] = None,
+                     initial_state: Optional[Tensor] = None, *, scale: Optional[float] = None,
+                     output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
+                     backend: str = "auto") -> Tuple[Tensor, Optional[Tensor]]:
+    """Householder-product linear recurrence (DeltaNet, Gated DeltaNet, DeltaProduct, Gated DeltaProduct).
+
+    Per head, the state S is a (K, V) matrix. Per token t, with n factors::
+
+        S <- exp(log_gate_t) * S
+        for j in 1..n:  S <- S - beta_tj k_tj (k_tj^T S) + beta_tj k_tj v_tj^T
+        o_t = scale * S^T q_t
+
+    i.e. the transition is alpha_t prod_j (I - beta_tj k_tj k_tj^T). With unit-norm keys
+    and beta in [0, 2] its eigenvalues lie in [-1, 1] (beta > 1: negative eigenvalues).
+
+    Args:
+        q: (B, T, H, K) float32 | bfloat16 | float16 (float64 for checks).
+        k: (B, T, n, H, K), or (B, T, H, K) meaning n = 1; q's dtype. Keys need not be normalised.
+        v: (B, T, n, H, V), or (B, T, H, V) when n = 1; q's dtype.
+        beta: (B, T, n, H), or (B, T, H) when n = 1; any float dtype; meant to lie in [0, 2].
+        log_gate: (B, T, H) or None (alpha = 1); any float dtype.
+        initial_state: (N, H, K, V) or None (zeros); N = B, or the number of packed sequences.
+        scale: read-out scale, default K ** -0.5.
+        output_final_state: also return the state after the last token of every sequence.
+        cu_seqlens: (N + 1,) int32/int64 offsets of N sequences packed along T (B = 1), or None.
+        backend: "auto" | "triton" | "torch" | "reference".
+
+    Returns:
+        o: (B, T, H, V) in q's dtype;
+        final_state: (N, H, K, V) float32 (float64 for float64 q), or None unless output_final_state.
+        Differentiable in q, k, v, beta, log_gate and initial_state (and through final_state).
+    """
+    check_tensor("q", q, ndim=4, dtypes=REAL_DTYPES, shape_doc="(B, T, H, K)")
+    B, T, H, K = q.shape
+    if not isinstance(k, Tensor):
+        raise TypeError(f"k must be a torch.Tensor of shape (B, T, n, H, K) or (B, T, H, K), got {type(k).__name__}")
+    if k.dim() == 4:
+        check_shape("k", k, (B, T, H, K), "(B, T, H, K) (n = 1)")
+        k = k.unsqueeze(2)
+    elif k.dim() == 5:
+        check_shape("k", k, (B, T, k.shape[2], H, K), "(B, T, n, H, K)")
+    else:
+        raise ValueError(f"k must have shape (B, T, n, H, K) or (B, T, H, K) = {(B, T, H, K)}, "
+                         f"got shape {tuple(k.shape)}")
+    check_tensor("k", k, dtypes=(q.dtype,))
+    n = k.shape[2]
+    if n < 1:
+        raise ValueError(f"k must have n >= 1 factors per token, got shape {tuple(k.shape)}")
+    if not isinstance(v, Tensor):
+        raise TypeError(f"v must be a torch.Tensor of shape (B, T, n, H, V), got {type(v).__name__}")
+    if v.dim() == 4:
+        if n != 1:
+            raise ValueError(f"v is 4-D (B, T, H, V) which means n = 1, but k has n = {n} factors per token: "
+                             f"v must have shape (B, T, n, H, V) = {(B, T, n, H) + (v.shape[-1],)}, "
+                             f"got {tuple(v.shape)}")
+        check_shape("v", v, (B, T, H, v.shape[-1]), "(B, T, H, V)")
+        v = v.unsqueeze(2)
+    elif v.dim() == 5:
+        if v.shape[2] != n:
+            raise ValueError(f"v has n = {v.shape[2]} factors per token but k has n = {n}: v must have shape "
+                             f"(B, T, n, H, V) = {(B, T, n, H, v.shape[-1])}, got {tuple(v.shape)}")
+        check_shape("v", v, (B, T, n, H, v.shape[-1]), "(B, T, n, H, V)")
+    else:
+        raise ValueError(f"v must have shape (B, T, n, H, V) or (B, T, H, V), got shape {tuple(v.shape)}")
+    check_tensor("v", v, dtypes=(q.dtype,))
+    V = v.shape[-1]
+    if K == 0 or V == 0:
+        raise ValueError(f"head dimensions must be positive, got K = {K} (q, k) and V = {V} (v)")
+    if not isinstance(beta, Tensor):
+        raise TypeError(f"beta must be a torch.Tensor of shape (B, T, n, H), got {type(beta).__name__}")
+    check_tensor("beta", beta, dtypes=REAL_DTYPES)
+    if beta.dim() == 3:
+        if n != 1:
+            raise ValueError(f"beta is 3-D (B, T, H) which means n = 1, but k has n = {n} factors per token: "
+                             f"beta must have shape (B, T, n, H) = {(B, T, n, H)}, got {tuple(beta.shape)}")
+        check_shape("beta", beta, (B, T, H), "(B, T, H)")
+        beta = beta.unsqueeze(2)
+    elif beta.dim() == 4:
+        if beta.shape[2] != n:
+            raise ValueError(f"beta has n = {beta.shape[2]} factors per token but k has n = {n}: beta must have "
+                             f"shape (B, T, n, H) = {(B, T, n, H)}, got {tuple(beta.shape)}")
+        check_shape("beta", beta, (B, T, n, H), "(B, T, n, H)")
+    else:
+        raise ValueError(f"beta must have shape (B, T, n, H) or (B, T, H), got shape {tuple(beta.shape)}")
+    if log_gate is not None:
+        check_tensor("log_gate", log_gate, ndim=3, dtypes=REAL_DTYPES, shape_doc="(B, T, H)")
+        check_shape("log_gate", log_gate, (B, T, H), "(B, T, H)")
+    check_same_device("q", q, k=k, v=v, beta=beta, log_gate=log_gate, initial_state=initial_state)
+    N = check_cu_seqlens(cu_seqlens, B, T, q.device)
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, ndim=4, dtypes=REAL_DTYPES, shape_doc="(N, H, K, V)")
+        check_shape("initial_state", initial_state, (N, H, K, V), "(N, H, K, V)")
+    if scale is None:
+        scale = K ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    backend = resolve_backend(backend, q.device, available=AVAILABLE_BACKENDS)
+    o, final = torch.ops.linrec.householder_scan(q, k, v, beta, log_gate, initial_state, cu_seqlens,
+                                                 float(scale), backend)
+    return o, (final if output_final_state else None)
