@@ -190,6 +190,18 @@ def test_torch_backend_float64_matches_reference_exactly():
         assert rel_rms(got, want) < 1e-12
 
 
+@pytest.mark.parametrize("chunk_size", [3, 8, 1000])
+@pytest.mark.parametrize("A_shape", [None, (2, 4, 4)])
+def test_chunked_and_stepwise_paths_agree(chunk_size, A_shape):
+    # The torch backend picks chunking or stepping by a cost model; both must be exact.
+    from linrec.block_diagonal import block_diagonal_scan_chunked
+    A, x = _inputs(3, 61, 2, 4, torch.float64, seed=15, A_shape=A_shape)
+    h0 = torch.randn(3, 2, 4, dtype=torch.float64)
+    for reverse in (False, True):
+        got = block_diagonal_scan_chunked(A, x, h0, reverse=reverse, chunk_size=chunk_size)
+        assert rel_rms(got, block_diagonal_scan_reference(A, x, h0, reverse=reverse)) < 1e-12
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_inputs_and_stride0_grads_and_no_mutation(backend):
     A_big, x_big = _inputs(2, 40, 6, 3, torch.float32, seed=14)
