@@ -63,13 +63,19 @@ def diagonal_scan_kernel(
     grad_a_ptr,       # backward only: dL/da, full (B, T, D[, 2]) in the accumulation dtype
     grad_h0_ptr,      # backward only: dL/dh0 (N, D[, 2]) in the accumulation dtype
     cu_seqlens_ptr,   # (N + 1,) packed-sequence offsets when VARLEN
-    T, D,
+    carry_in_ptr,     # CARRY_IN: state entering each segment, (N, S, D[, 2]) accumulation dtype
+    seg_a_ptr,        # SUMMARY: product of a segment's coefficients, (N, S, D[, 2])
+    seg_x_ptr,        # SUMMARY: a segment's end state from a zero start, (N, S, D[, 2])
+    T, D, SEG_LEN,    # SEG_LEN: steps per segment (a multiple of BLOCK_T); S = grid axis 2
     stride_ab, stride_at, stride_ad,
     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, BACKWARD: tl.constexpr,
+    CARRY_IN: tl.constexpr, SUMMARY: tl.constexpr,
     IS_COMPLEX: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
+    seg = tl.program_id(2)
+    num_segs = tl.num_programs(2)
     if VARLEN:  # packed sequences share batch row 0
         batch = seq * 0
         start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -79,6 +85,9 @@ def diagonal_scan_kernel(
         start = (seq * 0).to(tl.int64)
         end = start + T
     length = end - start
+    # This program's share of the sweep: steps [sweep_begin, sweep_end).
+    sweep_begin = tl.minimum(seg.to(tl.int64) * SEG_LEN, length)
+    sweep_end = tl.minimum(sweep_begin + SEG_LEN, length)
     W: tl.constexpr = 2 if IS_COMPLEX else 1  # scalars per element
     # The scan walks time backwards for a reverse forward pass, and for the
     # backward of a forward-in-time pass.
@@ -90,26 +99,31 @@ def diagonal_scan_kernel(
     rows = tl.arange(0, BLOCK_T)
     row_base = batch.to(tl.int64) * T  # global time index of this batch row's t = 0
     a_base = batch.to(tl.int64) * stride_ab + chans.to(tl.int64)[None, :] * stride_ad
+    state_off = (seq.to(tl.int64) * D + chans) * W                    # into (N, D[, 2])
+    seg_off = ((seq.to(tl.int64) * num_segs + seg) * D + chans) * W   # into (N, S, D[, 2])
 
     # Carried state: h (forward) or g = dL/dx (backward), real and imaginary parts.
-    if HAS_H0 and not BACKWARD:
-        h0_off = (seq.to(tl.int64) * D + chans) * W
-        carry_re = tl.load(h0_ptr + h0_off, mask=chan_ok, other=0.0).to(ACC)
+    carry_re = tl.zeros((BLOCK_D,), ACC)
+    carry_im = tl.zeros((BLOCK_D,), ACC)
+    if CARRY_IN:
+        carry_re = tl.load(carry_in_ptr + seg_off, mask=chan_ok, other=0.0).to(ACC)
         if IS_COMPLEX:
-            carry_im = tl.load(h0_ptr + h0_off + 1, mask=chan_ok, other=0.0).to(ACC)
-        else:
-            carry_im = tl.zeros((BLOCK_D,), ACC)
-    else:
-        carry_re = tl.zeros((BLOCK_D,), ACC)
-        carry_im = tl.zeros((BLOCK_D,), ACC)
+            carry_im = tl.load(carry_in_ptr + seg_off + 1, mask=chan_ok, other=0.0).to(ACC)
+    elif HAS_H0 and not BACKWARD and not SUMMARY:
+        carry_re = tl.load(h0_ptr + state_off, mask=chan_ok, other=0.0).to(ACC)
+        if IS_COMPLEX:
+            carry_im = tl.load(h0_ptr + state_off + 1, mask=chan_ok, other=0.0).to(ACC)
+    # SUMMARY: running product of the coefficients, starting from 1.
+    prod_re = tl.full((BLOCK_D,), 1.0, ACC)
+    prod_im = tl.zeros((BLOCK_D,), ACC)
 
-    for tile_start in range(0, length, BLOCK_T):
-        step = (tile_start + rows).to(tl.int64)     # how many steps into the sweep
+    for tile_start in range(sweep_begin, sweep_end, BLOCK_T):
+        step = tile_start + rows                    # how many steps into the sweep
         if SCAN_DOWN:
             t = end - 1 - step
         else:
             t = start + step
-        row_ok = step < length
+        row_ok = step < sweep_end
         mask = row_ok[:, None] & chan_ok[None, :]
         off = ((row_base + t)[:, None] * D + chans[None, :]) * W
 
@@ -136,16 +150,23 @@ def diagonal_scan_kernel(
             h_re = A_re * carry_re[None, :] - A_im * carry_im[None, :] + X_re
             h_im = A_re * carry_im[None, :] + A_im * carry_re[None, :] + X_im
             carry_im = _last_row(h_im, rows, BLOCK_T)
+            if SUMMARY:
+                last_re = _last_row(A_re, rows, BLOCK_T)
+                last_im = _last_row(A_im, rows, BLOCK_T)
+                prod_re, prod_im = last_re * prod_re - last_im * prod_im, last_re * prod_im + last_im * prod_re
         else:
             A_re, X_re = tl.associative_scan((a_re, x_re), 0, _combine_real)
             h_re = A_re * carry_re[None, :] + X_re
+            if SUMMARY:
+                prod_re = _last_row(A_re, rows, BLOCK_T) * prod_re
         carry_re = _last_row(h_re, rows, BLOCK_T)
 
-        tl.store(out_ptr + off, h_re.to(out_ptr.dtype.element_ty), mask=mask)
-        if IS_COMPLEX:
-            tl.store(out_ptr + off + 1, h_im.to(out_ptr.dtype.element_ty), mask=mask)
+        if not SUMMARY:
+            tl.store(out_ptr + off, h_re.to(out_ptr.dtype.element_ty), mask=mask)
+            if IS_COMPLEX:
+                tl.store(out_ptr + off + 1, h_im.to(out_ptr.dtype.element_ty), mask=mask)
 
-        if BACKWARD:
+        if BACKWARD and not SUMMARY:
             # dL/da_t = g_t * conj(h_{t - FWD_STEP}), with h_0 at the sequence start.
             t_prev = t - FWD_STEP
             prev_in = (t_prev >= start) & (t_prev < end)
@@ -155,12 +176,11 @@ def diagonal_scan_kernel(
             if IS_COMPLEX:
                 hp_im = tl.load(h_ptr + prev_off + 1, mask=prev_mask, other=0.0).to(ACC)
             if HAS_H0:
-                h0_off = (seq.to(tl.int64) * D + chans) * W
-                init_re = tl.load(h0_ptr + h0_off, mask=chan_ok, other=0.0).to(ACC)
+                init_re = tl.load(h0_ptr + state_off, mask=chan_ok, other=0.0).to(ACC)
                 at_start = mask & (~prev_in)[:, None]
                 hp_re = tl.where(at_start, init_re[None, :], hp_re)
                 if IS_COMPLEX:
-                    init_im = tl.load(h0_ptr + h0_off + 1, mask=chan_ok, other=0.0).to(ACC)
+                    init_im = tl.load(h0_ptr + state_off + 1, mask=chan_ok, other=0.0).to(ACC)
                     hp_im = tl.where(at_start, init_im[None, :], hp_im)
             if IS_COMPLEX:
                 tl.store(grad_a_ptr + off, h_re * hp_re + h_im * hp_im, mask=mask)
@@ -168,22 +188,31 @@ def diagonal_scan_kernel(
             else:
                 tl.store(grad_a_ptr + off, h_re * hp_re, mask=mask)
 
-    if BACKWARD:
-        # dL/dh0 = conj(a_first) * g_first, "first" the first forward step.
+    if SUMMARY:
+        # The segment as one affine map h -> prod * h + carry (identity when empty).
+        tl.store(seg_a_ptr + seg_off, prod_re, mask=chan_ok)
+        tl.store(seg_x_ptr + seg_off, carry_re, mask=chan_ok)
+        if IS_COMPLEX:
+            tl.store(seg_a_ptr + seg_off + 1, prod_im, mask=chan_ok)
+            tl.store(seg_x_ptr + seg_off + 1, carry_im, mask=chan_ok)
+
+    # dL/dh0 = conj(a_first) * g_first, "first" the first forward step: the carry
+    # after the last step of the backward sweep, held by the segment that ends it.
+    last_seg = tl.maximum((length + SEG_LEN - 1) // SEG_LEN, 1) - 1
+    if BACKWARD and not SUMMARY and seg == last_seg:
         if REVERSE:
             t_first = end - 1
         else:
             t_first = start
-        g0_off = (seq.to(tl.int64) * D + chans) * W
         first_ok = chan_ok & ((chans * 0 + length) > 0)  # vector mask; empty sequences give 0
         af_off = batch.to(tl.int64) * stride_ab + t_first * stride_at + chans.to(tl.int64) * stride_ad
         af_re = tl.load(a_ptr + af_off, mask=first_ok, other=0.0).to(ACC)
         if IS_COMPLEX:
             af_im = tl.load(a_ptr + af_off + 1, mask=first_ok, other=0.0).to(ACC)
-            tl.store(grad_h0_ptr + g0_off, af_re * carry_re + af_im * carry_im, mask=chan_ok)
-            tl.store(grad_h0_ptr + g0_off + 1, af_re * carry_im - af_im * carry_re, mask=chan_ok)
+            tl.store(grad_h0_ptr + state_off, af_re * carry_re + af_im * carry_im, mask=chan_ok)
+            tl.store(grad_h0_ptr + state_off + 1, af_re * carry_im - af_im * carry_re, mask=chan_ok)
         else:
-            tl.store(grad_h0_ptr + g0_off, af_re * carry_re, mask=chan_ok)
+            tl.store(grad_h0_ptr + state_off, af_re * carry_re, mask=chan_ok)
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -202,38 +231,100 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _launch(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward):
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype in (torch.complex64, torch.complex128):
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _auto_num_segments(N: int, D: int, T: int, cu_seqlens, cfg: dict, device: torch.device) -> int:
+    """Segments per sequence so that the GPU has enough programs in flight.
+
+    One program per (sequence, channel block) leaves most of the GPU idle when
+    sequences are long and few channels remain (B = 1, small D). Each sequence is
+    then cut into segments; the split costs one extra read of the inputs.
+    """
+    if device.type != "cuda":
+        return 1
+    programs = N * triton.cdiv(D, cfg["BLOCK_D"])
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= target:
+        return 1
+    max_len = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return max(1, min(triton.cdiv(target, programs), max_len // (8 * cfg["BLOCK_T"])))
+
+
+def _sweep(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward, num_segments):
+    """Runs one forward or backward sweep, split into segments when that fills the GPU better.
+
+    With S > 1 segments the sweep takes three steps:
+      1. SUMMARY: each (sequence, segment, channel block) program reduces its segment to
+         one affine map ``h -> prod * h + end`` (the product of its coefficients and its
+         end state from zero);
+      2. the states entering the segments: a scan over the segment axis of those maps
+         (this same op on (N, S, D) tensors), started from h0 (forward) or 0 (backward);
+      3. CARRY_IN: each program rescans its segment from its entering state, writing outputs.
+    """
     B, T, D = x.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if N == 0 or D == 0:
         return
     interpret = x.device.type != "cuda"
     cfg = _config(x.dtype, interpret, D)
+    if num_segments is None:
+        num_segments = _auto_num_segments(N, D, T, cu_seqlens, cfg, x.device)
     a_real = _real(a.expand(B, T, D))
     s_b, s_t, s_d = a_real.stride()[:3]
     dummy = _real(out)  # stands in for pointers a launch does not use
-    grid = (triton.cdiv(D, cfg["BLOCK_D"]), N)
-    diagonal_scan_kernel[grid](
-        a_real, _real(x), _real(h0) if h0 is not None else dummy, _real(out),
-        _real(h) if h is not None else dummy,
-        _real(grad_a) if grad_a is not None else dummy,
-        _real(grad_h0) if grad_h0 is not None else dummy,
-        cu_seqlens if cu_seqlens is not None else dummy,
-        T, D, s_b, s_t, s_d,
-        HAS_H0=h0 is not None, VARLEN=cu_seqlens is not None, REVERSE=reverse, BACKWARD=backward,
-        IS_COMPLEX=x.is_complex(), ACC=_tl_acc(x.dtype),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-    )
+
+    def launch(seg_len, S, carry_in=None, seg_a=None, seg_x=None):
+        grid = (triton.cdiv(D, cfg["BLOCK_D"]), N, S)
+        diagonal_scan_kernel[grid](
+            a_real, _real(x), _real(h0) if h0 is not None else dummy, _real(out),
+            _real(h) if h is not None else dummy,
+            _real(grad_a) if grad_a is not None else dummy,
+            _real(grad_h0) if grad_h0 is not None else dummy,
+            cu_seqlens if cu_seqlens is not None else dummy,
+            _real(carry_in) if carry_in is not None else dummy,
+            _real(seg_a) if seg_a is not None else dummy,
+            _real(seg_x) if seg_x is not None else dummy,
+            T, D, seg_len, s_b, s_t, s_d,
+            HAS_H0=h0 is not None, VARLEN=cu_seqlens is not None, REVERSE=reverse, BACKWARD=backward,
+            CARRY_IN=carry_in is not None, SUMMARY=seg_a is not None,
+            IS_COMPLEX=x.is_complex(), ACC=_tl_acc(x.dtype),
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
+
+    if num_segments <= 1:
+        launch(max(T, 1), 1)
+        return
+    max_len = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    seg_len = triton.cdiv(triton.cdiv(max(max_len, 1), num_segments), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
+    S = triton.cdiv(max(max_len, 1), seg_len)
+    acc = _acc_dtype(x.dtype)
+    seg_a = torch.empty((N, S, D), dtype=acc, device=x.device)
+    seg_x = torch.empty((N, S, D), dtype=acc, device=x.device)
+    launch(seg_len, S, seg_a=seg_a, seg_x=seg_x)
+    if h0 is not None and not backward:
+        entering = h0.to(acc)
+    else:
+        entering = torch.zeros((N, D), dtype=acc, device=x.device)
+    ends = diagonal_scan_forward(seg_a, seg_x, entering, None, False, num_segments=1)
+    carry_in = torch.cat([entering[:, None], ends[:, :-1]], dim=1)
+    launch(seg_len, S, carry_in=carry_in)
 
 
 def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor],
-                          cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+                          cu_seqlens: Optional[torch.Tensor], reverse: bool,
+                          num_segments: Optional[int] = None) -> torch.Tensor:
     """States of ``h_t = a_t * h_{t-1} + x_t``.
 
     Args:
         a: broadcastable to (B, T, D), same real/complex kind as x (strides kept, broadcast is free).
         x: (B, T, D) float32 | bfloat16 | float16 | float64 | complex64 | complex128.
         initial_state: (N, D) or None. cu_seqlens: (N + 1,) int32/int64 with B = 1, or None.
+        num_segments: split each sequence into this many segments run in parallel
+            (None: chosen from the device and the shape; 1 on the CPU interpreter).
 
     Returns:
         h: (B, T, D) in x's dtype.
@@ -241,18 +332,19 @@ def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optio
     x = x.contiguous()
     out = torch.empty_like(x)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    _launch(a, x, h0, out, None, None, None, cu_seqlens, reverse, backward=False)
+    _sweep(a, x, h0, out, None, None, None, cu_seqlens, reverse, False, num_segments)
     return out
 
 
 def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
                            initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                           reverse: bool, x_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the diagonal scan in one sweep.
+                           reverse: bool, x_dtype: torch.dtype, num_segments: Optional[int] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the diagonal scan in one sweep (the reverse scan, with dL/da and dL/dh0 fused in).
 
     Args:
         a: as forward; h: (B, T, D) forward states; grad_h: (B, T, D) dL/dh (any strides).
-        initial_state: (N, D) or None; x_dtype: dtype for dL/dx.
+        initial_state: (N, D) or None; x_dtype: dtype for dL/dx; num_segments: as forward.
 
     Returns:
         grad_a: (B, T, D) in the accumulation dtype (summing over broadcast dims is the caller's),
@@ -260,36 +352,40 @@ def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tenso
     """
     B, T, D = h.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    acc = torch.float64 if h.dtype in (torch.float64, torch.complex128) else torch.float32
-    if h.is_complex():
-        acc = torch.complex128 if acc == torch.float64 else torch.complex64
+    acc = _acc_dtype(h.dtype)
     grad_h = grad_h.contiguous()
     h = h.contiguous()
     grad_x = torch.empty((B, T, D), dtype=x_dtype, device=h.device)
     grad_a = torch.empty((B, T, D), dtype=acc, device=h.device)
     grad_h0 = torch.zeros((N, D), dtype=acc, device=h.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    _launch(a, grad_h, h0, grad_x, h, grad_a, grad_h0, cu_seqlens, reverse, backward=True)
+    _sweep(a, grad_h, h0, grad_x, h, grad_a, grad_h0, cu_seqlens, reverse, True, num_segments)
     return grad_a, grad_x, grad_h0
 
 
 # Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
 def aot_specs():
-    """Yields (kernel, signature, constexprs, num_warps) for every launch the GPU launcher makes."""
-    for dtype_name, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16),
+    """Yields (kernel, signature, constexprs, num_warps) for every launch the GPU launcher makes.
+
+    float16 takes bfloat16's code path and tile sizes, so bfloat16 stands for both.
+    """
+    for dtype_name, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16),
                                     ("complex64", torch.complex64)):
         elem = "fp32" if dtype_name == "complex64" else dtype_name
         cfg = _config(torch_dtype, interpret=False)
+        sig = {
+            "a_ptr": f"*{elem}", "x_ptr": f"*{elem}", "h0_ptr": f"*{elem}",
+            "out_ptr": f"*{elem}", "h_ptr": f"*{elem}", "grad_a_ptr": "*fp32", "grad_h0_ptr": "*fp32",
+            "cu_seqlens_ptr": "*i32", "carry_in_ptr": "*fp32", "seg_a_ptr": "*fp32", "seg_x_ptr": "*fp32",
+            "T": "i32", "D": "i32", "SEG_LEN": "i32",
+            "stride_ab": "i64", "stride_at": "i64", "stride_ad": "i64",
+        }
         for backward in (False, True):
             for reverse in (False, True):
                 for varlen in (False, True):
-                    sig = {
-                        "a_ptr": f"*{elem}", "x_ptr": f"*{elem}", "h0_ptr": f"*{elem}",
-                        "out_ptr": f"*{elem}", "h_ptr": f"*{elem}", "grad_a_ptr": "*fp32", "grad_h0_ptr": "*fp32",
-                        "cu_seqlens_ptr": "*i32", "T": "i32", "D": "i32",
-                        "stride_ab": "i64", "stride_at": "i64", "stride_ad": "i64",
-                    }
-                    constexprs = dict(HAS_H0=True, VARLEN=varlen, REVERSE=reverse, BACKWARD=backward,
-                                      IS_COMPLEX=dtype_name == "complex64", ACC=tl.float32,
-                                      BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"])
-                    yield diagonal_scan_kernel, sig, constexprs, cfg["num_warps"]
+                    for carry_in, summary in ((False, False), (False, True), (True, False)):
+                        constexprs = dict(HAS_H0=True, VARLEN=varlen, REVERSE=reverse, BACKWARD=backward,
+                                          CARRY_IN=carry_in, SUMMARY=summary,
+                                          IS_COMPLEX=dtype_name == "complex64", ACC=tl.float32,
+                                          BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"])
+                        yield diagonal_scan_kernel, sig, constexprs, cfg["num_warps"]
