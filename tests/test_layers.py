@@ -231,13 +231,20 @@ def test_fan_columns_have_unit_bounded_p_norm(p):
         assert (torch.einsum("btgij,btgj->btgi", A, h).abs().sum(-1) <= h.abs().sum(-1) + 1e-5).all()
 
 
-def test_slice_starts_near_identity():
+def test_slice_starts_near_identity_and_is_linear_in_the_control():
     torch.manual_seed(0)
-    layer = BlockDiagonalRNN(D_MODEL, block_size=4, num_blocks=3, parameterization="slice")
-    A = layer.transitions(randn(2, 30, D_MODEL)).detach()
+    layer = BlockDiagonalRNN(D_MODEL, block_size=4, num_blocks=3, parameterization="slice", slice_dim=5)
+    u = randn(2, 30, D_MODEL)
+    A = layer.transitions(u).detach()
     eye = torch.eye(4).expand_as(A)
-    assert (A - eye).abs().max() < 0.2
-    assert (A - eye).abs().max() > 0  # input-dependent
+    assert 0 < (A - eye).abs().max() < 0.2                       # input-dependent, near the identity
+    assert torch.linalg.vector_norm(A, ord=1.2, dim=-2).max() <= 1.0 + 1e-5   # clamped by default
+    layer.slice_normalize = False
+    with torch.no_grad():
+        z = layer.z_proj(u)
+        A_raw = layer.transitions(u)
+        want = eye + sum(z[..., i, None, None, None] * layer.generators[i] for i in range(5))
+    assert torch.allclose(A_raw, want, atol=1e-6)                 # A = I + sum_i z_i A_i exactly
 
 
 # ---- short convolution and bad input ----------------------------------------------------------
