@@ -159,6 +159,20 @@ def test_reference_backend_agrees(name):
         assert rel_rms(g[pname], g_ref[pname]) < TOL, pname
 
 
+@pytest.mark.parametrize("name", ["lru", "rglru_neg", "deltaproduct", "fan", "slice"])
+def test_triton_backend_agrees(name):
+    """The Triton kernels (on the GPU, or in the CPU interpreter) give the torch backend's outputs and grads."""
+    layer = make_layer(name, backend="torch")
+    tri = make_layer(name, backend="triton")
+    tri.load_state_dict(layer.state_dict())
+    x = randn(2, 11, D_MODEL)
+    y, g, gx = grads_of(layer, x, layer)
+    y_tri, g_tri, gx_tri = grads_of(tri, x, tri)
+    assert rel_rms(y_tri, y) < TOL and rel_rms(gx_tri, gx) < TOL
+    for pname in g:
+        assert rel_rms(g_tri[pname], g[pname]) < TOL, pname
+
+
 @pytest.mark.parametrize("name", ["lru", "rglru", "deltaproduct", "fan"])
 def test_bfloat16_input_runs(name):
     layer = make_layer(name)
