@@ -9,7 +9,7 @@ from linrec.householder import householder_scan_chunked, householder_scan_recurr
 
 from conftest import DEVICE, HAS_CUDA, rel_rms
 
-BACKENDS = ["torch"]
+BACKENDS = ["triton", "torch"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NAMES = ("q", "k", "v", "beta", "log_gate", "initial_state")
 

@@ -30,7 +30,7 @@ from .chunked import householder_scan_chunked
 from .recurrent import RECURRENT_MAX_T, householder_scan_recurrent
 from .reference import householder_scan_reference
 
-AVAILABLE_BACKENDS = ("torch", "reference")
+AVAILABLE_BACKENDS = ("triton", "torch", "reference")
 
 
 def _num_sequences(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:

@@ -1,0 +1,623 @@
+"""Triton kernels for the Householder-product scan (DeltaNet, Gated DeltaNet, DeltaProduct).
+
+Notation (see ``linrec/householder/chunked.py`` for the derivation). A token with
+n factors is n sub-steps; sub-step s = t * n + j carries k, v, beta of factor j of
+token t and the log-gate ``lg_s`` (log_gate_t when j = 0, else 0). A chunk holds
+C = 64 // n whole tokens, L = C * n <= 64 sub-steps, padded to BL = 64 rows.
+Inside a chunk, G is the inclusive cumulative log-gate (summed in float64, so a
+hard reset does not wipe out the small gates after it), and::
+
+    A    = strictly-lower(diag(beta) exp(G_i - G_m) K K^T)      (L, L)
+    Tinv = (I + A)^{-1}                                          unit lower triangular
+    w    = Tinv diag(beta exp(G)) K,   u = Tinv diag(beta) V     (L, K), (L, V)
+    d    = u - w S0                                              S0: state entering the chunk
+    o    = scale (exp(G_r) Q S0 + (exp(G_r - G_m) Q K^T)_{m <= r} d)     r = the token's last sub-step
+    S1   = exp(G_L) S0 + (exp(G_L - G) K)^T d                   state leaving the chunk
+
+Forward: ``_wy_fwd_kernel`` (all chunks in parallel: A, Tinv by forward
+substitution, w, u, G) then ``_state_fwd_kernel`` (per sequence, head and block
+of V columns, sequentially over chunks: chunk-entry states and the outputs).
+``S1 = M S0 + c`` is affine in S0, so the state pass is one (BL x K) x (K x BV)
+product and one update per chunk, with the state held in fp32 registers.
+
+Backward, with dS the gradient of the state leaving a chunk:
+``_state_bwd_kernel`` walks the chunks in reverse, ``dd = P^T dO + (exp(G_L - G) K) dS``
+and ``dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd`` (the adjoint of the same
+affine map), storing dS per chunk; ``_local_bwd_kernel`` then computes, for all
+chunks in parallel, the gradients of q, k, v, beta and log_gate from S0, dS and the
+recomputed WY factors (``dA = -(Tinv^T du u^T + Tinv^T dw w^T)`` restricted to the
+strictly lower triangle, and the rest by the chain rule through the formulas above).
+
+All products are ``tl.dot`` with fp32 operands and fp32 accumulation (IEEE fp32 for
+fp32 inputs, TF32 for bf16/fp16 inputs); states, Tinv and every intermediate are fp32.
+Only plain pointer arithmetic with masks is used (no block pointers), and offsets
+that can pass 2**31 are int64.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+SUBSTEPS_PER_CHUNK = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel 1: the chunk-local WY representation, all chunks in parallel.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _wy_fwd_kernel(
+    k_ptr,        # (B*T*n, H, K) keys, contiguous, any float dtype
+    v_ptr,        # (B*T*n, H, V) values
+    beta_ptr,     # (B*T*n, H)
+    lg_ptr,       # (B*T, H) log-gates, read when HAS_GATE
+    w_ptr,        # out (B*T*n, H, K) fp32
+    u_ptr,        # out (B*T*n, H, V) fp32
+    tinv_ptr,     # out (B*T*n, H, BL) fp32: rows of (I + A)^{-1}
+    g_ptr,        # out (B*T*n, H) fp64: cumulative log-gate within the chunk
+    cu_tok_ptr,   # (N + 1,) int64 token offsets of the sequences
+    H, K, V,
+    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    seq = pid_nh // H
+    head = pid_nh % H
+    bos = tl.load(cu_tok_ptr + seq)
+    eos = tl.load(cu_tok_ptr + seq + 1)
+    tok0 = bos + chunk * CT
+    if tok0 >= eos:
+        return
+    n_sub = tl.minimum(eos - tok0, CT) * NFAC     # valid sub-steps in this chunk
+    sub0 = tok0 * NFAC                            # global index of its first sub-step
+
+    rows = tl.arange(0, BL)
+    cols_k = tl.arange(0, BK)
+    valid = rows < n_sub
+    sub = (sub0 + rows).to(tl.int64)
+
+    k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
+    kk = tl.load(k_ptr + k_off, mask=valid[:, None] & (cols_k[None, :] < K), other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        first = valid & (rows % NFAC == 0)        # the gate acts at each token's first sub-step
+        lg = tl.load(lg_ptr + (tok0 + rows // NFAC).to(tl.int64) * H + head, mask=first, other=0.0)
+        G = tl.cumsum(lg.to(tl.float64), 0)
+    else:
+        G = tl.zeros((BL,), tl.float64)
+    tl.store(g_ptr + sub * H + head, G, mask=valid)
+
+    # A[i, m] = beta_i exp(G_i - G_m) k_i . k_m for m < i (both valid), else 0.
+    strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
+    diff = tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))
+    kkt = tl.dot(kk, tl.trans(kk), input_precision=PREC)
+    A = beta[:, None] * tl.exp(diff) * kkt
+
+    # Tinv = (I + A)^{-1} by forward substitution: row i = e_i - A[i, :] Tinv, where the
+    # rows m < i of Tinv are already final and A[i, m] = 0 for m >= i.
+    tinv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    for i in range(1, BL):
+        a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), axis=0)           # (BL,) row i of A
+        row = tl.sum(a_i[:, None] * tinv, axis=0)
+        tinv = tl.where(rows[:, None] == i, tinv - row[None, :], tinv)
+    tl.store(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], tinv, mask=valid[:, None])
+
+    # w = Tinv diag(beta exp(G)) K and u = Tinv diag(beta) V.
+    gamma = tl.exp(G.to(tl.float32))
+    w = tl.dot(tinv, kk * (beta * gamma)[:, None], input_precision=PREC)
+    tl.store(w_ptr + k_off, w, mask=valid[:, None] & (cols_k[None, :] < K))
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+        v_mask = valid[:, None] & (cols_v[None, :] < V)
+        vv = tl.load(v_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)
+        u = tl.dot(tinv, vv * beta[:, None], input_precision=PREC)
+        tl.store(u_ptr + v_off, u, mask=v_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared: the per-chunk decays and read-out scores.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, NFAC: tl.constexpr,
+                  BL: tl.constexpr):
+    """Loads G and returns (G_L, G_r, decay_last, decay_read) for one chunk.
+
+    G_L: the cumulative gate at the chunk's last valid sub-step (scalar, fp64);
+    G_r: (BC,) G at each token's last sub-step (fp64);
+    decay_last: (BL,) exp(G_L - G_m) for valid m, else 0;
+    decay_read: (BC, BL) exp(G_r - G_m) for valid m <= r, else 0.
+    """
+    rows = tl.arange(0, BL)
+    G = tl.load(g_ptr + sub * H + head, mask=valid, other=0.0)
+    G_L = tl.load(g_ptr + (sub0 + n_sub - 1) * H + head)
+    r = tok_rows * NFAC + NFAC - 1
+    G_r = tl.load(g_ptr + (sub0 + r).to(tl.int64) * H + head, mask=valid_tok, other=0.0)
+    decay_last = tl.exp(tl.where(valid, (G_L - G).to(tl.float32), float("-inf")))
+    read = (rows[None, :] <= r[:, None]) & valid[None, :] & valid_tok[:, None]
+    decay_read = tl.exp(tl.where(read, (G_r[:, None] - G[None, :]).to(tl.float32), float("-inf")))
+    return G, G_L, G_r, decay_last, decay_read
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel 2: the state pass over chunks, with the outputs.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _state_fwd_kernel(
+    q_ptr,        # (B*T, H, K)
+    k_ptr,        # (B*T*n, H, K)
+    w_ptr,        # (B*T*n, H, K) fp32
+    u_ptr,        # (B*T*n, H, V) fp32
+    g_ptr,        # (B*T*n, H) fp64
+    h0_ptr,       # (N, H, K, V) initial states, read when HAS_H0
+    o_ptr,        # out (B*T, H, V), written when STORE_O
+    states_ptr,   # out (total chunks, H, K, V) fp32: the state entering every chunk
+    final_ptr,    # out (N, H, K, V) fp32
+    cu_tok_ptr,   # (N + 1,) int64 token offsets
+    cu_chunk_ptr,  # (N + 1,) int64 chunk offsets (index of a sequence's first chunk)
+    H, K, V, scale,
+    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    seq = pid_nh // H
+    head = pid_nh % H
+    bos = tl.load(cu_tok_ptr + seq)
+    eos = tl.load(cu_tok_ptr + seq + 1)
+    chunk_base = tl.load(cu_chunk_ptr + seq)
+    n_chunks = tl.load(cu_chunk_ptr + seq + 1) - chunk_base
+
+    rows = tl.arange(0, BL)
+    tok_rows = tl.arange(0, BC)
+    cols_k = tl.arange(0, BK)
+    cols_v = pid_v * BV + tl.arange(0, BV)
+    k_ok = cols_k < K
+    v_ok = cols_v < V
+    state_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
+    state_mask = k_ok[:, None] & v_ok[None, :]
+
+    if HAS_H0:
+        S = tl.load(h0_ptr + (seq.to(tl.int64) * H + head) * K * V + state_off, mask=state_mask,
+                    other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BK, BV), tl.float32)
+
+    for c in range(0, n_chunks):
+        tok0 = bos + c * CT
+        n_tok = tl.minimum(eos - tok0, CT)
+        n_sub = n_tok * NFAC
+        sub0 = tok0 * NFAC
+        valid = rows < n_sub
+        valid_tok = tok_rows < n_tok
+        sub = (sub0 + rows).to(tl.int64)
+        tok = (tok0 + tok_rows).to(tl.int64)
+
+        tl.store(states_ptr + ((chunk_base + c) * H + head) * K * V + state_off, S, mask=state_mask)
+        kmask = valid[:, None] & k_ok[None, :]
+        k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
+        w = tl.load(w_ptr + k_off, mask=kmask, other=0.0)
+        kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], mask=valid[:, None] & v_ok[None, :],
+                    other=0.0)
+        G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
+                                                            head, H, NFAC, BL)
+        d = u - tl.dot(w, S, input_precision=PREC)                                   # (BL, BV)
+        if STORE_O:
+            q = tl.load(q_ptr + (tok[:, None] * H + head) * K + cols_k[None, :],
+                        mask=valid_tok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            scores = decay_read * tl.dot(q, tl.trans(kk), input_precision=PREC)     # (BC, BL)
+            o = tl.dot(q * tl.exp(G_r.to(tl.float32))[:, None], S, input_precision=PREC)
+            o = scale * (o + tl.dot(scores, d, input_precision=PREC))
+            tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
+                     mask=valid_tok[:, None] & v_ok[None, :])
+        S = tl.exp(G_L.to(tl.float32)) * S + tl.dot(tl.trans(kk * decay_last[:, None]), d, input_precision=PREC)
+
+    tl.store(final_ptr + (seq.to(tl.int64) * H + head) * K * V + state_off, S, mask=state_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernel 1: the adjoint state pass, chunks in reverse.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _state_bwd_kernel(
+    q_ptr, k_ptr, w_ptr, g_ptr,
+    do_ptr,       # (B*T, H, V) gradient of o
+    dfinal_ptr,   # (N, H, K, V) gradient of the final state, read when HAS_DFINAL
+    dstates_ptr,  # out (total chunks, H, K, V) fp32: gradient of the state leaving every chunk
+    dh0_ptr,      # out (N, H, K, V) fp32: gradient of the initial state
+    cu_tok_ptr, cu_chunk_ptr,
+    H, K, V, scale,
+    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    seq = pid_nh // H
+    head = pid_nh % H
+    bos = tl.load(cu_tok_ptr + seq)
+    eos = tl.load(cu_tok_ptr + seq + 1)
+    chunk_base = tl.load(cu_chunk_ptr + seq)
+    n_chunks = tl.load(cu_chunk_ptr + seq + 1) - chunk_base
+
+    rows = tl.arange(0, BL)
+    tok_rows = tl.arange(0, BC)
+    cols_k = tl.arange(0, BK)
+    cols_v = pid_v * BV + tl.arange(0, BV)
+    k_ok = cols_k < K
+    v_ok = cols_v < V
+    state_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
+    state_mask = k_ok[:, None] & v_ok[None, :]
+    seq_state = (seq.to(tl.int64) * H + head) * K * V
+
+    if HAS_DFINAL:
+        dS = tl.load(dfinal_ptr + seq_state + state_off, mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros((BK, BV), tl.float32)
+
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        tok0 = bos + c * CT
+        n_tok = tl.minimum(eos - tok0, CT)
+        n_sub = n_tok * NFAC
+        sub0 = tok0 * NFAC
+        valid = rows < n_sub
+        valid_tok = tok_rows < n_tok
+        sub = (sub0 + rows).to(tl.int64)
+        tok = (tok0 + tok_rows).to(tl.int64)
+
+        tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + state_off, dS, mask=state_mask)
+        kmask = valid[:, None] & k_ok[None, :]
+        k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
+        w = tl.load(w_ptr + k_off, mask=kmask, other=0.0)
+        kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + (tok[:, None] * H + head) * K + cols_k[None, :],
+                    mask=valid_tok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+                     mask=valid_tok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
+                                                            head, H, NFAC, BL)
+        P = scale * decay_read * tl.dot(q, tl.trans(kk), input_precision=PREC)      # (BC, BL)
+        # dd = P^T dO + (exp(G_L - G) K) dS: the gradient of the chunk's corrected values d.
+        dd = tl.dot(tl.trans(P), do, input_precision=PREC) + tl.dot(kk * decay_last[:, None], dS,
+                                                                     input_precision=PREC)
+        qg = q * (scale * tl.exp(G_r.to(tl.float32)))[:, None]
+        dS = (tl.exp(G_L.to(tl.float32)) * dS + tl.dot(tl.trans(qg), do, input_precision=PREC)
+              - tl.dot(tl.trans(w), dd, input_precision=PREC))
+
+    tl.store(dh0_ptr + seq_state + state_off, dS, mask=state_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernel 2: chunk-local gradients, all chunks in parallel.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _local_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, tinv_ptr, g_ptr,
+    do_ptr,       # (B*T, H, V)
+    states_ptr,   # (total chunks, H, K, V) fp32: state entering each chunk
+    dstates_ptr,  # (total chunks, H, K, V) fp32: gradient of the state leaving each chunk
+    dq_ptr,       # out (B*T, H, K) fp32
+    dk_ptr,       # out (B*T*n, H, K) fp32
+    dv_ptr,       # out (B*T*n, H, V) fp32
+    dbeta_ptr,    # out (B*T*n, H) fp32
+    dlg_ptr,      # out (B*T, H) fp32, written when HAS_GATE
+    cu_tok_ptr, cu_chunk_ptr,
+    H, K, V, scale,
+    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    seq = pid_nh // H
+    head = pid_nh % H
+    bos = tl.load(cu_tok_ptr + seq)
+    eos = tl.load(cu_tok_ptr + seq + 1)
+    tok0 = bos + chunk * CT
+    if tok0 >= eos:
+        return
+    chunk_idx = tl.load(cu_chunk_ptr + seq) + chunk
+    n_tok = tl.minimum(eos - tok0, CT)
+    n_sub = n_tok * NFAC
+    sub0 = tok0 * NFAC
+
+    rows = tl.arange(0, BL)
+    tok_rows = tl.arange(0, BC)
+    cols_k = tl.arange(0, BK)
+    k_ok = cols_k < K
+    valid = rows < n_sub
+    valid_tok = tok_rows < n_tok
+    sub = (sub0 + rows).to(tl.int64)
+    tok = (tok0 + tok_rows).to(tl.int64)
+
+    kmask = valid[:, None] & k_ok[None, :]
+    qmask = valid_tok[:, None] & k_ok[None, :]
+    k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
+    q_off = (tok[:, None] * H + head) * K + cols_k[None, :]
+    kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + k_off, mask=kmask, other=0.0)
+    q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
+    tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
+    G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
+                                                        head, H, NFAC, BL)
+    gamma = tl.where(valid, tl.exp(G.to(tl.float32)), 0.0)
+    gamma_r = tl.exp(G_r.to(tl.float32))
+    gamma_L = tl.exp(G_L.to(tl.float32))
+    qk = tl.dot(q, tl.trans(kk), input_precision=PREC)                               # (BC, BL)
+    P = scale * decay_read * qk
+    kd = kk * decay_last[:, None]                                                    # exp(G_L - G_m) k_m
+
+    dw = tl.zeros((BL, BK), tl.float32)      # gradient of w
+    dq = tl.zeros((BC, BK), tl.float32)
+    dk = tl.zeros((BL, BK), tl.float32)
+    dA = tl.zeros((BL, BL), tl.float32)      # accumulates Tinv^T du u^T
+    dP = tl.zeros((BC, BL), tl.float32)      # gradient of the scores P: dO d^T
+    dbeta = tl.zeros((BL,), tl.float32)
+    dG = tl.zeros((BL,), tl.float32)         # gradient of G (the cumulative gate) per sub-step
+    dG_r = tl.zeros((BC,), tl.float32)       # ... at each token's read-out sub-step
+    dG_L = tl.sum(tl.zeros((BL,), tl.float32), axis=0)   # ... at the chunk's last sub-step
+
+    state_base = (chunk_idx * H + head) * K * V
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        v_ok = cols_v < V
+        vmask = valid[:, None] & v_ok[None, :]
+        v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+        smask = k_ok[:, None] & v_ok[None, :]
+        s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
+        S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0)
+        dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0)
+        u = tl.load(u_ptr + v_off, mask=vmask, other=0.0)
+        vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+                     mask=valid_tok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        d = u - tl.dot(w, S0, input_precision=PREC)
+        dd = tl.dot(tl.trans(P), do, input_precision=PREC) + tl.dot(kd, dS, input_precision=PREC)
+        # d = u - w S0
+        dw -= tl.dot(dd, tl.trans(S0), input_precision=PREC)
+        # u = Tinv diag(beta) V
+        dxu = tl.dot(tl.trans(tinv), dd, input_precision=PREC)
+        tl.store(dv_ptr + v_off, dxu * beta[:, None], mask=vmask)
+        dbeta += tl.sum(dxu * vv, axis=1)
+        dA += tl.dot(dxu, tl.trans(u), input_precision=PREC)
+        # o = scale exp(G_r) Q S0 + P d
+        dP += tl.dot(do, tl.trans(d), input_precision=PREC)
+        dqs = scale * gamma_r[:, None] * tl.dot(do, tl.trans(S0), input_precision=PREC)
+        dq += dqs
+        dG_r += tl.sum(dqs * q, axis=1)
+        # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d
+        dkd = tl.dot(d, tl.trans(dS), input_precision=PREC)                          # (BL, BK)
+        dk += decay_last[:, None] * dkd
+        t = decay_last * tl.sum(kk * dkd, axis=1)
+        dG -= t
+        dG_L += tl.sum(t, axis=0) + gamma_L * tl.sum(tl.sum(S0 * dS, axis=1), axis=0)
+
+    # w = Tinv diag(beta exp(G)) K
+    dxw = tl.dot(tl.trans(tinv), dw, input_precision=PREC)
+    bg = beta * gamma
+    dk += bg[:, None] * dxw
+    t = tl.sum(dxw * kk, axis=1)
+    dbeta += gamma * t
+    dG += bg * t
+    # Tinv = (I + A)^{-1}: dA = -(Tinv^T du u^T + Tinv^T dw w^T) on the strict lower triangle,
+    # with A[i, m] = beta_i exp(G_i - G_m) k_i . k_m.
+    strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
+    decay_strict = tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
+    kkt = tl.dot(kk, tl.trans(kk), input_precision=PREC)
+    dA = -(dA + tl.dot(dxw, tl.trans(w), input_precision=PREC))
+    dA = tl.where(strict, dA, 0.0)
+    dkkt = dA * beta[:, None] * decay_strict
+    dk += tl.dot(dkkt, kk, input_precision=PREC) + tl.dot(tl.trans(dkkt), kk, input_precision=PREC)
+    dbeta += tl.sum(dA * decay_strict * kkt, axis=1)
+    dAA = dA * beta[:, None] * decay_strict * kkt
+    dG += tl.sum(dAA, axis=1) - tl.sum(dAA, axis=0)
+    # P = scale exp(G_r - G_m) q_c . k_m
+    dqk = dP * scale * decay_read
+    dq += tl.dot(dqk, kk, input_precision=PREC)
+    dk += tl.dot(tl.trans(dqk), q, input_precision=PREC)
+    dPP = dP * P
+    dG -= tl.sum(dPP, axis=0)
+    dG_r += tl.sum(dPP, axis=1)
+
+    tl.store(dq_ptr + q_off, dq, mask=qmask)
+    tl.store(dk_ptr + k_off, dk, mask=kmask)
+    tl.store(dbeta_ptr + sub * H + head, dbeta, mask=valid)
+    if HAS_GATE:
+        # Scatter the read-out and last-sub-step terms onto their sub-steps, then
+        # d lg_i = sum_{j >= i} dG_j (G is the cumulative sum of lg), read at each
+        # token's first sub-step.
+        r = tok_rows * NFAC + NFAC - 1
+        dG += tl.sum(tl.where((rows[None, :] == r[:, None]) & valid_tok[:, None], dG_r[:, None], 0.0), axis=0)
+        dG += tl.where(rows == n_sub - 1, dG_L, 0.0)
+        dG = tl.where(valid, dG, 0.0)
+        dlg = tl.sum(tl.where(rows[None, :] >= rows[:, None], dG[None, :], 0.0), axis=1)
+        first = (rows[None, :] == (tok_rows * NFAC)[:, None])
+        dlg_tok = tl.sum(tl.where(first, dlg[None, :], 0.0), axis=1)
+        tl.store(dlg_ptr + tok * H + head, dlg_tok, mask=valid_tok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Block sizes: BL = 64 sub-steps per chunk (C = 64 // n tokens), K in one block, V in BV columns."""
+    CT = max(1, SUBSTEPS_PER_CHUNK // n)
+    BL = max(16, _next_pow2(CT * n))
+    BC = max(16, _next_pow2(CT))
+    BK = max(16, _next_pow2(K))
+    if interpret:
+        BV = max(16, min(64, _next_pow2(V)))
+        num_warps = 1
+    else:
+        BV = 64 if BK <= 64 else (32 if BK <= 128 else 16)
+        BV = max(16, min(BV, _next_pow2(V)))
+        num_warps = 4 if BK <= 64 else 8
+    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, num_warps=num_warps, PREC=prec)
+
+
+def _offsets(B: int, T: int, n: int, CT: int, cu_seqlens: Optional[torch.Tensor], device) -> tuple:
+    """Token and chunk offsets of the N sequences, as int64 tensors, and the longest chunk count."""
+    if cu_seqlens is None:
+        lengths = [T] * B
+    else:
+        offs = cu_seqlens.tolist()
+        lengths = [e - s for s, e in zip(offs[:-1], offs[1:])]
+    chunks = [-(-L // CT) for L in lengths]
+    cu_tok = [0]
+    cu_chunk = [0]
+    for L, c in zip(lengths, chunks):
+        cu_tok.append(cu_tok[-1] + L)
+        cu_chunk.append(cu_chunk[-1] + c)
+    to = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    return to(cu_tok), to(cu_chunk), max(chunks, default=0), cu_chunk[-1]
+
+
+def _prepare(q, k, v, beta, log_gate, cu_seqlens):
+    B, T, H, K = q.shape
+    n, V = k.shape[2], v.shape[-1]
+    interpret = q.device.type != "cuda"
+    cfg = _config(n, K, V, q.dtype, interpret)
+    if K > 256 or V > 1024:
+        raise ValueError(f"the Triton householder kernels take K <= 256 and V <= 1024, got K = {K}, V = {V}; "
+                         "use backend='torch'")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    cu_tok, cu_chunk, max_chunks, total_chunks = _offsets(B, T, n, cfg["CT"], cu_seqlens, q.device)
+    tensors = dict(q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), beta=beta.contiguous(),
+                   lg=log_gate.contiguous() if log_gate is not None else None)
+    return cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, tensors
+
+
+def _wy_and_states(t, h0, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n, store_o, o_dtype):
+    q, k, v, beta, lg = t["q"], t["k"], t["v"], t["beta"], t["lg"]
+    B, T = q.shape[:2]
+    dev = q.device
+    f32 = torch.float32
+    w = torch.empty((B, T * n, H, K), dtype=f32, device=dev)
+    u = torch.empty((B, T * n, H, V), dtype=f32, device=dev)
+    tinv = torch.empty((B, T * n, H, cfg["BL"]), dtype=f32, device=dev)
+    G = torch.empty((B, T * n, H), dtype=torch.float64, device=dev)
+    o = torch.empty((B, T, H, V), dtype=o_dtype, device=dev)
+    states = torch.empty((max(total_chunks, 1), H, K, V), dtype=f32, device=dev)
+    final = torch.empty((N, H, K, V), dtype=f32, device=dev)
+    common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"],
+                  num_warps=cfg["num_warps"])
+    if max_chunks > 0 and N * H > 0:
+        _wy_fwd_kernel[(max_chunks, N * H)](
+            k, v, beta, lg if lg is not None else beta, w, u, tinv, G, cu_tok, H, K, V,
+            HAS_GATE=lg is not None, **common)
+    if N * H > 0:
+        h0c = h0.contiguous() if h0 is not None else final
+        _state_fwd_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](
+            q, k, w, u, G, h0c, o, states, final, cu_tok, cu_chunk, H, K, V, float(scale),
+            BC=cfg["BC"], HAS_H0=h0 is not None, STORE_O=store_o, **common)
+    return dict(w=w, u=u, tinv=tinv, G=G, o=o, states=states, final=final)
+
+
+def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                             log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+                             cu_seqlens: Optional[torch.Tensor], scale: float):
+    """Chunked forward pass.
+
+    Args:
+        q: (B, T, H, K); k: (B, T, n, H, K); v: (B, T, n, H, V); beta: (B, T, n, H);
+        log_gate: (B, T, H) or None; initial_state: (N, H, K, V) or None;
+        cu_seqlens: (N + 1,) int offsets with B = 1, or None; scale: float. Any strides.
+
+    Returns:
+        o: (B, T, H, V) in q's dtype; final_state: (N, H, K, V) fp32;
+        aux: dict of the fp32 intermediates (w, u, tinv, G, states) the backward could reuse.
+    """
+    B, T, H, K = q.shape
+    n, V = k.shape[2], v.shape[-1]
+    cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
+    out = _wy_and_states(t, initial_state, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n,
+                         True, q.dtype)
+    if T == 0:
+        out["o"].zero_()
+    return out["o"], out["final"], out
+
+
+def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                              log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+                              cu_seqlens: Optional[torch.Tensor], grad_o: torch.Tensor,
+                              grad_final: Optional[torch.Tensor], scale: float):
+    """Chunked backward pass; recomputes the WY factors and chunk states, then two kernels.
+
+    Args: as ``householder_scan_forward``, plus grad_o: (B, T, H, V) and grad_final: (N, H, K, V) or None.
+
+    Returns:
+        fp32 gradients (grad_q (B, T, H, K), grad_k (B, T, n, H, K), grad_v (B, T, n, H, V),
+        grad_beta (B, T, n, H), grad_log_gate (B, T, H) or None, grad_initial_state (N, H, K, V) or None).
+    """
+    B, T, H, K = q.shape
+    n, V = k.shape[2], v.shape[-1]
+    cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
+    fw = _wy_and_states(t, initial_state, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n,
+                        False, q.dtype)
+    dev, f32 = q.device, torch.float32
+    grad_o = grad_o.contiguous()
+    dstates = torch.empty_like(fw["states"])
+    dh0 = torch.empty((N, H, K, V), dtype=f32, device=dev)
+    dq = torch.zeros((B, T, H, K), dtype=f32, device=dev)
+    dk = torch.zeros((B, T, n, H, K), dtype=f32, device=dev)
+    dv = torch.zeros((B, T, n, H, V), dtype=f32, device=dev)
+    dbeta = torch.zeros((B, T, n, H), dtype=f32, device=dev)
+    dlg = torch.zeros((B, T, H), dtype=f32, device=dev) if log_gate is not None else None
+    common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"],
+                  num_warps=cfg["num_warps"])
+    if N * H > 0:
+        gf = grad_final.contiguous() if grad_final is not None else dh0
+        _state_bwd_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](
+            t["q"], t["k"], fw["w"], fw["G"], grad_o, gf, dstates, dh0, cu_tok, cu_chunk, H, K, V, float(scale),
+            HAS_DFINAL=grad_final is not None, **common)
+    if max_chunks > 0 and N * H > 0:
+        _local_bwd_kernel[(max_chunks, N * H)](
+            t["q"], t["k"], t["v"], t["beta"], fw["w"], fw["u"], fw["tinv"], fw["G"], grad_o, fw["states"], dstates,
+            dq, dk, dv, dbeta, dlg if dlg is not None else dbeta, cu_tok, cu_chunk, H, K, V, float(scale),
+            HAS_GATE=log_gate is not None, **common)
+    return dq, dk, dv, dbeta, dlg, (dh0 if initial_state is not None else None)
+
+
+# Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
+def aot_specs():
+    """Yields (kernel, signature, constexprs, num_warps) for every launch the GPU launcher makes."""
+    for dtype_name, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        for n in (1, 2, 3):
+            for K in (64, 128, 256):
+                cfg = _config(n, K, K, torch_dtype, interpret=False)
+                common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"])
+                nw = cfg["num_warps"]
+                for gate in (False, True):
+                    sig = {"k_ptr": f"*{dtype_name}", "v_ptr": f"*{dtype_name}", "beta_ptr": f"*{dtype_name}",
+                           "lg_ptr": f"*{dtype_name}", "w_ptr": "*fp32", "u_ptr": "*fp32", "tinv_ptr": "*fp32",
+                           "g_ptr": "*fp64", "cu_tok_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32"}
+                    yield _wy_fwd_kernel, sig, dict(HAS_GATE=gate, **common), nw
+                    sig = {"q_ptr": f"*{dtype_name}", "k_ptr": f"*{dtype_name}", "v_ptr": f"*{dtype_name}",
+                           "beta_ptr": f"*{dtype_name}", "w_ptr": "*fp32", "u_ptr": "*fp32", "tinv_ptr": "*fp32",
+                           "g_ptr": "*fp64", "do_ptr": f"*{dtype_name}", "states_ptr": "*fp32",
+                           "dstates_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*fp32",
+                           "dbeta_ptr": "*fp32", "dlg_ptr": "*fp32", "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64",
+                           "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"}
+                    yield _local_bwd_kernel, sig, dict(HAS_GATE=gate, BC=cfg["BC"], **common), nw
+                for store_o in (False, True):
+                    sig = {"q_ptr": f"*{dtype_name}", "k_ptr": f"*{dtype_name}", "w_ptr": "*fp32", "u_ptr": "*fp32",
+                           "g_ptr": "*fp64", "h0_ptr": "*fp32", "o_ptr": f"*{dtype_name}", "states_ptr": "*fp32",
+                           "final_ptr": "*fp32", "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64",
+                           "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"}
+                    yield _state_fwd_kernel, sig, dict(HAS_H0=True, STORE_O=store_o, BC=cfg["BC"], **common), nw
+                sig = {"q_ptr": f"*{dtype_name}", "k_ptr": f"*{dtype_name}", "w_ptr": "*fp32", "g_ptr": "*fp64",
+                       "do_ptr": f"*{dtype_name}", "dfinal_ptr": "*fp32", "dstates_ptr": "*fp32", "dh0_ptr": "*fp32",
+                       "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
+                       "scale": "fp32"}
+                for has_dfinal in (False, True):
+                    yield _state_bwd_kernel, sig, dict(HAS_DFINAL=has_dfinal, BC=cfg["BC"], **common), nw
