@@ -1,0 +1,176 @@
+"""``python -m bench``: one command that benchmarks every op, backend and baseline.
+
+Examples::
+
+    python -m bench                          # quick sweep of all three ops (seconds on a CPU)
+    python -m bench diagonal --preset cpu-target   # B=8 T=4096 D=512 fp32: torch backend vs loop
+    python -m bench --full                   # the GPU sweep (all ops; run one op per call if the
+                                             # machine limits a command's time)
+    python -m bench householder --full --modes fwdbwd --dtypes bf16
+
+Writes ``<out>/<device>-<preset>[-<ops>].csv`` (one row per measured point, with device,
+driver, versions, git SHA and UTC time) and one PNG per (op, sweep); prints a table, the
+skipped implementations (one line each) and the issues' target ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from . import block_diagonal, diagonal, householder
+from .common import (DTYPES, MODES, OpSpec, Skip, device_slug, environment, evaluate_targets, format_table,
+                     measure_copy_bandwidth, plot_sweeps, run_case, write_csv)
+
+OPS: Dict[str, OpSpec] = {
+    "diagonal": diagonal.OP,
+    "householder": householder.OP,
+    "block-diagonal": block_diagonal.OP,
+}
+PRESETS = ("tiny", "quick", "full", "cpu-target")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ops", nargs="*", default=[], metavar="OP",
+                   help=f"which ops to run: {', '.join(OPS)} or all (default: all)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                   help="small shapes, a few seconds on a CPU (the default)")
+    g.add_argument("--full", dest="preset", action="store_const", const="full",
+                   help="the GPU sweep: sequence length, batch, width/heads, block size, n factors, "
+                        "dtypes, every mode, and the issues' target shapes")
+    g.add_argument("--preset", choices=PRESETS, help="tiny (tests) | quick | full | cpu-target")
+    p.add_argument("--modes", default="", help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--dtypes", default="", help=f"comma-separated subset of {','.join(DTYPES)}")
+    p.add_argument("--sweeps", default="", help="comma-separated sweep names to keep (e.g. seqlen,target)")
+    p.add_argument("--impls", default="", help="comma-separated substrings; keep implementations whose "
+                                               "name contains one (e.g. linrec,loop)")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timing per point (default 0.05 tiny/quick, 0.2 otherwise)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's own choice); 1 gives steadier numbers on a "
+                        "shared machine")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the CSV and PNGs (default bench/results)")
+    p.add_argument("--name", default="", help="file name stem instead of <device>-<preset>[-<ops>]")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    args = p.parse_args(argv)
+    args.preset = args.preset or "quick"
+    for op in args.ops:
+        if op not in OPS and op != "all":
+            p.error(f"unknown op {op!r}; choose from {', '.join(OPS)}, all")
+    return args
+
+
+def _split(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Runs the benchmark; returns the measured rows (also written to the CSV)."""
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    ops = list(OPS) if not args.ops or "all" in args.ops else list(dict.fromkeys(args.ops))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    modes = _split(args.modes) or list(MODES)
+    dtypes = _split(args.dtypes) or list(DTYPES)
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"--modes: unknown mode {m!r}; choose from {MODES}")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtypes: unknown dtype {d!r}; choose from {tuple(DTYPES)}")
+    sweep_filter, impl_filter = _split(args.sweeps), _split(args.impls)
+    min_run_time = args.min_run_time if args.min_run_time is not None else (
+        {"tiny": 0.005, "quick": 0.02}.get(args.preset, 0.2))
+    min_samples = {"tiny": 3, "quick": 3}.get(args.preset, 7)
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    env = environment(device)
+    print(f"device: {env['device']}  driver: {env['driver'] or 'n/a'}  torch {env['torch']}  "
+          f"triton {env['triton']}  git {env['git_sha']}  {env['utc_time']}", flush=True)
+    copy_gbps = measure_copy_bandwidth(device, min_run_time=min_run_time,
+                                       nbytes=(8 << 20) if args.preset == "tiny" else None)
+    print(f"copy bandwidth (dst.copy_(src), read + write): {copy_gbps:.1f} GB/s", flush=True)
+
+    # Collect the work first, so the progress bar knows its length.
+    plan = []
+    notes: List[str] = []
+    for op_name in ops:
+        op = OPS[op_name]
+        op_impls, op_notes = op.impls(device)
+        notes.extend(op_notes)
+        if impl_filter:
+            op_impls = [i for i in op_impls if any(f in i.name for f in impl_filter)]
+        for point in op.sweeps(args.preset, device):
+            if sweep_filter and point.sweep not in sweep_filter:
+                continue
+            for dtype_name in point.dtypes:
+                if dtype_name not in dtypes:
+                    continue
+                runs = [(mode, impl) for mode in point.modes if mode in modes for impl in op_impls]
+                if runs:
+                    plan.append((op, point, dtype_name, runs))
+
+    rows: List[Dict[str, Any]] = []
+    skips: Dict[tuple, int] = {}
+    total = sum(len(runs) for *_, runs in plan)
+    with tqdm(total=total, desc=f"bench {args.preset}", unit="case", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for op, point, dtype_name, runs in plan:
+            inputs = None
+            try:
+                inputs = op.make_inputs(point, DTYPES[dtype_name], device)
+            except torch.OutOfMemoryError:
+                notes.append(f"{op.name}: {point.dims} {dtype_name}: inputs do not fit in memory")
+                bar.update(len(runs))
+                continue
+            for mode, impl in runs:
+                bar.set_postfix_str(f"{op.name} {impl.name} {mode} {dtype_name} {point.x_name}={point.x_value}")
+                try:
+                    rows.append(run_case(op, impl, point, mode, dtype_name, device, inputs, copy_gbps,
+                                         min_run_time, min_samples))
+                except Skip as skip:
+                    key = (op.name, impl.name, str(skip))
+                    skips[key] = skips.get(key, 0) + 1
+                bar.update(1)
+            del inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    print()
+    print(format_table(rows))
+    print()
+    for note in notes:
+        print(f"note: {note}")
+    for (op_name, impl_name, reason), count in skips.items():
+        print(f"note: {op_name}: {impl_name} skipped at {count} case(s): {reason}")
+
+    target_lines = evaluate_targets([t for name in ops for t in OPS[name].targets()], rows)
+    measured = [line for line in target_lines if not line.startswith("[--]")]
+    if measured:
+        print("\ntargets:")
+        for line in measured:
+            print("  " + line)
+
+    stem = args.name or f"{device_slug(device)}-{args.preset}" + ("" if set(ops) == set(OPS) else "-" + "-".join(ops))
+    csv_path = os.path.join(args.out, stem + ".csv")
+    write_csv(csv_path, rows, env)
+    print(f"\nwrote {csv_path} ({len(rows)} rows)")
+    if not args.no_plot and rows:
+        for path in plot_sweeps(rows, os.path.join(args.out, stem), env):
+            print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Benchmark cases for the diagonal scan ``h_t = a_t * h_{t-1} + x_t``, (B, T, D).
+
+Implementations:
+
+* ``linrec.<backend>`` for every backend of ``linrec.diagonal_scan`` (cuda, triton, torch,
+  reference); the reference is a Python loop and only runs at small sizes;
+* ``torch_loop``: the plain per-step PyTorch loop a user would write (fp32 accumulation);
+* ``torch.associative_scan``: PyTorch's higher-order associative scan over (a, x) pairs
+  (``combine_mode="pointwise"`` on CUDA, ``"generic"`` elsewhere);
+* ``accelerated_scan.warp`` / ``accelerated_scan.triton`` when installed (layout (B, D, T),
+  T a power of two; the transpose is done outside the timed region);
+* ``fla.chunk_hgrn`` when flash-linear-attention is installed (log gates g = log a, a > 0).
+
+Bytes (the minimum that must move, each tensor once): forward reads a, x and writes h (3N
+elements); backward reads a, h, dh and writes da, dx (5N); forward+backward is the sum (8N).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+import linrec
+
+from .common import Impl, OpSpec, Point, Skip, Target, both, cap_steps, needs_cuda, optional_import
+
+LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
+
+
+def make_inputs(point: Point, dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
+    """a in [0.5, 1) (positive, so log-gate baselines apply; a decaying, stable recurrence), x ~ N(0, 1)."""
+    B, T, D = point.dims["B"], point.dims["T"], point.dims["D"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = (0.5 + 0.5 * torch.rand((B, T, D), generator=gen, device=device)).to(dtype)
+    x = torch.randn((B, T, D), generator=gen, device=device).to(dtype)
+    return {"a": a, "x": x}
+
+
+def steps(point: Point) -> int:
+    return point.dims["T"]
+
+
+def bytes_moved(point: Point, mode: str, dtype: torch.dtype) -> float:
+    n = point.dims["B"] * point.dims["T"] * point.dims["D"]
+    es = torch.empty((), dtype=dtype).element_size()
+    return {"fwd": 3, "bwd": 5, "fwdbwd": 8}[mode] * n * es
+
+
+def flops(point: Point, mode: str) -> Optional[float]:
+    return None  # two flops per element: bandwidth, not compute, is what matters
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations
+# ---------------------------------------------------------------------------------------------
+
+
+def _linrec(backend: str):
+    def build(inputs, point, mode):
+        def fn(a, x):
+            return linrec.diagonal_scan(a, x, backend=backend)
+        return fn, [inputs["a"], inputs["x"]]
+    return build
+
+
+def torch_loop(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The plain per-step loop: fp32 state, one multiply-add per step, outputs stacked."""
+    h = torch.zeros_like(x[:, 0], dtype=torch.float32)
+    outs = []
+    for t in range(x.shape[1]):
+        h = a[:, t].float() * h + x[:, t].float()
+        outs.append(h)
+    return torch.stack(outs, dim=1).to(x.dtype)
+
+
+def _build_loop(inputs, point, mode):
+    return torch_loop, [inputs["a"], inputs["x"]]
+
+
+def _combine(left, right):
+    """(a1, x1) then (a2, x2) = (a2 a1, a2 x1 + x2): composing two affine steps."""
+    a1, x1 = left
+    a2, x2 = right
+    return a2 * a1, a2 * x1 + x2
+
+
+def _build_associative_scan(inputs, point, mode):
+    try:
+        from torch._higher_order_ops.associative_scan import associative_scan
+    except ImportError as exc:
+        raise Skip(f"torch._higher_order_ops.associative_scan not available ({exc})") from None
+    combine_mode = "pointwise" if inputs["x"].is_cuda else "generic"
+
+    def fn(a, x):
+        return associative_scan(_combine, (a, x), dim=1, combine_mode=combine_mode)[1]
+    return fn, [inputs["a"], inputs["x"]]
+
+
+def _build_accelerated_scan(module_name: str):
+    def build(inputs, point, mode):
+        mod, why = optional_import(module_name)
+        if mod is None:
+            raise Skip(why)
+        T = point.dims["T"]
+        if T & (T - 1) or T < 32:
+            raise Skip(f"{module_name} needs T a power of two >= 32, got {T}")
+        # Layout (B, D, T), contiguous: converted once, outside the timed region.
+        gates = inputs["a"].transpose(1, 2).contiguous()
+        tokens = inputs["x"].transpose(1, 2).contiguous()
+        return mod.scan, [gates, tokens]
+    return build
+
+
+def _build_fla_hgrn(inputs, point, mode):
+    mod, why = optional_import("fla.ops.hgrn")
+    if mod is None:
+        raise Skip(why)
+    g = torch.log(inputs["a"].float()).to(inputs["a"].dtype)  # h_t = exp(g_t) h_{t-1} + x_t
+
+    def fn(x, g):
+        return mod.chunk_hgrn(x, g)[0]
+    return fn, [inputs["x"], g]
+
+
+def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
+    """Every implementation to try on ``device``, and one-line notes for those left out."""
+    out: List[Impl] = []
+    notes: List[str] = []
+    for backend in LINREC_BACKENDS:
+        refuse = None
+        if backend in ("cuda", "triton"):
+            refuse = needs_cuda(f"linrec backend {backend!r}")
+        if backend == "reference":
+            refuse = both(cap_steps(lambda p: p.dims["B"] * p.dims["T"], cpu=8192, cuda=8192,
+                                    what="reference (a Python loop over B x T)"))
+        out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
+    out.append(Impl("torch_loop", "baseline", _build_loop, cap_steps(steps, cpu=4096, cuda=8192)))
+    out.append(Impl("torch.associative_scan", "baseline", _build_associative_scan,
+                    cap_steps(steps, cpu=1024, cuda=1 << 20, what="generic associative_scan")))
+    for name in ("accelerated_scan.warp", "accelerated_scan.triton"):
+        if optional_import(name)[0] is None:
+            notes.append(f"diagonal: baseline {name} skipped: not installed")
+        else:
+            out.append(Impl(name, "baseline", _build_accelerated_scan(name), needs_cuda(name)))
+    if optional_import("fla.ops.hgrn")[0] is None:
+        notes.append("diagonal: baseline fla.chunk_hgrn skipped: flash-linear-attention not installed")
+    else:
+        out.append(Impl("fla.chunk_hgrn", "baseline", _build_fla_hgrn, needs_cuda("fla.chunk_hgrn")))
+    return out, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps and targets
+# ---------------------------------------------------------------------------------------------
+
+
+def sweeps(preset: str, device: torch.device) -> List[Point]:
+    """The points of a preset: ``tiny`` (tests), ``quick`` (seconds on a CPU), ``full`` (GPU),
+    ``cpu-target`` (the B=8, T=4096, D=512 fp32 CPU comparison of the diagonal issue)."""
+    pts: List[Point] = []
+    if preset == "tiny":
+        for T in (32, 64):
+            pts.append(Point("seqlen", "T", {"B": 2, "T": T, "D": 16}, ("fwd", "fwdbwd"), ("fp32",)))
+    elif preset == "quick":
+        for T in (128, 512, 2048):
+            pts.append(Point("seqlen", "T", {"B": 2, "T": T, "D": 64}, ("fwd", "fwdbwd"), ("fp32",)))
+    elif preset == "cpu-target":
+        pts.append(Point("cpu-target", "T", {"B": 8, "T": 4096, "D": 512}, ("fwd", "bwd", "fwdbwd"), ("fp32",)))
+    elif preset == "full":
+        for e in range(9, 17):  # T = 512 .. 65536 at B=8, D=1024: up to 2^29 elements
+            pts.append(Point("seqlen", "T", {"B": 8, "T": 2 ** e, "D": 1024}, ("fwd", "bwd", "fwdbwd"),
+                             ("fp32", "bf16")))
+        for e in range(6, 14):  # D = 64 .. 8192 at B=8, T=4096
+            pts.append(Point("width", "D", {"B": 8, "T": 4096, "D": 2 ** e}, ("fwd", "bwd"), ("fp32",)))
+        for B in (1, 4, 16, 64):
+            pts.append(Point("batch", "B", {"B": B, "T": 4096, "D": 1024}, ("fwd", "bwd"), ("fp32",)))
+        pts.append(Point("cpu-target", "T", {"B": 8, "T": 4096, "D": 512}, ("fwd", "bwd", "fwdbwd"), ("fp32",)))
+    else:
+        raise ValueError(f"unknown preset {preset!r}")
+    return pts
+
+
+def _elements(r: Dict[str, Any]) -> float:
+    return float(r["B"]) * float(r["T"]) * float(r["D"])
+
+
+def targets() -> List[Target]:
+    """The diagonal issue's goals (GPU ones are only measured on a GPU)."""
+    gpu = ("linrec.cuda", "linrec.triton")
+    big = lambda r, mode: r["op"] == "diagonal" and r["mode"] == mode and r["dtype"] == "fp32" \
+        and _elements(r) >= 2 ** 26  # noqa: E731
+    large = lambda r, mode: r["op"] == "diagonal" and r["mode"] == mode and _elements(r) >= 2 ** 24  # noqa: E731
+    cpu_target = lambda r, mode: r["op"] == "diagonal" and r["sweep"] == "cpu-target" and r["mode"] == mode  # noqa: E731
+    return [
+        Target("diagonal fwd, >= 2^26 elements, fp32: fraction of copy bandwidth", "bandwidth", gpu, 0.85,
+               lambda r: big(r, "fwd")),
+        Target("diagonal bwd, >= 2^26 elements, fp32: fraction of copy bandwidth", "bandwidth", gpu, 0.75,
+               lambda r: big(r, "bwd")),
+        Target("diagonal fwd vs accelerated-scan (>= 2^24 elements)", "speedup", gpu, 1.2,
+               lambda r: large(r, "fwd"), ("accelerated_scan.warp", "accelerated_scan.triton")),
+        Target("diagonal fwd+bwd vs accelerated-scan (>= 2^24 elements)", "speedup", gpu, 1.2,
+               lambda r: large(r, "fwdbwd"), ("accelerated_scan.warp", "accelerated_scan.triton")),
+        Target("diagonal fwd vs fla chunk_hgrn (>= 2^24 elements)", "speedup", gpu, 5.0,
+               lambda r: large(r, "fwd"), ("fla.chunk_hgrn",)),
+        Target("diagonal fwd+bwd vs fla chunk_hgrn (>= 2^24 elements)", "speedup", gpu, 5.0,
+               lambda r: large(r, "fwdbwd"), ("fla.chunk_hgrn",)),
+        Target("diagonal fwd, B=8 T=4096 D=512 fp32: torch backend vs per-step loop", "speedup",
+               ("linrec.torch",), 5.0, lambda r: cpu_target(r, "fwd"), ("torch_loop",)),
+        Target("diagonal fwd+bwd, B=8 T=4096 D=512 fp32: torch backend vs per-step loop", "speedup",
+               ("linrec.torch",), 5.0, lambda r: cpu_target(r, "fwdbwd"), ("torch_loop",)),
+    ]
+
+
+OP = OpSpec(name="diagonal", make_inputs=make_inputs, impls=impls, bytes_moved=bytes_moved, flops=flops,
+            sweeps=sweeps, targets=targets)
