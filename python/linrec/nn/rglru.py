@@ -32,7 +32,6 @@ the RG-LRU; their product goes through a linear map back to d_model.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
