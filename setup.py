@@ -19,7 +19,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["linrec", "linrec.diagonal", "linrec.block_diagonal", "linrec.householder", "linrec.nn", "linrec.kernels"],
+    packages=["linrec", "linrec.diagonal", "linrec.block_diagonal", "linrec.householder", "linrec.nn", "linrec.kernels",
+              "linrec.csrc"],
     package_dir={
         "linrec": "python/linrec",
         "linrec.kernels": "kernels",

@@ -22,7 +22,7 @@ from .._common import (COMPLEX_DTYPES, REAL_DTYPES, check_cu_seqlens, check_same
 from .chunked import diagonal_scan_chunked, diagonal_scan_chunked_backward
 from .reference import diagonal_scan_reference
 
-AVAILABLE_BACKENDS = ("triton", "torch", "reference")
+AVAILABLE_BACKENDS = ("triton", "cuda", "torch", "reference")
 
 
 def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -40,6 +40,9 @@ def _diagonal_scan_op(a: Tensor, x: Tensor, initial_state: Optional[Tensor], cu_
     if backend == "triton":
         from linrec.kernels.diagonal import diagonal_scan_forward
         return diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse)
+    if backend == "cuda":
+        from .._cuda import diagonal_scan_forward as cuda_forward
+        return cuda_forward(a, x, initial_state, cu_seqlens, reverse)
     if backend == "torch":
         return diagonal_scan_chunked(a, x, initial_state, cu_seqlens, reverse)
     return diagonal_scan_reference(a, x, initial_state, cu_seqlens, reverse)
@@ -57,6 +60,9 @@ def _diagonal_scan_backward_op(a: Tensor, h: Tensor, grad_h: Tensor, initial_sta
     if backend == "triton":
         from linrec.kernels.diagonal import diagonal_scan_backward
         grad_a, grad_x, grad_h0 = diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens, reverse, h.dtype)
+    elif backend == "cuda":
+        from .._cuda import diagonal_scan_backward as cuda_backward
+        grad_a, grad_x, grad_h0 = cuda_backward(a, h, grad_h, initial_state, cu_seqlens, reverse, h.dtype)
     else:  # the reference and the chunked form share the chunked backward
         grad_a, grad_x, grad_h0 = diagonal_scan_chunked_backward(a, h, grad_h, initial_state, cu_seqlens, reverse)
     h0_dtype = initial_state.dtype if initial_state is not None else h.dtype
@@ -100,7 +106,8 @@ def diagonal_scan(a: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, 
         initial_state: (N, D) or None for zeros, with N = B, or N packed sequences.
         reverse: compute ``h_t = a_t * h_{t+1} + x_t`` from t = T down to 1.
         cu_seqlens: (N + 1,) int32/int64 offsets of N sequences packed along T (B = 1), or None.
-        backend: "auto" | "triton" | "torch" | "reference".
+        backend: "auto" | "triton" | "cuda" | "torch" | "reference". "cuda" JIT-compiles csrc/ on
+            first use (float32 / bfloat16 / float16 / complex64; see linrec._cuda).
 
     Returns:
         h: (B, T, D) in x's dtype, every state; the final state is h[:, -1] (h[:, 0] if reverse).
@@ -133,4 +140,12 @@ def diagonal_scan(a: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, 
             raise TypeError(f"initial_state must be {'complex' if x.is_complex() else 'real'} like x, "
                             f"got {initial_state.dtype}")
     backend = resolve_backend(backend, x.device, available=AVAILABLE_BACKENDS)
+    if backend == "cuda":
+        from .._cuda import SUPPORTED_DTYPES, cuda_backend_unavailable_reason
+        reason = cuda_backend_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"backend='cuda' is unavailable: {reason}; backend='triton' or 'torch' would run")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"backend='cuda' supports float32, bfloat16, float16 and complex64, got "
+                             f"{str(x.dtype).replace('torch.', '')}; backend='triton' or 'torch' would run")
     return torch.ops.linrec.diagonal_scan(a, x, initial_state, cu_seqlens, reverse, backend)

@@ -1,0 +1,1 @@
+"""CUDA C++ sources of linrec, shipped as package data and JIT-compiled by ``linrec._cuda``."""

@@ -1,0 +1,294 @@
+"""The CUDA backend (csrc/): compile checks everywhere, numerics where a GPU is present.
+
+On machines without a GPU (CI), nvcc still compiles every ``csrc/*_kernel.cu`` for
+sm_80 and sm_90a and ptxas must report no register spills; the loader and the
+public op must refuse ``backend="cuda"`` with an error that says why. With a CUDA
+device, the kernels are built through the real JIT path and checked against the
+float64 reference, forward and backward, like tests/test_diagonal.py does.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import linrec
+from linrec import _cuda
+from linrec.diagonal import diagonal_scan_reference
+
+from conftest import HAS_CUDA, rel_rms
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+KERNEL_FILES = sorted(CSRC.glob("*_kernel.cu"))
+ARCHS = ["80", "90a"]
+NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                if os.environ.get("CUDA_HOME") else None)
+
+CUDA_REASON = _cuda.cuda_backend_unavailable_reason() if HAS_CUDA else "no CUDA device"
+needs_cuda_backend = pytest.mark.skipif(CUDA_REASON is not None, reason=f"CUDA backend unavailable: {CUDA_REASON}")
+
+
+# --- compile checks (no GPU needed) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ptxas_reports(tmp_path_factory):
+    """Compiles every kernel file for every arch (in parallel) and returns {(file, arch): (rc, log)}."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    out_dir = tmp_path_factory.mktemp("nvcc")
+    procs = {}
+    for src in KERNEL_FILES:
+        for arch in ARCHS:
+            obj = out_dir / f"{src.stem}_sm{arch}.o"
+            cmd = [NVCC, *_cuda.nvcc_flags([arch]), "-Xptxas", "-v", "-I", str(CSRC), "-c", str(src), "-o", str(obj)]
+            procs[(src.name, arch)] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                        text=True), obj)
+    reports = {}
+    for key, (proc, obj) in procs.items():
+        log, _ = proc.communicate(timeout=300)
+        reports[key] = (proc.returncode, log, obj)
+    return reports
+
+
+def test_kernel_files_exist():
+    assert [p.name for p in KERNEL_FILES] == ["diagonal_scan_kernel.cu"]
+    for name in _cuda.SOURCES + ("diagonal_scan.h",):
+        assert (CSRC / name).is_file()
+
+
+def test_kernel_files_have_no_torch_headers():
+    for src in KERNEL_FILES:
+        text = src.read_text()
+        assert not re.search(r"#include\s*[<\"](torch|ATen|c10)/", text), src.name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("src", [p.name for p in KERNEL_FILES])
+def test_nvcc_compiles_without_spills(ptxas_reports, src, arch):
+    rc, log, obj = ptxas_reports[(src, arch)]
+    assert rc == 0, log
+    assert obj.is_file() and obj.stat().st_size > 0
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\w+)'", log)
+    assert entries and all(a == arch for _, a in entries), log
+    # Every entry function: fp32 / bf16 / fp16 / complex64 x forward / backward x vectorised or not.
+    assert len(entries) >= 16, log
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert len(spills) >= len(entries), log
+    assert all(st == "0" and ld == "0" for st, ld in spills), log
+    assert "0 bytes spill stores" in log and "0 bytes spill loads" in log
+    assert "error" not in log.lower(), log
+
+
+# --- loader and dispatch without a usable CUDA backend ---------------------------------------------
+
+@pytest.mark.skipif(HAS_CUDA, reason="the error is for machines without CUDA")
+def test_loader_says_why_without_cuda():
+    reason = _cuda.cuda_backend_unavailable_reason()
+    assert reason is not None and ("CUDA" in reason or "cuda" in reason)
+    with pytest.raises(RuntimeError, match=r"CUDA backend is unavailable: .*would run instead"):
+        _cuda.load_extension()
+    assert _cuda._extension is None
+
+
+def test_disable_env_var(monkeypatch):
+    monkeypatch.setenv("LINREC_DISABLE_CUDA", "1")
+    assert _cuda.cuda_backend_unavailable_reason() == "LINREC_DISABLE_CUDA is set"
+    if _cuda._extension is None:  # nothing built yet in this process: the flag stops the build
+        with pytest.raises(RuntimeError, match="LINREC_DISABLE_CUDA"):
+            _cuda.load_extension()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the error is for machines without CUDA")
+def test_cuda_backend_on_cpu_tensors_raises_value_error():
+    a, x = torch.rand(2, 10, 4), torch.randn(2, 10, 4)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        linrec.diagonal_scan(a, x, backend="cuda")
+
+
+def test_cuda_arch_env_parsing(monkeypatch):
+    monkeypatch.setenv("LINREC_CUDA_ARCH", "sm_90a, 8.0;compute_86")
+    assert _cuda.cuda_archs() == ["90a", "80", "86"]
+    flags = _cuda.nvcc_flags(["90a", "80"])
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags and "-gencode=arch=compute_80,code=sm_80" in flags
+    monkeypatch.setenv("LINREC_CUDA_ARCH", "ampere")
+    with pytest.raises(ValueError, match="LINREC_CUDA_ARCH"):
+        _cuda.cuda_archs()
+
+
+def test_import_builds_nothing():
+    code = ("import sys, linrec, linrec.diagonal; from linrec import _cuda; "
+            "assert _cuda._extension is None")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_sources_found_by_loader():
+    src = _cuda.source_dir()
+    for name in _cuda.SOURCES:
+        assert (src / name).is_file()
+
+
+# --- numerics on a GPU --------------------------------------------------------------------------
+
+TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _inputs(B, T, D, dtype, *, a_kind="mixed", seed=0, a_shape=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = a_shape if a_shape is not None else (B, T, D)
+    if dtype.is_complex:
+        a = torch.polar(torch.rand(shape, generator=g) * 0.3 + 0.69, torch.rand(shape, generator=g) * 6.28)
+        x = torch.complex(torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g))
+        return a.to(dtype), x.to(dtype)
+    if a_kind == "mixed":  # negatives, zeros (resets) and ones among gates in [-1, 1]
+        a = torch.rand(shape, generator=g) * 2 - 1
+        flat = a.view(-1)
+        flat[::7] = 0.0
+        flat[3::11] = 1.0
+        flat[5::13] = -1.0
+    else:
+        a = torch.rand(shape, generator=g) * 0.1 + 0.9
+    return a.to(dtype), torch.randn(B, T, D, generator=g).to(dtype)
+
+
+def _run(backend, a, x, h0, reverse, cu_seqlens=None, device="cuda"):
+    leaves = [t.detach().clone().to(device).requires_grad_() if t is not None else None for t in (a, x, h0)]
+    cu = cu_seqlens.to(device) if cu_seqlens is not None else None
+    h = linrec.diagonal_scan(leaves[0], leaves[1], leaves[2], reverse=reverse, cu_seqlens=cu, backend=backend)
+    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    loss = (h * w.to(h.dtype)).real.sum() if h.is_complex() else (h.double() * w).sum()
+    loss.backward()
+    return h, [t.grad if t is not None else None for t in leaves]
+
+
+def _to64(t):
+    return None if t is None else t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+def _check(a, x, h0, reverse, tol, cu_seqlens=None):
+    h, grads = _run("cuda", a, x, h0, reverse, cu_seqlens)
+    h_ref, grads_ref = _run("reference" if x.shape[1] <= 2000 else "torch", _to64(a), _to64(x), _to64(h0), reverse,
+                            cu_seqlens, device="cpu")
+    assert h.dtype == x.dtype and h.shape == x.shape
+    assert torch.isfinite(torch.view_as_real(h) if h.is_complex() else h).all()
+    assert rel_rms(h.cpu(), h_ref) < tol, f"output error {rel_rms(h.cpu(), h_ref)}"
+    for name, got, want in zip(("a", "x", "initial_state"), grads, grads_ref):
+        if want is None:
+            continue
+        assert got.shape == want.shape
+        assert rel_rms(got.cpu(), want) < tol, f"grad of {name} error {rel_rms(got.cpu(), want)}"
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("D", [19, 64])  # 19: the element-wise path; 64: 16-byte vectors
+@pytest.mark.parametrize("T", [1, 7, 100, 257, 1029, 5000])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fp32_matches_reference(T, D, reverse):
+    a, x = _inputs(2, T, D, torch.float32)
+    _check(a, x, torch.randn(2, D), reverse, 1e-5)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.complex64])
+@pytest.mark.parametrize("D", [24, 64, 13])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_dtypes_match_reference(dtype, D, reverse):
+    a, x = _inputs(2, 777, D, dtype)
+    h0 = torch.randn(2, D, dtype=torch.complex64 if dtype.is_complex else torch.float32).to(dtype)
+    _check(a, x, h0, reverse, TOL[dtype])
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("a_shape", [(64,), (1, 500, 64), (3, 1, 64), (1, 1, 1), (3, 500, 1)])
+def test_broadcast_a(a_shape):
+    a, x = _inputs(3, 500, 64, torch.float32, a_shape=a_shape, a_kind="decay")
+    _check(a, x, None, False, 1e-5)
+    _, grads = _run("cuda", a, x, None, False)
+    assert grads[0].shape == a.shape
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("D", [12, 32])
+def test_varlen_equals_separate_sequences(reverse, D):
+    # Sequences shorter than, spanning and longer than one chunk (128 or 256 steps), and empty ones.
+    lengths = [5, 0, 300, 1, 1700, 0, 33, 256]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    T = int(cu[-1])
+    a, x = _inputs(1, T, D, torch.float32)
+    h0 = torch.randn(len(lengths), D)
+    _check(a, x, h0, reverse, 1e-5, cu_seqlens=cu)
+    h, _ = _run("cuda", a, x, h0, reverse, cu_seqlens=cu)
+    for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if e > s:
+            single = linrec.diagonal_scan(a[:, s:e].cuda(), x[:, s:e].cuda(), h0[n: n + 1].cuda(), reverse=reverse,
+                                          backend="cuda")
+            torch.testing.assert_close(h[:, s:e].detach(), single, rtol=1e-6, atol=1e-6)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequence_few_channels(dtype):
+    # Many chunks per channel tile: the carries cross hundreds of blocks by look-back.
+    T, D = 300_000, 16
+    a, x = _inputs(1, T, D, dtype, a_kind="decay")
+    h = linrec.diagonal_scan(a.cuda(), x.cuda(), backend="cuda")
+    ref = linrec.diagonal_scan(a.double(), x.double(), backend="torch")
+    assert rel_rms(h.cpu(), ref) < TOL[dtype]
+    h_rev = linrec.diagonal_scan(a.cuda(), x.cuda(), reverse=True, backend="cuda")
+    ref_rev = linrec.diagonal_scan(a.double(), x.double(), reverse=True, backend="torch")
+    assert rel_rms(h_rev.cpu(), ref_rev) < TOL[dtype]
+
+
+@needs_cuda_backend
+def test_matches_triton_on_gpu_sized_shapes():
+    pytest.importorskip("triton")
+    a, x = _inputs(4, 4096, 1024, torch.bfloat16, a_kind="decay")
+    a, x = a.cuda(), x.cuda()
+    h0 = torch.randn(4, 1024, device="cuda").bfloat16()
+    for reverse in (False, True):
+        h_cuda = linrec.diagonal_scan(a, x, h0, reverse=reverse, backend="cuda")
+        h_triton = linrec.diagonal_scan(a, x, h0, reverse=reverse, backend="triton")
+        assert rel_rms(h_cuda.float(), h_triton.float()) < 1e-2
+
+
+@needs_cuda_backend
+def test_mixed_dtypes_noncontiguous_and_stride0_grads():
+    a_big, x_big = _inputs(2, 400, 30, torch.float32)
+    a = a_big[:, ::2, ::3].cuda()  # fp32 non-contiguous coefficients
+    x = x_big.transpose(0, 1).contiguous().transpose(0, 1)[:, ::2, ::3].cuda()
+    h0 = torch.randn(10, 2).t().cuda()  # (2, 10) non-contiguous
+    snapshot = [t.clone() for t in (a, x, h0)]
+    leaves = [t.clone().requires_grad_() for t in (a, x, h0)]
+    h = linrec.diagonal_scan(*leaves, backend="cuda")
+    h.sum().backward()  # stride-0 incoming gradient
+    ref = [t.detach().cpu().double().requires_grad_() for t in (a, x, h0)]
+    diagonal_scan_reference(*ref).sum().backward()
+    for got, want in zip(leaves, ref):
+        assert rel_rms(got.grad.cpu(), want.grad) < 1e-5
+    for before, after in zip(snapshot, (a, x, h0)):
+        assert torch.equal(before, after)
+    # bf16 x with fp32 a: computed in fp32, returned in bf16.
+    hb = linrec.diagonal_scan(a, x.bfloat16(), backend="cuda")
+    assert hb.dtype == torch.bfloat16
+    assert rel_rms(hb.float().cpu(), diagonal_scan_reference(a.double().cpu(), x.bfloat16().double().cpu())) < 1e-2
+
+
+@needs_cuda_backend
+def test_float64_is_refused_with_a_reason():
+    a, x = _inputs(1, 10, 4, torch.float64)
+    with pytest.raises(ValueError, match="backend='cuda' supports float32"):
+        linrec.diagonal_scan(a.cuda(), x.cuda(), backend="cuda")
+
+
+@needs_cuda_backend
+def test_empty_and_tiny_shapes():
+    for B, T, D in [(2, 0, 8), (2, 5, 0), (1, 1, 1)]:
+        a, x = torch.rand(B, T, D, device="cuda"), torch.randn(B, T, D, device="cuda")
+        h = linrec.diagonal_scan(a, x, backend="cuda")
+        torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"))
