@@ -9,13 +9,13 @@
 // so a scan over time is a prefix "sum" of maps under this composition.
 //
 // Tiling. The (B, T, D) tensors have channels innermost. A thread block owns a tile of
-// kChunk consecutive time steps ("a chunk") by CW channels, where CW * sizeof(storage) is
-// 128 bytes: 8 "channel lanes" of a warp each load one 16-byte vector of channels, and the other
-// 4 lanes of the warp (its "time lanes") sit at different times, so one load instruction of a
-// warp reads 4 full 128-byte rows. Each thread walks kSteps consecutive steps of its channels
-// (8, or 4 for 16-bit dtypes; kChunk = 32 * kSteps):
+// kChunk consecutive time steps ("a chunk") by CW channels: 8 "channel lanes" of a warp each
+// load one vector of V channels (16 bytes: 4 fp32 or 2 complex64; 8 bytes: 4 bf16/fp16), and
+// the other 4 lanes of the warp (its "time lanes") sit at different times, so one load
+// instruction of a warp reads 4 full rows of CW = 8 V channels (128 or 64 contiguous bytes).
+// Each thread walks kSteps = 4 consecutive steps of its channels (kChunk = 32 * 4 = 128 steps):
 //
-//   1. Thread: the map of its own 8 steps, from registers (the raw 16-byte vectors stay there).
+//   1. Thread: the map of its own steps, from registers (the raw vectors stay there).
 //   2. Warp:   an inclusive scan of those maps over the 4 time lanes with __shfl_up_sync.
 //   3. Block:  warps exchange their totals in shared memory; each thread composes the totals of
 //              the warps before it, which gives the map from the chunk's start to its first step.
@@ -26,8 +26,12 @@
 //              has published its inclusive state ("prefix"), and finally publishes its own
 //              prefix. Blocks take chunks in order from an atomic ticket, so every chunk a block
 //              waits for is already running: there is no deadlock whatever the launch order.
-//   5. Thread: applies its entering map to the chunk's carry and re-walks its 8 steps from
+//   5. Thread: applies its entering map to the chunk's carry and re-walks its steps from
 //              registers, writing every state.
+//
+// The look-back runs on a ninth warp that holds no data, synchronised with the eight data warps
+// by named barriers, so waiting for a predecessor adds no registers to the data warps (<= 96
+// registers: two blocks per SM, one computing while the other waits).
 //
 // So long sequences with few channels spread over many blocks, while a, x and h each cross
 // memory once.
@@ -47,6 +51,7 @@
 #include <cuda_fp16.h>
 
 #include <cstring>
+#include <type_traits>
 
 namespace linrec {
 namespace {
@@ -57,7 +62,7 @@ constexpr int kBlockThreads = kThreads + 32;      // plus one warp for the look-
 constexpr int kChanLanes = 8;                     // lanes across channels in a warp
 constexpr int kTimeLanes = 32 / kChanLanes;       // lanes across time in a warp
 constexpr int kGroups = kWarps * kTimeLanes;      // time groups per block
-constexpr int kMinBlocksPerSM = 1;
+constexpr int kMinBlocksPerSM = 2;
 
 // Status of a chunk in the look-back.
 constexpr int kNotReady = 0;
@@ -131,31 +136,37 @@ template <> struct Storage<cfloat> {
   static __device__ __forceinline__ cfloat from_acc(Acc v) { return v; }
 };
 
-// A 16-byte vector of consecutive channels: the unit of every load and store.
-template <typename S> struct alignas(16) Pack {
-  static constexpr int kSize = 16 / sizeof(S);
+// A vector of consecutive channels, the unit of every load and store: 16 bytes (4 fp32, 2
+// complex64), or 8 bytes (4 bf16 / fp16) so that every thread accumulates at most 4 fp32 lanes.
+template <typename S> struct PackTraits {
+  static constexpr int kBytes = sizeof(S) == 2 ? 8 : 16;
+  using Raw = typename std::conditional<kBytes == 16, uint4, uint2>::type;
+};
+template <typename S> struct alignas(PackTraits<S>::kBytes) Pack {
+  static constexpr int kSize = PackTraits<S>::kBytes / sizeof(S);
   S e[kSize];
 };
 
-// Consecutive time steps walked by one thread: the raw vectors of its steps stay in registers
-// between the two walks, 8 x 16 bytes for each of a and x whatever the dtype, except 16-bit
-// dtypes, whose 8 channels per vector are unpacked to fp32 and so walk 4 steps.
-template <typename S> struct Steps { static constexpr int value = Pack<S>::kSize == 8 ? 4 : 8; };
+// Consecutive time steps walked by one thread. The raw vectors of its steps stay in registers
+// between the two walks; 4 steps (with the look-back warp kept apart) fit two blocks per SM
+// (<= 96 registers) without spills for every dtype.
+constexpr int kSteps = 4;
+constexpr int kChunk = kGroups * kSteps;          // time steps per block
 
 template <typename S> __device__ __forceinline__ Pack<S> zero_pack() {
   Pack<S> p;
-  const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-  memcpy(&p, &z, sizeof(p));
+  memset(&p, 0, sizeof(p));
   return p;
 }
 
-// Loads channels c0 .. c0 + kSize - 1 of a row. kVectorized: one 16-byte load, the caller
+// Loads channels c0 .. c0 + kSize - 1 of a row. kVectorized: one vector load, the caller
 // guarantees alignment, unit stride and D % kSize == 0; otherwise element by element.
 template <typename S, bool kVectorized>
 __device__ __forceinline__ Pack<S> load_pack(const S* row, int64_t c0, int64_t dim, int64_t stride) {
   if constexpr (kVectorized) {
     if (c0 >= dim) return zero_pack<S>();
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + c0));
+    using Raw = typename PackTraits<S>::Raw;
+    const Raw raw = __ldg(reinterpret_cast<const Raw*>(row + c0));
     Pack<S> p;
     memcpy(&p, &raw, sizeof(p));
     return p;
@@ -173,9 +184,10 @@ template <typename S, bool kVectorized>
 __device__ __forceinline__ void store_pack(S* row, int64_t c0, int64_t dim, const Pack<S>& p) {
   if constexpr (kVectorized) {
     if (c0 >= dim) return;
-    uint4 raw;
+    using Raw = typename PackTraits<S>::Raw;
+    Raw raw;
     memcpy(&raw, &p, sizeof(p));
-    *reinterpret_cast<uint4*>(row + c0) = raw;
+    *reinterpret_cast<Raw*>(row + c0) = raw;
   } else {
 #pragma unroll
     for (int v = 0; v < Pack<S>::kSize; ++v) {
@@ -311,8 +323,6 @@ diagonal_scan_kernel(const DiagonalScanParams p, const Workspace ws) {
   using Acc = typename Tr::Acc;
   constexpr int V = Pack<S>::kSize;   // channels per thread
   constexpr int CW = kChanLanes * V;  // channels per block
-  constexpr int kSteps = Steps<S>::value;
-  constexpr int kChunk = kGroups * kSteps;  // time steps per block
 
   __shared__ int ticket_sm;
   __shared__ Acc warp_A[kWarps][CW];
@@ -549,23 +559,6 @@ diagonal_scan_kernel(const DiagonalScanParams p, const Workspace ws) {
 
 // ---- host side ---------------------------------------------------------------------------------
 
-int channels_per_block(ScanDtype dtype) {
-  switch (dtype) {
-    case ScanDtype::kFloat32: return kChanLanes * 4;
-    case ScanDtype::kBFloat16:
-    case ScanDtype::kFloat16: return kChanLanes * 8;
-    case ScanDtype::kComplex64: return kChanLanes * 2;
-  }
-  return kChanLanes;
-}
-
-// Time steps per block (kGroups * Steps<S>::value).
-int64_t chunk_steps(ScanDtype dtype) {
-  const bool sixteen_bit = dtype == ScanDtype::kBFloat16 || dtype == ScanDtype::kFloat16;
-  return kGroups * (sixteen_bit ? 4 : 8);
-}
-
-size_t acc_bytes(ScanDtype dtype) { return dtype == ScanDtype::kComplex64 ? 8 : 4; }
 size_t storage_bytes(ScanDtype dtype) {
   switch (dtype) {
     case ScanDtype::kFloat32: return 4;
@@ -575,6 +568,13 @@ size_t storage_bytes(ScanDtype dtype) {
   }
   return 4;
 }
+
+// Host mirrors of PackTraits / Pack.
+int64_t pack_bytes(ScanDtype dtype) { return storage_bytes(dtype) == 2 ? 8 : 16; }
+int64_t channels_per_thread(ScanDtype dtype) { return pack_bytes(dtype) / static_cast<int64_t>(storage_bytes(dtype)); }
+int64_t channels_per_block(ScanDtype dtype) { return kChanLanes * channels_per_thread(dtype); }
+
+size_t acc_bytes(ScanDtype dtype) { return dtype == ScanDtype::kComplex64 ? 8 : 4; }
 
 struct Layout {
   int64_t rows, channel_tiles, chunks, statuses;
@@ -588,8 +588,7 @@ Layout layout_of(const DiagonalScanParams& p) {
   const int64_t cw = channels_per_block(p.dtype);
   l.rows = p.cu_seqlens != nullptr ? 1 : p.batch;
   l.channel_tiles = (p.dim + cw - 1) / cw;
-  const int64_t chunk = chunk_steps(p.dtype);
-  l.chunks = (p.seqlen + chunk - 1) / chunk;
+  l.chunks = (p.seqlen + kChunk - 1) / kChunk;
   l.statuses = l.rows * l.channel_tiles * l.chunks;
   l.flag_bytes = round_up16(sizeof(int) * (1 + l.statuses));  // ticket, then one flag per status
   l.aggregate_offset = l.flag_bytes;
@@ -598,7 +597,9 @@ Layout layout_of(const DiagonalScanParams& p) {
   return l;
 }
 
-bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool aligned(const void* ptr, int64_t bytes) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+}
 
 template <typename S, bool kBackward>
 void launch_typed(const DiagonalScanParams& p, const Workspace& ws, int64_t blocks, bool vectorized,
@@ -626,11 +627,12 @@ cudaError_t diagonal_scan_launch(const DiagonalScanParams& p, void* workspace, c
   const Layout l = layout_of(p);
   if (l.statuses > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // ticket is an int
 
-  // 16-byte vectors need whole vectors per row, aligned rows and unit-stride channels of a.
-  const int64_t vec = 16 / static_cast<int64_t>(storage_bytes(p.dtype));
+  // Vector loads need whole vectors per row, aligned rows and unit-stride channels of a; the
+  // fp32 dL/da rows are then 16-byte aligned too.
+  const int64_t vec = channels_per_thread(p.dtype), bytes = pack_bytes(p.dtype);
   const bool vectorized = p.dim % vec == 0 && p.a_stride_d == 1 && p.a_stride_t % vec == 0 &&
-                          p.a_stride_b % vec == 0 && aligned16(p.a) && aligned16(p.x) && aligned16(p.out) &&
-                          aligned16(p.h) && aligned16(p.grad_a);
+                          p.a_stride_b % vec == 0 && aligned(p.a, bytes) && aligned(p.x, bytes) &&
+                          aligned(p.out, bytes) && aligned(p.h, bytes) && aligned(p.grad_a, 16);
 
   char* base = static_cast<char*>(workspace);
   Workspace ws;

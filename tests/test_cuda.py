@@ -216,7 +216,7 @@ def test_broadcast_a(a_shape):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("D", [12, 32])
 def test_varlen_equals_separate_sequences(reverse, D):
-    # Sequences shorter than, spanning and longer than one chunk (128 or 256 steps), and empty ones.
+    # Sequences shorter than, spanning and longer than one chunk (128 steps), and empty ones.
     lengths = [5, 0, 300, 1, 1700, 0, 33, 256]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     T = int(cu[-1])
@@ -228,7 +228,7 @@ def test_varlen_equals_separate_sequences(reverse, D):
         if e > s:
             single = linrec.diagonal_scan(a[:, s:e].cuda(), x[:, s:e].cuda(), h0[n: n + 1].cuda(), reverse=reverse,
                                           backend="cuda")
-            torch.testing.assert_close(h[:, s:e].detach(), single, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(h[:, s:e].detach(), single, rtol=1e-5, atol=1e-5)
 
 
 @needs_cuda_backend
