@@ -192,6 +192,45 @@ def test_torch_backend_float64_matches_reference_exactly():
         assert rel_rms(got, want) < 1e-12
 
 
+@pytest.mark.parametrize("b, A_kind", [(1, "full"), (3, "full"), (3, "shared"), (16, "full"), (64, "shared")])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_triton_chunked_path(b, A_kind, reverse, varlen):
+    # The GPU launcher cuts long sequences into chunks (products, carries, fix-up) when there
+    # are few (sequence, block) programs; force that path here with tiny chunks.
+    from linrec.block_diagonal.chunked import block_diagonal_scan_chunked_backward
+    from linrec.kernels.block_diagonal import block_diagonal_scan_backward, block_diagonal_scan_forward
+
+    T, G = (23, 2) if b < 64 else (9, 1)
+    B = 1 if varlen else 2
+    cu = torch.tensor([0, 5, 5, T - 1, T], dtype=torch.int64) if varlen else None
+    N = 4 if varlen else B
+    A, x = _inputs(B, T, G, b, torch.float32, seed=16 + b, A_shape=(G, b, b) if A_kind == "shared" else None)
+    h0, grad_h = torch.randn(N, G, b), torch.randn(B, T, G, b)
+    dev = [t.to(DEVICE) for t in (A, x, h0, grad_h)]
+    cu_dev = cu.to(DEVICE) if cu is not None else None
+    h = block_diagonal_scan_forward(dev[0], dev[1], dev[2], cu_dev, reverse, chunk_len=4)
+    grads = block_diagonal_scan_backward(dev[0], h, dev[3], dev[2], cu_dev, reverse, chunk_len=4)
+    h_ref = block_diagonal_scan_reference(A.double(), x.double(), h0.double(), cu, reverse)
+    grads_ref = block_diagonal_scan_chunked_backward(A.double(), h_ref, grad_h.double(), h0.double(), cu, reverse)
+    assert rel_rms(h.cpu(), h_ref) < 1e-5
+    for got, want in zip(grads, grads_ref):
+        assert got.shape == want.shape
+        assert rel_rms(got.cpu(), want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_A_dtype_may_differ_from_x(backend):
+    A, x = _inputs(2, 19, 2, 4, torch.float32, seed=17)
+    h0 = torch.randn(2, 2, 4)
+    h, grads = _run(backend, A, x.to(torch.bfloat16), h0, False)
+    h_ref, grads_ref = _run("reference", A.double(), x.to(torch.bfloat16).double(), h0.double(), False)
+    assert h.dtype == torch.bfloat16 and grads[0].dtype == torch.float32 and grads[2].dtype == torch.float32
+    assert rel_rms(h, h_ref) < 1e-2
+    for got, want in zip(grads, grads_ref):
+        assert rel_rms(got, want) < 1e-2
+
+
 @pytest.mark.parametrize("chunk_size", [3, 8, 1000])
 @pytest.mark.parametrize("A_shape", [None, (2, 4, 4)])
 def test_chunked_and_stepwise_paths_agree(chunk_size, A_shape):
