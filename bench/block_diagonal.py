@@ -77,8 +77,8 @@ def torch_loop(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-step loop: ``h = A_t @ h + x_t`` as one batched matmul per step, fp32 state."""
     h = torch.zeros_like(x[:, 0], dtype=torch.float32)
     outs = []
-    for t in range(x.shape[1]):
-        h = torch.matmul(A[:, t].float(), h.unsqueeze(-1)).squeeze(-1) + x[:, t].float()
+    for A_t, x_t in zip(A.unbind(1), x.unbind(1)):  # unbind once: linear-time autograd (see diagonal.py)
+        h = torch.matmul(A_t.float(), h.unsqueeze(-1)).squeeze(-1) + x_t.float()
         outs.append(h)
     return torch.stack(outs, dim=1).to(x.dtype)
 

@@ -101,13 +101,15 @@ def torch_loop(q, k, v, beta, log_gate, scale: Optional[float] = None) -> torch.
     scale = K ** -0.5 if scale is None else scale
     S = q.new_zeros((B, H, K, V), dtype=torch.float32)
     outs = []
-    for t in range(T):
-        S = S * log_gate[:, t].float().exp()[..., None, None]
-        for j in range(n):
-            kt, vt, bt = k[:, t, j].float(), v[:, t, j].float(), beta[:, t, j].float()
-            kS = torch.einsum("bhk,bhkv->bhv", kt, S)                      # k^T S
-            S = S + torch.einsum("bhk,bhv->bhkv", kt, bt[..., None] * (vt - kS))
-        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q[:, t].float()))
+    # unbind once: linear-time autograd (indexing inside the loop makes the backward T^2)
+    steps = zip(q.unbind(1), k.unbind(1), v.unbind(1), beta.unbind(1), log_gate.unbind(1))
+    for q_t, k_t, v_t, beta_t, g_t in steps:
+        S = S * g_t.float().exp()[..., None, None]
+        for kj, vj, bj in zip(k_t.unbind(1), v_t.unbind(1), beta_t.unbind(1)):
+            kj, vj, bj = kj.float(), vj.float(), bj.float()
+            kS = torch.einsum("bhk,bhkv->bhv", kj, S)                      # k^T S
+            S = S + torch.einsum("bhk,bhv->bhkv", kj, bj[..., None] * (vj - kS))
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q_t.float()))
     return torch.stack(outs, dim=1).to(q.dtype)
 
 
