@@ -133,6 +133,63 @@ def test_sources_found_by_loader():
         assert (src / name).is_file()
 
 
+class _StandInExtension:
+    """Mimics the compiled module on the CPU: checks the binding's argument contract (as
+    csrc/binding.cpp does) and computes with the reference, so the launchers in linrec._cuda and
+    the op's "cuda" branches run end to end without a GPU."""
+
+    calls = 0
+
+    def diagonal_scan(self, a, x, h0, cu_seqlens, out, h, grad_a, grad_h0, reverse, backward):
+        type(self).calls += 1
+        acc = torch.complex64 if x.is_complex() else torch.float32
+        assert x.dtype in _cuda.SUPPORTED_DTYPES and x.is_contiguous() and x.dim() == 3
+        assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous()
+        assert a.dtype == x.dtype and a.shape == x.shape  # expanded view, any strides
+        N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        if cu_seqlens is not None:
+            assert cu_seqlens.dtype == torch.int64 and x.shape[0] == 1
+        if h0 is not None:
+            assert h0.dtype == acc and h0.shape == (N, x.shape[2]) and h0.is_contiguous()
+        if not backward:
+            out.copy_(diagonal_scan_reference(a.to(acc), x.to(acc), h0, cu_seqlens, reverse))
+            return
+        from linrec.diagonal.chunked import diagonal_scan_chunked_backward
+        assert h.dtype == x.dtype and h.is_contiguous() and grad_a.dtype == acc and grad_h0.dtype == acc
+        assert grad_a.shape == x.shape and grad_h0.shape == (N, x.shape[2]) and not grad_h0.any()
+        ga, gx, gh0 = diagonal_scan_chunked_backward(a.to(acc), h.to(acc), x.to(acc), h0, cu_seqlens, reverse)
+        grad_a.copy_(ga)
+        out.copy_(gx)
+        grad_h0.copy_(gh0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_launchers_and_op_plumbing_with_a_stand_in_extension(monkeypatch, dtype, varlen):
+    monkeypatch.setattr(_cuda, "load_extension", lambda: _StandInExtension())
+    _StandInExtension.calls = 0
+    B, T, D = (1, 40, 6) if varlen else (2, 40, 6)
+    cu = torch.tensor([0, 9, 9, 40], dtype=torch.int32) if varlen else None
+    N = 3 if varlen else B
+    a, x = _inputs(B, T, D, dtype, a_shape=(D,) if dtype == torch.float32 else None)
+    h0 = torch.randn(N, D, dtype=torch.complex64 if dtype.is_complex else torch.float32)
+    for reverse in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (a, x, h0)]
+        h = torch.ops.linrec.diagonal_scan(*leaves, cu, reverse, "cuda")
+        w = torch.randn(h.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        ((h * w.to(h.dtype)).real.sum() if h.is_complex() else (h.double() * w).sum()).backward()
+        ref = [t.detach().clone().to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_()
+               for t in (a, x, h0)]
+        h_ref = diagonal_scan_reference(*ref, cu, reverse)
+        ((h_ref * w.to(h_ref.dtype)).real.sum() if h_ref.is_complex() else (h_ref * w).sum()).backward()
+        assert h.dtype == x.dtype
+        assert rel_rms(h, h_ref) < TOL[dtype]
+        for got, want in zip(leaves, ref):
+            assert got.grad.shape == want.shape and got.grad.dtype == got.dtype
+            assert rel_rms(got.grad, want.grad) < TOL[dtype]
+    assert _StandInExtension.calls == 4  # forward and backward, both directions
+
+
 # --- numerics on a GPU --------------------------------------------------------------------------
 
 TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -292,3 +349,28 @@ def test_empty_and_tiny_shapes():
         a, x = torch.rand(B, T, D, device="cuda"), torch.randn(B, T, D, device="cuda")
         h = linrec.diagonal_scan(a, x, backend="cuda")
         torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"))
+
+
+@needs_cuda_backend
+def test_opcheck_and_torch_compile():
+    a, x = _inputs(2, 300, 8, torch.float32)
+    a, x, h0 = a.cuda(), x.cuda(), torch.randn(2, 8, device="cuda")
+    for reverse in (False, True):
+        torch.library.opcheck(torch.ops.linrec.diagonal_scan.default,
+                              (a.clone().requires_grad_(), x.clone().requires_grad_(), h0.clone().requires_grad_(),
+                               None, reverse, "cuda"))
+
+    def loss(a_, x_):
+        return linrec.diagonal_scan(a_.sigmoid(), x_, backend="cuda").square().sum()
+
+    leaves = [t.clone().requires_grad_() for t in (a, x)]
+    eager = loss(*leaves)
+    eager.backward()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    compiled = torch.compile(loss, fullgraph=True)(*leaves)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for t, g in zip(leaves, grads):
+        torch.testing.assert_close(t.grad, g)
