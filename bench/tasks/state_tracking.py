@@ -1,0 +1,356 @@
+"""State tracking and regular languages: train on short sequences, test on longer ones.
+
+For each (task, mixer) pair a small ``SequenceModel`` is trained from scratch on the task's
+training lengths, then its accuracy is measured at each test length on fresh seeded samples
+(last token for the Chomsky-hierarchy tasks, every token for the group word problems; see
+``bench.tasks.data``). Training is dense: every prefix of a training sequence is supervised
+with its own label (valid prefixes only), which is the same language and gives many examples per
+sequence, so that CPU-sized runs of a few hundred steps suffice. Every sequence starts with a
+BOS token (``bench.tasks.data.add_bos``), whose position is not scored.
+
+Each run appends one JSON line to ``--results`` (re-running skips the runs already there, so an
+interrupted sweep resumes); ``--report`` then writes a markdown table, a CSV and a plot from it.
+
+Examples::
+
+    # one run
+    python -m bench.tasks.state_tracking --tasks parity --mixers rglru-neg --steps 300
+    # the suite behind bench/results/tasks/ (see SUITE below), then the table and the plot
+    python -m bench.tasks.state_tracking --suite paper --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import TASKS, Task, add_bos, get_task, sample_train_batch
+from .models import MIXER_SPEC_HELP, SequenceModel
+
+RESULTS_DIR = os.path.join("bench", "results", "tasks")
+
+
+@dataclass
+class RunConfig:
+    """One training run: a task, a model and the optimisation budget."""
+
+    task: str
+    mixer: str
+    num_layers: int = 2
+    d_model: int = 64
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    eval_batch: int = 256
+
+    def key(self) -> str:
+        """Identifies the run in the results file (a re-run with the same key is skipped)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+# The committed suite: the claims of the papers (first block), then a wider sweep. Each entry
+# overrides RunConfig defaults. One-layer block-diagonal RNNs, as in the claim being checked.
+SUITE: Dict[str, List[dict]] = {
+    "paper": [
+        # parity: negative eigenvalues (DeltaProduct beta in [0, 2], RG-LRU a_t in [-1, 1]) vs not
+        dict(task="parity", mixer="dp1"),
+        dict(task="parity", mixer="dp1-neg"),
+        dict(task="parity", mixer="rglru"),
+        dict(task="parity", mixer="rglru-neg"),
+        dict(task="parity", mixer="lru"),
+        dict(task="parity", mixer="bd-fan", num_layers=1),
+        # S3 word problem: DeltaProduct n = 2 with negative eigenvalues, against n = 1 and no negatives
+        dict(task="s3", mixer="dp1-neg"),
+        dict(task="s3", mixer="dp2"),
+        dict(task="s3", mixer="dp2-neg"),
+        dict(task="s3", mixer="dp4-neg"),
+        dict(task="s3", mixer="bd-fan", num_layers=1),
+        # A5 at short lengths, one block-diagonal layer
+        dict(task="a5", mixer="bd-fan", num_layers=1),
+        dict(task="a5", mixer="bd-slice", num_layers=1),
+        dict(task="a5", mixer="dp4-neg"),
+        # modular arithmetic with length extrapolation, one block-diagonal layer
+        dict(task="mod_arith", mixer="bd-fan", num_layers=1),
+        dict(task="mod_arith", mixer="bd-slice", num_layers=1),
+        dict(task="mod_arith", mixer="rglru-neg"),
+        dict(task="mod_arith", mixer="dp2-neg"),
+        # the other regular tasks
+        dict(task="cycle_nav", mixer="rglru-neg"),
+        dict(task="cycle_nav", mixer="dp2-neg"),
+        dict(task="cycle_nav", mixer="bd-fan", num_layers=1),
+        dict(task="cycle_nav", mixer="lru"),
+        dict(task="even_pairs", mixer="rglru"),
+        dict(task="even_pairs", mixer="dp1"),
+        dict(task="even_pairs", mixer="bd-fan", num_layers=1),
+        dict(task="s5", mixer="dp4-neg"),
+        dict(task="s5", mixer="bd-fan", num_layers=1),
+    ],
+}
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.05) -> float:
+    """Linear warm-up to ``peak`` then cosine decay to 10 % of it."""
+    warmup = max(1, int(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def masked_loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor):
+    """Cross-entropy and accuracy over the valid positions.
+
+    logits: (B, L, C); targets: (B, L) int64; valid: (B, L) bool. Returns (loss, accuracy) scalars.
+    """
+    flat_logits = logits[valid]
+    flat_targets = targets[valid]
+    loss = F.cross_entropy(flat_logits.float(), flat_targets)
+    accuracy = (flat_logits.argmax(-1) == flat_targets).float().mean()
+    return loss, accuracy
+
+
+@torch.no_grad()
+def evaluate(model: SequenceModel, task: Task, length: int, num_sequences: int, seed: int,
+             chunk: int = 128) -> float:
+    """Test accuracy at one length on ``num_sequences`` fresh sequences (seeded by length).
+
+    Scores the last token when ``task.score == "last"``, every valid token when ``"all"``.
+    """
+    rng = np.random.default_rng(10_000 + 7919 * seed + length)
+    tokens, targets, valid = add_bos(*task.generate(rng, num_sequences, length), bos=task.vocab_size)
+    if task.score == "last":
+        valid = np.zeros_like(valid)
+        valid[:, -1] = True
+    correct = total = 0
+    model.eval()
+    for start in range(0, num_sequences, chunk):
+        sl = slice(start, start + chunk)
+        logits = model(torch.from_numpy(tokens[sl]))
+        mask = torch.from_numpy(valid[sl])
+        pred = logits.argmax(-1)
+        correct += (pred[mask] == torch.from_numpy(targets[sl])[mask]).sum().item()
+        total += mask.sum().item()
+    model.train()
+    return correct / max(total, 1)
+
+
+def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
+    """Trains one model on ``cfg.task`` and returns a result record (accuracy per test length etc.)."""
+    task = get_task(cfg.task)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = SequenceModel(task.vocab_size + 1, task.num_classes,  # + 1: the BOS token
+                           cfg.d_model, cfg.num_layers, cfg.mixer)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+    losses, accs = [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.task}/{cfg.mixer}", leave=False, file=sys.stderr)
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr)
+        batch = add_bos(*sample_train_batch(task, rng, cfg.batch_size), bos=task.vocab_size)
+        tokens, targets, valid = (torch.from_numpy(a) for a in batch)
+        logits = model(tokens)
+        loss, acc = masked_loss_and_accuracy(logits, targets, valid)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        accs.append(acc.item())
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", acc=f"{np.mean(accs[-10:]):.3f}")
+    train_seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+
+    start = time.perf_counter()
+    test_acc = {str(L): evaluate(model, task, L, cfg.eval_batch, cfg.seed) for L in task.test_lengths}
+    eval_seconds = time.perf_counter() - start
+    return dict(config=asdict(cfg), key=cfg.key(), params=params, score=task.score,
+                train_lengths=list(task.train_lengths), test_acc=test_acc,
+                final_train_loss=float(np.mean(losses[-20:])), final_train_acc=float(np.mean(accs[-20:])),
+                train_seconds=round(train_seconds, 1), eval_seconds=round(eval_seconds, 1),
+                torch=torch.__version__, threads=torch.get_num_threads())
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+def load_results(path: str) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - outside a git checkout
+        return "unknown"
+
+
+def label(record: dict) -> str:
+    cfg = record["config"]
+    return f"{cfg['mixer']} x{cfg['num_layers']}"
+
+
+def write_report(records: List[dict], out_dir: str, command: str, threshold: float = 0.95) -> None:
+    """Writes ``state_tracking.md`` (table), ``state_tracking.csv`` and ``state_tracking.png``."""
+    os.makedirs(out_dir, exist_ok=True)
+    task_order = list(TASKS)
+    records = sorted(records, key=lambda r: (task_order.index(r["config"]["task"]), label(r)))
+
+    # CSV: one row per (run, test length)
+    with open(os.path.join(out_dir, "state_tracking.csv"), "w") as f:
+        f.write("task,mixer,num_layers,d_model,steps,seed,params,score,test_length,accuracy,"
+                "final_train_loss,train_seconds\n")
+        for r in records:
+            c = r["config"]
+            for L, acc in r["test_acc"].items():
+                f.write(f"{c['task']},{c['mixer']},{c['num_layers']},{c['d_model']},{c['steps']},{c['seed']},"
+                        f"{r['params']},{r['score']},{L},{acc:.4f},{r['final_train_loss']:.4f},"
+                        f"{r['train_seconds']}\n")
+
+    # Markdown: one table per task, accuracy per test length
+    lines = ["# State tracking and regular languages: accuracy at test lengths", "",
+             f"Made by `{command}` (git {git_sha()}, torch {torch.__version__}, "
+             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU).",
+             "Each row is one model trained from scratch (seed 0) on the task's training lengths with every",
+             "prefix supervised, then tested on fresh sequences: `last` = accuracy of the last token,",
+             "`all` = of every token. `solved` = accuracy >= "
+             f"{threshold} at every test length. Chance is 1 / classes.", ""]
+    for task_name in task_order:
+        rows = [r for r in records if r["config"]["task"] == task_name]
+        if not rows:
+            continue
+        task = get_task(task_name)
+        lengths = [str(L) for L in task.test_lengths]
+        lines.append(f"## {task_name} (train lengths {task.train_lengths[0]}-{task.train_lengths[1]}, "
+                     f"score: {task.score}, chance {1 / task.num_classes:.2f})")
+        lines.append("")
+        lines.append("| model | params | steps | " + " | ".join(f"L={L}" for L in lengths)
+                     + " | solved | train loss | train s |")
+        lines.append("|---|---|---|" + "---|" * len(lengths) + "---|---|---|")
+        for r in rows:
+            accs = [r["test_acc"][L] for L in lengths]
+            solved = "yes" if min(accs) >= threshold else "no"
+            lines.append(f"| {label(r)} | {r['params']} | {r['config']['steps']} | "
+                         + " | ".join(f"{a:.3f}" for a in accs)
+                         + f" | {solved} | {r['final_train_loss']:.3f} | {r['train_seconds']} |")
+        lines.append("")
+    with open(os.path.join(out_dir, "state_tracking.md"), "w") as f:
+        f.write("\n".join(lines))
+
+    # Plot: accuracy vs test length, one panel per task, one line per model
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks_present = [t for t in task_order if any(r["config"]["task"] == t for r in records)]
+    cols = min(4, len(tasks_present))
+    rows_n = math.ceil(len(tasks_present) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+    for ax, task_name in zip(axes.flat, tasks_present):
+        task = get_task(task_name)
+        for r in (r for r in records if r["config"]["task"] == task_name):
+            xs = [int(L) for L in r["test_acc"]]
+            ax.plot(xs, list(r["test_acc"].values()), marker="o", label=label(r))
+        ax.axhline(1 / task.num_classes, color="gray", ls=":", lw=1)
+        ax.axhline(threshold, color="gray", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{task_name} (train {task.train_lengths[0]}-{task.train_lengths[1]}, {task.score})")
+        ax.set_xlabel("test length")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks_present):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "state_tracking.png"), dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tasks.state_tracking", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MIXER_SPEC_HELP)
+    parser.add_argument("--suite", choices=sorted(SUITE), help="run a predefined list of (task, mixer) runs")
+    parser.add_argument("--tasks", default="", help=f"comma-separated, from {sorted(TASKS)}")
+    parser.add_argument("--mixers", default="", help="comma-separated mixer specs (see below)")
+    parser.add_argument("--layers", type=int, default=None, help="number of blocks (default 2, or the suite's)")
+    parser.add_argument("--d-model", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (default 1: tiny models, and shared cores thrash with more)")
+    parser.add_argument("--results", default=os.path.join(RESULTS_DIR, "state_tracking.jsonl"),
+                        help="JSON-lines file the runs are appended to (existing runs are skipped)")
+    parser.add_argument("--report", action="store_true", help="write the table, CSV and plot from --results")
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    overrides = {k: v for k, v in dict(num_layers=args.layers, d_model=args.d_model, steps=args.steps,
+                                       batch_size=args.batch_size, lr=args.lr, seed=args.seed).items()
+                 if v is not None}
+    runs: List[RunConfig] = []
+    if args.suite:
+        runs += [RunConfig(**{**entry, **overrides}) for entry in SUITE[args.suite]]
+    for task in filter(None, args.tasks.split(",")):
+        for mixer in filter(None, args.mixers.split(",")):
+            runs.append(RunConfig(task=task, mixer=mixer, **overrides))
+
+    done = {r["key"] for r in load_results(args.results)}
+    os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
+    for cfg in runs:
+        if cfg.key() in done:
+            print(f"skip (in {args.results}): {cfg.task} {cfg.mixer} x{cfg.num_layers}")
+            continue
+        record = train_and_evaluate(cfg, progress=not args.no_progress)
+        accs = " ".join(f"L{L}={a:.3f}" for L, a in record["test_acc"].items())
+        print(f"{cfg.task:10s} {cfg.mixer:12s} x{cfg.num_layers} loss {record['final_train_loss']:.3f} "
+              f"train-acc {record['final_train_acc']:.3f} | {accs} | {record['train_seconds']}s", flush=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        done.add(cfg.key())
+
+    if args.report:
+        command = "python -m bench.tasks.state_tracking " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_report(load_results(args.results), args.out_dir, command)
+        print(f"wrote {args.out_dir}/state_tracking.{{md,csv,png}}")
+
+
+if __name__ == "__main__":
+    main()
