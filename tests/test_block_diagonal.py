@@ -238,9 +238,17 @@ def test_chunked_and_stepwise_paths_agree(chunk_size, A_shape):
     from linrec.block_diagonal import block_diagonal_scan_chunked
     A, x = _inputs(3, 61, 2, 4, torch.float64, seed=15, A_shape=A_shape)
     h0 = torch.randn(3, 2, 4, dtype=torch.float64)
+    from linrec.block_diagonal.chunked import block_diagonal_scan_chunked_backward
+    grad_h = torch.randn(3, 61, 2, 4, dtype=torch.float64)
     for reverse in (False, True):
         got = block_diagonal_scan_chunked(A, x, h0, reverse=reverse, chunk_size=chunk_size)
-        assert rel_rms(got, block_diagonal_scan_reference(A, x, h0, reverse=reverse)) < 1e-12
+        leaves = [t.clone().requires_grad_() for t in (A, x, h0)]
+        want = block_diagonal_scan_reference(*leaves, reverse=reverse)
+        assert rel_rms(got, want) < 1e-12
+        (want * grad_h).sum().backward()
+        grads = block_diagonal_scan_chunked_backward(A, got, grad_h, h0, None, reverse, chunk_size=chunk_size)
+        for g, leaf in zip(grads, leaves):
+            assert g.shape == leaf.shape and rel_rms(g, leaf.grad) < 1e-12
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -259,6 +267,20 @@ def test_noncontiguous_inputs_and_stride0_grads_and_no_mutation(backend):
         assert rel_rms(got.grad, want.grad) < 1e-5
     for before, after in zip(snapshot, (A, x, h0)):
         assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("shape, A_shape", [((2, 0, 3, 4), (2, 0, 3, 4, 4)), ((2, 0, 3, 4), (3, 4, 4)),
+                                            ((2, 5, 0, 4), (0, 4, 4))])
+def test_empty_time_or_blocks(backend, shape, A_shape):
+    A = torch.rand(A_shape, device=DEVICE, requires_grad=True)
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    h0 = torch.randn(shape[0], shape[2], shape[3], device=DEVICE, requires_grad=True)
+    h = linrec.block_diagonal_scan(A, x, h0, backend=backend)
+    assert h.shape == x.shape
+    h.sum().backward()
+    assert A.grad.shape == A.shape and x.grad.shape == x.shape
+    assert torch.count_nonzero(h0.grad) == 0  # with no steps, h0 reaches no output
 
 
 def test_auto_backend_picks_by_device():

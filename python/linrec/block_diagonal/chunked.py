@@ -117,15 +117,18 @@ def _scan_dense(A: torch.Tensor, x: torch.Tensor, h0: Optional[torch.Tensor], ch
     return h
 
 
-STEP_BLOCK = 256  # time steps re-laid out per block by the stepwise loop
+# Elements of A re-laid out per block by the stepwise loop: PyTorch runs copies up to
+# its grain size (32768) on one thread; larger multi-threaded copies measured 10-40x
+# slower on a busy 2-core machine, and smaller blocks add per-op overhead.
+STEP_BLOCK_ELEMS = 32768
 
 
 def _scan_stepwise(A: torch.Tensor, x: torch.Tensor, carry: torch.Tensor, out: torch.Tensor) -> None:
     """Sequential scan with one fused ``baddbmm`` per step, written into ``out``.
 
-    Time is taken in blocks of STEP_BLOCK steps; each block of A and x is copied
-    once into time-major, contiguous (K, B*G, b, b) / (K, B*G, b, 1) buffers, so
-    that every step is a single batched ``x_t + A_t @ h`` with no per-step copies.
+    Time is taken in blocks of K steps (K * B * G * b * b ~ STEP_BLOCK_ELEMS); each
+    block of A and x is copied once into time-major, contiguous (K, B*G, b, b) /
+    (K, B*G, b, 1) buffers, so that every step is a single batched ``x_t + A_t @ h``.
 
     Args:
         A: 5-D, broadcastable to (B, T', G, b, b); x: (B, T', G, b); carry: (B, G, b)
@@ -133,8 +136,9 @@ def _scan_stepwise(A: torch.Tensor, x: torch.Tensor, carry: torch.Tensor, out: t
     """
     B, T, G, b = x.shape
     h = carry.reshape(B * G, b, 1).clone()
-    for t0 in range(0, T, STEP_BLOCK):
-        t1 = min(T, t0 + STEP_BLOCK)
+    step_block = max(1, STEP_BLOCK_ELEMS // max(1, B * G * b * b))
+    for t0 in range(0, T, step_block):
+        t1 = min(T, t0 + step_block)
         K = t1 - t0
         A_blk = _time_slice(A, t0, t1).expand(B, K, G, b, b).movedim(1, 0).reshape(K, B * G, b, b)
         x_blk = x[:, t0:t1].movedim(1, 0).reshape(K, B * G, b, 1)
@@ -147,20 +151,25 @@ def _scan_stepwise(A: torch.Tensor, x: torch.Tensor, carry: torch.Tensor, out: t
 def _auto_chunk_size(B: int, T: int, G: int, b: int) -> int:
     """Chooses C for ``_scan_dense``; C = T means "step through time" (no chunking).
 
-    A rough CPU cost model (measured on a 2-core machine, single-threaded):
-    stepping costs ~8 us of fixed overhead per step plus ~2 b^2 ns per block and
-    step (a batched matvec); chunking runs ~3 sqrt(T) big ops but pays a b x b
-    matrix product (~b^3 ns) per block and step on top of two matvecs. Chunking
-    wins when B*G*b is small (few, small blocks: the loop is all overhead).
+    A rough CPU cost model, fitted on a 2-core machine (B=8, G=64, T=4096, b=1..4):
+    stepping costs ~15 us per step (dispatch and re-layout) plus ~(20 + 2 b^2) ns per
+    block and step; chunking runs ~3 sqrt(T) rounds of a few ops (~25 us each) but
+    pays a b x b matrix product per block and step, ~(30 + 4 b^3) ns. So chunking
+    wins only when the blocks are few (B*G small: stepping is all overhead).
+    Chunking is also skipped when its per-step tensors would be large (beyond a few
+    times PyTorch's parallel grain), where multi-threaded ops on a busy machine
+    were measured up to 50x slower.
     """
     C = _chunk_size(T)
     n = T // C
     if n < 2:
-        return T
+        return max(T, 1)
     bg = B * G
-    cost_step = T * (8e-6 + bg * b * b * 2e-9)
-    cost_chunk = (3 * C + n) * 2 * 8e-6 + T * bg * (b ** 3 * 1e-9 + 2 * b * b * 0.7e-9)
-    return C if cost_chunk < cost_step else T
+    if bg * n * b * b > 8 * STEP_BLOCK_ELEMS:
+        return max(T, 1)
+    cost_step = T * (15e-6 + bg * (20 + 2 * b * b) * 1e-9)
+    cost_chunk = (3 * C + n) * 25e-6 + T * bg * (30 + 4 * b ** 3) * 1e-9
+    return C if cost_chunk < cost_step else max(T, 1)
 
 
 def _scan_sequences(A, x, h0, cu_seqlens, reverse, chunk_size):
