@@ -263,16 +263,21 @@ __device__ __forceinline__ void look_back(const Workspace& ws, int lane, int64_t
 #pragma unroll
   for (int v = 0; v < V; ++v) carry[v] = acc_zero<Acc>();  // every sequence starts in chunk 0
 
+  // Only the chunks after this one read its status; the last chunk (e.g. every chunk of a
+  // sequence shorter than kChunk) publishes nothing.
+  const bool has_successor = chunk + 1 < ws.chunks;
   if (chunk > 0) {
-    Acc* agg = aggregates + status * 2 * CW;
+    if (has_successor) {
+      Acc* agg = aggregates + status * 2 * CW;
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      agg[lane * V + v] = tot_A[v];
-      agg[CW + lane * V + v] = tot_X[v];
+      for (int v = 0; v < V; ++v) {
+        agg[lane * V + v] = tot_A[v];
+        agg[CW + lane * V + v] = tot_X[v];
+      }
+      __threadfence();
+      __syncwarp(mask);
+      if (lane == 0) atomicExch(ws.flags + status, kAggregateReady);
     }
-    __threadfence();
-    __syncwarp(mask);
-    if (lane == 0) atomicExch(ws.flags + status, kAggregateReady);
 
     // Walk back: R is the map of the chunks between the one looked at and this one.
     Acc R_A[V], R_X[V];
@@ -305,15 +310,15 @@ __device__ __forceinline__ void look_back(const Workspace& ws, int lane, int64_t
       }
     }
   }
-  // Publish this chunk's end state for the chunks after it.
 #pragma unroll
-  for (int v = 0; v < V; ++v) {
-    prefixes[status * CW + lane * V + v] = mad(tot_A[v], carry[v], tot_X[v]);
-    carry_sm[lane * V + v] = carry[v];
+  for (int v = 0; v < V; ++v) carry_sm[lane * V + v] = carry[v];
+  if (has_successor) {  // publish this chunk's end state for the chunks after it
+#pragma unroll
+    for (int v = 0; v < V; ++v) prefixes[status * CW + lane * V + v] = mad(tot_A[v], carry[v], tot_X[v]);
+    __threadfence();
+    __syncwarp(mask);
+    if (lane == 0) atomicExch(ws.flags + status, kPrefixReady);
   }
-  __threadfence();
-  __syncwarp(mask);
-  if (lane == 0) atomicExch(ws.flags + status, kPrefixReady);
 }
 
 template <typename S, bool kBackward, bool kVectorized>
