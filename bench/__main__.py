@@ -46,7 +46,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--full", dest="preset", action="store_const", const="full",
                    help="the GPU sweep: sequence length, batch, width/heads, block size, n factors, "
                         "dtypes, every mode, and the issues' target shapes")
-    g.add_argument("--preset", choices=PRESETS, help="tiny (tests) | quick | full | cpu-target")
+    g.add_argument("--preset", help="tiny (tests) | quick | full | cpu-target, or several joined by commas "
+                                    "(e.g. quick,cpu-target)")
     p.add_argument("--modes", default="", help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--dtypes", default="", help=f"comma-separated subset of {','.join(DTYPES)}")
     p.add_argument("--sweeps", default="", help="comma-separated sweep names to keep (e.g. seqlen,target)")
@@ -64,6 +65,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="list the points and implementations, run nothing")
     args = p.parse_args(argv)
     args.preset = args.preset or "quick"
+    for preset in args.preset.split(","):
+        if preset not in PRESETS:
+            p.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     for op in args.ops:
         if op not in OPS and op != "all":
             p.error(f"unknown op {op!r}; choose from {', '.join(OPS)}, all")
@@ -92,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     sweep_filter, impl_filter = _split(args.sweeps), _split(args.impls)
     min_run_time = args.min_run_time if args.min_run_time is not None else (
         {"tiny": 0.005, "quick": 0.02}.get(args.preset, 0.1 if device.type == "cuda" else 0.2))
-    min_samples = {"tiny": 3, "quick": 3}.get(args.preset, 7)
+    min_samples = {"tiny": 3, "quick": 3}.get(args.preset, 7)  # a preset list gets the careful defaults
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -112,7 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         notes.extend(op_notes)
         if impl_filter:
             op_impls = [i for i in op_impls if any(f in i.name for f in impl_filter)]
-        for point in op.sweeps(args.preset, device):
+        points = [pt for preset in args.preset.split(",") for pt in op.sweeps(preset, device)]
+        for point in points:
             if sweep_filter and point.sweep not in sweep_filter:
                 continue
             for dtype_name in point.dtypes:
@@ -130,6 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         print(f"{total} cases (before skips)")
         return []
 
+    stem = args.name or f"{device_slug(device)}-{args.preset.replace(',', '+')}" + ("" if set(ops) == set(OPS) else "-" + "-".join(ops))
+    csv_path = os.path.join(args.out, stem + ".csv")
     rows: List[Dict[str, Any]] = []
     skips: Dict[tuple, int] = {}
     with tqdm(total=total, desc=f"bench {args.preset}", unit="case", file=sys.stderr,
@@ -154,6 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            write_csv(csv_path, rows, env)  # after every point: a run cut short keeps what it measured
 
     print()
     print(format_table(rows))
@@ -170,8 +178,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         for line in measured:
             print("  " + line)
 
-    stem = args.name or f"{device_slug(device)}-{args.preset}" + ("" if set(ops) == set(OPS) else "-" + "-".join(ops))
-    csv_path = os.path.join(args.out, stem + ".csv")
     write_csv(csv_path, rows, env)
     print(f"\nwrote {csv_path} ({len(rows)} rows)")
     if not args.no_plot and rows:
