@@ -304,6 +304,15 @@ def test_opcheck():
                           (A[:1].clone().requires_grad_(), x[:1].clone().requires_grad_(), h0, cu, False, "torch"))
 
 
+def test_opcheck_triton():
+    A, x = _inputs(1, 6, 1, 2, torch.float32)
+    h0 = torch.randn(1, 1, 2)
+    args = [t.to(DEVICE).requires_grad_() for t in (A, x, h0)]
+    torch.library.opcheck(torch.ops.linrec.block_diagonal_scan.default, (*args, None, True, "triton"))
+    At = args[0][0, 0].detach().requires_grad_()  # time-invariant (G, b, b): gradient summed outside the kernel
+    torch.library.opcheck(torch.ops.linrec.block_diagonal_scan.default, (At, args[1], None, None, False, "triton"))
+
+
 def test_torch_compile_fullgraph():
     G, b = 2, 3
 
