@@ -292,5 +292,7 @@ def test_bad_input_raises(name):
 def test_bad_constructor_arguments_raise():
     with pytest.raises(ValueError, match="parameterization"):
         BlockDiagonalRNN(D_MODEL, 2, 2, parameterization="dense")
+    with pytest.raises(ValueError, match="allow_neg_eigval"):
+        BlockDiagonalRNN(D_MODEL, 2, 2, allow_neg_eigval=False)
     with pytest.raises(ValueError, match="r_min"):
         LRU(D_MODEL, 4, r_min=0.5, r_max=1.0)
