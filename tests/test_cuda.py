@@ -127,6 +127,45 @@ def test_import_builds_nothing():
     assert out.returncode == 0, out.stderr
 
 
+def test_loader_calls_the_jit_build_once(monkeypatch):
+    """The build path itself, with torch.utils.cpp_extension.load stood in (no nvcc run here)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+
+    def fake_load(**kwargs):
+        calls.append(kwargs)
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(_cuda, "cuda_backend_unavailable_reason", lambda: None)
+    monkeypatch.setattr(_cuda, "_extension", None)
+    monkeypatch.setenv("LINREC_CUDA_ARCH", "90a")
+    assert _cuda.load_extension() == "module"
+    assert _cuda.load_extension() == "module"  # cached in the process: built once
+    assert len(calls) == 1
+    kwargs = calls[0]
+    assert kwargs["name"] == "linrec_cuda_90a"
+    assert [Path(src).name for src in kwargs["sources"]] == list(_cuda.SOURCES)
+    assert all(Path(src).is_file() for src in kwargs["sources"])
+    assert "-gencode=arch=compute_90a,code=sm_90a" in kwargs["extra_cuda_cflags"]
+
+
+def test_loader_reports_a_failed_build(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def failing_load(**kwargs):
+        raise RuntimeError("nvcc: error")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    monkeypatch.setattr(_cuda, "cuda_backend_unavailable_reason", lambda: None)
+    monkeypatch.setattr(_cuda, "_extension", None)
+    monkeypatch.setattr(_cuda, "_build_error", None)
+    monkeypatch.setenv("LINREC_CUDA_ARCH", "80")
+    with pytest.raises(RuntimeError, match=r"building linrec's CUDA extension for sm_80 failed: nvcc: error"):
+        _cuda.load_extension()
+
+
 def test_sources_found_by_loader():
     src = _cuda.source_dir()
     for name in _cuda.SOURCES:
