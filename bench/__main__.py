@@ -32,6 +32,7 @@ OPS: Dict[str, OpSpec] = {
     "block-diagonal": block_diagonal.OP,
 }
 PRESETS = ("tiny", "quick", "full", "cpu-target")
+MAX_FAILURES = 3  # an implementation that raised this many times in a row (per op and dtype) is not retried
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -139,6 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     csv_path = os.path.join(args.out, stem + ".csv")
     rows: List[Dict[str, Any]] = []
     skips: Dict[tuple, int] = {}
+    failures: Dict[tuple, int] = {}  # consecutive failures per (op, impl, dtype): a circuit breaker
     with tqdm(total=total, desc=f"bench {args.preset}", unit="case", file=sys.stderr,
               dynamic_ncols=True) as bar:
         for op, point, dtype_name, runs in plan:
@@ -151,12 +153,21 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                 continue
             for mode, impl in runs:
                 bar.set_postfix_str(f"{op.name} {impl.name} {mode} {dtype_name} {point.x_name}={point.x_value}")
+                breaker = (op.name, impl.name, dtype_name)
+                if failures.get(breaker, 0) >= MAX_FAILURES:
+                    key = (op.name, impl.name, f"not retried after {MAX_FAILURES} failures in a row ({dtype_name})")
+                    skips[key] = skips.get(key, 0) + 1
+                    bar.update(1)
+                    continue
                 try:
                     rows.append(run_case(op, impl, point, mode, dtype_name, device, inputs, copy_gbps,
                                          min_run_time, min_samples))
+                    failures[breaker] = 0
                 except Skip as skip:
                     key = (op.name, impl.name, str(skip))
                     skips[key] = skips.get(key, 0) + 1
+                    if skip.failed:
+                        failures[breaker] = failures.get(breaker, 0) + 1
                 bar.update(1)
             del inputs
             if device.type == "cuda":

@@ -32,7 +32,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Skip(Exception):
-    """Raised by an implementation that cannot run a point; the message is the one-line reason."""
+    """Raised by an implementation that cannot run a point; the message is the one-line reason.
+
+    ``failed`` is True when the implementation tried and raised (an error, out of memory), as
+    opposed to declining up front; the runner stops retrying an implementation that keeps failing.
+    """
+
+    def __init__(self, reason: str, failed: bool = False):
+        super().__init__(reason)
+        self.failed = failed
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,11 +377,10 @@ def run_case(op: OpSpec, impl: Impl, point: Point, mode: str, dtype_name: str, d
     except Skip:
         raise
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        raise Skip("out of memory") from None
+        raise Skip("out of memory", failed=True) from None
     except Exception as exc:  # a baseline that fails on a shape is reported, not fatal
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise Skip(f"{type(exc).__name__}: {msg[:160]}") from None
+        raise Skip(f"{type(exc).__name__}: {msg[:160]}", failed=True) from None
     nbytes = op.bytes_moved(point, mode, dtype)
     flops = op.flops(point, mode)
     gbps = nbytes / (med * 1e-3) / 1e9

@@ -128,6 +128,13 @@ def _build_fla_hgrn(inputs, point, mode):
     return fn, [inputs["x"], g]
 
 
+def _seqlen_sweep_only(point: Point, device: torch.device) -> Optional[str]:
+    """associative_scan compiles itself per shape on CUDA (seconds each): keep it to one sweep."""
+    if device.type == "cuda" and point.sweep != "seqlen":
+        return "associative_scan (compiled per shape) only runs in the seqlen sweep on CUDA"
+    return None
+
+
 def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
     """Every implementation to try on ``device``, and one-line notes for those left out."""
     out: List[Impl] = []
@@ -142,7 +149,8 @@ def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
         out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
     out.append(Impl("torch_loop", "baseline", _build_loop, cap_steps(steps, cpu=4096, cuda=8192)))
     out.append(Impl("torch.associative_scan", "baseline", _build_associative_scan,
-                    cap_steps(steps, cpu=1024, cuda=1 << 20, what="generic associative_scan")))
+                    both(cap_steps(steps, cpu=1024, cuda=1 << 20, what="generic associative_scan"),
+                         _seqlen_sweep_only)))
     for name in ("accelerated_scan.warp", "accelerated_scan.triton"):
         if optional_import(name)[0] is None:
             notes.append(f"diagonal: baseline {name} skipped: not installed")

@@ -65,3 +65,23 @@ def test_plots_and_report(tiny_run, tmp_path):
     md_path = tmp_path / "table.md"
     text = report.main([str(out / "tiny.csv"), "--out", str(md_path)])
     assert md_path.exists() and "| shape | mode |" in text and "torch" in text
+
+
+def test_failing_implementation_is_a_skip_not_a_crash():
+    """A baseline that raises becomes a one-line Skip marked as a failure (for the circuit breaker)."""
+    import torch
+
+    from bench import diagonal
+    from bench.common import Impl, Point, Skip, run_case
+
+    def build(inputs, point, mode):
+        def fn(a, x):
+            raise RuntimeError("boom: unsupported shape\nsecond line")
+        return fn, [inputs["a"], inputs["x"]]
+
+    point = Point("seqlen", "T", {"B": 1, "T": 8, "D": 4}, ("fwd",), ("fp32",))
+    inputs = diagonal.make_inputs(point, torch.float32, torch.device("cpu"))
+    with pytest.raises(Skip) as info:
+        run_case(diagonal.OP, Impl("broken", "baseline", build), point, "fwd", "fp32", torch.device("cpu"),
+                 inputs, copy_gbps=1.0, min_run_time=0.001, min_samples=1)
+    assert info.value.failed and str(info.value) == "RuntimeError: boom: unsupported shape"
