@@ -15,6 +15,13 @@ Pass 3 recomputes the states instead of storing every prefix product, so the
 extra memory is one (b x b) matrix per chunk rather than one per time step.
 Nothing is ever inverted, so singular transitions (resets) are exact.
 
+Chunking costs a b x b matrix product per block and step on top of the two
+matrix-vector products, and PyTorch's batched products of tiny matrices are
+slow on the CPU (tens of ns each). So a cost model (``_auto_chunk_size``) picks,
+per call, between chunking (few blocks: a per-step loop would be all launch
+overhead) and a lean step-by-step loop (many blocks: one fused ``baddbmm`` per
+step on time-major blocks, ``_scan_stepwise``). Both are exact and tested.
+
 The backward pass is the same scan run in the other direction with transposed
 blocks (see ``block_diagonal_scan_chunked_backward``).
 
