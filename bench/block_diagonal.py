@@ -24,7 +24,7 @@ import torch
 
 import linrec
 
-from .common import Impl, OpSpec, Point, Skip, Target, cap_steps, needs_cuda
+from .common import Impl, OpSpec, Point, Skip, Target, cap_steps, probe_backend
 
 LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
 
@@ -117,9 +117,14 @@ def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
         notes.append("block-diagonal: linrec.block_diagonal_scan not present in this tree; linrec backends skipped")
     else:
         for backend in LINREC_BACKENDS:
+            why = probe_backend(lambda: linrec.block_diagonal_scan(0.5 * torch.eye(2, device=device).expand(1, 2, 1, 2, 2),
+                                                                   torch.ones(1, 2, 1, 2, device=device),
+                                                                   backend=backend),
+                                device, backend, "linrec.block_diagonal_scan")
+            if why:
+                notes.append(f"block-diagonal: {why}")
+                continue
             refuse = None
-            if backend in ("cuda", "triton"):
-                refuse = needs_cuda(f"linrec backend {backend!r}")
             if backend == "reference":
                 refuse = cap_steps(lambda p: p.dims["B"] * p.dims["T"], cpu=4096, cuda=4096,
                                    what="reference (a Python loop over B x T)")

@@ -22,7 +22,7 @@ import os
 import platform
 import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -609,3 +609,22 @@ def optional_import(module: str) -> Tuple[Any, Optional[str]]:
         return importlib.import_module(module), None
     except Exception as exc:  # ImportError, or a peer that fails at import on this machine
         return None, f"{module} not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})"
+
+
+def probe_backend(run: Callable[[], Any], device: torch.device, backend: str, what: str) -> Optional[str]:
+    """Runs a linrec op once on tiny tensors with ``backend``; returns why it cannot run, or None.
+
+    GPU backends on a CPU device are refused without trying (under ``TRITON_INTERPRET=1`` they
+    would crawl through the interpreter). A ``ValueError``/``TypeError`` from the op (the
+    library's "this backend cannot run here / is not implemented" answer) becomes the reason;
+    any other error is left for the per-case run to report.
+    """
+    if backend in ("cuda", "triton") and device.type != "cuda":
+        return f"{what} backend {backend!r} needs a CUDA device"
+    try:
+        run()
+    except (ValueError, TypeError) as exc:
+        return f"{what} backend {backend!r}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+    except Exception:  # noqa: BLE001 - reported per case instead
+        return None
+    return None

@@ -23,7 +23,8 @@ import torch
 
 import linrec
 
-from .common import Impl, OpSpec, Point, Skip, Target, both, cap_steps, needs_cuda, optional_import
+from .common import (Impl, OpSpec, Point, Skip, Target, both, cap_steps, needs_cuda, optional_import,
+                     probe_backend)
 
 LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
 
@@ -140,9 +141,13 @@ def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
     out: List[Impl] = []
     notes: List[str] = []
     for backend in LINREC_BACKENDS:
+        why = probe_backend(lambda: linrec.diagonal_scan(torch.ones(1, 2, 1, device=device),
+                                                         torch.ones(1, 2, 1, device=device), backend=backend),
+                            device, backend, "linrec.diagonal_scan")
+        if why:
+            notes.append(f"diagonal: {why}")
+            continue
         refuse = None
-        if backend in ("cuda", "triton"):
-            refuse = needs_cuda(f"linrec backend {backend!r}")
         if backend == "reference":
             refuse = both(cap_steps(lambda p: p.dims["B"] * p.dims["T"], cpu=8192, cuda=8192,
                                     what="reference (a Python loop over B x T)"))

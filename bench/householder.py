@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 import linrec
 
-from .common import Impl, OpSpec, Point, Skip, Target, both, cap_steps, needs_cuda, optional_import
+from .common import (Impl, OpSpec, Point, Skip, Target, both, cap_steps, needs_cuda, optional_import,
+                     probe_backend)
 
 LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
 
@@ -155,6 +156,12 @@ def _build_fla(inputs, point, mode):
     return fn, [inputs[a] for a in _ARGS]
 
 
+def _probe_inputs(device: torch.device):
+    """q, k, v, beta of a minimal case: B = H = 1, T = 2, K = V = 2, n = 1."""
+    q = torch.ones(1, 2, 1, 2, device=device)
+    return q, torch.nn.functional.normalize(q, dim=-1), q.clone(), torch.full((1, 2, 1), 0.5, device=device)
+
+
 def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
     """Every implementation to try on ``device``, and one-line notes for those left out."""
     out: List[Impl] = []
@@ -163,9 +170,12 @@ def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
         notes.append("householder: linrec.householder_scan not present in this tree; linrec backends skipped")
     else:
         for backend in LINREC_BACKENDS:
+            why = probe_backend(lambda: linrec.householder_scan(*_probe_inputs(device), backend=backend),
+                                device, backend, "linrec.householder_scan")
+            if why:
+                notes.append(f"householder: {why}")
+                continue
             refuse = None
-            if backend in ("cuda", "triton"):
-                refuse = needs_cuda(f"linrec backend {backend!r}")
             if backend == "reference":
                 refuse = cap_steps(lambda p: p.dims["B"] * p.dims["T"] * p.dims["n"], cpu=512, cuda=1024,
                                    what="reference (a Python loop over B x T x n)")
