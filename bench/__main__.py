@@ -60,12 +60,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's own choice); 1 gives steadier numbers on a "
                         "shared machine")
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the CSV and PNGs (default bench/results)")
+    p.add_argument("--out", default="", help="folder for the CSV and PNGs (default: bench/results for full and "
+                                             "cpu-target runs, bench/results/local (git-ignored) for tiny/quick)")
     p.add_argument("--name", default="", help="file name stem instead of <device>-<preset>[-<ops>]")
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     p.add_argument("--dry-run", action="store_true", help="list the points and implementations, run nothing")
     args = p.parse_args(argv)
     args.preset = args.preset or "quick"
+    if not args.out:  # quick looks must not overwrite the committed results
+        quick_only = set(args.preset.split(",")) <= {"tiny", "quick"}
+        args.out = os.path.join(DEFAULT_OUT, "local") if quick_only else DEFAULT_OUT
     for preset in args.preset.split(","):
         if preset not in PRESETS:
             p.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
