@@ -209,10 +209,10 @@ def sweeps(preset: str, device: torch.device) -> List[Point]:
             pts.append(Point("seqlen", "T", _dims(1, T, 2, 8, 1), ("fwd", "fwdbwd"), ("fp32",)))
         pts.append(Point("factors", "n", _dims(1, 16, 2, 8, 2), ("fwd",), ("fp32",)))
     elif preset == "quick":
-        for T in (64, 256):
+        for T in (32, 128):
             pts.append(Point("seqlen", "T", _dims(1, T, 4, 32, 1), ("fwd", "fwdbwd"), ("fp32",)))
         for n in (1, 2, 3):
-            pts.append(Point("factors", "n", _dims(1, 64, 4, 32, n), ("fwd",), ("fp32",)))
+            pts.append(Point("factors", "n", _dims(1, 32, 4, 32, n), ("fwd",), ("fp32",)))
     elif preset == "cpu-target":
         for n in (1, 2):
             pts.append(Point("cpu-target", "n", _dims(1, 512, 8, 64, n), ("fwd", "fwdbwd"), ("fp32",)))
