@@ -1,0 +1,189 @@
+"""Tests for the end-to-end task benchmarks in ``bench/tasks``.
+
+* the state-tracking generators' labels agree with a direct computation (bit loops, Python's
+  own evaluation of the arithmetic expressions, products of permutation matrices);
+* padding masks turn into the right ``cu_seqlens`` and packing round-trips;
+* a tiny model over each linrec layer gives the same outputs packed (``cu_seqlens``) as one
+  sequence at a time, trains for a few steps with its loss going down, and generates the same
+  bytes by stateful decoding as by recomputing the whole prefix.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `bench`
+
+from bench.tasks import data  # noqa: E402
+from bench.tasks.lm import (BOS, check_decode, generate_decode, generate_recompute, lm_loss,  # noqa: E402
+                            sample_segments, segments_to_padded)
+from bench.tasks.models import (SequenceModel, lengths_to_cu_seqlens, mask_to_cu_seqlens, pack_padded,  # noqa: E402
+                                unpack_to_padded)
+
+MIXERS = ["rglru", "rglru-neg", "lru", "dp2-neg", "dp1-gate", "bd-fan", "bd-slice"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest (and does not thrash shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# Generators
+# --------------------------------------------------------------------------------------------
+
+def test_parity_matches_direct_xor():
+    tokens, targets, valid = data.gen_parity(np.random.default_rng(0), 16, 50)
+    assert valid.all()
+    for row, labels in zip(tokens, targets):
+        acc = 0
+        for t, bit in enumerate(row):
+            acc ^= int(bit)
+            assert labels[t] == acc
+
+
+def test_even_pairs_counts_substrings():
+    tokens, targets, _ = data.gen_even_pairs(np.random.default_rng(1), 16, 30)
+    for row, labels in zip(tokens, targets):
+        s = "".join("ab"[b] for b in row)
+        for t in range(len(s)):
+            prefix = s[:t + 1]
+            pairs = sum(prefix[i:i + 2] in ("ab", "ba") for i in range(len(prefix) - 1))
+            assert labels[t] == int(pairs % 2 == 0)
+
+
+def test_cycle_navigation_walks_the_cycle():
+    tokens, targets, _ = data.gen_cycle_nav(np.random.default_rng(2), 16, 40)
+    for row, labels in zip(tokens, targets):
+        pos = 0
+        for t, move in enumerate(row):
+            pos = (pos + {0: 0, 1: 1, 2: -1}[int(move)]) % 5
+            assert labels[t] == pos
+
+
+def test_mod_arith_matches_python_eval():
+    """Labels equal Python's evaluation (usual precedence) of every complete prefix, mod 5."""
+    tokens, targets, valid = data.gen_mod_arith(np.random.default_rng(3), 24, 20)
+    assert tokens.shape[1] == 21  # even lengths are rounded up to a complete expression
+    symbols = {data.OP_PLUS: "+", data.OP_MINUS: "-", data.OP_TIMES: "*"}
+    for row, labels, ok in zip(tokens, targets, valid):
+        text = "".join(symbols.get(int(tok), str(int(tok))) for tok in row)
+        for t in range(len(row)):
+            assert ok[t] == (t % 2 == 0)
+            if ok[t]:
+                assert labels[t] == eval(text[:t + 1]) % 5  # noqa: S307 - digits and + - * only
+
+
+@pytest.mark.parametrize("name,order", [("s3", 6), ("s5", 120), ("a5", 60)])
+def test_group_word_problem_is_product_of_permutation_matrices(name, order):
+    group = data.get_group(name)
+    assert len(group) == order and group.elements[0] == tuple(range(group.n))
+    if name == "a5":
+        assert all(data.permutation_parity(p) == 0 for p in group.elements)
+    tokens, targets, _ = data.make_group_generator(name)(np.random.default_rng(4), 8, 25)
+    for row, labels in zip(tokens, targets):
+        product = np.eye(group.n, dtype=np.int64)
+        for t, g in enumerate(row):
+            product = product @ group.matrix(int(g))
+            assert np.array_equal(product, group.matrix(int(labels[t])))
+
+
+def test_train_batch_lengths_and_bos():
+    task = data.get_task("parity")
+    tokens, targets, valid = data.sample_train_batch(task, np.random.default_rng(5), 64)
+    lengths = valid.sum(1)
+    assert lengths.min() >= task.train_lengths[0] and lengths.max() <= task.train_lengths[1]
+    assert all(valid[i, :n].all() and not valid[i, n:].any() for i, n in enumerate(lengths))
+    tokens2, targets2, valid2 = data.add_bos(tokens, targets, valid, bos=task.vocab_size)
+    assert (tokens2[:, 0] == task.vocab_size).all() and not valid2[:, 0].any()
+    assert np.array_equal(tokens2[:, 1:], tokens) and np.array_equal(valid2[:, 1:], valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Padding masks and packing
+# --------------------------------------------------------------------------------------------
+
+def test_mask_to_cu_seqlens_right_left_and_empty_rows():
+    mask = torch.tensor([[1, 1, 1, 0, 0],     # right padded, 3
+                         [0, 0, 1, 1, 1],     # left padded, 3
+                         [0, 0, 0, 0, 0],     # empty: dropped
+                         [1, 1, 1, 1, 1]], dtype=torch.bool)
+    cu = mask_to_cu_seqlens(mask)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 6, 11]
+    x = torch.arange(20).view(4, 5)
+    packed, cu2 = pack_padded(x, mask)
+    assert torch.equal(cu2, cu)
+    assert packed.tolist() == [[0, 1, 2, 7, 8, 9, 15, 16, 17, 18, 19]]
+    back = unpack_to_padded(packed, mask, fill=-1)
+    assert torch.equal(back, torch.where(mask, x, torch.full_like(x, -1)))
+    assert lengths_to_cu_seqlens([3, 3, 5]).tolist() == [0, 3, 6, 11]
+    with pytest.raises(ValueError):
+        mask_to_cu_seqlens(mask.long())
+
+
+# --------------------------------------------------------------------------------------------
+# Models over linrec layers
+# --------------------------------------------------------------------------------------------
+
+def tiny_lm(mixer: str, seed: int = 0) -> SequenceModel:
+    torch.manual_seed(seed)
+    return SequenceModel(257, 256, d_model=16, num_layers=2, mixer=mixer)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_packed_batch_equals_separate_sequences(mixer):
+    model = tiny_lm(mixer)
+    rng = np.random.default_rng(6)
+    segments = [rng.integers(0, 256, size=n).astype(np.uint8) for n in (7, 2, 12)]
+    inputs, targets, mask = segments_to_padded(segments)
+    tokens, cu_seqlens = pack_padded(inputs, mask)
+    with torch.no_grad():
+        packed_logits = unpack_to_padded(model(tokens, cu_seqlens=cu_seqlens), mask)
+        for i, seg in enumerate(segments):
+            alone = model(inputs[i:i + 1, :len(seg)])
+            torch.testing.assert_close(packed_logits[i, :len(seg)], alone[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_tiny_model_loss_drops(mixer):
+    """A few AdamW steps on a fixed packed batch of text lower the loss."""
+    model = tiny_lm(mixer)
+    text = np.frombuffer(open(data.__file__, "rb").read()[:4000], dtype=np.uint8)
+    segments = sample_segments([text], np.random.default_rng(7), 256, 16, 64)
+    inputs, targets, mask = segments_to_padded(segments)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = lm_loss(model, inputs, targets, mask, packed=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_decode_equals_recompute(mixer):
+    """Sampling (temperature 1) and greedy decoding with the carried state match recomputation."""
+    model = tiny_lm(mixer, seed=1)
+    prompt = b"import os\n"
+    out_dec, logits_dec, sizes = generate_decode(model, prompt, 8, temperature=1.0, seed=3)
+    out_full, logits_full = generate_recompute(model, prompt, 8, temperature=1.0, seed=3)
+    assert out_dec == out_full
+    torch.testing.assert_close(logits_dec, logits_full, atol=1e-4, rtol=1e-4)
+    assert len(set(sizes)) == 1 and sizes[0] > 0  # constant memory per token
+    greedy = check_decode(model, prompt, 4, temperature=0.0)
+    assert greedy["same_bytes"] and greedy["max_abs_logit_diff"] < 1e-4 and greedy["state_numel_constant"]
+
+
+def test_bos_prefix_is_in_inputs():
+    inputs, targets, mask = segments_to_padded([np.array([10, 20, 30], dtype=np.uint8)])
+    assert inputs[0].tolist() == [BOS, 10, 20] and targets[0].tolist() == [10, 20, 30] and mask.all()
