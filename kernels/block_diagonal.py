@@ -87,9 +87,11 @@ def block_diagonal_scan_kernel(
     The flags are runtime values (uniform branches), so that one compiled kernel
     per (dtype, block size, pass) serves every call.
     """
-    pid_g = tl.program_id(0)
-    seq = tl.program_id(1)
-    chunk = tl.program_id(2)
+    # Grid: (block groups x sequences, chunks); sequences on axis 0 have no 65535 limit.
+    n_groups = tl.cdiv(G, BLOCK_G)
+    pid_g = tl.program_id(0) % n_groups
+    seq = tl.program_id(0) // n_groups
+    chunk = tl.program_id(1)
     if varlen != 0:  # packed sequences share batch row 0
         batch = (seq * 0).to(tl.int64)
         start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -122,7 +124,7 @@ def block_diagonal_scan_kernel(
              + rows[None, :, None] * stride_ai + rows[None, None, :] * stride_aj)
     step_elems = G.to(tl.int64) * BS                                # elements of x per time step
     row_base = batch * T                                            # global time index of t = 0
-    chunk_row = seq.to(tl.int64) * tl.num_programs(2) + chunk       # (sequence, chunk) row of carry/prod
+    chunk_row = seq.to(tl.int64) * tl.num_programs(1) + chunk       # (sequence, chunk) row of carry/prod
 
     # Carry into the first step: h0 (forward), 0 (backward: nothing flows in past the
     # end), the carry computed for this chunk (chunked pass 0), or 0 (pass 1: local state).
@@ -218,8 +220,9 @@ def block_diagonal_carry_kernel(
 
     Overwrites each chunk's local end state ``s_k`` with its carry-in ``c_k``.
     """
-    pid_g = tl.program_id(0)
-    seq = tl.program_id(1)
+    n_groups = tl.cdiv(G, BLOCK_G)
+    pid_g = tl.program_id(0) % n_groups
+    seq = tl.program_id(0) // n_groups
     blocks = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     rows = tl.arange(0, BLOCK_B)
     vec_mask = (blocks < G)[:, None] & (rows < BS)[None, :]
@@ -311,7 +314,7 @@ def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, ch
         chunk_len = max(max_len, 1)
 
     def sweep(pass_):
-        block_diagonal_scan_kernel[(n_groups, N, n_chunks)](
+        block_diagonal_scan_kernel[(n_groups * N, n_chunks)](
             A5, x, h0, out,
             h if h is not None else dummy,
             grad_A if grad_A is not None else acc_dummy,
@@ -328,7 +331,7 @@ def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, ch
     if chunked:
         sweep(1)  # every chunk from zero: end states and matrix products
         carry_in = torch.zeros_like(h0) if backward else h0
-        block_diagonal_carry_kernel[(n_groups, N)](
+        block_diagonal_carry_kernel[(n_groups * N,)](
             carry, prod, carry_in, n_chunks, G, b,
             ACC=_tl_acc(x.dtype), BLOCK_G=BLOCK_G, BLOCK_B=cfg["BLOCK_B"], num_warps=cfg["num_warps"],
         )
