@@ -54,6 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sweeps", default="", help="comma-separated sweep names to keep (e.g. seqlen,target)")
     p.add_argument("--impls", default="", help="comma-separated substrings; keep implementations whose "
                                                "name contains one (e.g. linrec,loop)")
+    p.add_argument("--skip-impls", default="", help="comma-separated substrings; drop implementations whose "
+                                                    "name contains one (e.g. associative_scan,reference)")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds of timing per point (default 0.005 tiny, 0.02 quick, 0.1 on CUDA, 0.2 on the CPU)")
@@ -98,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"--dtypes: unknown dtype {d!r}; choose from {tuple(DTYPES)}")
-    sweep_filter, impl_filter = _split(args.sweeps), _split(args.impls)
+    sweep_filter, impl_filter, impl_skip = _split(args.sweeps), _split(args.impls), _split(args.skip_impls)
     min_run_time = args.min_run_time if args.min_run_time is not None else (
         {"tiny": 0.005, "quick": 0.02}.get(args.preset, 0.1 if device.type == "cuda" else 0.2))
     min_samples = {"tiny": 3, "quick": 3}.get(args.preset, 7)  # a preset list gets the careful defaults
@@ -121,6 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         notes.extend(op_notes)
         if impl_filter:
             op_impls = [i for i in op_impls if any(f in i.name for f in impl_filter)]
+        if impl_skip:
+            op_impls = [i for i in op_impls if not any(f in i.name for f in impl_skip)]
         points = [pt for preset in args.preset.split(",") for pt in op.sweeps(preset, device)]
         for point in points:
             if sweep_filter and point.sweep not in sweep_filter:
