@@ -110,9 +110,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     env = environment(device)
     print(f"device: {env['device']}  driver: {env['driver'] or 'n/a'}  torch {env['torch']}  "
           f"triton {env['triton']}  git {env['git_sha']}  {env['utc_time']}", flush=True)
-    copy_gbps = measure_copy_bandwidth(device, min_run_time=min_run_time,
-                                       nbytes=(8 << 20) if args.preset == "tiny" else None)
-    print(f"copy bandwidth (dst.copy_(src), read + write): {copy_gbps:.1f} GB/s", flush=True)
 
     # Collect the work first, so the progress bar knows its length.
     plan = []
@@ -143,6 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                   f"impls={len({i.name for _, i in runs})}")
         print(f"{total} cases (before skips)")
         return []
+
+    copy_gbps = measure_copy_bandwidth(device, min_run_time=min_run_time,
+                                       nbytes=(8 << 20) if args.preset == "tiny" else None)
+    print(f"copy bandwidth (dst.copy_(src), read + write): {copy_gbps:.1f} GB/s", flush=True)
 
     stem = args.name or f"{device_slug(device)}-{args.preset.replace(',', '+')}" + ("" if set(ops) == set(OPS) else "-" + "-".join(ops))
     csv_path = os.path.join(args.out, stem + ".csv")
