@@ -90,10 +90,21 @@ def test_fp32_matches_reference(backend, n, gate):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("T, K, V", [(1, 5, 3), (7, 13, 9), (67, 7, 33)])
+@pytest.mark.parametrize("T, K, V", [(1, 5, 3), (7, 13, 9), (67, 7, 33), (20, 40, 70)])
 def test_odd_lengths_and_head_dims(backend, T, K, V):
     inputs = _inputs(1, T, 3, K, V, 2, gate=True)
     _check(backend, inputs, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_empty_sequence_passes_the_state_through(backend):
+    q, k, v, beta, log_gate, h0 = _inputs(2, 0, 2, 4, 5, 3)
+    h0 = h0.to(DEVICE).requires_grad_()
+    o, final = linrec.householder_scan(*(t.to(DEVICE) for t in (q, k, v, beta, log_gate)), h0,
+                                       output_final_state=True, backend=backend)
+    assert o.shape == (2, 0, 2, 5) and torch.equal(final, h0) and final.data_ptr() != h0.data_ptr()
+    (final * 3).sum().backward()
+    assert torch.equal(h0.grad, torch.full_like(h0, 3.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -84,7 +84,12 @@ def _autograd_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_
             outputs.append(final)
             grads_out.append(grad_final)
         leaves = [t for t in inputs if t is not None]
-        grads = torch.autograd.grad(outputs, leaves, grads_out, allow_unused=True)
+        # Outputs that do not depend on the inputs (T = 0) carry no graph.
+        pairs = [(out, g) for out, g in zip(outputs, grads_out) if out.requires_grad]
+        if pairs:
+            grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
+        else:
+            grads = [None] * len(leaves)
     it = iter(grads)
     result = []
     for t in inputs:
@@ -108,12 +113,20 @@ def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
     else:
         grads = _autograd_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final,
                                    scale, backend)
+    # Autograd may hand an incoming gradient straight back (T = 0: dL/dh0 = dL/dfinal);
+    # custom-op outputs must not alias inputs or each other.
+    taken = {t.untyped_storage().data_ptr() for t in (q, k, v, beta, log_gate, initial_state, grad_o, grad_final)
+             if t is not None and t.numel() > 0}
     out = []
     for g, t in zip(grads, (q, k, v, beta, log_gate, initial_state)):
         if t is None:
             out.append(q.new_empty((0,)))
-        else:
-            out.append(g.to(t.dtype).contiguous())
+            continue
+        g = g.to(t.dtype).contiguous()
+        if g.numel() > 0 and g.untyped_storage().data_ptr() in taken:
+            g = g.clone()
+        taken.add(g.untyped_storage().data_ptr())
+        out.append(g)
     return tuple(out)
 
 
