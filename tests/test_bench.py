@@ -85,3 +85,24 @@ def test_failing_implementation_is_a_skip_not_a_crash():
         run_case(diagonal.OP, Impl("broken", "baseline", build), point, "fwd", "fp32", torch.device("cpu"),
                  inputs, copy_gbps=1.0, min_run_time=0.001, min_samples=1)
     assert info.value.failed and str(info.value) == "RuntimeError: boom: unsupported shape"
+
+
+def test_target_ratios_use_the_worst_matching_point():
+    """Speedups are time(baseline) / time(impl) at shared points, bandwidth is the worst fraction."""
+    from bench.common import Target, evaluate_targets
+
+    def row(impl, T, ms, frac):
+        return {"op": "diagonal", "sweep": "seqlen", "impl": impl, "mode": "fwd", "dtype": "fp32",
+                "B": 8, "T": T, "D": 1024, "median_ms": ms, "frac_copy": frac}
+
+    rows = [row("linrec.triton", 8192, 1.0, 0.9), row("linrec.triton", 16384, 2.0, 0.8),
+            row("fla.chunk_hgrn", 8192, 6.0, 0.2), row("fla.chunk_hgrn", 16384, 8.0, 0.2)]
+    everything = lambda r: True  # noqa: E731
+    speed, bandwidth, missing = evaluate_targets([
+        Target("vs fla", "speedup", ("linrec.cuda", "linrec.triton"), 5.0, everything, ("fla.chunk_hgrn",)),
+        Target("bw", "bandwidth", ("linrec.triton",), 0.85, everything),
+        Target("vs accelerated-scan", "speedup", ("linrec.triton",), 1.2, everything, ("accelerated_scan.warp",)),
+    ], rows)
+    assert speed.startswith("[no]") and "4.00x fla.chunk_hgrn" in speed and "T=16384" in speed
+    assert bandwidth.startswith("[no]") and "80.0%" in bandwidth
+    assert missing.startswith("[--]")
