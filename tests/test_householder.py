@@ -108,6 +108,13 @@ def test_empty_sequence_passes_the_state_through(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_head_dims_256_and_many_factors(backend):
+    """K = V = 256 (several K and V blocks in the kernels), and n = 5 (12 tokens = 60 of 64 chunk rows)."""
+    _check(backend, _inputs(1, 9, 1, 256, 256, 2), 1e-5)
+    _check(backend, _inputs(1, 30, 2, 8, 8, 5), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("beta_kind", ["zero", "two"])
 def test_beta_extremes(backend, beta_kind):
     inputs = _inputs(1, 40, 2, 8, 8, 2, beta_kind=beta_kind)
@@ -286,6 +293,12 @@ def test_opcheck():
     h0_2 = torch.randn(2, 2, 4, 3, requires_grad=True)
     torch.library.opcheck(torch.ops.linrec.householder_scan.default,
                           (q, k, v, beta, log_gate, h0_2, cu, 0.5, "torch"))
+
+
+def test_opcheck_triton():
+    q, k, v, beta, log_gate, h0 = [t.to(DEVICE).requires_grad_() for t in _inputs(1, 6, 1, 4, 3, 2)]
+    torch.library.opcheck(torch.ops.linrec.householder_scan.default,
+                          (q, k, v, beta, log_gate, h0, None, 0.5, "triton"))
 
 
 def test_torch_compile_fullgraph():
