@@ -661,7 +661,10 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                          True, q.dtype)
     if T == 0:
         out["o"].zero_()
-    return out["o"], out["final"], out
+    final = out["final"]
+    if q.dtype == torch.float64:  # the contract's dtype; the kernels themselves accumulate in fp32
+        final = final.double()
+    return out["o"], final, out
 
 
 def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,

@@ -21,7 +21,9 @@ state entering the chunk. Unrolling ``S_i = g_i S_{i-1} + beta_i k_i d_i^T`` wit
 
 Every exponent is a difference G_i - G_m with i >= m (or G itself), so it is <= 0
 for decaying gates: no division by products of gates is ever taken, log_gate = 0
-and very negative gates are as exact as the sequential loop.
+and very negative gates are as exact as the sequential loop. G is summed in
+float64 (L numbers per chunk and head, so it costs nothing): in fp32, a hard reset
+(log_gate = -1e4) followed by small gates would round those gates away.
 
 Three passes: (1) all chunks at once: A, the triangular solves, u and w;
 (2) the chunk states, sequentially over the T / C chunks (S_end is affine in S0);

@@ -11,7 +11,13 @@ The ops always see k as (B, T, n, H, K), v as (B, T, n, H, V) and beta as
 (B, T, n, H); the public function adds the n = 1 axis for 4-D/3-D inputs and
 drops it from the gradients again (autograd does that through ``unsqueeze``).
 The final state is always computed (it costs nothing extra) and returned only
-when asked for. Gradients of absent optional inputs come back as empty tensors
+when asked for.
+
+Backwards: ``triton`` runs the chunked backward kernels of ``linrec.kernels.householder``
+(they recompute the WY factors and chunk states, then an adjoint state pass and the
+chunk-local gradients); ``torch`` and ``reference`` recompute their own forward under
+autograd inside the backward op (the reference's gradients are thus autograd through
+the sequential loop, an independent oracle for the chunked forms). Gradients of absent optional inputs come back as empty tensors
 that the autograd wrapper turns into None.
 """
 
