@@ -11,8 +11,11 @@ steps over large tensors:
    written straight into the output.
 
 No division by products of coefficients is ever taken, so a = 0 (a reset) and
-negative a are as exact as in the sequential loop. The backward is the same scan
-run in the other direction on the shifted, conjugated coefficients.
+negative a are as exact as in the sequential loop. Reverse scans walk the same
+chunks in the other order (no flipped copies), and the backward is the same scan
+run in the other direction over shifted views of the coefficients, written
+straight into the gradient buffers: on the CPU, fresh allocations (page faults)
+cost as much as the arithmetic, so the code avoids temporaries of the full size.
 """
 
 from __future__ import annotations
@@ -26,59 +29,54 @@ from .._common import accumulation_dtype
 CHUNK_SIZE = 64
 
 
-def _scan_dense(a: torch.Tensor, x: torch.Tensor, h0: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Forward-in-time scan of (B, T, D) tensors already in the accumulation dtype.
+def _scan_into(out: torch.Tensor, a: torch.Tensor, x: torch.Tensor, h0: Optional[torch.Tensor],
+               reverse: bool, chunk_size: int) -> None:
+    """Writes ``out[:, t] = a[:, t] * out[:, t -+ 1] + x[:, t]`` for a (B, L, D) span.
 
-    ``a`` may have stride-0 (broadcast) dimensions; ``h0`` is (B, D) or None.
-    Returns a new contiguous (B, T, D) tensor.
+    All tensors are in the accumulation dtype; ``a`` may have stride-0 (broadcast)
+    dimensions, ``out`` may be a view into a larger tensor; ``h0`` is (B, D) or None.
+    The sweep runs from t = 0 up, or from t = L - 1 down when ``reverse``.
     """
-    B, T, D = x.shape
-    h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    B, L, D = x.shape
+    if L == 0:
+        return
     carry = h0 if h0 is not None else torch.zeros((B, D), dtype=x.dtype, device=x.device)
     C = chunk_size
-    n = T // C
-    if n >= 2:
-        av = a[:, : n * C].unflatten(1, (n, C))  # (B, n, C, D)
-        xv = x[:, : n * C].unflatten(1, (n, C))
-        hv = h[:, : n * C].unflatten(1, (n, C))
+    n = L // C if L >= 2 * C else 0
+    # The chunked part covers the first n*C steps of the sweep; the rest runs step by step.
+    span = slice(L - n * C, L) if reverse else slice(0, n * C)
+    if n:
+        av, xv, hv = (t[:, span].unflatten(1, (n, C)) for t in (a, x, out))  # (B, n, C, D)
+        positions = range(C - 1, -1, -1) if reverse else range(C)
+        chunks = range(n - 1, -1, -1) if reverse else range(n)
+        first, *rest = positions
         # Pass 1: local end state and coefficient product of every chunk.
-        local_end = xv[:, :, 0].clone()
-        for i in range(1, C):
-            local_end = torch.addcmul(xv[:, :, i], av[:, :, i], local_end)
+        local_end = xv[:, :, first].clone()
+        for i in rest:
+            local_end.mul_(av[:, :, i]).add_(xv[:, :, i])
         chunk_prod = av.prod(dim=2)
         # Pass 2: carries into each chunk, sequentially over the n chunks.
         carries = torch.empty((B, n, D), dtype=x.dtype, device=x.device)
-        for k in range(n):
+        for k in chunks:
             carries[:, k] = carry
             carry = torch.addcmul(local_end[:, k], chunk_prod[:, k], carry)
         # Pass 3: the scan within every chunk, from its true carry.
         prev = carries
-        for i in range(C):
+        for i in positions:
             torch.addcmul(xv[:, :, i], av[:, :, i], prev, out=hv[:, :, i])
             prev = hv[:, :, i]
-        done = n * C
-    else:
-        done = 0
-    # The tail shorter than two chunks runs step by step.
-    for t in range(done, T):
+    rest_steps = range(L - n * C - 1, -1, -1) if reverse else range(n * C, L)
+    for t in rest_steps:
         carry = torch.addcmul(x[:, t], a[:, t], carry)
-        h[:, t] = carry
-    return h
+        out[:, t] = carry
 
 
-def _scan_sequences(a, x, h0, cu_seqlens, reverse, chunk_size):
-    """Dispatches dense or packed (B, T, D) inputs to ``_scan_dense``, in either direction."""
+def _spans(B: int, T: int, cu_seqlens: Optional[torch.Tensor]):
+    """(batch rows, time slice, state rows) of every sequence: the whole batch, or each packed one."""
     if cu_seqlens is None:
-        if reverse:
-            return _scan_dense(a.flip(1), x.flip(1), h0, chunk_size).flip(1)
-        return _scan_dense(a, x, h0, chunk_size)
-    out = torch.empty_like(x)
+        return [(slice(0, B), slice(0, T), slice(0, B))]
     offsets = cu_seqlens.tolist()
-    for n, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
-        if e > s:
-            init = None if h0 is None else h0[n : n + 1]
-            out[:, s:e] = _scan_sequences(a[:, s:e], x[:, s:e], init, None, reverse, chunk_size)
-    return out
+    return [(slice(0, 1), slice(s, e), slice(n, n + 1)) for n, (s, e) in enumerate(zip(offsets[:-1], offsets[1:]))]
 
 
 def diagonal_scan_chunked(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor] = None,
@@ -95,31 +93,13 @@ def diagonal_scan_chunked(a: torch.Tensor, x: torch.Tensor, initial_state: Optio
     """
     acc = accumulation_dtype(x.dtype)
     a = torch.broadcast_to(a, x.shape).to(acc)
+    xs = x.to(acc)
     h0 = None if initial_state is None else initial_state.to(acc)
-    h = _scan_sequences(a, x.to(acc), h0, cu_seqlens, reverse, chunk_size)
+    h = torch.empty(x.shape, dtype=acc, device=x.device)
+    for rows, times, states in _spans(x.shape[0], x.shape[1], cu_seqlens):
+        _scan_into(h[rows, times], a[rows, times], xs[rows, times], None if h0 is None else h0[states],
+                   reverse, chunk_size)
     return h.to(x.dtype)
-
-
-def _shift(t: torch.Tensor, cu_seqlens: Optional[torch.Tensor], step: int, fill: Optional[torch.Tensor]) -> torch.Tensor:
-    """Moves (B, T, D) ``t`` by ``step`` = +-1 along time within each sequence.
-
-    ``out[:, i] = t[:, i - step]``; the position that falls off a sequence's start
-    (in the direction of travel) gets ``fill`` (N, D), or zero when ``fill`` is None.
-    """
-    out = torch.zeros_like(t)
-    B, T, _ = t.shape
-    spans = [(0, T)] if cu_seqlens is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
-    for n, (s, e) in enumerate(spans):
-        if e <= s:
-            continue
-        first = s if step > 0 else e - 1
-        if step > 0:
-            out[:, s + 1 : e] = t[:, s : e - 1]
-        else:
-            out[:, s : e - 1] = t[:, s + 1 : e]
-        if fill is not None:
-            out[:, first] = fill if cu_seqlens is None else fill[n]
-    return out
 
 
 def diagonal_scan_chunked_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
@@ -129,9 +109,11 @@ def diagonal_scan_chunked_backward(a: torch.Tensor, h: torch.Tensor, grad_h: tor
     """Gradients of the diagonal scan, all in the accumulation dtype.
 
     With ``g_t = dL/dx_t``, a forward-in-time scan has
-    ``g_t = grad_h_t + conj(a_{t+1}) g_{t+1}`` (a reverse scan, same kernel),
+    ``g_t = grad_h_t + conj(a_{t+1}) g_{t+1}`` (a reverse scan, same code),
     ``dL/da_t = g_t conj(h_{t-1})`` and ``dL/dh_0 = conj(a_1) g_1``; a reverse scan
-    mirrors every index.
+    mirrors every index. Per sequence of length L (forward case), the backward
+    sweep is g_{L-1} = grad_h_{L-1}, then the reverse scan of the views
+    ``a[1:]``, ``grad_h[:L-1]`` started from it: no shifted copies are made.
 
     Args:
         a: (B, T, D) broadcast coefficients; h: (B, T, D) forward output;
@@ -140,32 +122,37 @@ def diagonal_scan_chunked_backward(a: torch.Tensor, h: torch.Tensor, grad_h: tor
     Returns:
         (grad_a (B, T, D), grad_x (B, T, D), grad_initial_state (N, D)).
     """
-    acc = accumulation_dtype(grad_h.dtype if grad_h.is_complex() else h.dtype)
+    acc = accumulation_dtype(h.dtype)
+    B, T, D = h.shape
     a = torch.broadcast_to(a, h.shape).to(acc)
     h = h.to(acc)
-    step = -1 if reverse else 1  # direction of the forward scan
-    # Coefficient of the backward recurrence at t: conj(a) of the forward step after t.
-    a_next = _shift(a.conj(), cu_seqlens, -step, None)
-    g = _scan_sequences(a_next, grad_h.to(acc), None, cu_seqlens, not reverse, chunk_size)
-    N = h.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-    h0 = (initial_state.to(acc) if initial_state is not None
-          else torch.zeros((N, h.shape[2]), dtype=acc, device=h.device))
-    h_prev = _shift(h, cu_seqlens, step, h0)
-    grad_a = g * h_prev.conj()
-    # dL/dh0 = conj(a_first) * g_first, with "first" the first step of each sequence.
-    if cu_seqlens is None:
-        first = torch.full((N,), h.shape[1] - 1 if reverse else 0, device=h.device)
-        batch = torch.arange(N, device=h.device)
-    else:
-        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
-        first = ends - 1 if reverse else starts
-        batch = torch.zeros(N, dtype=torch.long, device=h.device)
-    nonempty = (first >= 0) & (first < h.shape[1])
-    if cu_seqlens is not None:
-        nonempty &= cu_seqlens[1:] > cu_seqlens[:-1]
-    first = first.clamp(0, max(h.shape[1] - 1, 0))
-    if h.shape[1] == 0:
-        grad_h0 = torch.zeros_like(h0)
-    else:
-        grad_h0 = (a[batch, first].conj() * g[batch, first]) * nonempty[:, None]
+    grad_h = grad_h.to(acc)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    g = torch.empty((B, T, D), dtype=acc, device=h.device)
+    grad_a = torch.empty((B, T, D), dtype=acc, device=h.device)
+    grad_h0 = torch.zeros((N, D), dtype=acc, device=h.device)
+    for rows, times, states in _spans(B, T, cu_seqlens):
+        a_s, h_s, gh_s, g_s, ga_s = (t[rows, times] for t in (a, h, grad_h, g, grad_a))
+        L = g_s.shape[1]
+        if L == 0:
+            continue
+        init = None if initial_state is None else initial_state[states].to(acc)
+        if reverse:  # forward sweep went down: the backward sweep goes up from t = 0
+            first, later, earlier = 0, slice(1, L), slice(0, L - 1)
+        else:        # forward sweep went up: the backward sweep goes down from t = L - 1
+            first, later, earlier = L - 1, slice(0, L - 1), slice(1, L)
+        # The step the forward sweep took last is where the backward sweep starts.
+        g_s[:, first] = gh_s[:, first]
+        _scan_into(g_s[:, later], a_s[:, earlier].conj(), gh_s[:, later], g_s[:, first], not reverse, chunk_size)
+        # dL/da_t = g_t * conj(h of the forward step before t); h0 before the first step.
+        t_first_fwd = L - 1 if reverse else 0
+        if reverse:
+            torch.mul(g_s[:, : L - 1], h_s[:, 1:].conj(), out=ga_s[:, : L - 1])
+        else:
+            torch.mul(g_s[:, 1:], h_s[:, : L - 1].conj(), out=ga_s[:, 1:])
+        if init is not None:
+            ga_s[:, t_first_fwd] = g_s[:, t_first_fwd] * init.conj()
+            grad_h0[states] = a_s[:, t_first_fwd].conj() * g_s[:, t_first_fwd]
+        else:
+            ga_s[:, t_first_fwd] = 0
     return grad_a, g, grad_h0
