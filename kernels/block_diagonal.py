@@ -4,8 +4,8 @@ One program owns BLOCK_G blocks g of one sequence and walks time one step at a
 time, holding the states h (BLOCK_G, BLOCK_B) in registers in fp32. Each step
 loads the (BLOCK_G, BLOCK_B, BLOCK_B) tile of transitions and computes the
 matrix-vector products as a broadcast multiply and a sum over the column axis.
-The loads of step t + 1 are issued before the arithmetic of step t (a one-step
-software prefetch), so their latency overlaps the dependent chain through h.
+The loads of steps t + 1 and t + 2 are issued before the arithmetic of step t (a
+two-step software prefetch), so their latency overlaps the dependent chain through h.
 
 Two launch shapes:
 
@@ -58,6 +58,23 @@ def _both(mask, cond):
 def _step_time(step, start, end, scan_down):
     """Time index of sweep step ``step``: upwards from ``start`` or downwards from ``end - 1``."""
     return tl.where(scan_down, end - 1 - step, start + step)
+
+
+@triton.jit
+def _load_step(A_ptr, x_ptr, a_off, vec_off, tile_mask, vec_mask, step, step_hi, start, end, scan_down,
+               coef_shift, stride_at, row_base, step_elems):
+    """Loads sweep step ``step``'s matrix tile and input tile, in storage dtype (zeros past ``step_hi``).
+
+    The matrix of the step at time t is A_t (forward) or A^T of the forward step after t
+    (backward, ``coef_shift`` = +-1; zero past the sequence end).
+    """
+    t = _step_time(step, start, end, scan_down)
+    live = step < step_hi
+    t_coef = t + coef_shift
+    coef_ok = live & (t_coef >= start) & (t_coef < end)
+    M = tl.load(A_ptr + a_off + t_coef * stride_at, mask=_both(tile_mask, coef_ok), other=0.0)
+    xv = tl.load(x_ptr + (row_base + t) * step_elems + vec_off, mask=_both(vec_mask, live), other=0.0)
+    return M, xv
 
 
 @triton.jit
@@ -142,27 +159,22 @@ def block_diagonal_scan_kernel(
         else:
             prod = tl.zeros((BLOCK_G, BLOCK_B, BLOCK_B), ACC) + eye[None, :, :]
 
-    # Prefetch the first step. The matrix of step t is A_t (forward) or A^T of the
-    # forward step after t (backward; zero past the sequence end).
-    t = _step_time(step_lo, start, end, scan_down)
-    t_coef = t + coef_shift
-    coef_ok = (step_lo < step_hi) & (t_coef >= start) & (t_coef < end)
-    M_next = tl.load(A_ptr + a_off + t_coef * stride_at, mask=_both(tile_mask, coef_ok), other=0.0).to(ACC)
-    x_next = tl.load(x_ptr + (row_base + t) * step_elems + vec_off, mask=_both(vec_mask, step_lo < step_hi),
-                     other=0.0).to(ACC)
+    # Software prefetch, two steps deep: the loads of steps s + 1 and s + 2 are in
+    # flight while step s computes. Prefetched tiles stay in the storage dtype and are
+    # converted only when used, so the conversion does not wait on a fresh load.
+    M_1, x_1 = _load_step(A_ptr, x_ptr, a_off, vec_off, tile_mask, vec_mask, step_lo, step_hi, start, end,
+                          scan_down, coef_shift, stride_at, row_base, step_elems)
+    M_2, x_2 = _load_step(A_ptr, x_ptr, a_off, vec_off, tile_mask, vec_mask, step_lo + 1, step_hi, start, end,
+                          scan_down, coef_shift, stride_at, row_base, step_elems)
 
     for step in range(step_lo, step_hi):
-        M = M_next
-        xv = x_next
+        M_raw, x_raw = M_1, x_1
+        M_1, x_1 = M_2, x_2
+        M_2, x_2 = _load_step(A_ptr, x_ptr, a_off, vec_off, tile_mask, vec_mask, step + 2, step_hi, start, end,
+                              scan_down, coef_shift, stride_at, row_base, step_elems)
+        M = M_raw.to(ACC)
+        xv = x_raw.to(ACC)
         t = _step_time(step, start, end, scan_down)
-        # Issue the next step's loads before this step's arithmetic.
-        t_n = _step_time(step + 1, start, end, scan_down)
-        more = step + 1 < step_hi
-        t_coef = t_n + coef_shift
-        coef_ok = more & (t_coef >= start) & (t_coef < end)
-        M_next = tl.load(A_ptr + a_off + t_coef * stride_at, mask=_both(tile_mask, coef_ok), other=0.0).to(ACC)
-        x_next = tl.load(x_ptr + (row_base + t_n) * step_elems + vec_off, mask=_both(vec_mask, more),
-                         other=0.0).to(ACC)
 
         # h[g, i] <- sum_j M[g, i, j] h[g, j] + x[g, i]
         carry = tl.sum(M * carry[:, None, :], axis=2) + xv
@@ -231,10 +243,17 @@ def block_diagonal_carry_kernel(
     tile_off = vec_off[:, :, None] * BS + rows[None, None, :]
     step_elems = G.to(tl.int64) * BS
     c = tl.load(h0_ptr + seq.to(tl.int64) * step_elems + vec_off, mask=vec_mask, other=0.0).to(ACC)
+    base = seq.to(tl.int64) * n_chunks
+    # (s_k, P_k) do not depend on the carry: keep the next chunk's loads in flight.
+    s_next = tl.load(carry_ptr + base * step_elems + vec_off, mask=_both(vec_mask, n_chunks > 0), other=0.0)
+    P_next = tl.load(prod_ptr + base * step_elems * BS + tile_off, mask=_both(tile_mask, n_chunks > 0), other=0.0)
     for k in range(0, n_chunks):
-        row = seq.to(tl.int64) * n_chunks + k
-        s = tl.load(carry_ptr + row * step_elems + vec_off, mask=vec_mask, other=0.0)
-        P = tl.load(prod_ptr + row * step_elems * BS + tile_off, mask=tile_mask, other=0.0)
+        s = s_next
+        P = P_next
+        row = base + k
+        more = k + 1 < n_chunks
+        s_next = tl.load(carry_ptr + (row + 1) * step_elems + vec_off, mask=_both(vec_mask, more), other=0.0)
+        P_next = tl.load(prod_ptr + (row + 1) * step_elems * BS + tile_off, mask=_both(tile_mask, more), other=0.0)
         tl.store(carry_ptr + row * step_elems + vec_off, c, mask=vec_mask)
         c = tl.sum(P * c[:, None, :], axis=2) + s
 
@@ -249,7 +268,7 @@ def _config(b: int, interpret: bool) -> dict:
     BLOCK_B is b rounded up to a power of two. On the GPU a program holds about
     256 transition entries for small b (several blocks per program), and one
     block for b >= 16 (whose chunk products then use tl.dot), with warps scaled
-    to the tile. The interpreter prefers few, large programs (its cost is per operation).
+    to the tile (1 warp up to b = 16, 4 at b = 32, 8 at b = 64). The interpreter prefers few, large programs (its cost is per operation).
     """
     BLOCK_B = triton.next_power_of_2(b)
     tile = BLOCK_B * BLOCK_B
@@ -257,7 +276,9 @@ def _config(b: int, interpret: bool) -> dict:
     if interpret:
         return dict(BLOCK_B=BLOCK_B, BLOCK_G=1 if use_dot else max(1, 1024 // tile), num_warps=1, USE_DOT=use_dot)
     BLOCK_G = 1 if use_dot else max(1, 256 // tile)
-    num_warps = 1 if tile * BLOCK_G <= 256 else (2 if tile <= 1024 else 4)
+    # ~8 tile elements per thread: with the two-step prefetch (three tiles live) and
+    # 64-bit offsets, more per thread spills at b = 64 (checked with ptxas -v for sm_90a).
+    num_warps = min(8, max(1, tile * BLOCK_G // 256))
     return dict(BLOCK_B=BLOCK_B, BLOCK_G=BLOCK_G, num_warps=num_warps, USE_DOT=use_dot)
 
 
