@@ -558,6 +558,80 @@ def _local_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Decoding: the recurrence one sub-step at a time (T small), state in registers.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _recurrent_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, beta_ptr, lg_ptr,
+    h0_ptr,       # (N, H, K, V) initial states, read when HAS_H0
+    o_ptr,        # out (B*T, H, V)
+    final_ptr,    # out (N, H, K, V) fp32
+    cu_tok_ptr,   # (N + 1,) int64 token offsets
+    H, K, V, scale,
+    NFAC: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, HAS_GATE: tl.constexpr, HAS_H0: tl.constexpr,
+):
+    """One program per (V block, sequence * head): S <- alpha S; S <- S + beta k (v - S^T k)^T per factor."""
+    pid_v = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    seq = pid_nh // H
+    head = pid_nh % H
+    bos = tl.load(cu_tok_ptr + seq)
+    eos = tl.load(cu_tok_ptr + seq + 1)
+    cols_k = tl.arange(0, BKF)
+    cols_v = pid_v * BV + tl.arange(0, BV)
+    k_ok = cols_k < K
+    v_ok = cols_v < V
+    s_off = (seq.to(tl.int64) * H + head) * K * V + cols_k[:, None] * V + cols_v[None, :]
+    smask = k_ok[:, None] & v_ok[None, :]
+    if HAS_H0:
+        S = tl.load(h0_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BKF, BV), tl.float32)
+    for i in range(0, eos - bos):
+        tok = bos + i                                                     # int64 global token index
+        if HAS_GATE:
+            S = S * tl.exp(tl.load(lg_ptr + tok * H + head).to(tl.float32))
+        for j in range(NFAC):
+            sub = tok * NFAC + j
+            kk = tl.load(k_ptr + (sub * H + head) * K + cols_k, mask=k_ok, other=0.0).to(tl.float32)
+            vv = tl.load(v_ptr + (sub * H + head) * V + cols_v, mask=v_ok, other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + sub * H + head).to(tl.float32)
+            delta = vv - tl.sum(kk[:, None] * S, axis=0)                  # v - S^T k
+            S += (beta * kk)[:, None] * delta[None, :]
+        q = tl.load(q_ptr + (tok * H + head) * K + cols_k, mask=k_ok, other=0.0).to(tl.float32)
+        o = scale * tl.sum(q[:, None] * S, axis=0)
+        tl.store(o_ptr + (tok * H + head) * V + cols_v, o.to(o_ptr.dtype.element_ty), mask=v_ok)
+    tl.store(final_ptr + s_off, S, mask=smask)
+
+
+RECURRENT_MAX_T = 8  # forward passes with at most this many tokens per sequence run step by step
+
+
+def householder_scan_recurrent_forward(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale):
+    """Step-by-step forward for decoding; same arguments and results as ``householder_scan_forward``
+    (without the aux dict). Work grows with T, so it is meant for T <= ``RECURRENT_MAX_T``."""
+    B, T, H, K = q.shape
+    n, V = k.shape[2], v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    cu_tok, _, _, _ = _offsets(B, T, n, 1, cu_seqlens, q.device)
+    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+    o = torch.empty((B, T, H, V), dtype=q.dtype, device=q.device)
+    final = torch.empty((N, H, K, V), dtype=torch.float32, device=q.device)
+    BKF = max(16, _next_pow2(K))
+    BV = max(16, min(32 if BKF <= 128 else 16, _next_pow2(V)))
+    if N * H > 0:
+        lg = log_gate.contiguous() if log_gate is not None else beta
+        h0 = initial_state.contiguous() if initial_state is not None else final
+        _recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+            q, k, v, beta, lg, h0, o, final, cu_tok, H, K, V, float(scale),
+            NFAC=n, BKF=BKF, BV=BV, HAS_GATE=log_gate is not None, HAS_H0=initial_state is not None,
+            num_warps=1 if q.device.type != "cuda" else 4)
+    if q.dtype == torch.float64:
+        final = final.double()
+    return o, final
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 def _next_pow2(x: int) -> int:
@@ -756,6 +830,10 @@ def aot_specs():
         for store_o in (False, True):
             yield (_state_fwd_kernel, sigs[_state_fwd_kernel],
                    dict(HAS_H0=True, STORE_O=store_o, BC=cfg["BC"], **common), nw)
+        rec_sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "beta_ptr": f"*{elem}",
+                   "lg_ptr": f"*{elem}", "h0_ptr": "*fp32", "o_ptr": f"*{elem}", "final_ptr": "*fp32",
+                   "cu_tok_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"}
+        yield (_recurrent_fwd_kernel, rec_sig, dict(NFAC=n, BKF=128, BV=32, HAS_GATE=True, HAS_H0=True), 4)
         if not with_backward:
             continue
         for has_dfinal in (False, True):

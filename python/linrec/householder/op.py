@@ -45,7 +45,10 @@ def _num_sequences(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
 
 def _forward_impl(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend):
     if backend == "triton":
-        from linrec.kernels.householder import householder_scan_forward
+        from linrec.kernels.householder import (RECURRENT_MAX_T as TRITON_RECURRENT_MAX_T,
+                                                householder_scan_forward, householder_scan_recurrent_forward)
+        if q.shape[1] <= TRITON_RECURRENT_MAX_T:  # decoding: step by step, no chunk padding
+            return householder_scan_recurrent_forward(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale)
         o, final, _ = householder_scan_forward(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale)
         return o, final
     if backend == "torch":
