@@ -18,7 +18,13 @@ Forward: ``_wy_fwd_kernel`` (all chunks in parallel: A, Tinv by forward
 substitution, w, u, G) then ``_state_fwd_kernel`` (per sequence, head and block
 of V columns, sequentially over chunks: chunk-entry states and the outputs).
 ``S1 = M S0 + c`` is affine in S0, so the state pass is one (BL x K) x (K x BV)
-product and one update per chunk, with the state held in fp32 registers.
+product and one update per chunk. The fp32 state lives in the chunk-state buffer
+(which the backward needs anyway) and is streamed through in blocks of BK rows, so
+K = 256 needs no more registers or shared memory than K = 64. The backward
+recomputes ``_wy_fwd_kernel`` and the state pass (without outputs) first.
+
+Decoding: ``_recurrent_fwd_kernel`` applies the sub-steps one by one with the state
+in registers; the op uses it for forward passes of at most ``RECURRENT_MAX_T`` tokens.
 
 Backward, with dS the gradient of the state leaving a chunk:
 ``_state_bwd_kernel`` walks the chunks in reverse, ``dd = P^T dO + (exp(G_L - G) K) dS``
