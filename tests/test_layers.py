@@ -273,6 +273,9 @@ def test_short_conv_matches_conv1d_and_resets_at_boundaries():
     assert torch.allclose(y, want, atol=1e-6) and torch.equal(state, x[0, -3:].t()[None])
     cu = torch.tensor([0, 2, 9], device=DEVICE)
     y_packed, _ = conv(x, cu_seqlens=cu)
+    # the default init is close to the identity on the current token (tap W - 1)
+    assert (conv.weight[:, 0, -1] - 1).abs().max() <= 0.1 / math.sqrt(4) + 1e-6
+    assert conv.weight[:, 0, :-1].abs().max() <= 0.1 / math.sqrt(4) + 1e-6
     assert torch.allclose(y_packed[:, :2], conv(x[:, :2])[0], atol=1e-6)
     assert torch.allclose(y_packed[:, 2:], conv(x[:, 2:])[0], atol=1e-6)
 

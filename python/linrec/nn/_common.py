@@ -79,18 +79,31 @@ class ShortConv(nn.Module):
         kernel_size: W, the temporal width (>= 1).
         activation: "silu" or None.
         bias: whether to add a learned per-channel bias.
+        init: "near_identity" (default): nn.Conv1d's uniform init scaled by 0.1, plus 1 on the tap of
+            the current token, so the convolution starts as (almost) the identity and the layer
+            around it starts like its convolution-free form; "uniform": nn.Conv1d's init,
+            U(-1/sqrt(W), 1/sqrt(W)), as in Mamba / Gated DeltaNet. On a small S_3 word problem a
+            DeltaProduct layer with the uniform init had not learned after 1600 steps (loss 0.9),
+            with the near-identity init it had (loss 0.13), like the layer without convolutions.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 4, activation: Optional[str] = "silu", bias: bool = False):
+    def __init__(self, channels: int, kernel_size: int = 4, activation: Optional[str] = "silu", bias: bool = False,
+                 init: str = "near_identity"):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         if activation not in (None, "silu"):
             raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+        if init not in ("near_identity", "uniform"):
+            raise ValueError(f"init must be 'near_identity' or 'uniform', got {init!r}")
         self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
-        # (C, 1, W): the layout of F.conv1d with groups = C. Uniform init as nn.Conv1d (fan_in = W).
+        # (C, 1, W): the layout of F.conv1d with groups = C; tap W - 1 multiplies the current token.
         bound = 1.0 / math.sqrt(kernel_size)
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size).uniform_(-bound, bound))
+        weight = torch.empty(channels, 1, kernel_size).uniform_(-bound, bound)
+        if init == "near_identity":
+            weight.mul_(0.1)
+            weight[:, 0, -1] += 1.0
+        self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
 
     def state_shape(self, num_seqs: int) -> Tuple[int, int, int]:

@@ -55,6 +55,7 @@ class DeltaProduct(nn.Module):
         use_gate: multiply the state by alpha_t = exp(log_gate_t) in (0, 1] each token (Gated DeltaNet).
         allow_neg_eigval: beta = 2 * sigmoid (eigenvalues in [-1, 1]) instead of sigmoid ([0, 1]).
         conv_size: width of the short convolutions on q, k, v (0 disables them).
+        conv_init: "near_identity" (default) or "uniform" (Gated DeltaNet's); see ``ShortConv``.
         norm_eps: eps of the per-head output RMSNorm.
         backend: passed to ``linrec.householder_scan``.
 
@@ -64,8 +65,8 @@ class DeltaProduct(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: Optional[int] = None, num_householder: int = 2,
-                 use_gate: bool = True, allow_neg_eigval: bool = True, conv_size: int = 4, norm_eps: float = 1e-6,
-                 backend: str = "auto"):
+                 use_gate: bool = True, allow_neg_eigval: bool = True, conv_size: int = 4,
+                 conv_init: str = "near_identity", norm_eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
         head_dim = d_model // num_heads if head_dim is None else head_dim
         if head_dim < 1 or num_householder < 1 or num_heads < 1:
@@ -80,9 +81,9 @@ class DeltaProduct(nn.Module):
         self.v_proj = nn.Linear(d_model, n * H * K, bias=False)
         self.b_proj = nn.Linear(d_model, n * H, bias=False)
         if conv_size > 0:
-            self.q_conv = ShortConv(H * K, conv_size, activation="silu")
-            self.k_conv = ShortConv(n * H * K, conv_size, activation="silu")
-            self.v_conv = ShortConv(n * H * K, conv_size, activation="silu")
+            self.q_conv = ShortConv(H * K, conv_size, activation="silu", init=conv_init)
+            self.k_conv = ShortConv(n * H * K, conv_size, activation="silu", init=conv_init)
+            self.v_conv = ShortConv(n * H * K, conv_size, activation="silu", init=conv_init)
         if use_gate:
             self.a_proj = nn.Linear(d_model, H, bias=False)
             # Gated DeltaNet / Mamba-2 init: decay rates A ~ U[1, 16], step sizes dt log-uniform in

@@ -54,6 +54,7 @@ class RGLRU(nn.Module):
         d_model: input and output width.
         d_rnn: width of the recurrence (default d_model).
         conv_size: width of the causal depthwise convolution before the RG-LRU (0 disables it).
+        conv_init: "near_identity" (default) or "uniform" (nn.Conv1d's); see ``ShortConv``.
         c: the gate temperature (8 in Griffin).
         a_min, a_max: at initialisation a^c = exp(-c softplus(Lambda)) is uniform in [a_min, a_max].
         allow_neg_eigval: a_t in (-1, 1] via a sign gate ``a_t = tanh(W_s x_t + b_s) * a'_t`` (see the
@@ -64,8 +65,9 @@ class RGLRU(nn.Module):
     (None when conv_size = 0), h (N, d_rnn) float32.
     """
 
-    def __init__(self, d_model: int, d_rnn: Optional[int] = None, conv_size: int = 4, c: float = 8.0,
-                 a_min: float = 0.9, a_max: float = 0.999, allow_neg_eigval: bool = False, backend: str = "auto"):
+    def __init__(self, d_model: int, d_rnn: Optional[int] = None, conv_size: int = 4, conv_init: str = "near_identity",
+                 c: float = 8.0, a_min: float = 0.9, a_max: float = 0.999, allow_neg_eigval: bool = False,
+                 backend: str = "auto"):
         super().__init__()
         d_rnn = d_model if d_rnn is None else d_rnn
         if not 0.0 < a_min <= a_max < 1.0:
@@ -74,7 +76,7 @@ class RGLRU(nn.Module):
         self.conv_size, self.allow_neg_eigval, self.backend = conv_size, allow_neg_eigval, backend
 
         self.in_proj = nn.Linear(d_model, 2 * d_rnn)   # [gate branch | recurrent branch]
-        self.conv = ShortConv(d_rnn, conv_size, activation=None, bias=True) if conv_size > 0 else None
+        self.conv = ShortConv(d_rnn, conv_size, activation=None, bias=True, init=conv_init) if conv_size > 0 else None
         self.gate_a = nn.Linear(d_rnn, d_rnn)          # W_a, b_a: recurrence gate r_t
         self.gate_x = nn.Linear(d_rnn, d_rnn)          # W_x, b_x: input gate i_t
         # a^c = exp(-c softplus(Lambda)) ~ U[a_min, a_max]  =>  Lambda = softplus^{-1}(-log(u) / c).
