@@ -184,6 +184,13 @@ def test_decode_equals_recompute(mixer):
     assert greedy["same_bytes"] and greedy["max_abs_logit_diff"] < 1e-4 and greedy["state_numel_constant"]
 
 
+def test_sample_segments_fill_the_budget_exactly():
+    docs = [np.arange(n, dtype=np.uint8) for n in (2, 3, 50, 400)]
+    for seed in range(20):
+        segments = sample_segments(docs, np.random.default_rng(seed), 301, 2, 64)
+        assert sum(s.size for s in segments) == 301 and all(s.size >= 1 for s in segments)
+
+
 def test_bos_prefix_is_in_inputs():
     inputs, targets, mask = segments_to_padded([np.array([10, 20, 30], dtype=np.uint8)])
     assert inputs[0].tolist() == [BOS, 10, 20] and targets[0].tolist() == [10, 20, 30] and mask.all()

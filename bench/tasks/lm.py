@@ -129,9 +129,8 @@ def sample_segments(docs: List[np.ndarray], rng: np.random.Generator, total_toke
     segments, total = [], 0
     while total < total_tokens:
         doc = docs[rng.integers(len(docs))]
+        # (a one-byte segment is fine: BOS -> its byte; never skip, or a remainder of 1 would loop forever)
         length = min(int(rng.integers(min_len, max_len + 1)), doc.size, total_tokens - total)
-        if length < 2:
-            continue
         start = int(rng.integers(0, doc.size - length + 1))
         segments.append(doc[start:start + length])
         total += length
