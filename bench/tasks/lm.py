@@ -290,11 +290,12 @@ def train_lm(mixer: str, train_docs: List[np.ndarray], val_segments: List[np.nda
 
 
 def write_lm_report(records: List[dict], info: dict, args, command: str) -> None:
-    """Writes ``lm.md`` and ``lm.csv`` under ``args.out_dir``."""
+    """Writes ``lm.md`` and ``lm.csv`` (``lm_padded.*`` for padded batches) under ``args.out_dir``."""
     os.makedirs(args.out_dir, exist_ok=True)
+    stem = "lm" if args.batching == "packed" else "lm_padded"
     cols = ["mixer", "params", "steps", "batching", "train_tokens_per_s", "first_loss", "train_bpb", "val_bpb",
             "same_bytes", "max_abs_logit_diff", "state_numel_constant", "state_numel", "decode_bytes_per_s"]
-    with open(os.path.join(args.out_dir, "lm.csv"), "w") as f:
+    with open(os.path.join(args.out_dir, stem + ".csv"), "w") as f:
         f.write(",".join(cols) + "\n")
         for r in records:
             f.write(",".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + "\n")
@@ -309,7 +310,7 @@ def write_lm_report(records: List[dict], info: dict, args, command: str) -> None
         "Decode check: the stateful decode path (prefill, then one byte per call with the carried state) vs "
         "recomputing the full prefix for every byte"
         f" ({args.sample_bytes} bytes, temperature {args.temperature}).", "",
-        "| mixer | params | steps | train tok/s | first loss (nats) | train bpb | val bpb | decode == recompute "
+        "| mixer | params | steps | train tok/s (real tokens) | first loss (nats) | train bpb | val bpb | decode == recompute "
         "| max abs logit diff | state numel (constant) | decode bytes/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -322,7 +323,7 @@ def write_lm_report(records: List[dict], info: dict, args, command: str) -> None
     for r in records:
         text = r["sample"].decode("utf-8", errors="replace").replace("```", "'''")
         lines += [f"{r['mixer']}:", "```", "def " + text, "```", ""]
-    with open(os.path.join(args.out_dir, "lm.md"), "w") as f:
+    with open(os.path.join(args.out_dir, stem + ".md"), "w") as f:
         f.write("\n".join(lines))
 
 
@@ -367,7 +368,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.write:
         command = "python -m bench.tasks.lm " + " ".join(argv if argv is not None else sys.argv[1:])
         write_lm_report(records, info, args, command)
-        print(f"wrote {args.out_dir}/lm.{{md,csv}}")
+        print(f"wrote {args.out_dir}/{'lm' if args.batching == 'packed' else 'lm_padded'}.{{md,csv}}")
 
 
 if __name__ == "__main__":
