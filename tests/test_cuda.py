@@ -231,25 +231,8 @@ def test_launchers_and_op_plumbing_with_a_stand_in_extension(monkeypatch, dtype,
 
 # --- numerics on a GPU --------------------------------------------------------------------------
 
-TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def _inputs(B, T, D, dtype, *, a_kind="mixed", seed=0, a_shape=None):
-    g = torch.Generator().manual_seed(seed)
-    shape = a_shape if a_shape is not None else (B, T, D)
-    if dtype.is_complex:
-        a = torch.polar(torch.rand(shape, generator=g) * 0.3 + 0.69, torch.rand(shape, generator=g) * 6.28)
-        x = torch.complex(torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g))
-        return a.to(dtype), x.to(dtype)
-    if a_kind == "mixed":  # negatives, zeros (resets) and ones among gates in [-1, 1]
-        a = torch.rand(shape, generator=g) * 2 - 1
-        flat = a.view(-1)
-        flat[::7] = 0.0
-        flat[3::11] = 1.0
-        flat[5::13] = -1.0
-    else:
-        a = torch.rand(shape, generator=g) * 0.1 + 0.9
-    return a.to(dtype), torch.randn(B, T, D, generator=g).to(dtype)
+# The inputs and tolerances of the diagonal suite, shared so the CUDA backend meets the same bar.
+from test_diagonal import TOL, _inputs  # noqa: E402
 
 
 def _run(backend, a, x, h0, reverse, cu_seqlens=None, device="cuda"):
