@@ -9,7 +9,11 @@ Implementations:
   (``combine_mode="pointwise"`` on CUDA, ``"generic"`` elsewhere);
 * ``accelerated_scan.warp`` / ``accelerated_scan.triton`` when installed (layout (B, D, T),
   T a power of two; the transpose is done outside the timed region);
-* ``fla.chunk_hgrn`` when flash-linear-attention is installed (log gates g = log a, a > 0).
+* ``fla.chunk_hgrn`` when flash-linear-attention is installed (log gates g = log a, a > 0);
+* ``elementwise_floor`` (cpu-target sweep, forward only): not a scan, one fused ``x + a * x``
+  into a fresh tensor. It moves the bytes every forward scan must move (read a, x; write h,
+  including the page faults of a new output when the allocator maps fresh memory), so its
+  time bounds what any scan can reach at that shape.
 
 Bytes (the minimum that must move, each tensor once): forward reads a, x and writes h (3N
 elements); backward reads a, h, dh and writes da, dx (5N); forward+backward is the sum (8N).
@@ -84,6 +88,19 @@ def _build_loop(inputs, point, mode):
     return torch_loop, [inputs["a"], inputs["x"]]
 
 
+def _build_elementwise_floor(inputs, point, mode):
+    if mode != "fwd":  # autograd of addcmul is several ops: no bound on a backward
+        raise Skip("elementwise_floor bounds the forward only")
+
+    def fn(a, x):
+        return torch.addcmul(x, a, x)
+    return fn, [inputs["a"], inputs["x"]]
+
+
+def _cpu_target_only(point: Point, device: torch.device) -> Optional[str]:
+    return None if point.sweep == "cpu-target" else "elementwise_floor only runs in the cpu-target sweep"
+
+
 def _combine(left, right):
     """(a1, x1) then (a2, x2) = (a2 a1, a2 x1 + x2): composing two affine steps."""
     a1, x1 = left
@@ -153,6 +170,7 @@ def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
                                     what="reference (a Python loop over B x T)"))
         out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
     out.append(Impl("torch_loop", "baseline", _build_loop, cap_steps(steps, cpu=4096, cuda=8192)))
+    out.append(Impl("elementwise_floor", "baseline", _build_elementwise_floor, _cpu_target_only))
     out.append(Impl("torch.associative_scan", "baseline", _build_associative_scan,
                     both(cap_steps(steps, cpu=1024, cuda=1 << 20, what="generic associative_scan"),
                          _seqlen_sweep_only)))
@@ -228,6 +246,9 @@ def targets() -> List[Target]:
                ("linrec.torch",), 5.0, lambda r: cpu_target(r, "fwd"), ("torch_loop",)),
         Target("diagonal fwd+bwd, B=8 T=4096 D=512 fp32: torch backend vs per-step loop", "speedup",
                ("linrec.torch",), 5.0, lambda r: cpu_target(r, "fwdbwd"), ("torch_loop",)),
+        # Not a goal of ours but the bound on the two above: no scan can beat one elementwise op.
+        Target("bound: one elementwise op (no scan) vs per-step loop, B=8 T=4096 D=512 fp32 fwd", "speedup",
+               ("elementwise_floor",), 5.0, lambda r: cpu_target(r, "fwd"), ("torch_loop",)),
     ]
 
 
