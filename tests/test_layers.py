@@ -2,6 +2,7 @@
 one call, gradients included), packed variable-length batches, backend agreement, and the
 parameter ranges each layer promises (|lambda|, a_t, beta, column norms)."""
 
+import itertools
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import linrec
 from linrec.nn import LRU, RGLRU, BlockDiagonalRNN, DeltaProduct, ShortConv
+from linrec.nn._common import RMSNorm
 
 from conftest import DEVICE, rel_rms
 
@@ -251,7 +253,7 @@ def test_slice_starts_near_identity_and_is_linear_in_the_control():
     A = layer.transitions(u).detach()
     eye = torch.eye(4).expand_as(A)
     assert 0 < (A - eye).abs().max() < 0.2                       # input-dependent, near the identity
-    assert torch.linalg.vector_norm(A, ord=1.2, dim=-2).max() <= 1.0 + 1e-5   # clamped by default
+    assert torch.linalg.vector_norm(A, ord=layer.p, dim=-2).max() <= 1.0 + 1e-5   # clamped by default
     layer.slice_normalize = False
     with torch.no_grad():
         z = layer.z_proj(u)
@@ -277,6 +279,44 @@ def test_short_conv_matches_conv1d_and_resets_at_boundaries():
     assert conv.weight[:, 0, :-1].abs().max() <= 0.1 / math.sqrt(4) + 1e-6
     assert torch.allclose(y_packed[:, :2], conv(x[:, :2])[0], atol=1e-6)
     assert torch.allclose(y_packed[:, 2:], conv(x[:, 2:])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+def test_short_conv_packed_equals_separate_calls_with_states(kernel_size):
+    """Packed sequences (an empty one, ones shorter than the kernel) with carried states give each
+    sequence's own outputs and new state, as separate calls would."""
+    torch.manual_seed(0)
+    C, W = 3, kernel_size
+    conv = ShortConv(C, W, activation="silu", bias=True).to(DEVICE)
+    lengths = [5, 0, 1, 2, 7]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEVICE)
+    x = randn(1, sum(lengths), C)
+    state = randn(len(lengths), C, W - 1)
+    y, new_state = conv(x, state, cu_seqlens=cu)
+    for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        y_n, state_n = conv(x[:, s:e], state[n:n + 1])
+        assert torch.allclose(y[:, s:e], y_n, atol=1e-6)
+        assert torch.allclose(new_state[n:n + 1], state_n, atol=1e-6)
+
+
+def test_short_conv_packed_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    conv = ShortConv(3, 4).to(DEVICE)
+    x, cu, state = randn(1, 9, 3), torch.tensor([0, 2, 9], device=DEVICE), randn(2, 3, 3)
+    compiled = torch.compile(conv, fullgraph=True, backend="eager")
+    y, new_state = compiled(x, state, cu)
+    y_want, state_want = conv(x, state, cu)
+    assert torch.allclose(y, y_want, atol=1e-6) and torch.equal(new_state, state_want)
+
+
+def test_rmsnorm_is_finite_for_states_whose_squares_overflow():
+    torch.manual_seed(0)
+    norm = RMSNorm(8)
+    x = torch.randn(3, 8)
+    want = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)).float()
+    assert torch.allclose(norm(x), want, atol=1e-6)
+    assert torch.allclose(norm(x * 1e25), norm(x), atol=1e-6)       # (1e25)^2 overflows float32
+    assert torch.equal(norm(torch.zeros(2, 8)), torch.zeros(2, 8))
 
 
 @pytest.mark.parametrize("name", ["lru", "rglru", "deltaproduct", "fan"])

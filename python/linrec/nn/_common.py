@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -132,38 +132,61 @@ class ShortConv(nn.Module):
         else:
             check_state_tensor("ShortConv", "conv", state, self.state_shape(N), "(N, C, kernel_size - 1)")
             state = state.to(x.dtype)
-        xt = x.transpose(1, 2)  # (B, C, T)
+        weight = self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if cu_seqlens is None and T == 0:
+            return x, state
         if cu_seqlens is None:
             # Prepend each sequence's carried inputs; a 'valid' convolution then gives T outputs.
-            padded = torch.cat([state, xt], dim=2)  # (B, C, W - 1 + T)
+            padded = torch.cat([state, x.transpose(1, 2)], dim=2)  # (B, C, W - 1 + T)
+            y = F.conv1d(padded, weight, bias, groups=C).transpose(1, 2)  # (B, T, C)
             new_state = padded[:, :, padded.shape[2] - (W - 1):]
         else:
-            # Packed: give every sequence its own W - 1 carried inputs in front of it, so that no
-            # window reaches into the previous sequence. Sequence n (offsets s_n..e_n) occupies
-            # columns [s_n + n (W-1), e_n + (n+1)(W-1)) of `padded`; its output for packed
-            # position p is the window ending at column p + (n+1)(W-1), i.e. conv output p + n (W-1).
-            offsets = cu_seqlens.tolist()
-            pieces: List[Tensor] = []
-            for n in range(N):
-                pieces.append(state[n:n + 1])
-                pieces.append(xt[:, :, offsets[n]:offsets[n + 1]])
-            padded = torch.cat(pieces, dim=2)  # (1, C, T + N (W - 1))
-            ends = [offsets[n + 1] + n * (W - 1) for n in range(N)]
-            new_state = torch.cat([padded[:, :, e:e + W - 1] for e in ends], dim=0)  # (N, C, W - 1)
-        y = F.conv1d(padded, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                     groups=C)  # (B, C, len(padded) - W + 1)
-        if cu_seqlens is not None:
-            seq_id = torch.repeat_interleave(torch.arange(N, device=x.device),
-                                             (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=T)
-            y = y[:, :, torch.arange(T, device=x.device) + seq_id * (W - 1)]
-        y = y.transpose(1, 2)
+            y, new_state = self._packed(x[0], state, cu_seqlens, weight, bias)
         if self.activation == "silu":
             y = F.silu(y)
         return y, new_state
 
+    def _packed(self, x: Tensor, state: Tensor, cu_seqlens: Tensor, weight: Tensor, bias: Optional[Tensor]
+                ) -> Tuple[Tensor, Tensor]:
+        """The convolution of packed sequences, without a Python loop over them.
+
+        Every input a window needs is gathered from ``source = [x; carried inputs]``: the input
+        ``s`` steps before packed position t is x[t - s] when it lies in t's own sequence, and
+        otherwise entry ``(W - 1) + (pos_t - s)`` of that sequence's carried state (pos_t: t's
+        position within its sequence). No host synchronisation, so it compiles without breaks.
+
+        x: (T, C); state: (N, C, W - 1); cu_seqlens: (N + 1,). Returns (y (1, T, C), new_state).
+        """
+        T, C = x.shape
+        W, N = self.kernel_size, state.shape[0]
+        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+        source = torch.cat([x, state.transpose(1, 2).reshape(N * (W - 1), C)])  # (T + N (W-1), C)
+
+        def index(seq: Tensor, pos: Tensor) -> Tensor:
+            """Row of ``source`` holding the input at position ``pos`` (may be < 0) of sequence ``seq``."""
+            return torch.where(pos >= 0, starts[seq] + pos, T + seq * (W - 1) + (W - 1) + pos)
+
+        t = torch.arange(T, device=x.device)
+        seq_id = torch.searchsorted(ends, t, right=True)          # sequence of every packed position
+        pos = t - starts[seq_id]
+        y = x.new_zeros((T, C)) if bias is None else bias.expand(T, C).clone()
+        for s in range(W):  # tap W - 1 - s multiplies the input s steps back
+            y = y + source[index(seq_id, pos - s)] * weight[:, 0, W - 1 - s]
+        # The new state: the last W - 1 inputs of every sequence, oldest first.
+        k = torch.arange(W - 1, device=x.device)
+        seq = torch.arange(N, device=x.device)[:, None]
+        rows = index(seq, (ends - starts)[:, None] - (W - 1) + k)   # (N, W - 1)
+        new_state = source[rows].transpose(1, 2)                    # (N, C, W - 1)
+        return y.unsqueeze(0), new_state
+
 
 class RMSNorm(nn.Module):
     """``y = x / sqrt(mean(x^2) + eps) * weight`` over the last dimension (Zhang & Sennrich, 2019).
+
+    Computed on ``x / max|x|`` (the ratio is unchanged: eps is rescaled with it), so that a
+    state of magnitude above 1e19, whose squares overflow float32, still normalises to finite
+    values: a recurrence whose state grows is read out correctly until the state itself overflows.
 
     Args:
         dim: size of the normalised (last) dimension.
@@ -178,7 +201,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., dim) -> (..., dim) in x's dtype, computed in fp32."""
         x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # The scale is a constant of the normalisation (detached): y does not depend on it.
+        scale = x32.detach().abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        xs = x32 / scale
+        y = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.eps / scale.pow(2))
         return (y * self.weight.float()).to(x.dtype)
 
 
