@@ -134,6 +134,25 @@ def _wy_fwd_kernel(
 # Shared pieces.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V):
+    """What a program of the state passes (grid (V blocks, N * H)) works on.
+
+    Returns (seq, head, bos, eos, chunk_base, n_chunks, seq_state): the sequence and head; the
+    sequence's token span [bos, eos); the index of its first chunk and its number of chunks; the
+    int64 offset of its (K, V) state in an (N, H, K, V) tensor.
+    """
+    pid_nh = tl.program_id(1)
+    seq = pid_nh // H
+    head = pid_nh % H
+    bos = tl.load(cu_tok_ptr + seq)
+    eos = tl.load(cu_tok_ptr + seq + 1)
+    chunk_base = tl.load(cu_chunk_ptr + seq)
+    n_chunks = tl.load(cu_chunk_ptr + seq + 1) - chunk_base
+    seq_state = (seq.to(tl.int64) * H + head) * K * V
+    return seq, head, bos, eos, chunk_base, n_chunks, seq_state
+
+
+@triton.jit
 def _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, NFAC: tl.constexpr,
                   BL: tl.constexpr):
     """Loads G and returns (G, G_L, G_r, decay_last, decay_read) for one chunk.
@@ -196,20 +215,11 @@ def _state_fwd_kernel(
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    seq = pid_nh // H
-    head = pid_nh % H
-    bos = tl.load(cu_tok_ptr + seq)
-    eos = tl.load(cu_tok_ptr + seq + 1)
-    chunk_base = tl.load(cu_chunk_ptr + seq)
-    n_chunks = tl.load(cu_chunk_ptr + seq + 1) - chunk_base
-
+    seq, head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     rows = tl.arange(0, BL)
     tok_rows = tl.arange(0, BC)
-    cols_v = pid_v * BV + tl.arange(0, BV)
+    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
     v_ok = cols_v < V
-    seq_state = (seq.to(tl.int64) * H + head) * K * V
 
     # The entry state of chunk 0 (or the final state of an empty sequence).
     for k0 in range(0, K, BK):
@@ -292,20 +302,11 @@ def _state_bwd_kernel(
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    seq = pid_nh // H
-    head = pid_nh % H
-    bos = tl.load(cu_tok_ptr + seq)
-    eos = tl.load(cu_tok_ptr + seq + 1)
-    chunk_base = tl.load(cu_chunk_ptr + seq)
-    n_chunks = tl.load(cu_chunk_ptr + seq + 1) - chunk_base
-
+    seq, head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     rows = tl.arange(0, BL)
     tok_rows = tl.arange(0, BC)
-    cols_v = pid_v * BV + tl.arange(0, BV)
+    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
     v_ok = cols_v < V
-    seq_state = (seq.to(tl.int64) * H + head) * K * V
 
     # The gradient of the state leaving the last chunk is that of the final state.
     for k0 in range(0, K, BK):

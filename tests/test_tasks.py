@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bench.tasks import data  # noqa: E402
 from bench.tasks.lm import (BOS, check_decode, generate_decode, generate_recompute, lm_loss,  # noqa: E402
                             sample_segments, segments_to_padded)
-from bench.tasks.models import (SequenceModel, lengths_to_cu_seqlens, mask_to_cu_seqlens, pack_padded,  # noqa: E402
-                                unpack_to_padded)
+from bench.tasks.models import (SequenceModel, build_mixer, lengths_to_cu_seqlens,  # noqa: E402
+                                mask_to_cu_seqlens, pack_padded, unpack_to_padded)
 
 MIXERS = ["rglru", "rglru-neg", "lru", "dp2-neg", "dp1-gate", "bd-fan", "bd-slice"]
 
@@ -182,6 +182,22 @@ def test_decode_equals_recompute(mixer):
     assert len(set(sizes)) == 1 and sizes[0] > 0  # constant memory per token
     greedy = check_decode(model, prompt, 4, temperature=0.0)
     assert greedy["same_bytes"] and greedy["max_abs_logit_diff"] < 1e-4 and greedy["state_numel_constant"]
+
+
+def test_mixer_specs_set_the_layer_options():
+    dp = build_mixer("dp3-neg-gate-h4-noconv", 32)
+    assert (dp.num_householder, dp.num_heads, dp.head_dim, dp.allow_neg_eigval, dp.use_gate, dp.conv_size) == \
+        (3, 4, 8, True, True, 0)
+    assert build_mixer("dp1", 32).conv_size == 4 and not build_mixer("dp1", 32).allow_neg_eigval
+    rg = build_mixer("rglru-neg-noconv", 32)
+    assert rg.allow_neg_eigval and rg.conv is None
+    bd = build_mixer("bd-slice-b4-p1", 32)
+    assert (bd.parameterization, bd.block_size, bd.num_blocks, bd.p) == ("slice", 4, 8, 1.0)
+    assert build_mixer("bd-fan", 32).p == 1.2
+    with pytest.raises(ValueError, match="unknown flags"):
+        build_mixer("dp2-fast", 32)
+    with pytest.raises(ValueError, match="divisible"):
+        build_mixer("bd-fan-b5", 32)
 
 
 def test_sample_segments_fill_the_budget_exactly():

@@ -31,17 +31,20 @@ mixer spec: KIND[-FLAG...]
   dpN              DeltaProduct with N Householder factors, beta in [0, 1]
   dpN-neg          ... beta in [0, 2] (eigenvalues in [-1, 1]);  add -gate for the forget gate,
                    -hH for H heads (default 2)
+  -noconv          (rglru, dpN) without the short causal convolution before the recurrence
   bd-fan / bd-slice  BlockDiagonalRNN with that parameterization; -bK block size (default 8),
-                   -neg for negative eigenvalues where the layer supports the option"""
+                   -pX the column norm of the clamp (default 1.2, as Fan et al.)"""
 
 
 def _parse_spec(spec: str) -> Tuple[str, set, dict]:
-    """``"dp2-neg-h4"`` -> (``"dp2"``, {``"neg"``}, {``"h"``: 4})."""
+    """``"dp2-neg-h4"`` -> (``"dp2"``, {``"neg"``}, {``"h"``: 4}); ``"bd-fan-p1.2"`` -> p = 1.2."""
     kind, *rest = spec.split("-")
     flags, numbers = set(), {}
     for item in rest:
         if len(item) > 1 and item[0] in "hb" and item[1:].isdigit():
             numbers[item[0]] = int(item[1:])
+        elif len(item) > 1 and item[0] == "p" and item[1:].replace(".", "", 1).isdigit():
+            numbers["p"] = float(item[1:])
         else:
             flags.add(item)
     return kind, flags, numbers
@@ -61,11 +64,12 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
     """A ``linrec.nn`` layer (B, T, d_model) -> (B, T, d_model) from a spec (see ``MIXER_SPEC_HELP``)."""
     kind, flags, numbers = _parse_spec(spec)
     neg = "neg" in flags
-    known = {"neg", "gate", "fan", "slice"}
+    conv_size = 0 if "noconv" in flags else 4
+    known = {"neg", "gate", "fan", "slice", "noconv"}
     if flags - known:
         raise ValueError(f"unknown flags {sorted(flags - known)} in mixer spec {spec!r}\n{MIXER_SPEC_HELP}")
     if kind == "rglru":
-        return _layer_class("RGLRU", "rglru")(d_model, allow_neg_eigval=neg)
+        return _layer_class("RGLRU", "rglru")(d_model, allow_neg_eigval=neg, conv_size=conv_size)
     if kind == "lru":
         if neg:
             raise ValueError("lru has no negative-eigenvalue option (its eigenvalues are complex)")
@@ -75,15 +79,16 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
         if d_model % heads:
             raise ValueError(f"d_model = {d_model} is not divisible by {heads} heads in {spec!r}")
         return _layer_class("DeltaProduct", "delta_product")(d_model, num_heads=heads, head_dim=d_model // heads,
-                                num_householder=int(kind[2:]), use_gate="gate" in flags, allow_neg_eigval=neg)
+                                num_householder=int(kind[2:]), use_gate="gate" in flags, allow_neg_eigval=neg,
+                                conv_size=conv_size)
     if kind == "bd":
         block = numbers.get("b", 8)
         if d_model % block:
             raise ValueError(f"d_model = {d_model} is not divisible by block size {block} in {spec!r}")
         param = "slice" if "slice" in flags else "fan"
         kwargs = dict(block_size=block, num_blocks=d_model // block, parameterization=param)
-        if neg:
-            kwargs["allow_neg_eigval"] = True
+        if "p" in numbers:
+            kwargs["p"] = numbers["p"]
         return _layer_class("BlockDiagonalRNN", "block_diagonal")(d_model, **kwargs)
     raise ValueError(f"unknown mixer spec {spec!r}\n{MIXER_SPEC_HELP}")
 

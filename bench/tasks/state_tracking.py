@@ -228,9 +228,15 @@ def git_sha() -> str:
 
 
 def label(record: dict, steps: bool = False) -> str:
-    """``"dp2-neg x1"`` (mixer and number of blocks), with ``", 500 st"`` when ``steps``."""
-    cfg = record["config"]
-    return f"{cfg['mixer']} x{cfg['num_layers']}" + (f", {cfg['steps']} st" if steps else "")
+    """``"dp2-neg x1"`` (mixer and number of blocks), then the optimiser settings that differ from
+    ``RunConfig``'s defaults (``", wd 0"``), and with ``steps`` also ``", 500 st"`` and the seed."""
+    cfg, default = record["config"], RunConfig(task="", mixer="")
+    text = f"{cfg['mixer']} x{cfg['num_layers']}"
+    if cfg["weight_decay"] != default.weight_decay:
+        text += f", wd {cfg['weight_decay']:g}"
+    if cfg["lr"] != default.lr:
+        text += f", lr {cfg['lr']:g}"
+    return text + (f", {cfg['steps']} st, seed {cfg['seed']}" if steps else "")
 
 
 # The papers' claims checked by the report: (description, [(task, mixer, num_layers, should_solve,
@@ -253,25 +259,29 @@ def claim_lines(records: List[dict], threshold: float) -> List[str]:
     """Markdown table of CLAIMS: for each model, the best of its runs (highest worst-case accuracy
     over the claim's lengths), and whether every expectation of the claim holds."""
     lines = ["## The papers' claims at this budget", "",
-             "For each model the best of its runs (the step budgets tried) is shown; `min acc` is its "
-             "lowest accuracy over the claim's test lengths (all of them, or the shortest for 'short').", "",
-             "| claim | model | steps | min acc | expected | reproduced |", "|---|---|---|---|---|---|"]
+             "For each model the best of its runs (the seeds and step budgets tried; `runs` counts them) is "
+             "shown; `min acc` is its lowest accuracy over the claim's test lengths (all of them, or the "
+             "shortest for 'short'), `median` the median of that over the runs with the best run's steps.", "",
+             "| claim | model | runs | steps | seed | min acc | median | expected | reproduced |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for text, expectations in CLAIMS:
         for i, (task, mixer, layers, should, which) in enumerate(expectations):
             runs = [r for r in records if (r["config"]["task"], r["config"]["mixer"], r["config"]["num_layers"])
                     == (task, mixer, layers)]
             claim_cell = text if i == 0 else ""
             if not runs:
-                lines.append(f"| {claim_cell} | {mixer} x{layers} | - | - | - | not run |")
+                lines.append(f"| {claim_cell} | {mixer} x{layers} | 0 | - | - | - | - | - | not run |")
                 continue
 
             def worst(r):
                 accs = list(r["test_acc"].values())
                 return min(accs) if which == "all" else accs[0]
             best = max(runs, key=worst)
+            same_budget = [worst(r) for r in runs if r["config"]["steps"] == best["config"]["steps"]]
             solved = worst(best) >= threshold
             verdict = "yes" if solved == should else "no"
-            lines.append(f"| {claim_cell} | {mixer} x{layers} | {best['config']['steps']} | {worst(best):.3f} | "
+            lines.append(f"| {claim_cell} | {mixer} x{layers} | {len(runs)} | {best['config']['steps']} | "
+                         f"{best['config']['seed']} | {worst(best):.3f} | {float(np.median(same_budget)):.3f} | "
                          f"{'solved' if should else 'not solved'} | {verdict} |")
     return lines + [""]
 
@@ -280,7 +290,8 @@ def write_report(records: List[dict], out_dir: str, command: str, threshold: flo
     """Writes ``state_tracking.md`` (table), ``state_tracking.csv`` and ``state_tracking.png``."""
     os.makedirs(out_dir, exist_ok=True)
     task_order = list(TASKS)
-    records = sorted(records, key=lambda r: (task_order.index(r["config"]["task"]), label(r), r["config"]["steps"]))
+    records = sorted(records, key=lambda r: (task_order.index(r["config"]["task"]), label(r), r["config"]["steps"],
+                                             r["config"]["seed"]))
 
     # CSV: one row per (run, test length)
     with open(os.path.join(out_dir, "state_tracking.csv"), "w") as f:
@@ -300,7 +311,7 @@ def write_report(records: List[dict], out_dir: str, command: str, threshold: flo
              f"this report by `{command}` (git {git_sha()}, torch {torch.__version__}, "
              f"{platform.processor() or platform.machine()}, 1 thread per run, CPU shared with other jobs, "
              "so train seconds are indicative).",
-             "Each row is one model trained from scratch (seed 0) on the task's training lengths with every",
+             "Each row is one model trained from scratch (seed as listed) on the task's training lengths with every",
              "prefix supervised, then tested on fresh sequences: `last` = accuracy of the last token,",
              "`all` = of every token. `solved` = accuracy >= "
              f"{threshold} at every test length. Chance is 1 / classes.", ""]
@@ -314,13 +325,13 @@ def write_report(records: List[dict], out_dir: str, command: str, threshold: flo
         lines.append(f"## {task_name} (train lengths {task.train_lengths[0]}-{task.train_lengths[1]}, "
                      f"score: {task.score}, chance {1 / task.num_classes:.2f})")
         lines.append("")
-        lines.append("| model | params | steps | " + " | ".join(f"L={L}" for L in lengths)
+        lines.append("| model | params | steps | seed | " + " | ".join(f"L={L}" for L in lengths)
                      + " | solved | train loss | train s |")
-        lines.append("|---|---|---|" + "---|" * len(lengths) + "---|---|---|")
+        lines.append("|---|---|---|---|" + "---|" * len(lengths) + "---|---|---|")
         for r in rows:
             accs = [r["test_acc"][L] for L in lengths]
             solved = "yes" if min(accs) >= threshold else "no"
-            lines.append(f"| {label(r)} | {r['params']} | {r['config']['steps']} | "
+            lines.append(f"| {label(r)} | {r['params']} | {r['config']['steps']} | {r['config']['seed']} | "
                          + " | ".join(f"{a:.3f}" for a in accs)
                          + f" | {solved} | {r['final_train_loss']:.3f} | {r['train_seconds']} |")
         lines.append("")
@@ -371,6 +382,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (default 1: tiny models, and shared cores thrash with more)")
@@ -384,7 +396,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         torch.set_num_threads(args.threads)
 
     overrides = {k: v for k, v in dict(num_layers=args.layers, d_model=args.d_model, steps=args.steps,
-                                       batch_size=args.batch_size, lr=args.lr, seed=args.seed).items()
+                                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                                       seed=args.seed).items()
                  if v is not None}
     runs: List[RunConfig] = []
     if args.suite:
