@@ -153,6 +153,29 @@ def _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V):
 
 
 @triton.jit
+def _seed_state(src_ptr, HAS_SRC: tl.constexpr, chunk_dst_ptr, empty_dst_ptr, n_chunks, cols_v, v_ok, K, V,
+                BK: tl.constexpr, BV: tl.constexpr):
+    """Copies one (K, V) state (this program's V columns, fp32) to where a state pass starts.
+
+    The source is ``src_ptr`` (zeros when not HAS_SRC); the destination is ``chunk_dst_ptr``
+    when the sequence has chunks, else ``empty_dst_ptr``: an empty sequence hands its initial
+    state (or gradient) straight on.
+    """
+    for k0 in range(0, K, BK):
+        cols_k = k0 + tl.arange(0, BK)
+        s_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
+        smask = (cols_k[:, None] < K) & v_ok[None, :]
+        if HAS_SRC:
+            S = tl.load(src_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
+        else:
+            S = tl.zeros((BK, BV), tl.float32)
+        if n_chunks > 0:
+            tl.store(chunk_dst_ptr + s_off, S, mask=smask)
+        else:
+            tl.store(empty_dst_ptr + s_off, S, mask=smask)
+
+
+@triton.jit
 def _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, NFAC: tl.constexpr,
                   BL: tl.constexpr):
     """Loads G and returns (G, G_L, G_r, decay_last, decay_read) for one chunk.
@@ -222,18 +245,8 @@ def _state_fwd_kernel(
     v_ok = cols_v < V
 
     # The entry state of chunk 0 (or the final state of an empty sequence).
-    for k0 in range(0, K, BK):
-        cols_k = k0 + tl.arange(0, BK)
-        s_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
-        smask = (cols_k[:, None] < K) & v_ok[None, :]
-        if HAS_H0:
-            S = tl.load(h0_ptr + seq_state + s_off, mask=smask, other=0.0).to(tl.float32)
-        else:
-            S = tl.zeros((BK, BV), tl.float32)
-        if n_chunks > 0:
-            tl.store(states_ptr + (chunk_base * H + head) * K * V + s_off, S, mask=smask)
-        else:
-            tl.store(final_ptr + seq_state + s_off, S, mask=smask)
+    _seed_state(h0_ptr + seq_state, HAS_H0, states_ptr + (chunk_base * H + head) * K * V, final_ptr + seq_state,
+                n_chunks, cols_v, v_ok, K, V, BK, BV)
 
     for c in range(0, n_chunks):
         tl.debug_barrier()
@@ -308,19 +321,10 @@ def _state_bwd_kernel(
     cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
     v_ok = cols_v < V
 
-    # The gradient of the state leaving the last chunk is that of the final state.
-    for k0 in range(0, K, BK):
-        cols_k = k0 + tl.arange(0, BK)
-        s_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
-        smask = (cols_k[:, None] < K) & v_ok[None, :]
-        if HAS_DFINAL:
-            dS = tl.load(dfinal_ptr + seq_state + s_off, mask=smask, other=0.0).to(tl.float32)
-        else:
-            dS = tl.zeros((BK, BV), tl.float32)
-        if n_chunks > 0:
-            tl.store(dstates_ptr + ((chunk_base + n_chunks - 1) * H + head) * K * V + s_off, dS, mask=smask)
-        else:
-            tl.store(dh0_ptr + seq_state + s_off, dS, mask=smask)
+    # The gradient of the state leaving the last chunk is that of the final state (or, for an
+    # empty sequence, the gradient of its initial state).
+    _seed_state(dfinal_ptr + seq_state, HAS_DFINAL, dstates_ptr + ((chunk_base + n_chunks - 1) * H + head) * K * V,
+                dh0_ptr + seq_state, n_chunks, cols_v, v_ok, K, V, BK, BV)
 
     for i in range(0, n_chunks):
         tl.debug_barrier()

@@ -200,6 +200,24 @@ def test_mixer_specs_set_the_layer_options():
         build_mixer("bd-fan-b5", 32)
 
 
+def test_claims_report_picks_the_best_run_of_the_layer_and_its_variants():
+    from bench.tasks.state_tracking import RunConfig, claim_lines, is_variant
+
+    assert is_variant("dp1-neg-noconv", "dp1-neg") and is_variant("bd-fan-b64", "bd-fan")
+    assert not is_variant("dp1", "dp1-neg") and not is_variant("dp1-neg-gate", "dp1-neg")
+
+    def record(mixer, seed, accs, layers=1):
+        cfg = RunConfig(task="parity", mixer=mixer, num_layers=layers, steps=100, seed=seed)
+        return dict(config=cfg.__dict__, test_acc=dict(zip(("40", "64", "128", "256"), accs)))
+
+    records = [record("dp1-neg", 0, (1.0, 1.0, 0.9, 0.6)), record("dp1-neg-noconv", 1, (1.0, 1.0, 1.0, 0.97)),
+               record("dp1", 0, (0.5, 0.5, 0.5, 0.5))]
+    rows = [line for line in claim_lines(records, 0.95) if line.startswith("| parity: DeltaProduct") or
+            line.startswith("|  | dp1 x1")]
+    assert "dp1-neg-noconv x1 | 2 | 100 | 1 | 0.970 |" in rows[0] and rows[0].endswith("| solved | yes |")
+    assert rows[1].endswith("| not solved | yes |")
+
+
 def test_sample_segments_fill_the_budget_exactly():
     docs = [np.arange(n, dtype=np.uint8) for n in (2, 3, 50, 400)]
     for seed in range(20):

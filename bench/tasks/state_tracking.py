@@ -17,7 +17,8 @@ Examples::
     python -m bench.tasks.state_tracking --tasks parity --mixers rglru-neg --steps 300
     # the suites behind bench/results/tasks/ (see SUITE below), then the table and the plot
     python -m bench.tasks.state_tracking --suite paper
-    python -m bench.tasks.state_tracking --suite long --report
+    python -m bench.tasks.state_tracking --suite long
+    python -m bench.tasks.state_tracking --suite extra --report
 """
 
 from __future__ import annotations
@@ -111,6 +112,33 @@ SUITE: Dict[str, List[dict]] = {
         dict(task="s3", mixer="dp2", num_layers=1, steps=8000),      # controls at the same budget
         dict(task="s3", mixer="dp1-neg", num_layers=1, steps=8000),
         dict(task="parity", mixer="dp1-neg", num_layers=1, steps=2000, batch_size=64),
+    ],
+    # Seeds and variants for the parity claims, the column-norm comparison (p = 1 against the
+    # default 1.2) and block sizes for modular arithmetic.
+    "extra": [
+        *(dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, seed=s) for s in (1, 2, 3, 4)),
+        dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, weight_decay=0.0),
+        dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, lr=0.01),
+        dict(task="parity", mixer="dp1", num_layers=1, steps=1500, seed=1),
+        dict(task="parity", mixer="dp1-neg-noconv", num_layers=1, steps=1500),
+        dict(task="parity", mixer="dp1-neg-noconv", num_layers=1, steps=1500, seed=1),
+        dict(task="parity", mixer="dp1-noconv", num_layers=1, steps=1500),
+        dict(task="parity", mixer="rglru-neg", steps=1000, batch_size=64, seed=1),
+        dict(task="parity", mixer="rglru-neg", steps=1000, batch_size=64, weight_decay=0.0),
+        dict(task="parity", mixer="rglru", steps=1000, batch_size=64, seed=1),
+        dict(task="parity", mixer="rglru-neg-noconv", steps=1000, batch_size=64),
+        dict(task="parity", mixer="rglru-noconv", steps=1000, batch_size=64),
+        *(dict(task=t, mixer="bd-fan-p1", num_layers=1) for t in ("parity", "s3", "a5", "mod_arith", "cycle_nav",
+                                                                  "even_pairs", "s5")),
+        dict(task="a5", mixer="bd-slice-p1", num_layers=1),
+        dict(task="mod_arith", mixer="bd-slice-p1", num_layers=1),
+        dict(task="a5", mixer="bd-fan-p1", num_layers=1, steps=2000),
+        dict(task="a5", mixer="bd-slice-p1", num_layers=1, steps=2000),
+        dict(task="mod_arith", mixer="bd-fan-p1", num_layers=1, steps=2000),
+        dict(task="mod_arith", mixer="bd-fan-b64", num_layers=1, steps=2000),
+        dict(task="mod_arith", mixer="bd-fan-b16", num_layers=1, steps=2000),
+        dict(task="mod_arith", mixer="bd-fan-b32", num_layers=1, steps=2000),
+        dict(task="mod_arith", mixer="bd-fan-b16", num_layers=1, steps=4000),
     ],
 }
 
@@ -255,19 +283,30 @@ CLAIMS = [
 ]
 
 
+def is_variant(spec: str, model: str) -> bool:
+    """Whether mixer ``spec`` is the claim's ``model`` (e.g. ``"dp1-neg"``), possibly without its short
+    convolution (``-noconv``) or with another block size (``-bK``): the same layer, other settings."""
+    if not spec.startswith(model):
+        return False
+    extra = spec[len(model):].split("-")[1:] if spec != model else []
+    return spec == model or (spec[len(model)] == "-" and all(
+        e == "noconv" or (e[:1] == "b" and e[1:].isdigit()) for e in extra))
+
+
 def claim_lines(records: List[dict], threshold: float) -> List[str]:
     """Markdown table of CLAIMS: for each model, the best of its runs (highest worst-case accuracy
     over the claim's lengths), and whether every expectation of the claim holds."""
     lines = ["## The papers' claims at this budget", "",
-             "For each model the best of its runs (the seeds and step budgets tried; `runs` counts them) is "
+             "For each model the best of its runs (the seeds, step budgets and variants tried: without the short "
+             "convolution, other block sizes; `runs` counts them) is "
              "shown; `min acc` is its lowest accuracy over the claim's test lengths (all of them, or the "
              "shortest for 'short'), `median` the median of that over the runs with the best run's steps.", "",
              "| claim | model | runs | steps | seed | min acc | median | expected | reproduced |",
              "|---|---|---|---|---|---|---|---|---|"]
     for text, expectations in CLAIMS:
         for i, (task, mixer, layers, should, which) in enumerate(expectations):
-            runs = [r for r in records if (r["config"]["task"], r["config"]["mixer"], r["config"]["num_layers"])
-                    == (task, mixer, layers)]
+            runs = [r for r in records if (r["config"]["task"], r["config"]["num_layers"]) == (task, layers)
+                    and is_variant(r["config"]["mixer"], mixer)]
             claim_cell = text if i == 0 else ""
             if not runs:
                 lines.append(f"| {claim_cell} | {mixer} x{layers} | 0 | - | - | - | - | - | not run |")
@@ -280,7 +319,7 @@ def claim_lines(records: List[dict], threshold: float) -> List[str]:
             same_budget = [worst(r) for r in runs if r["config"]["steps"] == best["config"]["steps"]]
             solved = worst(best) >= threshold
             verdict = "yes" if solved == should else "no"
-            lines.append(f"| {claim_cell} | {mixer} x{layers} | {len(runs)} | {best['config']['steps']} | "
+            lines.append(f"| {claim_cell} | {best['config']['mixer']} x{layers} | {len(runs)} | {best['config']['steps']} | "
                          f"{best['config']['seed']} | {worst(best):.3f} | {float(np.median(same_budget)):.3f} | "
                          f"{'solved' if should else 'not solved'} | {verdict} |")
     return lines + [""]
@@ -307,7 +346,8 @@ def write_report(records: List[dict], out_dir: str, command: str, threshold: flo
     # Markdown: one table per task, accuracy per test length
     lines = ["# State tracking and regular languages: accuracy at test lengths", "",
              f"Runs: the JSON lines of `state_tracking.jsonl`, made by `python -m bench.tasks.state_tracking "
-             f"--suite paper` then `--suite long` (the suites are listed in `bench/tasks/state_tracking.py`); "
+             f"--suite paper`, then `--suite long` and `--suite extra` (the suites are listed in "
+             f"`bench/tasks/state_tracking.py`); "
              f"this report by `{command}` (git {git_sha()}, torch {torch.__version__}, "
              f"{platform.processor() or platform.machine()}, 1 thread per run, CPU shared with other jobs, "
              "so train seconds are indicative).",
