@@ -193,7 +193,7 @@ def test_mixer_specs_set_the_layer_options():
     assert rg.allow_neg_eigval and rg.conv is None
     bd = build_mixer("bd-slice-b4-p1", 32)
     assert (bd.parameterization, bd.block_size, bd.num_blocks, bd.p) == ("slice", 4, 8, 1.0)
-    assert build_mixer("bd-fan", 32).p == 1.2
+    assert build_mixer("bd-fan", 32).p == 1.0 and build_mixer("bd-fan-p1.2", 32).p == 1.2
     with pytest.raises(ValueError, match="unknown flags"):
         build_mixer("dp2-fast", 32)
     with pytest.raises(ValueError, match="divisible"):

@@ -33,7 +33,7 @@ mixer spec: KIND[-FLAG...]
                    -hH for H heads (default 2)
   -noconv          (rglru, dpN) without the short causal convolution before the recurrence
   bd-fan / bd-slice  BlockDiagonalRNN with that parameterization; -bK block size (default 8),
-                   -pX the column norm of the clamp (default 1.2, as Fan et al.)"""
+                   -pX the column norm of the clamp (default 1; Fan et al. use 1.2)"""
 
 
 def _parse_spec(spec: str) -> Tuple[str, set, dict]:

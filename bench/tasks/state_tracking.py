@@ -122,23 +122,29 @@ SUITE: Dict[str, List[dict]] = {
         dict(task="parity", mixer="dp1", num_layers=1, steps=1500, seed=1),
         dict(task="parity", mixer="dp1-neg-noconv", num_layers=1, steps=1500),
         dict(task="parity", mixer="dp1-neg-noconv", num_layers=1, steps=1500, seed=1),
+        dict(task="parity", mixer="dp1-neg-noconv", num_layers=1, steps=4000),
         dict(task="parity", mixer="dp1-noconv", num_layers=1, steps=1500),
         dict(task="parity", mixer="rglru-neg", steps=1000, batch_size=64, seed=1),
         dict(task="parity", mixer="rglru-neg", steps=1000, batch_size=64, weight_decay=0.0),
         dict(task="parity", mixer="rglru", steps=1000, batch_size=64, seed=1),
         dict(task="parity", mixer="rglru-neg-noconv", steps=1000, batch_size=64),
         dict(task="parity", mixer="rglru-noconv", steps=1000, batch_size=64),
-        *(dict(task=t, mixer="bd-fan-p1", num_layers=1) for t in ("parity", "s3", "a5", "mod_arith", "cycle_nav",
-                                                                  "even_pairs", "s5")),
-        dict(task="a5", mixer="bd-slice-p1", num_layers=1),
-        dict(task="mod_arith", mixer="bd-slice-p1", num_layers=1),
-        dict(task="a5", mixer="bd-fan-p1", num_layers=1, steps=2000),
-        dict(task="a5", mixer="bd-slice-p1", num_layers=1, steps=2000),
-        dict(task="mod_arith", mixer="bd-fan-p1", num_layers=1, steps=2000),
-        dict(task="mod_arith", mixer="bd-fan-b64", num_layers=1, steps=2000),
-        dict(task="mod_arith", mixer="bd-fan-b16", num_layers=1, steps=2000),
-        dict(task="mod_arith", mixer="bd-fan-b32", num_layers=1, steps=2000),
-        dict(task="mod_arith", mixer="bd-fan-b16", num_layers=1, steps=4000),
+        # BlockDiagonalRNN with Fan et al.'s column norm p = 1.2 (the default is p = 1)
+        *(dict(task=t, mixer="bd-fan-p1.2", num_layers=1) for t in ("parity", "s3", "a5", "mod_arith", "cycle_nav",
+                                                                    "even_pairs", "s5")),
+        dict(task="a5", mixer="bd-slice-p1.2", num_layers=1),
+        dict(task="mod_arith", mixer="bd-slice-p1.2", num_layers=1),
+        dict(task="a5", mixer="bd-fan-p1.2", num_layers=1, steps=2000),
+        dict(task="a5", mixer="bd-slice-p1.2", num_layers=1, steps=2000),
+        dict(task="mod_arith", mixer="bd-fan-p1.2", num_layers=1, steps=2000),
+        # modular arithmetic: larger blocks
+        dict(task="mod_arith", mixer="bd-fan-b64-p1.2", num_layers=1, steps=2000),
+        dict(task="mod_arith", mixer="bd-fan-b16-p1.2", num_layers=1, steps=2000),
+        dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=2000),
+        dict(task="mod_arith", mixer="bd-fan-b16-p1.2", num_layers=1, steps=4000),
+        dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=4000),
+        dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000),
+        dict(task="mod_arith", mixer="bd-fan-b32", num_layers=1, steps=4000),
     ],
 }
 
@@ -285,12 +291,13 @@ CLAIMS = [
 
 def is_variant(spec: str, model: str) -> bool:
     """Whether mixer ``spec`` is the claim's ``model`` (e.g. ``"dp1-neg"``), possibly without its short
-    convolution (``-noconv``) or with another block size (``-bK``): the same layer, other settings."""
+    convolution (``-noconv``), with another block size (``-bK``) or column norm (``-pX``): the same
+    layer, other settings."""
     if not spec.startswith(model):
         return False
     extra = spec[len(model):].split("-")[1:] if spec != model else []
     return spec == model or (spec[len(model)] == "-" and all(
-        e == "noconv" or (e[:1] == "b" and e[1:].isdigit()) for e in extra))
+        e == "noconv" or (e[:1] in "bp" and e[1:].replace(".", "", 1).isdigit()) for e in extra))
 
 
 def claim_lines(records: List[dict], threshold: float) -> List[str]:
@@ -298,7 +305,7 @@ def claim_lines(records: List[dict], threshold: float) -> List[str]:
     over the claim's lengths), and whether every expectation of the claim holds."""
     lines = ["## The papers' claims at this budget", "",
              "For each model the best of its runs (the seeds, step budgets and variants tried: without the short "
-             "convolution, other block sizes; `runs` counts them) is "
+             "convolution, other block sizes or column norms; `runs` counts them) is "
              "shown; `min acc` is its lowest accuracy over the claim's test lengths (all of them, or the "
              "shortest for 'short'), `median` the median of that over the runs with the best run's steps.", "",
              "| claim | model | runs | steps | seed | min acc | median | expected | reproduced |",
