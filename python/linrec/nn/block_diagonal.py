@@ -15,8 +15,9 @@ Two parameterisations of the blocks A(u_t)[g] (``parameterization=``):
   use that room: a byte-level LM (``bench/tasks/lm.py``, segments up to 512 bytes) had states of
   1e35 after 10 steps and overflowed float32 at the 11th; a parity model grew its state ~1.37x
   per token. With short sequences p = 1.2 extrapolated better on the regular-language tasks of
-  ``bench/tasks`` (``bench/results/tasks/state_tracking.md``), so it stays an option. The map's bias starts at the identity, so a block starts near a
-  norm-preserving matrix, perturbed by the input.
+  ``bench/tasks`` (``bench/results/tasks/state_tracking.md``), so it stays an option. The map's
+  bias starts at the identity, so a block starts near a norm-preserving matrix, perturbed by
+  the input.
 * ``"slice"`` — a block-diagonal structured linear CDE (SLiCE; Walker et al., 2025, "Structured
   Linear CDEs: Maximally Expressive and Parallel-in-Time Sequence Models"): A(u_t) = I + sum_i z_ti A_i,
   linear in a low-dimensional control z_t = W_z u_t + b_z (dimension ``slice_dim``), with A_i
