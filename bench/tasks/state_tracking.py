@@ -395,12 +395,20 @@ def write_report(records: List[dict], out_dir: str, command: str, threshold: flo
     tasks_present = [t for t in task_order if any(r["config"]["task"] == t for r in records)]
     cols = min(4, len(tasks_present))
     rows_n = math.ceil(len(tasks_present) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+    # One line per model (mixer, blocks, optimiser settings): its best run over seeds and budgets.
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 5.2 * rows_n), squeeze=False)
     for ax, task_name in zip(axes.flat, tasks_present):
         task = get_task(task_name)
-        for r in (r for r in records if r["config"]["task"] == task_name):
-            xs = [int(L) for L in r["test_acc"]]
-            ax.plot(xs, list(r["test_acc"].values()), marker="o", label=label(r, steps=True))
+        by_model: Dict[str, List[dict]] = {}
+        for r in records:
+            if r["config"]["task"] == task_name:
+                by_model.setdefault(label(r), []).append(r)
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)   # up to 20 distinguishable models per task
+        for name, runs in by_model.items():
+            best = max(runs, key=lambda r: min(r["test_acc"].values()))
+            xs = [int(L) for L in best["test_acc"]]
+            suffix = f" (best of {len(runs)})" if len(runs) > 1 else ""
+            ax.plot(xs, list(best["test_acc"].values()), marker="o", label=name + suffix)
         ax.axhline(1 / task.num_classes, color="gray", ls=":", lw=1)
         ax.axhline(threshold, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log", base=2)
@@ -408,7 +416,7 @@ def write_report(records: List[dict], out_dir: str, command: str, threshold: flo
         ax.set_title(f"{task_name} (train {task.train_lengths[0]}-{task.train_lengths[1]}, {task.score})")
         ax.set_xlabel("test length")
         ax.set_ylabel("accuracy")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     for ax in list(axes.flat)[len(tasks_present):]:
         ax.axis("off")
     fig.tight_layout()
