@@ -122,3 +122,27 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype.is_complex:
         return torch.complex64
     return torch.float32
+
+
+def register_scan_autograd(scan_op, backward_op) -> None:
+    """Wires the autograd of a scan custom op whose inputs are
+    ``(coefficients, x, initial_state, cu_seqlens, reverse, backend)`` and whose output is h.
+
+    The backward saves (coefficients, h, initial_state, cu_seqlens) and calls ``backward_op``
+    (another custom op, so that torch.compile sees the backward as one opaque call):
+    ``backward_op(coefficients, h, grad_h, initial_state, cu_seqlens, reverse, backend)`` ->
+    (grad coefficients, grad x, grad initial_state). Used by the diagonal and block-diagonal ops.
+    """
+    def setup_context(ctx, inputs, output):
+        coefficients, _, initial_state, cu_seqlens, reverse, backend = inputs
+        ctx.save_for_backward(coefficients, output, initial_state, cu_seqlens)
+        ctx.reverse, ctx.backend = reverse, backend
+        ctx.has_h0 = initial_state is not None
+
+    def backward(ctx, grad_h):
+        coefficients, h, initial_state, cu_seqlens = ctx.saved_tensors
+        grad_coef, grad_x, grad_h0 = backward_op(coefficients, h, grad_h, initial_state, cu_seqlens,
+                                                 ctx.reverse, ctx.backend)
+        return grad_coef, grad_x, (grad_h0 if ctx.has_h0 else None), None, None, None
+
+    scan_op.register_autograd(backward, setup_context=setup_context)

@@ -17,7 +17,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import REAL_DTYPES, check_cu_seqlens, check_same_device, check_shape, check_tensor, resolve_backend
+from .._common import (REAL_DTYPES, check_cu_seqlens, check_same_device, check_shape, check_tensor,
+                       register_scan_autograd, resolve_backend)
 from .chunked import block_diagonal_scan_chunked, block_diagonal_scan_chunked_backward
 from .reference import block_diagonal_scan_reference
 
@@ -64,21 +65,7 @@ def _(A, h, grad_h, initial_state, cu_seqlens, reverse, backend):
             h.new_empty((N, h.shape[2], h.shape[3]), dtype=h0_dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    A, x, initial_state, cu_seqlens, reverse, backend = inputs
-    ctx.save_for_backward(A, output, initial_state, cu_seqlens)
-    ctx.reverse, ctx.backend = reverse, backend
-    ctx.has_h0 = initial_state is not None
-
-
-def _backward(ctx, grad_h):
-    A, h, initial_state, cu_seqlens = ctx.saved_tensors
-    grad_A, grad_x, grad_h0 = torch.ops.linrec.block_diagonal_scan_backward(
-        A, h, grad_h, initial_state, cu_seqlens, ctx.reverse, ctx.backend)
-    return grad_A, grad_x, (grad_h0 if ctx.has_h0 else None), None, None, None
-
-
-_block_diagonal_scan_op.register_autograd(_backward, setup_context=_setup_context)
+register_scan_autograd(_block_diagonal_scan_op, torch.ops.linrec.block_diagonal_scan_backward)
 
 
 def block_diagonal_scan(A: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *, reverse: bool = False,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._common import (COMPLEX_DTYPES, REAL_DTYPES, check_cu_seqlens, check_same_device, check_shape,
-                       check_tensor, resolve_backend)
+                       check_tensor, register_scan_autograd, resolve_backend)
 from .chunked import diagonal_scan_chunked, diagonal_scan_chunked_backward
 from .reference import diagonal_scan_reference
 
@@ -77,21 +77,7 @@ def _(a, h, grad_h, initial_state, cu_seqlens, reverse, backend):
             h.new_empty((N, h.shape[2]), dtype=h0_dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    a, x, initial_state, cu_seqlens, reverse, backend = inputs
-    ctx.save_for_backward(a, output, initial_state, cu_seqlens)
-    ctx.reverse, ctx.backend = reverse, backend
-    ctx.has_h0 = initial_state is not None
-
-
-def _backward(ctx, grad_h):
-    a, h, initial_state, cu_seqlens = ctx.saved_tensors
-    grad_a, grad_x, grad_h0 = torch.ops.linrec.diagonal_scan_backward(
-        a, h, grad_h, initial_state, cu_seqlens, ctx.reverse, ctx.backend)
-    return grad_a, grad_x, (grad_h0 if ctx.has_h0 else None), None, None, None
-
-
-_diagonal_scan_op.register_autograd(_backward, setup_context=_setup_context)
+register_scan_autograd(_diagonal_scan_op, torch.ops.linrec.diagonal_scan_backward)
 
 
 def diagonal_scan(a: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *, reverse: bool = False,
