@@ -153,6 +153,24 @@ def _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V):
 
 
 @triton.jit
+def _chunk_span(tok0, eos, CT: tl.constexpr, NFAC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
+    """The rows of the chunk that starts at token ``tok0`` of a sequence ending at ``eos``.
+
+    Returns (sub0, n_sub, valid, valid_tok, sub, tok): the global index of the chunk's first
+    sub-step (NFAC per token) and its number of valid sub-steps; masks of the valid sub-step
+    rows (BL,) and token rows (BC,); the int64 global sub-step (BL,) and token (BC,) indices.
+    """
+    n_tok = tl.minimum(eos - tok0, CT)
+    n_sub = n_tok * NFAC
+    sub0 = tok0 * NFAC
+    valid = tl.arange(0, BL) < n_sub
+    valid_tok = tl.arange(0, BC) < n_tok
+    sub = (sub0 + tl.arange(0, BL)).to(tl.int64)
+    tok = (tok0 + tl.arange(0, BC)).to(tl.int64)
+    return sub0, n_sub, valid, valid_tok, sub, tok
+
+
+@triton.jit
 def _seed_state(src_ptr, HAS_SRC: tl.constexpr, chunk_dst_ptr, empty_dst_ptr, n_chunks, cols_v, v_ok, K, V,
                 BK: tl.constexpr, BV: tl.constexpr):
     """Copies one (K, V) state (this program's V columns, fp32) to where a state pass starts.
@@ -250,14 +268,7 @@ def _state_fwd_kernel(
 
     for c in range(0, n_chunks):
         tl.debug_barrier()
-        tok0 = bos + c * CT
-        n_tok = tl.minimum(eos - tok0, CT)
-        n_sub = n_tok * NFAC
-        sub0 = tok0 * NFAC
-        valid = rows < n_sub
-        valid_tok = tok_rows < n_tok
-        sub = (sub0 + rows).to(tl.int64)
-        tok = (tok0 + tok_rows).to(tl.int64)
+        sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
         here = ((chunk_base + c) * H + head) * K * V
         G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
                                                             head, H, NFAC, BL)
@@ -329,14 +340,7 @@ def _state_bwd_kernel(
     for i in range(0, n_chunks):
         tl.debug_barrier()
         c = n_chunks - 1 - i
-        tok0 = bos + c * CT
-        n_tok = tl.minimum(eos - tok0, CT)
-        n_sub = n_tok * NFAC
-        sub0 = tok0 * NFAC
-        valid = rows < n_sub
-        valid_tok = tok_rows < n_tok
-        sub = (sub0 + rows).to(tl.int64)
-        tok = (tok0 + tok_rows).to(tl.int64)
+        sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
         here = ((chunk_base + c) * H + head) * K * V
         G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
                                                             head, H, NFAC, BL)
@@ -412,16 +416,9 @@ def _local_bwd_kernel(
     if tok0 >= eos:
         return
     chunk_idx = tl.load(cu_chunk_ptr + seq) + chunk
-    n_tok = tl.minimum(eos - tok0, CT)
-    n_sub = n_tok * NFAC
-    sub0 = tok0 * NFAC
-
+    sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(tok0, eos, CT, NFAC, BL, BC)
     rows = tl.arange(0, BL)
     tok_rows = tl.arange(0, BC)
-    valid = rows < n_sub
-    valid_tok = tok_rows < n_tok
-    sub = (sub0 + rows).to(tl.int64)
-    tok = (tok0 + tok_rows).to(tl.int64)
     state_base = (chunk_idx * H + head) * K * V
 
     beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
