@@ -30,6 +30,21 @@ def rel_rms(actual: "torch.Tensor", expected: "torch.Tensor") -> float:
     return err / max(denom, 1e-30)
 
 
+def assert_compiled_matches_eager(model: "torch.nn.Module", *inputs: "torch.Tensor") -> None:
+    """``torch.compile(model, fullgraph=True)`` (aot_eager: traced forward and backward graphs)
+    gives the eager loss and parameter gradients; ``model(*inputs)`` returns a scalar loss."""
+    eager = model(*inputs)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
 @pytest.fixture
 def device():
     return DEVICE

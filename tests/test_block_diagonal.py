@@ -6,7 +6,7 @@ import torch
 import linrec
 from linrec.block_diagonal import block_diagonal_scan_reference
 
-from conftest import DEVICE, HAS_CUDA, rel_rms
+from conftest import DEVICE, HAS_CUDA, assert_compiled_matches_eager, rel_rms
 
 BACKENDS = ["triton", "torch"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -329,16 +329,7 @@ def test_torch_compile_fullgraph():
 
     model = Model()
     u = torch.randn(2, 30, 6)
-    eager = model(u)
-    eager.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out = compiled(u)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    for p, g in zip(model.parameters(), grads):
-        torch.testing.assert_close(p.grad, g)
+    assert_compiled_matches_eager(model, u)
 
 
 # --- bad input: each raises a clear error naming the argument -------------------------------------

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import linrec
 from linrec.householder import householder_scan_chunked, householder_scan_recurrent, householder_scan_reference
 
-from conftest import DEVICE, HAS_CUDA, rel_rms
+from conftest import DEVICE, HAS_CUDA, assert_compiled_matches_eager, rel_rms
 
 BACKENDS = ["triton", "torch"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -334,16 +334,7 @@ def test_torch_compile_fullgraph():
 
     model = Model()
     x = torch.randn(2, 20, 8)
-    eager = model(x)
-    eager.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out = compiled(x)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    for p, g in zip(model.parameters(), grads):
-        torch.testing.assert_close(p.grad, g)
+    assert_compiled_matches_eager(model, x)
 
 
 # --- bad input: each raises a clear error naming the argument -------------------------------------
