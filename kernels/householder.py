@@ -137,8 +137,8 @@ def _wy_fwd_kernel(
 def _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V):
     """What a program of the state passes (grid (V blocks, N * H)) works on.
 
-    Returns (seq, head, bos, eos, chunk_base, n_chunks, seq_state): the sequence and head; the
-    sequence's token span [bos, eos); the index of its first chunk and its number of chunks; the
+    Returns (head, bos, eos, chunk_base, n_chunks, seq_state): the head; the sequence's token
+    span [bos, eos); the index of its first chunk and its number of chunks; the
     int64 offset of its (K, V) state in an (N, H, K, V) tensor.
     """
     pid_nh = tl.program_id(1)
@@ -149,7 +149,7 @@ def _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V):
     chunk_base = tl.load(cu_chunk_ptr + seq)
     n_chunks = tl.load(cu_chunk_ptr + seq + 1) - chunk_base
     seq_state = (seq.to(tl.int64) * H + head) * K * V
-    return seq, head, bos, eos, chunk_base, n_chunks, seq_state
+    return head, bos, eos, chunk_base, n_chunks, seq_state
 
 
 @triton.jit
@@ -256,8 +256,7 @@ def _state_fwd_kernel(
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr,
 ):
-    seq, head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
-    rows = tl.arange(0, BL)
+    head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     tok_rows = tl.arange(0, BC)
     cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
     v_ok = cols_v < V
@@ -326,8 +325,7 @@ def _state_bwd_kernel(
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr,
 ):
-    seq, head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
-    rows = tl.arange(0, BL)
+    head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     tok_rows = tl.arange(0, BC)
     cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
     v_ok = cols_v < V

@@ -36,7 +36,7 @@ mixer spec: KIND[-FLAG...]
                    -pX the column norm of the clamp (default 1; Fan et al. use 1.2)"""
 
 
-def _parse_spec(spec: str) -> Tuple[str, set, dict]:
+def parse_spec(spec: str) -> Tuple[str, set, dict]:
     """``"dp2-neg-h4"`` -> (``"dp2"``, {``"neg"``}, {``"h"``: 4}); ``"bd-fan-p1.2"`` -> p = 1.2."""
     kind, *rest = spec.split("-")
     flags, numbers = set(), {}
@@ -62,7 +62,7 @@ def _layer_class(name: str, module: str):
 
 def build_mixer(spec: str, d_model: int) -> nn.Module:
     """A ``linrec.nn`` layer (B, T, d_model) -> (B, T, d_model) from a spec (see ``MIXER_SPEC_HELP``)."""
-    kind, flags, numbers = _parse_spec(spec)
+    kind, flags, numbers = parse_spec(spec)
     neg = "neg" in flags
     conv_size = 0 if "noconv" in flags else 4
     known = {"neg", "gate", "fan", "slice", "noconv"}

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import TASKS, Task, add_bos, get_task, sample_train_batch
-from .models import MIXER_SPEC_HELP, SequenceModel
+from .models import MIXER_SPEC_HELP, SequenceModel, parse_spec
 
 RESULTS_DIR = os.path.join("bench", "results", "tasks")
 
@@ -296,11 +296,9 @@ def is_variant(spec: str, model: str) -> bool:
     """Whether mixer ``spec`` is the claim's ``model`` (e.g. ``"dp1-neg"``), possibly without its short
     convolution (``-noconv``), with another block size (``-bK``) or column norm (``-pX``): the same
     layer, other settings."""
-    if not spec.startswith(model):
-        return False
-    extra = spec[len(model):].split("-")[1:] if spec != model else []
-    return spec == model or (spec[len(model)] == "-" and all(
-        e == "noconv" or (e[:1] in "bp" and e[1:].replace(".", "", 1).isdigit()) for e in extra))
+    kind, flags, numbers = parse_spec(spec)
+    model_kind, model_flags, model_numbers = parse_spec(model)
+    return (kind, flags - {"noconv"}, numbers.get("h")) == (model_kind, model_flags, model_numbers.get("h"))
 
 
 def claim_lines(records: List[dict], threshold: float) -> List[str]:
