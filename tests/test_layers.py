@@ -232,6 +232,31 @@ def test_delta_product_beta_range(allow_neg):
     assert log_gate.shape == (2, 40, 2) and (log_gate <= 0).all()
 
 
+@pytest.mark.parametrize("allow_neg", [False, True])
+def test_delta_product_stretched_beta_reaches_its_ends_exactly(allow_neg):
+    torch.manual_seed(0)
+    hi = 2.0 if allow_neg else 1.0
+    plain = DeltaProduct(D_MODEL, num_heads=2, head_dim=4, num_householder=2, allow_neg_eigval=allow_neg)
+    stretched = DeltaProduct(D_MODEL, num_heads=2, head_dim=4, num_householder=2, allow_neg_eigval=allow_neg,
+                             beta_stretch=0.1)
+    stretched.load_state_dict(plain.state_dict())
+    x = (randn(2, 40, D_MODEL) * 3).requires_grad_()      # logits of a few units: sigmoid(z) < 1 in fp32
+    beta_plain, beta = plain.betas(x), stretched.betas(x)
+    # The plain sigmoid only approaches its ends; the stretched one reaches them, and is the same
+    # monotone map of the same logits elsewhere: clip(1.2 s - 0.1, 0, 1) with s the plain sigmoid.
+    assert 0.0 < beta_plain.min() and beta_plain.max() < hi
+    assert (beta == 0.0).any() and (beta == hi).any()
+    torch.testing.assert_close(beta, ((1.2 * beta_plain / hi - 0.1).clamp(0, 1) * hi))
+    # No gradient flows through a clipped beta; inside the range it is 1.2x the plain sigmoid's.
+    (grad,) = torch.autograd.grad(beta.sum(), x)
+    assert torch.isfinite(grad).all()
+    clipped = (beta == 0.0) | (beta == hi)
+    b_grad = torch.autograd.grad(stretched.betas(x), x, torch.ones_like(beta) * clipped)[0]
+    assert (b_grad == 0).all()
+    with pytest.raises(ValueError, match="beta_stretch"):
+        DeltaProduct(D_MODEL, num_heads=2, beta_stretch=-0.1)
+
+
 @pytest.mark.parametrize("p", [1.0, 1.2, 2.0])
 def test_fan_columns_have_unit_bounded_p_norm(p):
     torch.manual_seed(0)

@@ -194,8 +194,10 @@ def test_mixer_specs_set_the_layer_options():
     bd = build_mixer("bd-slice-b4-p1", 32)
     assert (bd.parameterization, bd.block_size, bd.num_blocks, bd.p) == ("slice", 4, 8, 1.0)
     assert build_mixer("bd-fan", 32).p == 1.0 and build_mixer("bd-fan-p1.2", 32).p == 1.2
-    with pytest.raises(ValueError, match="unknown flags"):
-        build_mixer("dp2-fast", 32)
+    assert build_mixer("dp1-neg-hard", 32).beta_stretch == 0.1 and build_mixer("dp1-neg", 32).beta_stretch == 0.0
+    for spec in ("dp2-fast", "rglru-hard", "lru-neg", "bd-fan-noconv"):
+        with pytest.raises(ValueError, match="do not apply"):
+            build_mixer(spec, 32)
     with pytest.raises(ValueError, match="divisible"):
         build_mixer("bd-fan-b5", 32)
 
@@ -205,6 +207,7 @@ def test_claims_report_picks_the_best_run_of_the_layer_and_its_variants():
 
     assert is_variant("dp1-neg-noconv", "dp1-neg") and is_variant("bd-fan-b64", "bd-fan")
     assert not is_variant("dp1", "dp1-neg") and not is_variant("dp1-neg-gate", "dp1-neg")
+    assert not is_variant("dp1-neg-hard", "dp1-neg")     # another beta map: its own row of the claim
 
     def record(mixer, seed, accs, layers=1):
         cfg = RunConfig(task="parity", mixer=mixer, num_layers=layers, steps=100, seed=seed)
@@ -228,3 +231,19 @@ def test_sample_segments_fill_the_budget_exactly():
 def test_bos_prefix_is_in_inputs():
     inputs, targets, mask = segments_to_padded([np.array([10, 20, 30], dtype=np.uint8)])
     assert inputs[0].tolist() == [BOS, 10, 20] and targets[0].tolist() == [10, 20, 30] and mask.all()
+
+
+def test_beta_probe_reads_token_betas_and_restores_the_layer():
+    from bench.tasks.beta_probe import snapped_accuracy, token_betas
+
+    torch.manual_seed(0)
+    task = data.get_task("parity")
+    model = SequenceModel(task.vocab_size + 1, task.num_classes, 16, 1, "dp1-neg-noconv").eval()
+    beta = token_betas(model)
+    assert beta.shape == (3, 1, 2) and ((beta > 0) & (beta < 2)).all()
+    mixer = model.blocks[0].mixer
+    x = torch.randn(1, 5, 16)
+    before = mixer.betas(x)
+    accs = snapped_accuracy(model, task, seed=0, snap_above=0.0)     # every beta set to 2 while scoring
+    assert set(accs) == {40, 64, 128, 256, 512} and all(0.0 <= a <= 1.0 for a in accs.values())
+    assert "betas" not in vars(mixer) and torch.equal(mixer.betas(x), before)

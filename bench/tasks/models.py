@@ -30,7 +30,8 @@ mixer spec: KIND[-FLAG...]
   lru              LRU (complex diagonal, time-invariant, d_state = d_model)
   dpN              DeltaProduct with N Householder factors, beta in [0, 1]
   dpN-neg          ... beta in [0, 2] (eigenvalues in [-1, 1]);  add -gate for the forget gate,
-                   -hH for H heads (default 2)
+                   -hH for H heads (default 2), -hard for beta = clip(1.2 sigmoid - 0.1, 0, 1)
+                   (x 2 with -neg), which reaches 0 and its maximum exactly (beta_stretch=0.1)
   -noconv          (rglru, dpN) without the short causal convolution before the recurrence
   bd-fan / bd-slice  BlockDiagonalRNN with that parameterization; -bK block size (default 8),
                    -pX the column norm of the clamp (default 1; Fan et al. use 1.2)"""
@@ -65,14 +66,15 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
     kind, flags, numbers = parse_spec(spec)
     neg = "neg" in flags
     conv_size = 0 if "noconv" in flags else 4
-    known = {"neg", "gate", "fan", "slice", "noconv"}
+    family = "dp" if kind.startswith("dp") else kind
+    known = {"rglru": {"neg", "noconv"}, "lru": set(), "dp": {"neg", "gate", "hard", "noconv"},
+             "bd": {"fan", "slice"}}.get(family, set())
     if flags - known:
-        raise ValueError(f"unknown flags {sorted(flags - known)} in mixer spec {spec!r}\n{MIXER_SPEC_HELP}")
+        raise ValueError(f"flags {sorted(flags - known)} do not apply to {kind!r} in mixer spec {spec!r}\n"
+                         f"{MIXER_SPEC_HELP}")
     if kind == "rglru":
         return _layer_class("RGLRU", "rglru")(d_model, allow_neg_eigval=neg, conv_size=conv_size)
     if kind == "lru":
-        if neg:
-            raise ValueError("lru has no negative-eigenvalue option (its eigenvalues are complex)")
         return _layer_class("LRU", "lru")(d_model, d_state=d_model)
     if kind.startswith("dp") and kind[2:].isdigit():
         heads = numbers.get("h", 2)
@@ -80,7 +82,7 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
             raise ValueError(f"d_model = {d_model} is not divisible by {heads} heads in {spec!r}")
         return _layer_class("DeltaProduct", "delta_product")(d_model, num_heads=heads, head_dim=d_model // heads,
                                 num_householder=int(kind[2:]), use_gate="gate" in flags, allow_neg_eigval=neg,
-                                conv_size=conv_size)
+                                beta_stretch=0.1 if "hard" in flags else 0.0, conv_size=conv_size)
     if kind == "bd":
         block = numbers.get("b", 8)
         if d_model % block:

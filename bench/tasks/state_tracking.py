@@ -116,7 +116,7 @@ SUITE: Dict[str, List[dict]] = {
     # Seeds and variants for the parity claims, the column-norm comparison (Fan et al.'s p = 1.2
     # against the layer's default p = 1) and block sizes for modular arithmetic.
     "extra": [
-        *(dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, seed=s) for s in (1, 2, 3, 4)),
+        *(dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, seed=s) for s in (1, 2, 3, 4, 5, 6, 7, 8, 9)),
         dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, weight_decay=0.0),
         dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, lr=0.01),
         dict(task="parity", mixer="dp1", num_layers=1, steps=1500, seed=1),
@@ -148,6 +148,10 @@ SUITE: Dict[str, List[dict]] = {
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=16000),
         dict(task="mod_arith", mixer="bd-fan-b32", num_layers=1, steps=4000),
         dict(task="parity", mixer="dp1-neg", num_layers=2, steps=1500),
+        # beta that reaches 0 and 2 exactly (DeltaProduct(beta_stretch=0.1)): exact reflections
+        *(dict(task="parity", mixer="dp1-neg-hard", num_layers=1, steps=1500, seed=s) for s in range(5)),
+        *(dict(task="parity", mixer="dp1-neg-hard-noconv", num_layers=1, steps=1500, seed=s) for s in range(3)),
+        *(dict(task="parity", mixer="dp1-hard", num_layers=1, steps=1500, seed=s) for s in range(2)),
     ],
 }
 
@@ -198,8 +202,9 @@ def evaluate(model: SequenceModel, task: Task, length: int, num_sequences: int, 
     return correct / max(total, 1)
 
 
-def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
-    """Trains one model on ``cfg.task`` and returns a result record (accuracy per test length etc.)."""
+def train_model(cfg: RunConfig, progress: bool = True):
+    """Trains one model on ``cfg.task``. Returns (model, params, per-step losses, per-step training
+    accuracies, training seconds)."""
     task = get_task(cfg.task)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -234,7 +239,13 @@ def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
     train_seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    return model, params, losses, accs, train_seconds
 
+
+def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
+    """Trains one model on ``cfg.task`` and returns a result record (accuracy per test length etc.)."""
+    task = get_task(cfg.task)
+    model, params, losses, accs, train_seconds = train_model(cfg, progress)
     start = time.perf_counter()
     test_acc = {str(L): evaluate(model, task, L, cfg.eval_batch, cfg.seed) for L in task.test_lengths}
     eval_seconds = time.perf_counter() - start
@@ -279,8 +290,10 @@ def label(record: dict, steps: bool = False) -> str:
 # The papers' claims checked by the report: (description, [(task, mixer, num_layers, should_solve,
 # lengths)]), with lengths "all" (every test length) or "short" (the shortest test length only).
 CLAIMS = [
-    ("parity: DeltaProduct n=1 with beta in [0, 2] solves it, with beta in [0, 1] not",
-     [("parity", "dp1-neg", 1, True, "all"), ("parity", "dp1", 1, False, "all")]),
+    ("parity: DeltaProduct n=1 with beta in [0, 2] solves it, with beta in [0, 1] not "
+     "(beta = 2 sigmoid, and -hard: a stretched sigmoid that reaches 0 and 2)",
+     [("parity", "dp1-neg", 1, True, "all"), ("parity", "dp1", 1, False, "all"),
+      ("parity", "dp1-neg-hard", 1, True, "all"), ("parity", "dp1-hard", 1, False, "all")]),
     ("parity: RG-LRU with a_t in [-1, 1] solves it, with a_t in [0, 1] not",
      [("parity", "rglru-neg", 2, True, "all"), ("parity", "rglru", 2, False, "all")]),
     ("S3: DeltaProduct n=2 with negative eigenvalues solves it (n=1, or no negative eigenvalues: not)",

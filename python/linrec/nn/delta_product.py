@@ -20,6 +20,9 @@ The layer around the scan follows Gated DeltaNet:
   * q, k, v from linear maps (k and v: n per token and head), each through a short depthwise
     causal convolution (width 4) and SiLU; q and k L2-normalised per head (and factor);
   * beta_tj = sigmoid(w_b . x_t) (times 2 with ``allow_neg_eigval``), one per factor and head;
+    with ``beta_stretch = m > 0`` the sigmoid is stretched and clipped,
+    ``clip((1 + 2m) sigmoid(.) - m, 0, 1)``, so that beta reaches 0 and its maximum exactly (at
+    |w_b . x_t| >= log((1 + m) / m)) instead of only in the limit;
   * the gate ``log alpha_t = -exp(A_log) * softplus(w_a . x_t + dt_bias)`` per head (Mamba-2's
     discretisation: exp(A_log) a decay rate, softplus(.) a positive step size);
   * the output RMS-normalised per head, multiplied by SiLU(W_g x_t), and projected back.
@@ -54,6 +57,13 @@ class DeltaProduct(nn.Module):
         num_householder: n, the Householder factors per token (1 is (Gated) DeltaNet).
         use_gate: multiply the state by alpha_t = exp(log_gate_t) in (0, 1] each token (Gated DeltaNet).
         allow_neg_eigval: beta = 2 * sigmoid (eigenvalues in [-1, 1]) instead of sigmoid ([0, 1]).
+        beta_stretch: m >= 0; m > 0 stretches the sigmoid by m on each side and clips it to [0, 1],
+            so that a factor can be exactly the identity (beta = 0) or, with ``allow_neg_eigval``,
+            an exact reflection (beta = 2, eigenvalue -1). With the plain sigmoid (m = 0, the
+            papers' choice) beta only approaches 2: a trained parity model had beta = 1.99 on
+            the flipping token, so its parity signal shrank 0.99x per flip and it failed past
+            ~128 flips; with beta set to exactly 2 the same model was right at length 512
+            (bench/results/tasks/state_tracking.md). Past the clip the gradient of beta is zero.
         conv_size: width of the short convolutions on q, k, v (0 disables them).
         conv_init: "near_identity" (default) or "uniform" (Gated DeltaNet's); see ``ShortConv``.
         norm_eps: eps of the per-head output RMSNorm.
@@ -65,16 +75,20 @@ class DeltaProduct(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: Optional[int] = None, num_householder: int = 2,
-                 use_gate: bool = True, allow_neg_eigval: bool = True, conv_size: int = 4,
-                 conv_init: str = "near_identity", norm_eps: float = 1e-6, backend: str = "auto"):
+                 use_gate: bool = True, allow_neg_eigval: bool = True, beta_stretch: float = 0.0,
+                 conv_size: int = 4, conv_init: str = "near_identity", norm_eps: float = 1e-6,
+                 backend: str = "auto"):
         super().__init__()
         head_dim = d_model // num_heads if head_dim is None else head_dim
         if head_dim < 1 or num_householder < 1 or num_heads < 1:
             raise ValueError(f"need num_heads >= 1, head_dim >= 1, num_householder >= 1, got "
                              f"{num_heads}, {head_dim}, {num_householder}")
+        if not beta_stretch >= 0.0:
+            raise ValueError(f"beta_stretch must be >= 0, got {beta_stretch}")
         H, K, n = num_heads, head_dim, num_householder
         self.d_model, self.num_heads, self.head_dim, self.num_householder = d_model, H, K, n
         self.use_gate, self.allow_neg_eigval, self.conv_size, self.backend = use_gate, allow_neg_eigval, conv_size, backend
+        self.beta_stretch = float(beta_stretch)
 
         self.q_proj = nn.Linear(d_model, H * K, bias=False)
         self.k_proj = nn.Linear(d_model, n * H * K, bias=False)
@@ -98,6 +112,9 @@ class DeltaProduct(nn.Module):
     def betas(self, x: Tensor) -> Tensor:
         """beta: (B, T, n, H) float32 in [0, 1], or [0, 2] with ``allow_neg_eigval``; x: (B, T, d_model)."""
         beta = torch.sigmoid(self.b_proj(x).float())
+        if self.beta_stretch > 0:
+            m = self.beta_stretch
+            beta = ((1.0 + 2.0 * m) * beta - m).clamp(0.0, 1.0)
         beta = 2.0 * beta if self.allow_neg_eigval else beta
         return rearrange(beta, "b t (n h) -> b t n h", n=self.num_householder)
 
