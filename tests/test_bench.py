@@ -106,3 +106,10 @@ def test_target_ratios_use_the_worst_matching_point():
     assert speed.startswith("[no]") and "4.00x fla.chunk_hgrn" in speed and "T=16384" in speed
     assert bandwidth.startswith("[no]") and "80.0%" in bandwidth
     assert missing.startswith("[--]")
+
+
+def test_gpu_runbook_parses_and_prints_its_usage():
+    script = os.path.join(REPO, "bench", "gpu.sh")
+    subprocess.run(["bash", "-n", script], check=True)          # syntax
+    usage = subprocess.run(["bash", script, "help"], capture_output=True, text=True, cwd=REPO)
+    assert usage.returncode == 2 and "bash bench/gpu.sh tests" in usage.stdout

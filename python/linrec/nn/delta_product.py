@@ -60,10 +60,10 @@ class DeltaProduct(nn.Module):
         beta_stretch: m >= 0; m > 0 stretches the sigmoid by m on each side and clips it to [0, 1],
             so that a factor can be exactly the identity (beta = 0) or, with ``allow_neg_eigval``,
             an exact reflection (beta = 2, eigenvalue -1). With the plain sigmoid (m = 0, the
-            papers' choice) beta only approaches 2: a trained parity model had beta = 1.99 on
-            the flipping token, so its parity signal shrank 0.99x per flip and it failed past
-            ~128 flips; with beta set to exactly 2 the same model was right at length 512
-            (bench/results/tasks/state_tracking.md). Past the clip the gradient of beta is zero.
+            papers' choice) beta only approaches 2: a trained one-layer parity model had
+            beta = 1.99 on the flipping token, so its parity signal shrank 0.99x per flip and it
+            failed past ~128 flips; with that beta set to exactly 2 the same model was right at
+            length 512 (bench/results/tasks/beta_probe.md). Past the clip beta's gradient is zero.
         conv_size: width of the short convolutions on q, k, v (0 disables them).
         conv_init: "near_identity" (default) or "uniform" (Gated DeltaNet's); see ``ShortConv``.
         norm_eps: eps of the per-head output RMSNorm.

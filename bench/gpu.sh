@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The runbook of a session with a lent GPU (see bench/README.md, "On a lent GPU").
+#
+#   bash bench/gpu.sh prepare            # here, once: the peers' wheels (pure Python) into .whl/
+#   # then on the GPU machine (device tool `run`, carry [".whl"]), one step per call:
+#   bash bench/gpu.sh tests [PYTEST ARGS]   # the test suite on CUDA  -> $OUT/gpu-tests.log
+#   bash bench/gpu.sh bench OP [ARGS]       # python -m bench OP --full -> $OUT/*.csv, *.png
+#   # (OP: diagonal, householder, block-diagonal), then here: copy the CSVs and PNGs from the
+#   # run's files into bench/results/ and run `python -m bench.report`.
+#
+# The GPU machine has no network: linrec installs from the checkout without dependencies (torch,
+# triton, einops, numpy, pytest and tqdm are in its image), the peers from .whl/.
+set -euo pipefail
+
+FLA_CORE=fla-core==0.6.0            # fla.ops.{hgrn,gated_delta_rule,gated_delta_product}; needs einops
+ACCELERATED_SCAN=accelerated-scan==0.3.1
+
+step=${1:-help}
+shift || true
+case "$step" in
+  prepare)
+    exclude=$(git rev-parse --git-path info/exclude)
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "$FLA_CORE" "$ACCELERATED_SCAN"
+    ls .whl
+    ;;
+  tests | bench)
+    if compgen -G ".whl/*.whl" > /dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    python3 -m pip install -q --no-deps --no-build-isolation -e .
+    out=${OUT:-bench/results/local}
+    mkdir -p "$out"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+      | tee -a "$out/gpu.txt"
+    if [ "$step" = tests ]; then
+      python3 -m pytest -q -rs "$@" 2>&1 | tee "$out/gpu-tests.log"
+      exit "${PIPESTATUS[0]}"
+    fi
+    op=${1:?usage: bash bench/gpu.sh bench OP [ARGS]}
+    shift
+    python3 -m bench "$op" --full --out "$out" "$@"
+    ;;
+  *)
+    sed -n '2,12p' "$0"
+    exit 2
+    ;;
+esac
