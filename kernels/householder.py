@@ -302,7 +302,9 @@ def _state_fwd_kernel(
             S = tl.load(states_ptr + here + s_off, mask=smask, other=0.0)
             kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
                          other=0.0).to(tl.float32)
-            S = gamma_L * S + tl.dot(tl.trans(kk * decay_last[:, None]), d, input_precision=PREC)
+            # (exp(G_L - G) K)^T d, computed as (d^T (exp(G_L - G) K))^T: with d (a dot result) as
+            # the second operand, Triton 3.6 fails to compile the tf32 product for sm_90.
+            S = gamma_L * S + tl.trans(tl.dot(tl.trans(d), kk * decay_last[:, None], input_precision=PREC))
             if c + 1 < n_chunks:
                 tl.store(states_ptr + here + H * K * V + s_off, S, mask=smask)
             else:

@@ -5,6 +5,8 @@ Triton lowers to PTX and ptxas (shipped with Triton) assembles a cubin for each
 target. The Triton interpreter accepts kernels the GPU compiler rejects, so this
 is the check that the kernels CI tests on CPU also build for sm_80 and sm_90a.
 It must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit``).
+With ``PYTHONPATH`` pointing at another Triton install it checks the kernels against that
+version (``tests/test_aot_compile.py`` does so for the GPU machines' Triton).
 """
 
 import importlib
@@ -35,4 +37,4 @@ def compile_module(module_name: str, archs) -> int:
 if __name__ == "__main__":
     name, *arch_args = sys.argv[1:]
     n = compile_module(name, [int(a) for a in arch_args])
-    print(f"compiled {n} kernel specialisations of {name} for {arch_args}")
+    print(f"compiled {n} kernel specialisations of {name} for {arch_args} with triton {triton.__version__}")
