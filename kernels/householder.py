@@ -42,7 +42,7 @@ that can pass 2**31 are int64.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton

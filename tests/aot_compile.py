@@ -3,7 +3,8 @@
 Run as ``python tests/aot_compile.py linrec.kernels.diagonal 80 90``. It needs no GPU:
 Triton lowers to PTX and ptxas (shipped with Triton) assembles a cubin for each
 target. The Triton interpreter accepts kernels the GPU compiler rejects, so this
-is the check that the kernels CI tests on CPU also build for sm_80 and sm_90a.
+is the check that the kernels CI tests on CPU also build for sm_80 and sm_90a, within the
+shared memory a thread block may use there.
 It must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit``).
 With ``PYTHONPATH`` pointing at another Triton install it checks the kernels against that
 version (``tests/test_aot_compile.py`` does so for the GPU machines' Triton).
@@ -15,6 +16,11 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+
+# Shared memory one thread block may use (opt-in maximum), bytes: a kernel compiled above it
+# would fail to launch with "out of resources".
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def compile_module(module_name: str, archs) -> int:
@@ -30,6 +36,9 @@ def compile_module(module_name: str, archs) -> int:
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
             if "cubin" not in compiled.asm:
                 raise RuntimeError(f"{kernel.__name__} {constexprs} produced no cubin for sm_{arch}")
+            if compiled.metadata.shared > SHARED_MEMORY_LIMIT[arch]:
+                raise RuntimeError(f"{kernel.__name__} {constexprs} needs {compiled.metadata.shared} bytes of shared "
+                                   f"memory on sm_{arch}, more than the {SHARED_MEMORY_LIMIT[arch]} a block may use")
             count += 1
     return count
 
