@@ -655,14 +655,14 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     CT = max(1, SUBSTEPS_PER_CHUNK // n)
     BL = max(16, _next_pow2(CT * n))
     BC = max(16, _next_pow2(CT))
-    if interpret:  # small blocks: the interpreter's cost grows with tile area
-        BK = max(16, min(32, _next_pow2(K)))
-        BV = max(16, min(32, _next_pow2(V)))
-        num_warps = 1
-    else:
-        BK = max(16, min(64, _next_pow2(K)))
-        BV = max(16, min(32, _next_pow2(V)))
-        num_warps = 4
+    BK = max(16, min(32, _next_pow2(K)))
+    BV = max(16, min(32, _next_pow2(V)))
+    # GPU: 8 warps and 32-column K blocks keep the 64 x 64 fp32 tiles of these kernels mostly in
+    # registers. Bytes of spill stores + loads reported by ptxas -v, worst specialisation, sm_90a
+    # (`python tests/aot_compile.py linrec.kernels.householder 80 90 --spills`): with 4 warps and
+    # BK = 64 the chunk-local backward had 43 KB (214 KB for sm_80) and the other kernels 8-55 KB;
+    # with 8 warps and BK = 32, 16 KB and 1-3 KB. (Interpreter: 1 warp, the same blocks.)
+    num_warps = 1 if interpret else 8
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     return dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, num_warps=num_warps, PREC=prec)
 

@@ -60,3 +60,16 @@ def test_compiles_for_sm80_and_sm90a(module):
 @pytest.mark.parametrize("module", KERNEL_MODULES)
 def test_compiles_with_the_gpu_machines_triton(module, gpu_machine_triton):
     assert f"with triton {GPU_MACHINE_TRITON}" in _compile(module, gpu_machine_triton)
+
+
+def test_spill_report_reads_ptxas(tmp_path):
+    """``aot_compile.py --spills`` prints one line per kernel and target with ptxas' spill bytes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = Path(__file__).with_name("aot_compile.py")
+    result = subprocess.run([sys.executable, str(script), "linrec.kernels.block_diagonal", "90", "--spills"], env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "bytes of spill stores + loads" in line]
+    assert {line.split()[0] for line in lines} == {"block_diagonal_scan_kernel", "block_diagonal_carry_kernel"}
+    assert all(int(line.split("up to ")[1].split()[0]) >= 0 for line in lines)
