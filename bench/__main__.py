@@ -109,7 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         torch.set_num_threads(args.threads)
     env = environment(device)
     print(f"device: {env['device']}  driver: {env['driver'] or 'n/a'}  torch {env['torch']}  "
-          f"triton {env['triton']}  git {env['git_sha']}  {env['utc_time']}", flush=True)
+          f"triton {env['triton']}  git {env['git_sha']}  {env['utc_time']}"
+          + (f"  kernel config: {env['kernel_config']}" if env["kernel_config"] else ""), flush=True)
 
     # Collect the work first, so the progress bar knows its length.
     plan = []

@@ -184,7 +184,17 @@ def environment(device: torch.device) -> Dict[str, str]:
         "triton": triton_version,
         "git_sha": _git_sha(),
         "utc_time": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "kernel_config": _kernel_config_overrides(),
     }
+
+
+def _kernel_config_overrides() -> str:
+    """The LINREC_*_CONFIG launch-setting overrides of this run (empty: the launchers' defaults)."""
+    try:
+        from linrec.kernels import config_overrides_in_use
+    except ImportError:  # no Triton: no kernels to configure
+        return ""
+    return config_overrides_in_use()
 
 
 def device_slug(device: torch.device) -> str:
@@ -405,7 +415,7 @@ def run_case(op: OpSpec, impl: Impl, point: Point, mode: str, dtype_name: str, d
 # --------------------------------------------------------------------------------------------
 
 DIM_COLUMNS = ("B", "T", "D", "H", "K", "V", "n", "G", "b")
-ENV_COLUMNS = ("device", "driver", "cuda", "torch", "triton", "git_sha", "utc_time")
+ENV_COLUMNS = ("device", "driver", "cuda", "torch", "triton", "git_sha", "utc_time", "kernel_config")
 CSV_COLUMNS = (("op", "sweep", "impl", "kind", "mode", "dtype", "x_name", "x_value") + DIM_COLUMNS
                + ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy", "tflops", "peak_extra_mb",
                   "output_mb", "bytes_model", "copy_gbps") + ENV_COLUMNS)

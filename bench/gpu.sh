@@ -7,6 +7,7 @@
 #   bash bench/gpu.sh bench OP [ARGS]       # python -m bench OP --full -> $OUT/*.csv, *.png
 #   # (OP: diagonal, householder, block-diagonal), then here: copy the CSVs and PNGs from the
 #   # run's files into bench/results/ and run `python -m bench.report`.
+#   # Tuning: LINREC_DIAGONAL_CONFIG="BLOCK_T=16,num_warps=8" bash bench/gpu.sh bench diagonal ...
 #
 # The GPU machine has no network: linrec installs from the checkout without dependencies (torch,
 # triton, einops, numpy, pytest and tqdm are in its image), the peers from .whl/.
@@ -46,7 +47,7 @@ case "$step" in
     python3 -m bench "$op" --full --out "$out" "$@"
     ;;
   *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac

@@ -58,10 +58,11 @@ def table_for_file(path: str, sweeps: Sequence[str]) -> str:
     env = rows[0]
     driver = f", driver {env['driver']}" if env.get("driver") else ""
     cuda = f", CUDA {env['cuda']}" if env.get("cuda") else ""
+    tuned = f", kernel launch settings {env['kernel_config']}" if env.get("kernel_config") else ""
     out = [f"### {env['device']}",
            "",
            f"`{os.path.relpath(path)}` — torch {env['torch']}, triton {env['triton']}{cuda}{driver}, "
-           f"linrec {env['git_sha']}, {env['utc_time']}. Measured copy bandwidth "
+           f"linrec {env['git_sha']}{tuned}, {env['utc_time']}. Measured copy bandwidth "
            f"{float(env['copy_gbps']):.1f} GB/s. Times are median (p20–p80) ms; GB/s counts the bytes "
            f"that must move (each input read once, each output written once); "
            f"\"vs loop\" is the per-step PyTorch loop's time over this one's.",

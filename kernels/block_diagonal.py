@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import config_override
+
 
 @triton.jit
 def _both(mask, cond):
@@ -274,12 +276,14 @@ def _config(b: int, interpret: bool) -> dict:
     tile = BLOCK_B * BLOCK_B
     use_dot = BLOCK_B >= 16
     if interpret:
-        return dict(BLOCK_B=BLOCK_B, BLOCK_G=1 if use_dot else max(1, 1024 // tile), num_warps=1, USE_DOT=use_dot)
-    BLOCK_G = 1 if use_dot else max(1, 256 // tile)
-    # ~8 tile elements per thread: with the two-step prefetch (three tiles live) and
-    # 64-bit offsets, more per thread spills at b = 64 (checked with ptxas -v for sm_90a).
-    num_warps = min(8, max(1, tile * BLOCK_G // 256))
-    return dict(BLOCK_B=BLOCK_B, BLOCK_G=BLOCK_G, num_warps=num_warps, USE_DOT=use_dot)
+        cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=1 if use_dot else max(1, 1024 // tile), num_warps=1, USE_DOT=use_dot)
+    else:
+        BLOCK_G = 1 if use_dot else max(1, 256 // tile)
+        # ~8 tile elements per thread: with the two-step prefetch (three tiles live) and
+        # 64-bit offsets, more per thread spills at b = 64 (checked with ptxas -v for sm_90a).
+        num_warps = min(8, max(1, tile * BLOCK_G // 256))
+        cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=BLOCK_G, num_warps=num_warps, USE_DOT=use_dot)
+    return config_override("block_diagonal", cfg, ("BLOCK_G", "num_warps"))
 
 
 # Chunking (time-parallelism) on the GPU: when fewer than MIN_PROGRAMS (sequence,

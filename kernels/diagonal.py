@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import config_override
+
 
 @triton.jit
 def _combine_real(a1, x1, a2, x2):
@@ -222,9 +224,11 @@ def _tl_acc(dtype: torch.dtype):
 def _config(dtype: torch.dtype, interpret: bool, D: int = 64) -> dict:
     """Tile sizes. Tiles are small in the interpreter, whose scan costs a Python call per tile element."""
     if interpret:
-        return dict(BLOCK_T=16, BLOCK_D=min(16, triton.next_power_of_2(max(D, 1))), num_warps=1)
-    wide = dtype in (torch.bfloat16, torch.float16)
-    return dict(BLOCK_T=32, BLOCK_D=128 if wide else 64, num_warps=4)
+        cfg = dict(BLOCK_T=16, BLOCK_D=min(16, triton.next_power_of_2(max(D, 1))), num_warps=1)
+    else:
+        wide = dtype in (torch.bfloat16, torch.float16)
+        cfg = dict(BLOCK_T=32, BLOCK_D=128 if wide else 64, num_warps=4)
+    return config_override("diagonal", cfg, ("BLOCK_T", "BLOCK_D", "num_warps"))
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:

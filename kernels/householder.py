@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import config_override
+
 SUBSTEPS_PER_CHUNK = 64
 
 
@@ -664,7 +666,8 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # with 8 warps and BK = 32, 16 KB and 1-3 KB. (Interpreter: 1 warp, the same blocks.)
     num_warps = 1 if interpret else 8
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, num_warps=num_warps, PREC=prec)
+    return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, num_warps=num_warps, PREC=prec),
+                           ("BK", "BV", "num_warps"))
 
 
 def _offsets(B: int, T: int, n: int, CT: int, cu_seqlens: Optional[torch.Tensor], device) -> tuple:
