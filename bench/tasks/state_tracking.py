@@ -144,7 +144,7 @@ SUITE: Dict[str, List[dict]] = {
         dict(task="mod_arith", mixer="bd-fan-b16-p1.2", num_layers=1, steps=4000),
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=4000),
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000),
-        *(dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000, seed=s) for s in (1, 2, 3, 4, 5)),
+        *(dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000, seed=s) for s in (1, 2, 3, 4, 5, 6, 7)),
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=16000),
         dict(task="mod_arith", mixer="bd-fan-b32", num_layers=1, steps=4000),
         dict(task="parity", mixer="dp1-neg", num_layers=2, steps=1500),
@@ -245,6 +245,7 @@ def train_model(cfg: RunConfig, progress: bool = True):
 def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
     """Trains one model on ``cfg.task`` and returns a result record (accuracy per test length etc.)."""
     task = get_task(cfg.task)
+    code_version = git_sha()            # at the start: the code this run trains with
     model, params, losses, accs, train_seconds = train_model(cfg, progress)
     start = time.perf_counter()
     test_acc = {str(L): evaluate(model, task, L, cfg.eval_batch, cfg.seed) for L in task.test_lengths}
@@ -253,7 +254,7 @@ def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
                 train_lengths=list(task.train_lengths), test_acc=test_acc,
                 final_train_loss=float(np.mean(losses[-20:])), final_train_acc=float(np.mean(accs[-20:])),
                 train_seconds=round(train_seconds, 1), eval_seconds=round(eval_seconds, 1),
-                torch=torch.__version__, threads=torch.get_num_threads(), git=git_sha())
+                torch=torch.__version__, threads=torch.get_num_threads(), git=code_version)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,9 +269,10 @@ def load_results(path: str) -> List[dict]:
 
 
 def git_sha() -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files have uncommitted changes."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except Exception:  # noqa: BLE001 - outside a git checkout
         return "unknown"
 
