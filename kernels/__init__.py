@@ -2,9 +2,10 @@
 
 Nothing here knows about autograd: each launcher takes tensors and returns
 tensors, and ``linrec``'s ops wire them into ``torch.library``. Every module
-lists the kernel specialisations its launchers use in ``AOT_SPECS`` so CI can
+lists the kernel specialisations its launchers use in ``aot_specs()`` so CI can
 compile them ahead of time for real GPU targets (the CPU interpreter accepts
-code that the GPU compiler rejects).
+code that the GPU compiler rejects). ``config_override`` lets the environment change a
+launcher's tile sizes and warps (``LINREC_<FAMILY>_CONFIG``) for tuning on a GPU.
 """
 
 import os

@@ -231,9 +231,9 @@ def _config(dtype: torch.dtype, interpret: bool, D: int = 64) -> dict:
         cfg = dict(BLOCK_T=32, BLOCK_D=64, num_warps=8)
     # GPU: 8 tile elements per thread. Registers per thread from ptxas -v for sm_90a (forward /
     # backward, fp32 | bf16): 142 / 255 | 147 / 255 with 520 bytes of spills at the previous
-    # 4 warps (32 x 64 | 32 x 128 tiles), 58 / 97 | 48 / 99 and no spills now, so several times
-    # more warps fit on an SM to hide memory latency. Not yet timed on a GPU: the old setting is
-    # LINREC_DIAGONAL_CONFIG="BLOCK_T=32,num_warps=4".
+    # 4 warps (32 x 64 | 32 x 128 tiles); 58 / 97 | 48 / 99 now, at most 24 bytes of spills over
+    # every specialisation, so several times more warps fit on an SM to hide memory latency.
+    # Not yet timed on a GPU: the old setting is LINREC_DIAGONAL_CONFIG="BLOCK_T=32,num_warps=4".
     return config_override("diagonal", cfg, ("BLOCK_T", "BLOCK_D", "num_warps"))
 
 
