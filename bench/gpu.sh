@@ -32,10 +32,12 @@ case "$step" in
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
-    python3 -m pip install -q --no-deps --no-build-isolation -e .
+    python3 -m pip install -q --no-deps --no-build-isolation -e . \
+      || python3 -m pip install -q --no-deps --no-build-isolation .
     out=${OUT:-bench/results/local}
     mkdir -p "$out"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+    (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed") \
+      | tee "$out/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
       | tee -a "$out/gpu.txt"
     if [ "$step" = tests ]; then

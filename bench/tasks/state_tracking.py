@@ -116,7 +116,7 @@ SUITE: Dict[str, List[dict]] = {
     # Seeds and variants for the parity claims, the column-norm comparison (Fan et al.'s p = 1.2
     # against the layer's default p = 1) and block sizes for modular arithmetic.
     "extra": [
-        *(dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, seed=s) for s in (1, 2, 3, 4, 5, 6, 7, 8, 9)),
+        *(dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, seed=s) for s in range(1, 10)),
         dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, weight_decay=0.0),
         dict(task="parity", mixer="dp1-neg", num_layers=1, steps=1500, lr=0.01),
         dict(task="parity", mixer="dp1", num_layers=1, steps=1500, seed=1),
@@ -144,7 +144,7 @@ SUITE: Dict[str, List[dict]] = {
         dict(task="mod_arith", mixer="bd-fan-b16-p1.2", num_layers=1, steps=4000),
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=4000),
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000),
-        *(dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000, seed=s) for s in (1, 2, 3, 4, 5, 6, 7)),
+        *(dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000, seed=s) for s in range(1, 8)),
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=16000),
         dict(task="mod_arith", mixer="bd-fan-b32", num_layers=1, steps=4000),
         dict(task="parity", mixer="dp1-neg", num_layers=2, steps=1500),
