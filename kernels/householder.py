@@ -663,7 +663,8 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # registers. Bytes of spill stores + loads reported by ptxas -v, worst specialisation, sm_90a
     # (`python tests/aot_compile.py linrec.kernels.householder 80 90 --spills`): with 4 warps and
     # BK = 64 the chunk-local backward had 43 KB (214 KB for sm_80) and the other kernels 8-55 KB;
-    # with 8 warps and BK = 32, 16 KB and 1-3 KB. (Interpreter: 1 warp, the same blocks.)
+    # with 8 warps and BK = 32, 16 KB for fp32 inputs (its exact fp32 products use FMA layouts),
+    # 3 KB for bf16 / fp16 (tf32), and 1-3 KB. (Interpreter: 1 warp, the same blocks.)
     num_warps = 1 if interpret else 8
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, num_warps=num_warps, PREC=prec),

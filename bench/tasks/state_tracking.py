@@ -144,7 +144,7 @@ SUITE: Dict[str, List[dict]] = {
         dict(task="mod_arith", mixer="bd-fan-b16-p1.2", num_layers=1, steps=4000),
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=4000),
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000),
-        *(dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000, seed=s) for s in range(1, 8)),
+        *(dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=8000, seed=s) for s in range(1, 10)),
         dict(task="mod_arith", mixer="bd-fan-b32-p1.2", num_layers=1, steps=16000),
         dict(task="mod_arith", mixer="bd-fan-b32", num_layers=1, steps=4000),
         dict(task="parity", mixer="dp1-neg", num_layers=2, steps=1500),
