@@ -30,7 +30,7 @@ setup(
     install_requires=["torch>=2.4", "einops", "numpy"],
     extras_require={
         "triton": ["triton>=3.1"],
-        "test": ["triton>=3.1", "pytest", "ninja"],
+        "test": ["triton>=3.1", "pytest", "ninja", "tqdm", "matplotlib"],  # the bench and task tests run them
         "bench": ["triton>=3.1", "tqdm", "matplotlib"],
     },
 )

@@ -192,7 +192,7 @@ def _kernel_config_overrides() -> str:
     """The LINREC_*_CONFIG launch-setting overrides of this run (empty: the launchers' defaults)."""
     try:
         from linrec.kernels import config_overrides_in_use
-    except ImportError:  # no Triton: no kernels to configure
+    except ImportError:  # a linrec without its kernels package: nothing to configure
         return ""
     return config_overrides_in_use()
 
