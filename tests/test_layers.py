@@ -32,6 +32,8 @@ LAYERS = {
                                         backend=be), "block_diagonal_scan"),
     "slice": (lambda be: BlockDiagonalRNN(D_MODEL, block_size=3, num_blocks=2, parameterization="slice",
                                           backend=be), "block_diagonal_scan"),
+    "fan_max_center": (lambda be: BlockDiagonalRNN(D_MODEL, block_size=3, num_blocks=2, p=1.2, column_norm="max",
+                                                   center_columns=True, backend=be), "block_diagonal_scan"),
 }
 NAMES = list(LAYERS)
 TOL = 1e-5  # fp32, DESIGN.md §4
@@ -271,6 +273,25 @@ def test_fan_columns_have_unit_bounded_p_norm(p):
         assert (torch.einsum("btgij,btgj->btgi", A, h).abs().sum(-1) <= h.abs().sum(-1) + 1e-5).all()
 
 
+@pytest.mark.parametrize("parameterization", ["fan", "slice"])
+@pytest.mark.parametrize("scale", [0.01, 10.0])
+def test_max_column_norm_puts_every_block_on_the_unit_sphere(parameterization, scale):
+    """column_norm="max": each block divided by its largest column p-norm, whatever the input's size
+    (the clamp leaves blocks whose columns are all inside the ball alone); center_columns: 1^T A = 0."""
+    torch.manual_seed(0)
+    p = 1.2
+    layer = BlockDiagonalRNN(D_MODEL, block_size=4, num_blocks=3, parameterization=parameterization, p=p,
+                             column_norm="max", center_columns=True)
+    A = layer.transitions(randn(2, 30, D_MODEL) * scale).detach()
+    col = torch.linalg.vector_norm(A, ord=p, dim=-2)                     # (B, T, G, b)
+    assert torch.allclose(col.amax(dim=-1), torch.ones(()), atol=1e-5)
+    assert A.sum(dim=-2).abs().max() < 1e-5                             # every column sums to zero
+    layer.center_columns = False
+    A = layer.transitions(randn(2, 30, D_MODEL) * scale).detach()
+    assert torch.allclose(torch.linalg.vector_norm(A, ord=p, dim=-2).amax(dim=-1), torch.ones(()), atol=1e-5)
+    assert A.sum(dim=-2).abs().max() > 1e-2                             # not centred without the flag
+
+
 def test_slice_starts_near_identity_and_is_linear_in_the_control():
     torch.manual_seed(0)
     layer = BlockDiagonalRNN(D_MODEL, block_size=4, num_blocks=3, parameterization="slice", slice_dim=5)
@@ -361,5 +382,7 @@ def test_bad_constructor_arguments_raise():
         BlockDiagonalRNN(D_MODEL, 2, 2, parameterization="dense")
     with pytest.raises(ValueError, match="allow_neg_eigval"):
         BlockDiagonalRNN(D_MODEL, 2, 2, allow_neg_eigval=False)
+    with pytest.raises(ValueError, match="column_norm"):
+        BlockDiagonalRNN(D_MODEL, 2, 2, column_norm="frobenius")
     with pytest.raises(ValueError, match="r_min"):
         LRU(D_MODEL, 4, r_min=0.5, r_max=1.0)

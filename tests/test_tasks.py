@@ -194,6 +194,9 @@ def test_mixer_specs_set_the_layer_options():
     bd = build_mixer("bd-slice-b4-p1", 32)
     assert (bd.parameterization, bd.block_size, bd.num_blocks, bd.p) == ("slice", 4, 8, 1.0)
     assert build_mixer("bd-fan", 32).p == 1.0 and build_mixer("bd-fan-p1.2", 32).p == 1.2
+    bd = build_mixer("bd-fan-max-center-p1.2", 32)
+    assert (bd.column_norm, bd.center_columns, bd.p) == ("max", True, 1.2)
+    assert (build_mixer("bd-fan", 32).column_norm, build_mixer("bd-fan", 32).center_columns) == ("clamp", False)
     assert build_mixer("dp1-neg-hard", 32).beta_stretch == 0.1 and build_mixer("dp1-neg", 32).beta_stretch == 0.0
     for spec in ("dp2-fast", "rglru-hard", "lru-neg", "bd-fan-noconv"):
         with pytest.raises(ValueError, match="do not apply"):
@@ -206,6 +209,7 @@ def test_claims_report_picks_the_best_run_of_the_layer_and_its_variants():
     from bench.tasks.state_tracking import RunConfig, claim_lines, is_variant
 
     assert is_variant("dp1-neg-noconv", "dp1-neg") and is_variant("bd-fan-b64", "bd-fan")
+    assert is_variant("bd-fan-max-center-p1.2", "bd-fan")
     assert not is_variant("dp1", "dp1-neg") and not is_variant("dp1-neg-gate", "dp1-neg")
     assert not is_variant("dp1-neg-hard", "dp1-neg")     # another beta map: its own row of the claim
 

@@ -34,7 +34,9 @@ mixer spec: KIND[-FLAG...]
                    (x 2 with -neg), which reaches 0 and its maximum exactly (beta_stretch=0.1)
   -noconv          (rglru, dpN) without the short causal convolution before the recurrence
   bd-fan / bd-slice  BlockDiagonalRNN with that parameterization; -bK block size (default 8),
-                   -pX the column norm of the clamp (default 1; Fan et al. use 1.2)"""
+                   -pX the column norm of the clamp (default 1; Fan et al. use 1.2); -max divides
+                   each block by its largest column norm instead of clamping each column, -center
+                   subtracts the column means first (both as in Fan et al.'s code)"""
 
 
 def parse_spec(spec: str) -> Tuple[str, set, dict]:
@@ -68,7 +70,7 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
     conv_size = 0 if "noconv" in flags else 4
     family = "dp" if kind.startswith("dp") else kind
     known = {"rglru": {"neg", "noconv"}, "lru": set(), "dp": {"neg", "gate", "hard", "noconv"},
-             "bd": {"fan", "slice"}}.get(family, set())
+             "bd": {"fan", "slice", "max", "center"}}.get(family, set())
     if flags - known:
         raise ValueError(f"flags {sorted(flags - known)} do not apply to {kind!r} in mixer spec {spec!r}\n"
                          f"{MIXER_SPEC_HELP}")
@@ -88,7 +90,8 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
         if d_model % block:
             raise ValueError(f"d_model = {d_model} is not divisible by block size {block} in {spec!r}")
         param = "slice" if "slice" in flags else "fan"
-        kwargs = dict(block_size=block, num_blocks=d_model // block, parameterization=param)
+        kwargs = dict(block_size=block, num_blocks=d_model // block, parameterization=param,
+                      column_norm="max" if "max" in flags else "clamp", center_columns="center" in flags)
         if "p" in numbers:
             kwargs["p"] = numbers["p"]
         return _layer_class("BlockDiagonalRNN", "block_diagonal")(d_model, **kwargs)

@@ -8,7 +8,7 @@ Two parameterisations of the blocks A(u_t)[g] (``parameterization=``):
 * ``"fan"`` — the regular-language LRNN of Fan, Chi and Rudnicky ("Advancing Regular Language
   Reasoning in Linear Recurrent Neural Networks", arXiv:2309.07412): a linear map of the input gives G*b*b
   entries, and every column of every block is divided by max(1, its p-norm), so that
-  ||A[:, j]||_p <= 1. For p = 1 (the default here) this bounds the induced l1 norm of every
+  ||A[:, j]||_p <= 1 (``column_norm="clamp"``). For p = 1 (the default here) this bounds the induced l1 norm of every
   block by 1, so the state can never blow up. The paper uses p = 1.2 (``p=1.2``), slightly more
   expressive, but for p > 1 the column bound no longer bounds the growth: ||A h||_p <= ||h||_1
   only, so the state may grow by up to b^(1 - 1/p) per token, 1.41 for b = 8. Trained models do
@@ -31,6 +31,18 @@ Two parameterisations of the blocks A(u_t)[g] (``parameterization=``):
   the plain linear-in-z form (for short sequences or inputs that are small increments, as in the
   CDE setting of the paper).
 
+How the columns are bounded (both parameterisations; ``column_norm=``, ``center_columns=``):
+
+* ``"clamp"`` (default): A[:, j] / max(1, ||A[:, j]||_p). Columns inside the unit p-ball are left
+  alone, so the layer may also learn contractions, columns of norm 0.99 say: harmless on the
+  training lengths, but such a component decays to 0.08 over 256 tokens.
+* ``"max"``: A / max_j ||A[:, j]||_p, as the code released with Fan et al.'s paper does: every block
+  has its largest column exactly on the unit sphere, so no block can shrink as a whole.
+* ``center_columns=True`` (also from that code) first subtracts from every column its mean over
+  the rows, so that 1^T A = 0: the all-ones direction, which a permutation-like block maps to
+  itself and along which the inputs would otherwise pile up as an undecayed sum, is not carried
+  from one token to the next.
+
 The RMSNorm on h before the output map keeps the readout's scale fixed while the state's norm
 drifts (an undecayed sum in ``"fan"``, a slow growth in ``"slice"``).
 
@@ -51,6 +63,7 @@ import linrec
 from ._common import RMSNorm, check_input, check_state_tensor, final_states, num_sequences
 
 PARAMETERIZATIONS = ("fan", "slice")
+COLUMN_NORMS = ("clamp", "max")
 
 
 class BlockDiagonalRNN(nn.Module):
@@ -65,7 +78,10 @@ class BlockDiagonalRNN(nn.Module):
             by 1; 1.2 as in Fan et al. lets the state grow (see the module doc).
         slice_dim: r, the dimension of the control z_t of "slice" (default min(d_model, 16)).
         slice_init_scale: std of the entries of sum_i z_i A_i at init, for z of unit-variance entries.
-        slice_normalize: clamp the columns of the "slice" blocks to the unit p-ball as in "fan".
+        slice_normalize: bound the columns of the "slice" blocks as those of "fan".
+        column_norm: "clamp" (each column divided by max(1, its p-norm)) or "max" (each block divided
+            by its largest column p-norm, as in Fan et al.'s code); see the module doc.
+        center_columns: subtract each column's mean over its rows before the norm (Fan et al.'s code).
         allow_neg_eigval: accepted for a uniform interface with the other layers; the blocks are general
             real matrices, so their eigenvalues already range over the (p-norm) unit ball, negative
             values and complex pairs included. Only True is supported.
@@ -76,7 +92,8 @@ class BlockDiagonalRNN(nn.Module):
 
     def __init__(self, d_model: int, block_size: int, num_blocks: int, parameterization: str = "fan",
                  p: float = 1.0, slice_dim: Optional[int] = None, slice_init_scale: float = 0.01,
-                 slice_normalize: bool = True, allow_neg_eigval: bool = True, backend: str = "auto"):
+                 slice_normalize: bool = True, column_norm: str = "clamp", center_columns: bool = False,
+                 allow_neg_eigval: bool = True, backend: str = "auto"):
         super().__init__()
         if not allow_neg_eigval:
             raise ValueError("BlockDiagonalRNN cannot restrict its eigenvalues to [0, 1]: its blocks are general "
@@ -85,10 +102,13 @@ class BlockDiagonalRNN(nn.Module):
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         if p < 1:
             raise ValueError(f"p must be >= 1, got {p}")
+        if column_norm not in COLUMN_NORMS:
+            raise ValueError(f"column_norm must be one of {COLUMN_NORMS}, got {column_norm!r}")
         b, G = block_size, num_blocks
         self.d_model, self.block_size, self.num_blocks = d_model, b, G
         self.parameterization, self.p, self.backend = parameterization, float(p), backend
         self.slice_normalize = slice_normalize
+        self.column_norm, self.center_columns = column_norm, bool(center_columns)
 
         self.in_proj = nn.Linear(d_model, G * b)
         if parameterization == "fan":
@@ -111,17 +131,25 @@ class BlockDiagonalRNN(nn.Module):
         b, G = self.block_size, self.num_blocks
         if self.parameterization == "fan":
             A = rearrange(self.A_proj(u).float(), "bt t (g i j) -> bt t g i j", g=G, i=b, j=b)
-            return self._clamp_columns(A)
+            return self._bound_columns(A)
         z = self.z_proj(u).float()                                                   # (B, T, r)
         eye = torch.eye(b, dtype=torch.float32, device=u.device)
         A = eye + torch.einsum("btr,rgij->btgij", z, self.generators.float())
-        return self._clamp_columns(A) if self.slice_normalize else A
+        return self._bound_columns(A) if self.slice_normalize else A
 
-    def _clamp_columns(self, A: Tensor) -> Tensor:
-        """Divides column j of every block, A[..., :, j], by max(1, ||A[..., :, j]||_p); A: (B, T, G, b, b)."""
+    def _bound_columns(self, A: Tensor) -> Tensor:
+        """Bounds the columns A[..., :, j] of every block to the unit p-ball; A: (B, T, G, b, b).
+
+        ``"clamp"`` divides each column by max(1, its p-norm), ``"max"`` each block by its largest
+        column p-norm; ``center_columns`` first subtracts each column's mean over the rows.
+        """
+        if self.center_columns:
+            A = A - A.mean(dim=-2, keepdim=True)
         # (sum_i |A_ij|^p)^(1/p), with a tiny floor inside the root so that the derivative stays
         # finite for an all-zero column (vector_norm's backward gives 0/0 there).
         col_norm = (A.abs().pow(self.p).sum(dim=-2, keepdim=True) + 1e-30).pow(1.0 / self.p)  # (B, T, G, 1, b)
+        if self.column_norm == "max":
+            return A / col_norm.amax(dim=-1, keepdim=True)
         return A / col_norm.clamp_min(1.0)
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False,
