@@ -31,7 +31,7 @@ OPS: Dict[str, OpSpec] = {
     "householder": householder.OP,
     "block-diagonal": block_diagonal.OP,
 }
-PRESETS = ("tiny", "quick", "full", "cpu-target")
+PRESETS = ("tiny", "quick", "full", "cpu-target", "gpu-target")
 MAX_FAILURES = 3  # an implementation that raised this many times in a row (per op and dtype) is not retried
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

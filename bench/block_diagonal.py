@@ -164,6 +164,9 @@ def sweeps(preset: str, device: torch.device) -> List[Point]:
             pts.append(Point("blocksize", "b", _dims(8, 4096, 256 // b, b), ("fwd", "bwd", "fwdbwd"), ("fp32",)))
         for B in (1, 4, 16, 32):
             pts.append(Point("batch", "B", _dims(B, 4096, 64, 4), ("fwd", "fwdbwd"), ("fp32",)))
+    elif preset == "gpu-target":  # the blocksize points of the goals: b <= 4, and b = 4 at T = 4096
+        for b in (1, 2, 4):
+            pts.append(Point("blocksize", "b", _dims(8, 4096, 256 // b, b), ("fwd", "bwd", "fwdbwd"), ("fp32",)))
     else:
         raise ValueError(f"unknown preset {preset!r}")
     return pts

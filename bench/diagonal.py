@@ -193,7 +193,9 @@ def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
 
 def sweeps(preset: str, device: torch.device) -> List[Point]:
     """The points of a preset: ``tiny`` (tests), ``quick`` (seconds on a CPU), ``full`` (GPU),
-    ``cpu-target`` (the B=8, T=4096, D=512 fp32 CPU comparison of the diagonal issue)."""
+    ``cpu-target`` (the B=8, T=4096, D=512 fp32 CPU comparison of the diagonal issue),
+    ``gpu-target`` (only the points the GPU goals of ``targets()`` are judged on: minutes, for a
+    short GPU lease; the other ops' presets of these names mean the same)."""
     pts: List[Point] = []
     if preset == "tiny":
         for T in (32, 64):
@@ -213,6 +215,10 @@ def sweeps(preset: str, device: torch.device) -> List[Point]:
         for B in (1, 4, 16, 64):
             pts.append(Point("batch", "B", {"B": B, "T": 4096, "D": 1024}, ("fwd", "bwd"), ("fp32",)))
         pts.append(Point("cpu-target", "T", {"B": 8, "T": 4096, "D": 512}, ("fwd", "bwd", "fwdbwd"), ("fp32",)))
+    elif preset == "gpu-target":  # the fewest points that measure every GPU goal of targets() (one lease)
+        for e in (13, 15):  # 2^26 and 2^28 elements at B=8, D=1024 (not "seqlen": no associative_scan)
+            pts.append(Point("target", "T", {"B": 8, "T": 2 ** e, "D": 1024}, ("fwd", "bwd", "fwdbwd"),
+                             ("fp32", "bf16")))
     else:
         raise ValueError(f"unknown preset {preset!r}")
     return pts

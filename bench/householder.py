@@ -201,6 +201,12 @@ def _dims(B, T, H, K, n):
     return {"B": B, "T": T, "H": H, "K": K, "V": K, "n": n}
 
 
+def _target_points() -> List[Point]:
+    """The issue's comparison with fla: each target shape for n = 1, 2, 3 factors."""
+    return [Point(f"target-n{n}", "T", _dims(B, T, H, K, n), ("fwd", "fwdbwd"), ("bf16",))
+            for n in (1, 2, 3) for B, T, H, K in TARGET_SHAPES]
+
+
 def sweeps(preset: str, device: torch.device) -> List[Point]:
     """The points of a preset (see ``bench/diagonal.py``)."""
     pts: List[Point] = []
@@ -226,9 +232,9 @@ def sweeps(preset: str, device: torch.device) -> List[Point]:
             pts.append(Point("headdim", "K", _dims(4, 2048, 16, K, 1), ("fwd", "fwdbwd"), ("bf16",)))
         for n in (1, 2, 3, 4):
             pts.append(Point("factors", "n", _dims(4, 2048, 16, 64, n), ("fwd", "fwdbwd"), ("bf16",)))
-        for n in (1, 2, 3):
-            for B, T, H, K in TARGET_SHAPES:
-                pts.append(Point(f"target-n{n}", "T", _dims(B, T, H, K, n), ("fwd", "fwdbwd"), ("bf16",)))
+        pts.extend(_target_points())
+    elif preset == "gpu-target":
+        pts.extend(_target_points())
     else:
         raise ValueError(f"unknown preset {preset!r}")
     return pts

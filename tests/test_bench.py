@@ -113,3 +113,21 @@ def test_gpu_runbook_parses_and_prints_its_usage():
     subprocess.run(["bash", "-n", script], check=True)          # syntax
     usage = subprocess.run(["bash", script, "help"], capture_output=True, text=True, cwd=REPO)
     assert usage.returncode == 2 and "bash bench/gpu.sh tests" in usage.stdout
+
+
+def test_gpu_target_preset_covers_every_gpu_goal():
+    """``--preset gpu-target`` (the one-call check of a short GPU lease) has, for every GPU goal of
+    every op, a point the goal is judged on: for every linrec implementation the goal names and, for
+    a speedup, its baseline (which must run there too), a (shape, mode, dtype) row it would select."""
+    import torch
+
+    from bench.__main__ import OPS
+    for op in OPS.values():
+        points = op.sweeps("gpu-target", torch.device("cuda"))
+        assert points, f"{op.name}: gpu-target has no points"
+        rows = [dict(op=op.name, sweep=pt.sweep, mode=mode, dtype=dtype, **pt.dims)
+                for pt in points for mode in pt.modes for dtype in pt.dtypes]
+        for target in op.targets():
+            if "linrec.triton" not in target.impl:
+                continue  # a CPU goal: the cpu-target preset measures it
+            assert any(target.where(r) for r in rows), f"gpu-target misses {target.label!r}"
