@@ -11,7 +11,7 @@
 #   # (OP: diagonal, householder, block-diagonal), then here: copy the CSVs and PNGs from the
 #   # run's files into bench/results/ and run `python -m bench.report`.
 #   # Tuning: LINREC_DIAGONAL_CONFIG="BLOCK_T=16,num_warps=8" bash bench/gpu.sh bench diagonal ...
-#   # check's budgets: TEST_SECONDS (default 200) and BENCH_SECONDS (default 240).
+#   # check's budgets: TEST_SECONDS (default 200) and BENCH_SECONDS (default 240, a third per op).
 #
 # The GPU machine has no network: linrec installs from the checkout without dependencies (torch,
 # triton, einops, numpy, pytest and tqdm are in its image), the peers from .whl/.
@@ -56,11 +56,15 @@ case "$step" in
         --ignore=tests/test_packaging.py --ignore=tests/test_aot_compile.py > "$out/gpu-tests.log" 2>&1
       echo "tests: exit $? (124: cut at ${TEST_SECONDS:-200} s)" | tee -a "$out/gpu.txt"
       tail -n 15 "$out/gpu-tests.log"; echo
-      timeout "${BENCH_SECONDS:-240}" python3 -m bench all --preset gpu-target --out "$out" --name gpu-target --no-plot \
-        > "$out/gpu-bench.log" 2>&1
-      echo "bench: exit $? (124: cut at ${BENCH_SECONDS:-240} s; the CSV keeps every finished point)" \
-        | tee -a "$out/gpu.txt"
-      grep -A40 '^targets:' "$out/gpu-bench.log" || tail -n 20 "$out/gpu-bench.log"
+      # One process per op, each with a third of the budget, so that a slow one cannot starve the others.
+      : > "$out/gpu-bench.log"
+      for op in diagonal block-diagonal householder; do
+        timeout "$(( ${BENCH_SECONDS:-240} / 3 ))" python3 -m bench "$op" --preset gpu-target --out "$out" \
+          --name "gpu-target-$op" --no-plot >> "$out/gpu-bench.log" 2>&1
+        echo "bench $op: exit $? (124: cut at $(( ${BENCH_SECONDS:-240} / 3 )) s; its CSV keeps every finished point)" \
+          | tee -a "$out/gpu.txt"
+      done
+      grep -A12 '^targets:' "$out/gpu-bench.log" || tail -n 20 "$out/gpu-bench.log"
       exit 0
     fi
     if [ "$step" = tests ]; then

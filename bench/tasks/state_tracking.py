@@ -158,6 +158,9 @@ SUITE: Dict[str, List[dict]] = {
         *(dict(task="mod_arith", mixer="bd-fan-max-center-p1.2", num_layers=3, steps=4000, seed=s) for s in range(5)),
         dict(task="mod_arith", mixer="bd-fan", num_layers=3, steps=4000),
         dict(task="mod_arith", mixer="bd-fan-b32-max-center-p1.2", num_layers=1, steps=4000),
+        *(dict(task="mod_arith", mixer="bd-fan-b32-max-center-p1.2", num_layers=1, steps=8000, seed=s)
+          for s in range(3)),
+        dict(task="mod_arith", mixer="bd-fan-b32-max-p1.2", num_layers=1, steps=8000),
     ],
 }
 
