@@ -58,10 +58,11 @@ case "$step" in
       tail -n 15 "$out/gpu-tests.log"; echo
       # One process per op, each with a third of the budget, so that a slow one cannot starve the others.
       : > "$out/gpu-bench.log"
+      per_op=$(( ${BENCH_SECONDS:-240} / 3 ))
       for op in diagonal block-diagonal householder; do
-        timeout "$(( ${BENCH_SECONDS:-240} / 3 ))" python3 -m bench "$op" --preset gpu-target --out "$out" \
+        timeout "$per_op" python3 -m bench "$op" --preset gpu-target --out "$out" \
           --name "gpu-target-$op" --no-plot >> "$out/gpu-bench.log" 2>&1
-        echo "bench $op: exit $? (124: cut at $(( ${BENCH_SECONDS:-240} / 3 )) s; its CSV keeps every finished point)" \
+        echo "bench $op: exit $? (124: cut at $per_op s; its CSV keeps every finished point)" \
           | tee -a "$out/gpu.txt"
       done
       grep -A12 '^targets:' "$out/gpu-bench.log" || tail -n 20 "$out/gpu-bench.log"
