@@ -2,15 +2,17 @@
 
 Examples::
 
-    python -m bench                          # quick sweep of all three ops (seconds on a CPU)
+    python -m bench                          # quick sweep of all three ops (about a minute on a CPU)
     python -m bench diagonal --preset cpu-target   # B=8 T=4096 D=512 fp32: torch backend vs loop
     python -m bench --full                   # the GPU sweep (all ops; run one op per call if the
                                              # machine limits a command's time)
+    python -m bench --preset gpu-target      # only the points the GPU goals are judged on
     python -m bench householder --full --modes fwdbwd --dtypes bf16
 
 Writes ``<out>/<device>-<preset>[-<ops>].csv`` (one row per measured point, with device,
-driver, versions, git SHA and UTC time) and one PNG per (op, sweep); prints a table, the
-skipped implementations (one line each) and the issues' target ratios.
+driver, versions, git SHA and UTC time) and one PNG per (op, sweep); prints a table (with each
+implementation's speed-up against the per-step loop), the skipped implementations (one line
+each) and the issues' target ratios.
 """
 
 from __future__ import annotations
@@ -18,55 +20,75 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from . import block_diagonal, diagonal, householder
-from .common import (DTYPES, MODES, OpSpec, Skip, device_slug, environment, evaluate_targets, format_table,
-                     measure_copy_bandwidth, plot_sweeps, run_case, write_csv)
+from .common import (DTYPES, MODES, HelpFormatter, OpSpec, Skip, add_device_option, device_slug, environment,
+                     evaluate_targets, format_table, measure_copy_bandwidth, pick_device, plot_sweeps, run_case,
+                     write_csv)
 
 OPS: Dict[str, OpSpec] = {
     "diagonal": diagonal.OP,
     "householder": householder.OP,
     "block-diagonal": block_diagonal.OP,
 }
-PRESETS = ("tiny", "quick", "full", "cpu-target", "gpu-target")
+# The presets, each with what it runs (every op module's ``sweeps(preset, device)`` knows them all).
+PRESETS = {
+    "tiny": "seconds; the shapes tests/test_bench.py runs",
+    "quick": "small shapes of every op, fwd and fwd+bwd, fp32 (about a minute on a CPU)",
+    "cpu-target": "the diagonal issue's CPU comparison (B=8 T=4096 D=512 fp32) and small CPU points of "
+                  "the other ops",
+    "gpu-target": "only the points the GPU goals are judged on, for a short GPU lease (150 cases)",
+    "full": "the GPU sweep: sequence length, batch, width/heads, block size, n factors, dtypes, every mode, "
+            "and the issues' target shapes",
+}
 MAX_FAILURES = 3  # an implementation that raised this many times in a row (per op and dtype) is not retried
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m bench`` (``--help`` lists the presets and every default)."""
+    presets = "\n".join(textwrap.fill(text, 100, initial_indent=f"  {name:12s}", subsequent_indent=" " * 14)
+                         for name, text in PRESETS.items())
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=HelpFormatter,
+                                epilog="presets:\n" + presets)
     p.add_argument("ops", nargs="*", default=[], metavar="OP",
                    help=f"which ops to run: {', '.join(OPS)} or all (default: all)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                   help="small shapes, a few seconds on a CPU (the default)")
-    g.add_argument("--full", dest="preset", action="store_const", const="full",
-                   help="the GPU sweep: sequence length, batch, width/heads, block size, n factors, "
-                        "dtypes, every mode, and the issues' target shapes")
-    g.add_argument("--preset", help="tiny (tests) | quick | full | cpu-target, or several joined by commas "
-                                    "(e.g. quick,cpu-target)")
-    p.add_argument("--modes", default="", help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--dtypes", default="", help=f"comma-separated subset of {','.join(DTYPES)}")
-    p.add_argument("--sweeps", default="", help="comma-separated sweep names to keep (e.g. seqlen,target)")
+                   help="the quick preset (the default preset)")
+    g.add_argument("--full", dest="preset", action="store_const", const="full", help="the full preset")
+    g.add_argument("--preset", help=f"{' | '.join(PRESETS)}, or several joined by commas (e.g. quick,cpu-target); "
+                                    "see the list below (default: quick)")
+    p.add_argument("--modes", default="", help=f"comma-separated subset of {','.join(MODES)} (default: all)")
+    p.add_argument("--dtypes", default="", help=f"comma-separated subset of {','.join(DTYPES)} (default: all "
+                                                "that the preset measures)")
+    p.add_argument("--sweeps", default="", help="comma-separated sweep names to keep, e.g. seqlen,target "
+                                                "(default: all)")
     p.add_argument("--impls", default="", help="comma-separated substrings; keep implementations whose "
-                                               "name contains one (e.g. linrec,loop)")
+                                               "name contains one, e.g. linrec,loop (default: all)")
     p.add_argument("--skip-impls", default="", help="comma-separated substrings; drop implementations whose "
-                                                    "name contains one (e.g. associative_scan,reference)")
-    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
+                                                    "name contains one, e.g. associative_scan,reference "
+                                                    "(default: none)")
+    add_device_option(p)
     p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds of timing per point (default 0.005 tiny, 0.02 quick, 0.1 on CUDA, 0.2 on the CPU)")
+                   help="seconds of timing per point (default: 0.005 tiny, 0.02 quick, 0.1 on CUDA, 0.2 on the CPU)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: torch's own choice); 1 gives steadier numbers on a "
-                        "shared machine")
+                   help="torch CPU threads, 0 for torch's own choice; 1 gives steadier numbers on a shared machine")
     p.add_argument("--out", default="", help="folder for the CSV and PNGs (default: bench/results for full and "
                                              "cpu-target runs, bench/results/local (git-ignored) for tiny/quick)")
-    p.add_argument("--name", default="", help="file name stem instead of <device>-<preset>[-<ops>]")
+    p.add_argument("--name", default="", help="file name stem (default: <device>-<preset>[-<ops>])")
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     p.add_argument("--dry-run", action="store_true", help="list the points and implementations, run nothing")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parses and checks the command line; fills in the preset and the output folder."""
+    p = build_parser()
     args = p.parse_args(argv)
     args.preset = args.preset or "quick"
     if not args.out:  # quick looks must not overwrite the committed results
@@ -91,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
 
     args = parse_args(argv)
     ops = list(OPS) if not args.ops or "all" in args.ops else list(dict.fromkeys(args.ops))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     modes = _split(args.modes) or list(MODES)
     dtypes = _split(args.dtypes) or list(DTYPES)
     for m in modes:

@@ -4,7 +4,7 @@ Shapes: x (B, T, G, b), A (B, T, G, b, b); G blocks of size b x b.
 
 Implementations:
 
-* ``linrec.<backend>`` for every backend of ``linrec.block_diagonal_scan`` (when the op exists);
+* ``linrec.<backend>`` for every backend of ``linrec.block_diagonal_scan``;
 * ``torch_loop``: the per-step batched matrix-vector loop (fp32 state);
 * ``torch_logscan``: a log-depth (Hillis-Steele) scan in PyTorch over pairs (A, x): log2(T)
   rounds, each composing every step with the one ``offset`` before it by batched matmuls;
@@ -24,7 +24,7 @@ import torch
 
 import linrec
 
-from .common import Impl, OpSpec, Point, Skip, Target, cap_steps, probe_backend
+from .common import Impl, OpSpec, Point, Target, cap_steps, probe_backend
 
 LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
 
@@ -64,9 +64,6 @@ def flops(point: Point, mode: str) -> Optional[float]:
 
 def _linrec(backend: str):
     def build(inputs, point, mode):
-        if not hasattr(linrec, "block_diagonal_scan"):
-            raise Skip("linrec.block_diagonal_scan not present in this tree")
-
         def fn(A, x):
             return linrec.block_diagonal_scan(A, x, backend=backend)
         return fn, [inputs["A"], inputs["x"]]
@@ -113,22 +110,18 @@ def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
     """Every implementation to try on ``device``, and one-line notes for those left out."""
     out: List[Impl] = []
     notes: List[str] = []
-    if not hasattr(linrec, "block_diagonal_scan"):
-        notes.append("block-diagonal: linrec.block_diagonal_scan not present in this tree; linrec backends skipped")
-    else:
-        for backend in LINREC_BACKENDS:
-            why = probe_backend(lambda: linrec.block_diagonal_scan(0.5 * torch.eye(2, device=device).expand(1, 2, 1, 2, 2),
-                                                                   torch.ones(1, 2, 1, 2, device=device),
-                                                                   backend=backend),
-                                device, backend, "linrec.block_diagonal_scan")
-            if why:
-                notes.append(f"block-diagonal: {why}")
-                continue
-            refuse = None
-            if backend == "reference":
-                refuse = cap_steps(lambda p: p.dims["B"] * p.dims["T"], cpu=4096, cuda=4096,
-                                   what="reference (a Python loop over B x T)")
-            out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
+    for backend in LINREC_BACKENDS:
+        why = probe_backend(lambda: linrec.block_diagonal_scan(0.5 * torch.eye(2, device=device).expand(1, 2, 1, 2, 2),
+                                                               torch.ones(1, 2, 1, 2, device=device), backend=backend),
+                            device, backend, "linrec.block_diagonal_scan")
+        if why:
+            notes.append(f"block-diagonal: {why}")
+            continue
+        refuse = None
+        if backend == "reference":
+            refuse = cap_steps(lambda p: p.dims["B"] * p.dims["T"], cpu=4096, cuda=4096,
+                               what="reference (a Python loop over B x T)")
+        out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
     out.append(Impl("torch_loop", "baseline", _build(torch_loop), cap_steps(steps, cpu=4096, cuda=8192)))
     out.append(Impl("torch_logscan", "baseline", _build(torch_logscan)))
     return out, notes

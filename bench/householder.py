@@ -7,7 +7,7 @@ Every case is gated (log_gate given), as in Gated DeltaNet / Gated DeltaProduct.
 
 Implementations:
 
-* ``linrec.<backend>`` for every backend of ``linrec.householder_scan`` (when the op exists);
+* ``linrec.<backend>`` for every backend of ``linrec.householder_scan``;
 * ``torch_loop``: the per-token, per-factor loop in PyTorch (fp32 state), at small sizes only;
 * ``fla.chunk_gated_delta_rule`` (n = 1) and ``fla.chunk_gated_delta_product`` (n >= 2) when
   flash-linear-attention is installed (interleaved (B, T*n, H, K) keys: ``k.flatten(1, 2)``,
@@ -84,9 +84,6 @@ _ARGS = ("q", "k", "v", "beta", "log_gate")
 
 def _linrec(backend: str):
     def build(inputs, point, mode):
-        if not hasattr(linrec, "householder_scan"):
-            raise Skip("linrec.householder_scan not present in this tree")
-
         def fn(q, k, v, beta, log_gate):
             return linrec.householder_scan(q, k, v, beta, log_gate, backend=backend)[0]
         return fn, [inputs[a] for a in _ARGS]
@@ -166,20 +163,17 @@ def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
     """Every implementation to try on ``device``, and one-line notes for those left out."""
     out: List[Impl] = []
     notes: List[str] = []
-    if not hasattr(linrec, "householder_scan"):
-        notes.append("householder: linrec.householder_scan not present in this tree; linrec backends skipped")
-    else:
-        for backend in LINREC_BACKENDS:
-            why = probe_backend(lambda: linrec.householder_scan(*_probe_inputs(device), backend=backend),
-                                device, backend, "linrec.householder_scan")
-            if why:
-                notes.append(f"householder: {why}")
-                continue
-            refuse = None
-            if backend == "reference":
-                refuse = cap_steps(lambda p: p.dims["B"] * p.dims["T"] * p.dims["n"], cpu=512, cuda=1024,
-                                   what="reference (a Python loop over B x T x n)")
-            out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
+    for backend in LINREC_BACKENDS:
+        why = probe_backend(lambda: linrec.householder_scan(*_probe_inputs(device), backend=backend),
+                            device, backend, "linrec.householder_scan")
+        if why:
+            notes.append(f"householder: {why}")
+            continue
+        refuse = None
+        if backend == "reference":
+            refuse = cap_steps(lambda p: p.dims["B"] * p.dims["T"] * p.dims["n"], cpu=512, cuda=1024,
+                               what="reference (a Python loop over B x T x n)")
+        out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
     out.append(Impl("torch_loop", "baseline", _build_loop,
                     both(cap_steps(steps, cpu=1024, cuda=4096), _loop_memory_rule)))
     if optional_import("fla.ops.gated_delta_rule")[0] is None:

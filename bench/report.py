@@ -19,12 +19,11 @@ import glob
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from .common import MODES, evaluate_targets, read_csv, shape_label
+from .common import MODES, HelpFormatter, evaluate_targets, loop_speedups, read_csv, shape_label
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Sweeps shown by default: sequence length, the issues' target shapes and the CPU comparison.
 DEFAULT_SWEEPS = ("seqlen", "cpu-target", "target-n1", "target-n2", "target-n3", "blocksize")
-BASELINE_FOR_SPEEDUP = "torch_loop"
 
 
 def _targets():
@@ -76,10 +75,8 @@ def table_for_file(path: str, sweeps: Sequence[str]) -> str:
         out.append("|---|---|---|---|---|---|---|---|---|")
         sel.sort(key=lambda r: (r["sweep"], r["x_value"], shape_label(r), MODES.index(r["mode"]), r["dtype"],
                                 r["median_ms"]))
-        for r in sel:
-            loop = next((o for o in sel if o["impl"] == BASELINE_FOR_SPEEDUP and shape_label(o) == shape_label(r)
-                         and o["mode"] == r["mode"] and o["dtype"] == r["dtype"]), None)
-            speedup = f"{loop['median_ms'] / r['median_ms']:.2f}x" if loop is not None else ""
+        for r, vs_loop in zip(sel, loop_speedups(sel)):
+            speedup = f"{vs_loop:.2f}x" if vs_loop is not None else ""
             frac = f"{100 * r['frac_copy']:.1f}" if isinstance(r["frac_copy"], float) else ""
             tflops = f"{r['tflops']:.3g}" if isinstance(r["tflops"], float) else ""
             out.append(f"| {shape_label(r)} | {r['mode']} | {r['dtype']} | {r['impl']} | {_fmt_ms(r)} | "
@@ -94,13 +91,19 @@ def table_for_file(path: str, sweeps: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csvs", nargs="*", help="results CSVs (default: bench/results/*.csv)")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m bench.report``."""
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("csvs", nargs="*", default=[], help="results CSVs (default: bench/results/*.csv)")
     p.add_argument("--sweeps", default=",".join(DEFAULT_SWEEPS), help="sweeps to show (comma-separated)")
-    p.add_argument("--out", default=os.path.join(RESULTS, "README_table.md"), help="markdown file to write")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=os.path.join(RESULTS, "README_table.md"),
+                   help="markdown file to write (default: bench/results/README_table.md)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    """Writes the markdown tables of the given (or all committed) CSVs; returns the text."""
+    args = build_parser().parse_args(argv)
     paths = args.csvs or sorted(glob.glob(os.path.join(RESULTS, "*.csv")))
     sweeps = [s.strip() for s in args.sweeps.split(",") if s.strip()]
     sections = ["## Performance", "",
