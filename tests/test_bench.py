@@ -1,6 +1,6 @@
 """The benchmark command runs end to end on tiny shapes and writes a parsable CSV.
 
-No timing assertions (DESIGN.md §6): only that every measured number is a positive finite
+No timing assertions (docs/design.md §10, Tests): only that every measured number is a positive finite
 float, that the environment columns are filled in, and that the plots and the README table
 are written.
 """

@@ -36,7 +36,7 @@ LAYERS = {
                                                    center_columns=True, backend=be), "block_diagonal_scan"),
 }
 NAMES = list(LAYERS)
-TOL = 1e-5  # fp32, DESIGN.md §4
+TOL = 1e-5  # fp32, docs/design.md §8 (Numerics)
 
 
 def make_layer(name, backend="auto", seed=0):
