@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which ops to run: {', '.join(OPS)} or all (default: all)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                   help="the quick preset (the default preset)")
-    g.add_argument("--full", dest="preset", action="store_const", const="full", help="the full preset")
+                   help="the quick preset (the default)")
+    g.add_argument("--full", dest="preset", action="store_const", const="full",
+                   help="the full preset (default: quick)")
     g.add_argument("--preset", help=f"{' | '.join(PRESETS)}, or several joined by commas (e.g. quick,cpu-target); "
                                     "see the list below (default: quick)")
     p.add_argument("--modes", default="", help=f"comma-separated subset of {','.join(MODES)} (default: all)")

@@ -130,3 +130,100 @@ def test_gpu_target_preset_covers_every_gpu_goal():
             if "linrec.triton" not in target.impl:
                 continue  # a CPU goal: the cpu-target preset measures it
             assert any(target.where(r) for r in rows), f"gpu-target misses {target.label!r}"
+
+
+# The longest implementation name of each op (the README's implementations table): the widest rows.
+LONGEST_IMPL = {"diagonal": "accelerated_scan.triton", "householder": "linrec.reference",
+                "block-diagonal": "linrec.reference"}
+
+
+def made_up_rows(op, preset):
+    """Rows for every point of a preset of ``op`` (GPU sizes), each measured by its longest-named
+    implementation and by the per-step loop, with numbers as wide as they get."""
+    import torch
+
+    rows = []
+    for pt in op.sweeps(preset, torch.device("cuda")):
+        for mode in pt.modes:
+            for dtype in pt.dtypes:
+                for impl, ms in ((LONGEST_IMPL[op.name], 0.00512), ("torch_loop", 60.0)):
+                    rows.append(dict(op=op.name, sweep=pt.sweep, impl=impl, mode=mode, dtype=dtype,
+                                     x_name=pt.x_name, x_value=pt.x_value, median_ms=ms, p20_ms=0.5 * ms,
+                                     p80_ms=1.5 * ms, gbps=12345.6, frac_copy=0.999, tflops=0.000123,
+                                     peak_extra_mb=12345.6, **pt.dims))
+    return rows
+
+
+def test_table_fits_120_columns_and_gives_the_speedup_over_the_loop():
+    from bench.__main__ import OPS, PRESETS
+    from bench.common import TABLE_WIDTH, format_table
+
+    assert TABLE_WIDTH == 120
+    for op in OPS.values():
+        for preset in PRESETS:
+            text = format_table(made_up_rows(op, preset))
+            wide = [line for line in text.splitlines() if len(line) > TABLE_WIDTH]
+            assert not wide, (op.name, preset, wide[:2])
+            impl_rows = [line for line in text.splitlines() if f" {LONGEST_IMPL[op.name]} " in line]
+            assert impl_rows and all(line.endswith(" 11719x") for line in impl_rows), impl_rows[:2]  # 60 / 0.00512
+            assert all(line.endswith(" 1.00x") for line in text.splitlines() if " torch_loop " in line)
+
+
+def test_titles_name_only_the_sizes_fixed_along_the_sweep():
+    """Along the block-size sweep G = width / b changes with b: the title says so instead of
+    claiming the first point's G; the sizes fixed along a sweep are named once, in the title."""
+    import torch
+
+    from bench import block_diagonal, diagonal
+    from bench.common import group_title
+
+    rows = [dict(x_name=pt.x_name, **pt.dims) for pt in block_diagonal.sweeps("quick", torch.device("cpu"))
+            if pt.sweep == "blocksize"]
+    title, per_row = group_title("block-diagonal", "blocksize", rows)
+    assert title == "block-diagonal / blocksize: B=2 T=128, G varies with b" and per_row == ["G", "b"]
+    rows = [dict(x_name=pt.x_name, **pt.dims) for pt in diagonal.sweeps("full", torch.device("cuda"))
+            if pt.sweep == "seqlen"]
+    assert group_title("diagonal", "seqlen", rows) == ("diagonal / seqlen: B=8 D=1024", ["T"])
+
+
+def test_every_command_line_lists_its_presets_and_shows_every_default():
+    """``--help`` of ``python -m bench``, ``bench.report`` and the task commands: every option has
+    help text that states its default, the task commands take ``--device``, and the bench's help
+    names every preset, each of which every op knows."""
+    import torch
+
+    from bench import __main__ as bench_main
+    from bench import report
+    from bench.tasks import beta_probe, lm, state_tracking
+
+    parsers = {"bench": bench_main.build_parser(), "report": report.build_parser(),
+               "state_tracking": state_tracking.build_parser(), "lm": lm.build_parser(),
+               "beta_probe": beta_probe.build_parser()}
+    for name, parser in parsers.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            text = formatter._get_help_string(action)
+            assert "default" in text, (name, action.dest, text)
+    for name in ("state_tracking", "lm", "beta_probe", "bench"):
+        assert "--device" in parsers[name].format_help(), name
+    help_text = parsers["bench"].format_help()
+    for preset in bench_main.PRESETS:
+        assert preset in help_text
+        for op in bench_main.OPS.values():
+            op.sweeps(preset, torch.device("cpu"))  # raises on a preset the op does not know
+
+
+def test_common_reexports_every_name_of_its_modules():
+    """``from bench.common import X`` works for every public name of bench/common/*.py."""
+    import bench.common
+    from bench.common import cli, output, provenance, spec, timing
+
+    for module in (cli, provenance, output, spec, timing):
+        own = [name for name, value in vars(module).items() if not name.startswith("_")
+               and getattr(value, "__module__", module.__name__) == module.__name__
+               and not isinstance(value, type(bench.common))]
+        missing = [name for name in own if getattr(bench.common, name, None) is not getattr(module, name)]
+        assert not missing, (module.__name__, missing)
+    assert bench.common.git_sha() == bench.common.environment(__import__("torch").device("cpu"))["git_sha"]

@@ -251,3 +251,35 @@ def test_beta_probe_reads_token_betas_and_restores_the_layer():
     accs = snapped_accuracy(model, task, seed=0, snap_above=0.0)     # every beta set to 2 while scoring
     assert set(accs) == {40, 64, 128, 256, 512} and all(0.0 <= a <= 1.0 for a in accs.values())
     assert "betas" not in vars(mixer) and torch.equal(mixer.betas(x), before)
+
+
+def test_state_tracking_saves_runs_only_with_write_and_reruns_when_asked(tmp_path, monkeypatch, capsys):
+    """Without ``--write`` nothing is saved and every run runs; with it a run already in the file is
+    skipped (saying how to force it) and ``--rerun`` replaces its line. Training is stubbed out:
+    this checks the command line, not the model."""
+    import bench.common
+    from bench.tasks import state_tracking
+
+    assert state_tracking.git_sha is bench.common.git_sha      # one git-SHA helper
+    trained = []
+
+    def fake_train_and_evaluate(cfg, progress=True, device=None):
+        trained.append((cfg.key(), device))
+        return dict(key=cfg.key(), config=cfg.__dict__, test_acc={"40": 1.0}, final_train_loss=0.1,
+                    final_train_acc=1.0, train_seconds=0.0, attempt=len(trained))
+
+    monkeypatch.setattr(state_tracking, "train_and_evaluate", fake_train_and_evaluate)
+    results = tmp_path / "runs.jsonl"
+    argv = ["--tasks", "parity", "--mixers", "lru", "--steps", "3", "--results", str(results), "--device", "cpu"]
+
+    state_tracking.main(argv)
+    state_tracking.main(argv)
+    assert len(trained) == 2 and trained[0][1] == torch.device("cpu")
+    assert not results.exists() and "--write" in capsys.readouterr().out
+
+    state_tracking.main(argv + ["--write"])
+    assert [r["attempt"] for r in state_tracking.load_results(str(results))] == [3]
+    state_tracking.main(argv + ["--write"])
+    assert len(trained) == 3 and "--rerun" in capsys.readouterr().out
+    state_tracking.main(argv + ["--write", "--rerun"])
+    assert len(trained) == 4 and [r["attempt"] for r in state_tracking.load_results(str(results))] == [4]

@@ -2,7 +2,7 @@
 
 * :mod:`bench.common.spec`: what a case is (:class:`Point`, :class:`Impl`, :class:`OpSpec`,
   :class:`Target`, :class:`Skip`) and the rules that refuse a point;
-* :mod:`bench.common.environment`: device, driver, versions, git SHA (:func:`git_sha`) and time;
+* :mod:`bench.common.provenance`: device, driver, versions, git SHA (:func:`git_sha`) and time;
 * :mod:`bench.common.timing`: timing, copy bandwidth, and one case into one CSV row (:func:`run_case`);
 * :mod:`bench.common.output`: CSV, printed table, plots and target checks;
 * :mod:`bench.common.cli`: the help formatter and ``--device`` of every bench command line.
@@ -11,8 +11,8 @@ Every name is re-exported here, so ``from bench.common import X`` works for all 
 """
 
 from .cli import HelpFormatter, add_device_option, pick_device
-from .environment import cpu_name, cuda_driver, device_slug, environment, git_sha
-from .output import (CSV_COLUMNS, ENV_COLUMNS, LOOP_BASELINE, TABLE_WIDTH, dims_of, evaluate_targets,
+from .provenance import cpu_name, cuda_driver, device_slug, environment, git_sha
+from .output import (CSV_COLUMNS, ENV_COLUMNS, LOOP_BASELINE, TABLE_LEGEND, TABLE_WIDTH, dims_of, evaluate_targets,
                      format_table, group_title, loop_speedups, plot_sweeps, read_csv, shape_label, split_dims,
                      write_csv)
 from .spec import (DIM_COLUMNS, DTYPES, MODES, Impl, OpSpec, Point, Skip, Target, both, cap_steps, needs_cuda,
@@ -24,7 +24,7 @@ _git_sha = git_sha  # the name of the git-SHA helper before the split
 __all__ = [
     "HelpFormatter", "add_device_option", "pick_device",
     "cpu_name", "cuda_driver", "device_slug", "environment", "git_sha",
-    "CSV_COLUMNS", "ENV_COLUMNS", "LOOP_BASELINE", "TABLE_WIDTH", "dims_of", "evaluate_targets", "format_table",
+    "CSV_COLUMNS", "ENV_COLUMNS", "LOOP_BASELINE", "TABLE_LEGEND", "TABLE_WIDTH", "dims_of", "evaluate_targets", "format_table",
     "group_title", "loop_speedups", "plot_sweeps", "read_csv", "shape_label", "split_dims", "write_csv",
     "DIM_COLUMNS", "DTYPES", "MODES", "Impl", "OpSpec", "Point", "Skip", "Target", "both", "cap_steps",
     "needs_cuda", "optional_import", "probe_backend",

@@ -1,7 +1,7 @@
 """Writing results down: the CSV (and reading it back), the printed table, the plots, the targets.
 
 The CSV has one row per measured (implementation, point, mode, dtype) with the environment
-columns of :func:`bench.common.environment.environment`; :func:`format_table` and
+columns of :func:`bench.common.provenance.environment`; :func:`format_table` and
 :func:`plot_sweeps` show the rows one (op, sweep) group at a time, naming in the group's title the
 sizes that stay fixed along it; :func:`evaluate_targets` checks the issues' goals on them.
 """

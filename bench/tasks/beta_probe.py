@@ -25,7 +25,8 @@ import os
 import torch
 
 from .data import get_task
-from .state_tracking import RESULTS_DIR, RunConfig, evaluate, git_sha, train_model
+from ..common import HelpFormatter, add_device_option, git_sha, pick_device
+from .state_tracking import RESULTS_DIR, RunConfig, evaluate, train_model
 
 LENGTHS = (40, 64, 128, 256, 512)
 TOKEN_NAMES = ("0", "1", "BOS")
@@ -58,20 +59,29 @@ def snapped_accuracy(model, task, seed: int, snap_above: float) -> dict:
         del mixer.betas                                      # back to the class method
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mixer", default="dp1-neg")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--snap-above", type=float, default=1.9)
-    parser.add_argument("--threads", type=int, default=1)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m bench.tasks.beta_probe``."""
+    parser = argparse.ArgumentParser(prog="python -m bench.tasks.beta_probe", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--mixer", default="dp1-neg", help="mixer spec of the one-layer model (a dpN spec)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the test sequences")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps")
+    parser.add_argument("--snap-above", type=float, default=1.9, help="betas above this are set to exactly 2")
+    add_device_option(parser)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS_DIR}/beta_probe.md")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    """Trains the parity model, prints its betas and both accuracies, writes them with ``--write``."""
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
 
     cfg = RunConfig(task="parity", mixer=args.mixer, num_layers=1, steps=args.steps, seed=args.seed)
     task = get_task("parity")
-    model, _, losses, _, seconds = train_model(cfg, progress=True)
+    model, _, losses, _, seconds = train_model(cfg, progress=True, device=device)
     model.eval()
     beta = token_betas(model)
     trained = {L: evaluate(model, task, L, 256, args.seed) for L in LENGTHS}

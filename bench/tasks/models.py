@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+import linrec.nn as lnn
+
 
 # --------------------------------------------------------------------------------------------
 # Mixer specs
@@ -53,16 +55,6 @@ def parse_spec(spec: str) -> Tuple[str, set, dict]:
     return kind, flags, numbers
 
 
-def _layer_class(name: str, module: str):
-    """``linrec.nn.<name>``; falls back to its submodule ``linrec.nn.<module>`` if not re-exported."""
-    import importlib
-
-    import linrec.nn as lnn
-    if hasattr(lnn, name):
-        return getattr(lnn, name)
-    return getattr(importlib.import_module(f"linrec.nn.{module}"), name)
-
-
 def build_mixer(spec: str, d_model: int) -> nn.Module:
     """A ``linrec.nn`` layer (B, T, d_model) -> (B, T, d_model) from a spec (see ``MIXER_SPEC_HELP``)."""
     kind, flags, numbers = parse_spec(spec)
@@ -75,14 +67,14 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
         raise ValueError(f"flags {sorted(flags - known)} do not apply to {kind!r} in mixer spec {spec!r}\n"
                          f"{MIXER_SPEC_HELP}")
     if kind == "rglru":
-        return _layer_class("RGLRU", "rglru")(d_model, allow_neg_eigval=neg, conv_size=conv_size)
+        return lnn.RGLRU(d_model, allow_neg_eigval=neg, conv_size=conv_size)
     if kind == "lru":
-        return _layer_class("LRU", "lru")(d_model, d_state=d_model)
+        return lnn.LRU(d_model, d_state=d_model)
     if kind.startswith("dp") and kind[2:].isdigit():
         heads = numbers.get("h", 2)
         if d_model % heads:
             raise ValueError(f"d_model = {d_model} is not divisible by {heads} heads in {spec!r}")
-        return _layer_class("DeltaProduct", "delta_product")(d_model, num_heads=heads, head_dim=d_model // heads,
+        return lnn.DeltaProduct(d_model, num_heads=heads, head_dim=d_model // heads,
                                 num_householder=int(kind[2:]), use_gate="gate" in flags, allow_neg_eigval=neg,
                                 beta_stretch=0.1 if "hard" in flags else 0.0, conv_size=conv_size)
     if kind == "bd":
@@ -94,7 +86,7 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
                       column_norm="max" if "max" in flags else "clamp", center_columns="center" in flags)
         if "p" in numbers:
             kwargs["p"] = numbers["p"]
-        return _layer_class("BlockDiagonalRNN", "block_diagonal")(d_model, **kwargs)
+        return lnn.BlockDiagonalRNN(d_model, **kwargs)
     raise ValueError(f"unknown mixer spec {spec!r}\n{MIXER_SPEC_HELP}")
 
 

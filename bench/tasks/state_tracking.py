@@ -8,17 +8,20 @@ with its own label (valid prefixes only), which is the same language and gives m
 sequence, so that CPU-sized runs of a few hundred steps suffice. Every sequence starts with a
 BOS token (``bench.tasks.data.add_bos``), whose position is not scored.
 
-Each run appends one JSON line to ``--results`` (re-running skips the runs already there, so an
-interrupted sweep resumes); ``--report`` then writes a markdown table, a CSV and a plot from it.
+A run prints its accuracies and is kept nowhere unless asked: with ``--write`` each run appends one
+JSON line to ``--results`` (the committed ``bench/results/tasks/state_tracking.jsonl`` by default),
+and then the runs already there are skipped, so an interrupted sweep resumes (``--rerun`` runs them
+again and replaces their lines); ``--report`` writes a markdown table, a CSV and a plot from
+``--results``.
 
 Examples::
 
-    # one run
+    # one run, printed only
     python -m bench.tasks.state_tracking --tasks parity --mixers rglru-neg --steps 300
     # the suites behind bench/results/tasks/ (see SUITE below), then the table and the plot
-    python -m bench.tasks.state_tracking --suite paper
-    python -m bench.tasks.state_tracking --suite long
-    python -m bench.tasks.state_tracking --suite extra --report
+    python -m bench.tasks.state_tracking --suite paper --write
+    python -m bench.tasks.state_tracking --suite long --write
+    python -m bench.tasks.state_tracking --suite extra --write --report
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..common import HelpFormatter, add_device_option, git_sha, pick_device
 from .data import TASKS, Task, add_bos, get_task, sample_train_batch
 from .models import MIXER_SPEC_HELP, SequenceModel, parse_spec
 
@@ -198,27 +201,28 @@ def evaluate(model: SequenceModel, task: Task, length: int, num_sequences: int, 
     if task.score == "last":
         valid = np.zeros_like(valid)
         valid[:, -1] = True
+    device = next(model.parameters()).device
     correct = total = 0
     model.eval()
     for start in range(0, num_sequences, chunk):
         sl = slice(start, start + chunk)
-        logits = model(torch.from_numpy(tokens[sl]))
-        mask = torch.from_numpy(valid[sl])
+        logits = model(torch.from_numpy(tokens[sl]).to(device))
+        mask = torch.from_numpy(valid[sl]).to(device)
         pred = logits.argmax(-1)
-        correct += (pred[mask] == torch.from_numpy(targets[sl])[mask]).sum().item()
+        correct += (pred[mask] == torch.from_numpy(targets[sl]).to(device)[mask]).sum().item()
         total += mask.sum().item()
     model.train()
     return correct / max(total, 1)
 
 
-def train_model(cfg: RunConfig, progress: bool = True):
-    """Trains one model on ``cfg.task``. Returns (model, params, per-step losses, per-step training
-    accuracies, training seconds)."""
+def train_model(cfg: RunConfig, progress: bool = True, device: torch.device = torch.device("cpu")):
+    """Trains one model on ``cfg.task`` on ``device``. Returns (model, params, per-step losses, per-step
+    training accuracies, training seconds)."""
     task = get_task(cfg.task)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = SequenceModel(task.vocab_size + 1, task.num_classes,  # + 1: the BOS token
-                           cfg.d_model, cfg.num_layers, cfg.mixer)
+                          cfg.d_model, cfg.num_layers, cfg.mixer).to(device)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
@@ -232,7 +236,7 @@ def train_model(cfg: RunConfig, progress: bool = True):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr)
         batch = add_bos(*sample_train_batch(task, rng, cfg.batch_size), bos=task.vocab_size)
-        tokens, targets, valid = (torch.from_numpy(a) for a in batch)
+        tokens, targets, valid = (torch.from_numpy(a).to(device) for a in batch)
         logits = model(tokens)
         loss, acc = masked_loss_and_accuracy(logits, targets, valid)
         optimizer.zero_grad(set_to_none=True)
@@ -251,11 +255,11 @@ def train_model(cfg: RunConfig, progress: bool = True):
     return model, params, losses, accs, train_seconds
 
 
-def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
+def train_and_evaluate(cfg: RunConfig, progress: bool = True, device: torch.device = torch.device("cpu")) -> dict:
     """Trains one model on ``cfg.task`` and returns a result record (accuracy per test length etc.)."""
     task = get_task(cfg.task)
     code_version = git_sha()            # at the start: the code this run trains with
-    model, params, losses, accs, train_seconds = train_model(cfg, progress)
+    model, params, losses, accs, train_seconds = train_model(cfg, progress, device)
     start = time.perf_counter()
     test_acc = {str(L): evaluate(model, task, L, cfg.eval_batch, cfg.seed) for L in task.test_lengths}
     eval_seconds = time.perf_counter() - start
@@ -263,7 +267,7 @@ def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
                 train_lengths=list(task.train_lengths), test_acc=test_acc,
                 final_train_loss=float(np.mean(losses[-20:])), final_train_acc=float(np.mean(accs[-20:])),
                 train_seconds=round(train_seconds, 1), eval_seconds=round(eval_seconds, 1),
-                torch=torch.__version__, threads=torch.get_num_threads(), git=code_version)
+                torch=torch.__version__, threads=torch.get_num_threads(), device=str(device), git=code_version)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,19 +275,24 @@ def train_and_evaluate(cfg: RunConfig, progress: bool = True) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def load_results(path: str) -> List[dict]:
+    """The records of a JSON-lines results file (none when it does not exist)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def git_sha() -> str:
-    """The checkout's commit, with ``-dirty`` when tracked files have uncommitted changes."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - outside a git checkout
-        return "unknown"
+def save_record(path: str, record: dict) -> None:
+    """Appends ``record`` to the JSON-lines file ``path``, dropping an earlier line of the same run
+    (same ``key``) so that a rerun replaces it; the other lines are kept as they are."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["key"] != record["key"]]
+    with open(path, "w") as f:
+        f.writelines(kept)
+        f.write(json.dumps(record) + "\n")
 
 
 def label(record: dict, steps: bool = False) -> str:
@@ -456,30 +465,54 @@ def write_report(records: List[dict], out_dir: str, command: str, threshold: flo
 # CLI
 # --------------------------------------------------------------------------------------------
 
-def main(argv: Optional[List[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m bench.tasks.state_tracking``."""
+    default = RunConfig(task="", mixer="")
     parser = argparse.ArgumentParser(
-        prog="python -m bench.tasks.state_tracking", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MIXER_SPEC_HELP)
-    parser.add_argument("--suite", choices=sorted(SUITE), help="run a predefined list of (task, mixer) runs")
-    parser.add_argument("--tasks", default="", help=f"comma-separated, from {sorted(TASKS)}")
-    parser.add_argument("--mixers", default="", help="comma-separated mixer specs (see below)")
-    parser.add_argument("--layers", type=int, default=None, help="number of blocks (default 2, or the suite's)")
-    parser.add_argument("--d-model", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+        prog="python -m bench.tasks.state_tracking", description=__doc__, formatter_class=HelpFormatter,
+        epilog=MIXER_SPEC_HELP)
+    parser.add_argument("--suite", choices=sorted(SUITE), default=None,
+                        help="run a predefined list of runs (the SUITE of this module; default: none)")
+    parser.add_argument("--tasks", default="", help=f"comma-separated, from {', '.join(TASKS)}; each is run "
+                                                    "with every mixer of --mixers (default: none)")
+    parser.add_argument("--mixers", default="", help="comma-separated mixer specs, see below (default: none)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help=f"number of blocks (default: {default.num_layers}, or the suite's)")
+    parser.add_argument("--d-model", type=int, default=None,
+                        help=f"model width (default: {default.d_model}, or the suite's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps (default: {default.steps}, or the suite's)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"sequences per step (default: {default.batch_size}, or the suite's)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"peak AdamW learning rate (default: {default.lr:g}, or the suite's)")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help=f"AdamW weight decay (default: {default.weight_decay:g}, or the suite's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"seed of the model and the data (default: {default.seed}, or the suite's)")
+    add_device_option(parser)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: tiny models, and shared cores thrash with more)")
+                        help="torch.set_num_threads; tiny models, and shared cores thrash with more")
+    parser.add_argument("--write", action="store_true",
+                        help="append each run to --results, skipping the runs already there (without it, "
+                             "runs are printed only)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="with --write: run the runs already in --results again and replace their lines")
     parser.add_argument("--results", default=os.path.join(RESULTS_DIR, "state_tracking.jsonl"),
-                        help="JSON-lines file the runs are appended to (existing runs are skipped)")
-    parser.add_argument("--report", action="store_true", help="write the table, CSV and plot from --results")
-    parser.add_argument("--out-dir", default=RESULTS_DIR)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+                        help="JSON-lines file of the runs (--write appends to it, --report reads it)")
+    parser.add_argument("--report", action="store_true",
+                        help="write state_tracking.{md,csv,png} under --out-dir from --results")
+    parser.add_argument("--out-dir", default=RESULTS_DIR, help="folder of the --report files")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar per run")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Runs the requested runs (printing each, saving them with ``--write``), then the report if asked."""
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
 
     overrides = {k: v for k, v in dict(num_layers=args.layers, d_model=args.d_model, steps=args.steps,
                                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -492,19 +525,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         for mixer in filter(None, args.mixers.split(",")):
             runs.append(RunConfig(task=task, mixer=mixer, **overrides))
 
-    done = {r["key"] for r in load_results(args.results)}
-    os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
+    saved = {r["key"] for r in load_results(args.results)} if args.write and not args.rerun else set()
     for cfg in runs:
-        if cfg.key() in done:
-            print(f"skip (in {args.results}): {cfg.task} {cfg.mixer} x{cfg.num_layers}")
+        if cfg.key() in saved:
+            print(f"skip (already in {args.results}; --rerun runs it again): {cfg.task} {cfg.mixer} "
+                  f"x{cfg.num_layers}")
             continue
-        record = train_and_evaluate(cfg, progress=not args.no_progress)
+        record = train_and_evaluate(cfg, progress=not args.no_progress, device=device)
         accs = " ".join(f"L{L}={a:.3f}" for L, a in record["test_acc"].items())
         print(f"{cfg.task:10s} {cfg.mixer:12s} x{cfg.num_layers} loss {record['final_train_loss']:.3f} "
               f"train-acc {record['final_train_acc']:.3f} | {accs} | {record['train_seconds']}s", flush=True)
-        with open(args.results, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        done.add(cfg.key())
+        if args.write:
+            save_record(args.results, record)
+            saved.add(cfg.key())
+    if runs and not args.write:
+        print(f"(not saved: --write appends the runs to {args.results})")
 
     if args.report:
         command = "python -m bench.tasks.state_tracking " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -18,7 +18,7 @@ import torch
 
 from linrec.kernels import config_overrides_in_use
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def cpu_name() -> str:
@@ -37,7 +37,7 @@ def git_sha() -> str:
     """The checkout's commit (12 hex digits), with ``-dirty`` when tracked files have uncommitted
     changes; ``"unknown"`` outside a git checkout or without git."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        return subprocess.run(["git", *args], cwd=_REPO_ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
 
     try:
