@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m bench                          # quick sweep of all three ops (about a minute on a CPU)
+    python -m bench                          # quick sweep of all three ops (about 2 minutes on a 2-core CPU)
     python -m bench diagonal --preset cpu-target   # B=8 T=4096 D=512 fp32: torch backend vs loop
     python -m bench --full                   # the GPU sweep (all ops; run one op per call if the
                                              # machine limits a command's time)
@@ -38,7 +38,7 @@ OPS: Dict[str, OpSpec] = {
 # The presets, each with what it runs (every op module's ``sweeps(preset, device)`` knows them all).
 PRESETS = {
     "tiny": "seconds; the shapes tests/test_bench.py runs",
-    "quick": "small shapes of every op, fwd and fwd+bwd, fp32 (about a minute on a CPU)",
+    "quick": "small shapes of every op, fwd and fwd+bwd, fp32 (about 2 minutes on a 2-core CPU)",
     "cpu-target": "the diagonal issue's CPU comparison (B=8 T=4096 D=512 fp32) and small CPU points of "
                   "the other ops",
     "gpu-target": "only the points the GPU goals are judged on, for a short GPU lease (150 cases)",

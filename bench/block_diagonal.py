@@ -24,10 +24,7 @@ import torch
 
 import linrec
 
-from .common import Impl, OpSpec, Point, Target, cap_steps, probe_backend
-
-LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
-
+from .common import Impl, OpSpec, Point, Target, cap_steps, linrec_backend_impls
 
 def make_inputs(point: Point, dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
     """A_t = 0.9 * (a random orthogonal-ish matrix): ``N(0, 1/b)`` entries scaled so the
@@ -108,20 +105,12 @@ def _build(fn):
 
 def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
     """Every implementation to try on ``device``, and one-line notes for those left out."""
-    out: List[Impl] = []
-    notes: List[str] = []
-    for backend in LINREC_BACKENDS:
-        why = probe_backend(lambda: linrec.block_diagonal_scan(0.5 * torch.eye(2, device=device).expand(1, 2, 1, 2, 2),
-                                                               torch.ones(1, 2, 1, 2, device=device), backend=backend),
-                            device, backend, "linrec.block_diagonal_scan")
-        if why:
-            notes.append(f"block-diagonal: {why}")
-            continue
-        refuse = None
-        if backend == "reference":
-            refuse = cap_steps(lambda p: p.dims["B"] * p.dims["T"], cpu=4096, cuda=4096,
-                               what="reference (a Python loop over B x T)")
-        out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
+    out, notes = linrec_backend_impls(
+        "block-diagonal", "block_diagonal_scan", device,
+        probe=lambda backend: linrec.block_diagonal_scan(0.5 * torch.eye(2, device=device).expand(1, 2, 1, 2, 2),
+                                                         torch.ones(1, 2, 1, 2, device=device), backend=backend),
+        build=_linrec, reference_refuse=cap_steps(lambda p: p.dims["B"] * p.dims["T"], cpu=4096, cuda=4096,
+                                                  what="reference (a Python loop over B x T)"))
     out.append(Impl("torch_loop", "baseline", _build(torch_loop), cap_steps(steps, cpu=4096, cuda=8192)))
     out.append(Impl("torch_logscan", "baseline", _build(torch_logscan)))
     return out, notes

@@ -27,11 +27,8 @@ import torch
 
 import linrec
 
-from .common import (Impl, OpSpec, Point, Skip, Target, both, cap_steps, needs_cuda, optional_import,
-                     probe_backend)
-
-LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
-
+from .common import (Impl, OpSpec, Point, Skip, Target, both, cap_steps, linrec_backend_impls, needs_cuda,
+                     optional_import)
 
 def make_inputs(point: Point, dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
     """a in [0.5, 1) (positive, so log-gate baselines apply; a decaying, stable recurrence), x ~ N(0, 1)."""
@@ -155,20 +152,12 @@ def _seqlen_sweep_only(point: Point, device: torch.device) -> Optional[str]:
 
 def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
     """Every implementation to try on ``device``, and one-line notes for those left out."""
-    out: List[Impl] = []
-    notes: List[str] = []
-    for backend in LINREC_BACKENDS:
-        why = probe_backend(lambda: linrec.diagonal_scan(torch.ones(1, 2, 1, device=device),
-                                                         torch.ones(1, 2, 1, device=device), backend=backend),
-                            device, backend, "linrec.diagonal_scan")
-        if why:
-            notes.append(f"diagonal: {why}")
-            continue
-        refuse = None
-        if backend == "reference":
-            refuse = both(cap_steps(lambda p: p.dims["B"] * p.dims["T"], cpu=8192, cuda=8192,
-                                    what="reference (a Python loop over B x T)"))
-        out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
+    out, notes = linrec_backend_impls(
+        "diagonal", "diagonal_scan", device,
+        probe=lambda backend: linrec.diagonal_scan(torch.ones(1, 2, 1, device=device),
+                                                   torch.ones(1, 2, 1, device=device), backend=backend),
+        build=_linrec, reference_refuse=cap_steps(lambda p: p.dims["B"] * p.dims["T"], cpu=8192, cuda=8192,
+                                                  what="reference (a Python loop over B x T)"))
     out.append(Impl("torch_loop", "baseline", _build_loop, cap_steps(steps, cpu=4096, cuda=8192)))
     out.append(Impl("elementwise_floor", "baseline", _build_elementwise_floor, _cpu_target_only))
     out.append(Impl("torch.associative_scan", "baseline", _build_associative_scan,

@@ -31,11 +31,8 @@ import torch.nn.functional as F
 
 import linrec
 
-from .common import (Impl, OpSpec, Point, Skip, Target, both, cap_steps, needs_cuda, optional_import,
-                     probe_backend)
-
-LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
-
+from .common import (Impl, OpSpec, Point, Skip, Target, both, cap_steps, linrec_backend_impls, needs_cuda,
+                     optional_import)
 
 def make_inputs(point: Point, dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
     """Unit-norm keys, beta in (0, 1), gates alpha = sigmoid(N(3, 1)) (close to 1), q and v ~ N(0, 1)."""
@@ -161,19 +158,11 @@ def _probe_inputs(device: torch.device):
 
 def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
     """Every implementation to try on ``device``, and one-line notes for those left out."""
-    out: List[Impl] = []
-    notes: List[str] = []
-    for backend in LINREC_BACKENDS:
-        why = probe_backend(lambda: linrec.householder_scan(*_probe_inputs(device), backend=backend),
-                            device, backend, "linrec.householder_scan")
-        if why:
-            notes.append(f"householder: {why}")
-            continue
-        refuse = None
-        if backend == "reference":
-            refuse = cap_steps(lambda p: p.dims["B"] * p.dims["T"] * p.dims["n"], cpu=512, cuda=1024,
-                               what="reference (a Python loop over B x T x n)")
-        out.append(Impl(f"linrec.{backend}", "linrec", _linrec(backend), refuse))
+    out, notes = linrec_backend_impls(
+        "householder", "householder_scan", device,
+        probe=lambda backend: linrec.householder_scan(*_probe_inputs(device), backend=backend),
+        build=_linrec, reference_refuse=cap_steps(lambda p: p.dims["B"] * p.dims["T"] * p.dims["n"], cpu=512,
+                                                  cuda=1024, what="reference (a Python loop over B x T x n)"))
     out.append(Impl("torch_loop", "baseline", _build_loop,
                     both(cap_steps(steps, cpu=1024, cuda=4096), _loop_memory_rule)))
     if optional_import("fla.ops.gated_delta_rule")[0] is None:

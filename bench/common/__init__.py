@@ -15,8 +15,8 @@ from .provenance import cpu_name, cuda_driver, device_slug, environment, git_sha
 from .output import (CSV_COLUMNS, ENV_COLUMNS, LOOP_BASELINE, TABLE_LEGEND, TABLE_WIDTH, dims_of, evaluate_targets,
                      format_table, group_title, loop_speedups, plot_sweeps, read_csv, shape_label, split_dims,
                      write_csv)
-from .spec import (DIM_COLUMNS, DTYPES, MODES, Impl, OpSpec, Point, Skip, Target, both, cap_steps, needs_cuda,
-                   optional_import, probe_backend)
+from .spec import (DIM_COLUMNS, DTYPES, LINREC_BACKENDS, MODES, Impl, OpSpec, Point, Skip, Target, both, cap_steps,
+                   linrec_backend_impls, needs_cuda, optional_import, probe_backend)
 from .timing import build_mode_fn, measure_copy_bandwidth, peak_extra_memory_mb, run_case, time_fn
 
 _git_sha = git_sha  # the name of the git-SHA helper before the split
@@ -26,7 +26,7 @@ __all__ = [
     "cpu_name", "cuda_driver", "device_slug", "environment", "git_sha",
     "CSV_COLUMNS", "ENV_COLUMNS", "LOOP_BASELINE", "TABLE_LEGEND", "TABLE_WIDTH", "dims_of", "evaluate_targets", "format_table",
     "group_title", "loop_speedups", "plot_sweeps", "read_csv", "shape_label", "split_dims", "write_csv",
-    "DIM_COLUMNS", "DTYPES", "MODES", "Impl", "OpSpec", "Point", "Skip", "Target", "both", "cap_steps",
-    "needs_cuda", "optional_import", "probe_backend",
+    "DIM_COLUMNS", "DTYPES", "LINREC_BACKENDS", "MODES", "Impl", "OpSpec", "Point", "Skip", "Target", "both",
+    "cap_steps", "linrec_backend_impls", "needs_cuda", "optional_import", "probe_backend",
     "build_mode_fn", "measure_copy_bandwidth", "peak_extra_memory_mb", "run_case", "time_fn",
 ]

@@ -177,3 +177,29 @@ def probe_backend(run: Callable[[], Any], device: torch.device, backend: str, wh
     except Exception:  # noqa: BLE001 - reported per case instead
         return None
     return None
+
+
+LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
+
+
+def linrec_backend_impls(op: str, function: str, device: torch.device, probe: Callable[[str], Any],
+                         build: Callable[[str], Callable[..., Any]],
+                         reference_refuse: Callable[[Point, torch.device], Optional[str]]
+                         ) -> Tuple[List[Impl], List[str]]:
+    """One :class:`Impl` ``linrec.<backend>`` per backend of a linrec op that runs on ``device``, and a
+    one-line note (prefixed with ``op``) per backend that does not.
+
+    ``probe(backend)`` runs ``linrec.<function>`` once on tiny tensors (see :func:`probe_backend`);
+    ``build(backend)`` is the implementation's ``build``; ``reference_refuse`` keeps the reference
+    backend, a Python loop, to the sizes where it finishes.
+    """
+    impls: List[Impl] = []
+    notes: List[str] = []
+    for backend in LINREC_BACKENDS:
+        why = probe_backend(lambda: probe(backend), device, backend, f"linrec.{function}")
+        if why:
+            notes.append(f"{op}: {why}")
+            continue
+        refuse = reference_refuse if backend == "reference" else None
+        impls.append(Impl(f"linrec.{backend}", "linrec", build(backend), refuse))
+    return impls, notes

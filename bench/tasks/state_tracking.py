@@ -389,7 +389,7 @@ def write_report(records: List[dict], out_dir: str, command: str, threshold: flo
     # Markdown: one table per task, accuracy per test length
     lines = ["# State tracking and regular languages: accuracy at test lengths", "",
              f"Runs: the JSON lines of `state_tracking.jsonl`, made by `python -m bench.tasks.state_tracking "
-             f"--suite paper`, then `--suite long` and `--suite extra` (the suites are listed in "
+             f"--suite paper --write`, then `--suite long` and `--suite extra` (the suites are listed in "
              f"`bench/tasks/state_tracking.py`); "
              f"this report by `{command}` (git {git_sha()}, torch {torch.__version__}, "
              f"{platform.processor() or platform.machine()}, 1 thread per run, CPU shared with other jobs, "
@@ -476,20 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default="", help=f"comma-separated, from {', '.join(TASKS)}; each is run "
                                                     "with every mixer of --mixers (default: none)")
     parser.add_argument("--mixers", default="", help="comma-separated mixer specs, see below (default: none)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help=f"number of blocks (default: {default.num_layers}, or the suite's)")
-    parser.add_argument("--d-model", type=int, default=None,
-                        help=f"model width (default: {default.d_model}, or the suite's)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"training steps (default: {default.steps}, or the suite's)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"sequences per step (default: {default.batch_size}, or the suite's)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help=f"peak AdamW learning rate (default: {default.lr:g}, or the suite's)")
-    parser.add_argument("--weight-decay", type=float, default=None,
-                        help=f"AdamW weight decay (default: {default.weight_decay:g}, or the suite's)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help=f"seed of the model and the data (default: {default.seed}, or the suite's)")
+    for flag, field, kind, what in (("--layers", "num_layers", int, "number of blocks"),
+                                    ("--d-model", "d_model", int, "model width"),
+                                    ("--steps", "steps", int, "training steps"),
+                                    ("--batch-size", "batch_size", int, "sequences per step"),
+                                    ("--lr", "lr", float, "peak AdamW learning rate"),
+                                    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+                                    ("--seed", "seed", int, "seed of the model and the data")):
+        parser.add_argument(flag, type=kind, default=None,
+                            help=f"{what} (default: {getattr(default, field):g}, or the suite's)")
     add_device_option(parser)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads; tiny models, and shared cores thrash with more")
