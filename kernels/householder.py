@@ -105,7 +105,8 @@ def _wy_fwd_kernel(
         kkt += tl.dot(kk, tl.trans(kk), input_precision=PREC)
     strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
     diff = tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))
-    A = beta[:, None] * tl.exp(diff) * kkt
+    # Masks go through where, not a product: 0 * NaN would carry a later NaN back in time.
+    A = tl.where(strict, beta[:, None] * tl.exp(diff) * kkt, 0.0)
 
     # Tinv = (I + A)^{-1} by forward substitution: row i = e_i - A[i, :] Tinv, where the
     # rows m < i of Tinv are already final and A[i, m] = 0 for m >= i.
@@ -123,18 +124,40 @@ def _wy_fwd_kernel(
         k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
         kmask = valid[:, None] & (cols_k[None, :] < K)
         kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
-        tl.store(w_ptr + k_off, tl.dot(tinv, kk * bg[:, None], input_precision=PREC), mask=kmask)
+        rhs, first_bad = _split_nonfinite(kk * bg[:, None], rows, BL)
+        w = _poison_from(tl.dot(tinv, rhs, input_precision=PREC), rows, first_bad)
+        tl.store(w_ptr + k_off, w, mask=kmask)
     for v0 in range(0, V, BV):
         cols_v = v0 + tl.arange(0, BV)
         v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
         v_mask = valid[:, None] & (cols_v[None, :] < V)
         vv = tl.load(v_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)
-        tl.store(u_ptr + v_off, tl.dot(tinv, vv * beta[:, None], input_precision=PREC), mask=v_mask)
+        rhs, first_bad = _split_nonfinite(vv * beta[:, None], rows, BL)
+        u = _poison_from(tl.dot(tinv, rhs, input_precision=PREC), rows, first_bad)
+        tl.store(u_ptr + v_off, u, mask=v_mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared pieces.
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _split_nonfinite(x, rows, BL: tl.constexpr):
+    """For a (BL, BX) tile whose rows are sub-steps: (x with non-finite entries set to 0,
+    (BX,) index of the first row holding one in each column, BL where none).
+
+    Products with causally masked (lower-triangular) left operands would otherwise add
+    0 * NaN to earlier rows; ``_poison_from`` puts the NaN back where causality says."""
+    finite = tl.abs(x) < float("inf")
+    first_bad = tl.min(tl.where(finite, BL, rows[:, None]), axis=0)
+    return tl.where(finite, x, 0.0), first_bad
+
+
+@triton.jit
+def _poison_from(y, row_pos, first_bad):
+    """NaN in y[i, j] wherever row i (at sub-step ``row_pos[i]``) is at or past ``first_bad[j]``."""
+    return tl.where(row_pos[:, None] >= first_bad[None, :], float("nan"), y)
+
+
 @triton.jit
 def _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V):
     """What a program of the state passes (grid (V blocks, N * H)) works on.
@@ -291,7 +314,12 @@ def _state_fwd_kernel(
                 o += tl.dot(q, S, input_precision=PREC)
         if STORE_O:
             qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC)
-            o = scale * (o * tl.exp(G_r.to(tl.float32))[:, None] + tl.dot(decay_read * qk, d, input_precision=PREC))
+            # Non-finite rows of d (sub-steps at or after a NaN/inf input) reach only the
+            # tokens whose last sub-step r is at or past them.
+            d_finite, first_bad = _split_nonfinite(d, tl.arange(0, BL), BL)
+            scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
+            o = scale * (o * tl.exp(G_r.to(tl.float32))[:, None] + tl.dot(scores, d_finite, input_precision=PREC))
+            o = _poison_from(o, tok_rows * NFAC + NFAC - 1, first_bad)
             tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
                      mask=valid_tok[:, None] & v_ok[None, :])
         # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, written as the next chunk's entry state.

@@ -7,8 +7,10 @@ shape or dtype it got, and what it needs (DESIGN.md §5).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -59,7 +61,8 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int
     """Validates packed-sequence boundaries and returns the number of sequences N.
 
     ``cu_seqlens`` is a 1-D integer tensor ``[0, l_1, l_1 + l_2, ..., T]`` of N + 1
-    offsets into the time axis of a batch with B = 1. Without it, N = B.
+    offsets into the time axis of a batch with B = 1. Without it, N = B. The offsets'
+    values are checked by ``check_cu_seqlens_values`` inside the custom ops.
     """
     if cu_seqlens is None:
         return batch
@@ -73,9 +76,19 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
     if batch != 1:
         raise ValueError(f"with cu_seqlens the batch must be packed into B = 1, got B = {batch}")
-    if torch.compiler.is_compiling():
-        # Reading the offsets would break the graph; the kernels trust them under compile.
-        return cu_seqlens.shape[0] - 1
+    return cu_seqlens.shape[0] - 1
+
+
+def check_cu_seqlens_values(cu_seqlens: Optional[torch.Tensor], seqlen: int) -> None:
+    """Checks the offsets themselves: ``0 = o_0 <= o_1 <= ... <= o_N = T``.
+
+    Called inside the custom ops' bodies, which run eagerly even in a ``torch.compile``d
+    graph: so compiled calls are checked like eager ones, and no backend ever leaves part
+    of its output unwritten (uninitialised memory) because of bad offsets. Costs one
+    device-to-host copy of the N + 1 offsets.
+    """
+    if cu_seqlens is None:
+        return
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
@@ -83,7 +96,27 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int
         raise ValueError(f"cu_seqlens must end at the sequence length T = {seqlen}, got {offsets[-1]}")
     if any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets}")
-    return len(offsets) - 1
+
+
+def autocast_off(op_body: Callable) -> Callable:
+    """Runs a custom op's body with autocast disabled on its tensors' device.
+
+    Without this, ``torch.autocast`` reaches inside the op (the dispatcher falls through
+    to the body with autocast still on) and its matmuls silently run in bf16, or ``out=``
+    calls fail on a dtype mismatch. The ops accumulate in fp32 whatever the storage
+    dtype, so under autocast fp32 inputs are computed in fp32 and bf16 ones in bf16
+    storage with fp32 accumulation, exactly as without it.
+    """
+    @functools.wraps(op_body)
+    def body(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type=device.type, enabled=False):
+            return op_body(*args, **kwargs)
+
+    # torch.library infers the op's schema from the annotations; resolve them in the
+    # body's own module (they are strings under ``from __future__ import annotations``).
+    body.__signature__ = inspect.signature(op_body, eval_str=True)
+    return body
 
 
 def resolve_backend(backend: str, device: torch.device, *, available: Sequence[str]) -> str:

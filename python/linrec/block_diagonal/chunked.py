@@ -108,11 +108,15 @@ def _scan_dense(A: torch.Tensor, x: torch.Tensor, h0: Optional[torch.Tensor], ch
             Ai = step(i)
             local_end = _matvec(Ai, local_end).add_(xv[:, :, i])
             prod = torch.matmul(Ai, prod)
-        # Pass 2: the carry into every chunk, sequentially over the n chunks.
+        if not bool(torch.isfinite(prod).all()):
+            prod = _saturated_product(step, C)
+        # Pass 2: the carry into every chunk, sequentially over the n chunks (in prod's dtype).
         carries = torch.empty((B, n, G, b), dtype=x.dtype, device=x.device)
+        carry = carry.to(prod.dtype)
         for k in range(n):
             carries[:, k] = carry
             carry = _matvec(prod[:, k if prod.shape[1] > 1 else 0], carry).add_(local_end[:, k])
+        carry = carry.to(x.dtype)
         # Pass 3: the scan within every chunk, from its true carry.
         prev = carries
         for i in range(C):
@@ -122,6 +126,25 @@ def _scan_dense(A: torch.Tensor, x: torch.Tensor, h0: Optional[torch.Tensor], ch
     if done < T:
         _scan_stepwise(_time_slice(A, done, T), x[:, done:], carry, h[:, done:])
     return h
+
+
+# Bound on the entries of the overflow-safe chunk product (see _saturated_product): a
+# float32 block (entries below 3.4e38, b <= 64) times it stays finite in float64.
+_PRODUCT_BOUND = 1e150
+
+
+def _saturated_product(step, C: int) -> torch.Tensor:
+    """Chunk products ``step(C-1) @ ... @ step(0)`` in float64, entries clamped to +-1e150.
+
+    Used only when the accumulation-dtype products overflowed: a chunk that grows
+    (say A = 1000 I) and then meets a zero carry or a reset would otherwise give
+    inf * 0 = NaN where the step-by-step loop is exact. Clamped, a zero row or a zero
+    carry still yields exact zeros; NaN entries stay NaN.
+    """
+    prod = step(0).double()
+    for i in range(1, C):
+        prod = torch.matmul(step(i).double(), prod).clamp_(-_PRODUCT_BOUND, _PRODUCT_BOUND)
+    return prod
 
 
 # Elements of A re-laid out per block by the stepwise loop: PyTorch runs copies up to

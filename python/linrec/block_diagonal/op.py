@@ -17,8 +17,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import (REAL_DTYPES, check_cu_seqlens, check_same_device, check_shape, check_tensor,
-                       register_scan_autograd, resolve_backend)
+from .._common import (REAL_DTYPES, autocast_off, check_cu_seqlens, check_cu_seqlens_values, check_same_device,
+                       check_shape, check_tensor, register_scan_autograd, resolve_backend)
 from .chunked import block_diagonal_scan_chunked, block_diagonal_scan_chunked_backward
 from .reference import block_diagonal_scan_reference
 
@@ -27,8 +27,10 @@ MAX_BLOCK = 64
 
 
 @torch.library.custom_op("linrec::block_diagonal_scan", mutates_args=())
+@autocast_off
 def _block_diagonal_scan_op(A: Tensor, x: Tensor, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
                             reverse: bool, backend: str) -> Tensor:
+    check_cu_seqlens_values(cu_seqlens, x.shape[1])
     if backend == "triton":
         from linrec.kernels.block_diagonal import block_diagonal_scan_forward
         return block_diagonal_scan_forward(A, x, initial_state, cu_seqlens, reverse)
@@ -43,6 +45,7 @@ def _(A, x, initial_state, cu_seqlens, reverse, backend):
 
 
 @torch.library.custom_op("linrec::block_diagonal_scan_backward", mutates_args=())
+@autocast_off
 def _block_diagonal_scan_backward_op(A: Tensor, h: Tensor, grad_h: Tensor, initial_state: Optional[Tensor],
                                      cu_seqlens: Optional[Tensor], reverse: bool, backend: str
                                      ) -> Tuple[Tensor, Tensor, Tensor]:

@@ -17,8 +17,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import (COMPLEX_DTYPES, REAL_DTYPES, check_cu_seqlens, check_same_device, check_shape,
-                       check_tensor, register_scan_autograd, resolve_backend)
+from .._common import (COMPLEX_DTYPES, REAL_DTYPES, autocast_off, check_cu_seqlens, check_cu_seqlens_values,
+                       check_same_device, check_shape, check_tensor, register_scan_autograd, resolve_backend)
 from .chunked import diagonal_scan_chunked, diagonal_scan_chunked_backward
 from .reference import diagonal_scan_reference
 
@@ -35,8 +35,10 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 
 @torch.library.custom_op("linrec::diagonal_scan", mutates_args=())
+@autocast_off
 def _diagonal_scan_op(a: Tensor, x: Tensor, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
                       reverse: bool, backend: str) -> Tensor:
+    check_cu_seqlens_values(cu_seqlens, x.shape[1])
     if backend == "triton":
         from linrec.kernels.diagonal import diagonal_scan_forward
         return diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse)
@@ -54,6 +56,7 @@ def _(a, x, initial_state, cu_seqlens, reverse, backend):
 
 
 @torch.library.custom_op("linrec::diagonal_scan_backward", mutates_args=())
+@autocast_off
 def _diagonal_scan_backward_op(a: Tensor, h: Tensor, grad_h: Tensor, initial_state: Optional[Tensor],
                                cu_seqlens: Optional[Tensor], reverse: bool, backend: str
                                ) -> Tuple[Tensor, Tensor, Tensor]:

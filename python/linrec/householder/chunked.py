@@ -43,6 +43,25 @@ from .._common import accumulation_dtype
 SUBSTEPS_PER_CHUNK = 64
 
 
+def _causal_product(scores: torch.Tensor, d: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``scores @ d`` for causally masked scores: (..., C, L) @ (..., L, V) -> (..., C, V).
+
+    Row c of scores is zero past sub-step r(c) = ``last[c]``, but a matmul still adds
+    0 * d[m] for the later m, and 0 * NaN = NaN: a non-finite value at sub-step t
+    would reach the outputs of earlier tokens. When d holds non-finite values, they
+    are zeroed for the product and put back as NaN exactly where causality says:
+    output (c, v) is NaN iff some d[m, v] with m <= r(c) is not finite.
+    """
+    finite = torch.isfinite(d)
+    if bool(finite.all()):
+        return scores @ d
+    rows = torch.arange(d.shape[-2], device=d.device)
+    # First sub-step with a non-finite value, per column (L where none).
+    first_bad = torch.where(finite, d.shape[-2], rows[:, None]).amin(dim=-2, keepdim=True)  # (..., 1, V)
+    out = scores @ torch.where(finite, d, 0.0)
+    return torch.where(last[:, None] >= first_bad, float("nan"), out)
+
+
 def tokens_per_chunk(n: int, substeps: int = SUBSTEPS_PER_CHUNK) -> int:
     """C: whole tokens per chunk, so that a chunk holds at most ``substeps`` sub-steps."""
     return max(1, substeps // n)
@@ -89,7 +108,9 @@ def _scan_dense(q, k, v, beta, log_gate, h0, scale, chunk_tokens):
     diff = (G[..., :, None] - G[..., None, :]).to(q.dtype)
     neg_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
     decay_strict = torch.exp(torch.where(strict, diff, neg_inf))       # exp(G_i - G_m), m < i
-    A = bs[..., :, None] * decay_strict * (ks @ ks.transpose(-1, -2))
+    # Masks are applied with where, not by multiplying: 0 * NaN would carry a NaN (or inf)
+    # of a later sub-step back to earlier ones.
+    A = torch.where(strict, bs[..., :, None] * decay_strict * (ks @ ks.transpose(-1, -2)), 0.0)
     # Pass 1: u = (I + A)^{-1} diag(beta) V and w = (I + A)^{-1} diag(beta Gamma) K.
     gamma = torch.exp(G).to(q.dtype)
     rhs = torch.cat([bs[..., None] * vs, (bs * gamma)[..., None] * ks], dim=-1)
@@ -113,8 +134,8 @@ def _scan_dense(q, k, v, beta, log_gate, h0, scale, chunk_tokens):
     G_r = G[..., last]                                                 # (B, H, NT, C)
     read = idx[None, :] <= last[:, None]                               # (C, L): m <= r(c)
     decay_read = torch.exp(torch.where(read, (G_r[..., :, None] - G[..., None, :]).to(q.dtype), neg_inf))
-    scores = decay_read * (qs @ ks.transpose(-1, -2))                  # (B, H, NT, C, L)
-    o = scale * (torch.exp(G_r).to(q.dtype)[..., None] * (qs @ S0) + scores @ d)  # (B, H, NT, C, V)
+    scores = torch.where(read, decay_read * (qs @ ks.transpose(-1, -2)), 0.0)  # (B, H, NT, C, L)
+    o = scale * (torch.exp(G_r).to(q.dtype)[..., None] * (qs @ S0) + _causal_product(scores, d, last))
     o = o.permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
     return o, S
 

@@ -2,7 +2,7 @@
 
 Two custom ops carry the work so that ``torch.compile`` traces through them:
 
-* ``linrec::householder_scan`` (q, k, v, beta, log_gate?, initial_state?, cu_seqlens?, scale, backend)
+* ``linrec::householder_scan`` (q, k, v, beta, log_gate?, initial_state?, cu_seqlens?, scale?, backend)
   -> (o, final_state)
 * ``linrec::householder_scan_backward`` (the same inputs, grad_o, grad_final_state?)
   -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)
@@ -30,8 +30,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import (REAL_DTYPES, accumulation_dtype, check_cu_seqlens, check_same_device, check_shape,
-                       check_tensor, resolve_backend)
+from .._common import (REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens, check_cu_seqlens_values,
+                       check_same_device, check_shape, check_tensor, resolve_backend)
 from .chunked import householder_scan_chunked
 from .recurrent import RECURRENT_MAX_T, householder_scan_recurrent
 from .reference import householder_scan_reference
@@ -43,7 +43,29 @@ def _num_sequences(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
+# Log-gates below this are raised to it by the chunked backends (torch, triton). exp(-1e4)
+# is exactly 0 even in float64, so the step is still a hard reset, but the cumulative
+# log-gates stay finite: log_gate = -inf (what F.logsigmoid or log(0) give for a saturated
+# gate) made G_i - G_m = -inf - (-inf) = NaN. The cumulative gates are float64, so the small
+# gates after a raised reset keep their precision (|G| <= 64e4 per chunk: spacing 1e-10).
+# The gradient is zero below the floor, as exp(log_gate) = 0 makes it in the reference.
+LOG_GATE_FLOOR = -1e4
+
+
+def _resolve_scale(scale: Optional[float], q: Tensor) -> float:
+    """The read-out scale; None means K ** -0.5. Resolved inside the op bodies, where K is a
+    plain int even when ``torch.compile(dynamic=True)`` traces the caller with a symbolic K."""
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _floor_log_gate(log_gate: Optional[Tensor]) -> Optional[Tensor]:
+    return None if log_gate is None else log_gate.clamp(min=LOG_GATE_FLOOR)
+
+
 def _forward_impl(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend):
+    scale = _resolve_scale(scale, q)
+    if backend != "reference":
+        log_gate = _floor_log_gate(log_gate)
     if backend == "triton":
         from linrec.kernels.householder import (RECURRENT_MAX_T as TRITON_RECURRENT_MAX_T,
                                                 householder_scan_forward, householder_scan_recurrent_forward)
@@ -59,9 +81,11 @@ def _forward_impl(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, bac
 
 
 @torch.library.custom_op("linrec::householder_scan", mutates_args=())
+@autocast_off
 def _householder_scan_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor],
-                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
+                         initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: Optional[float],
                          backend: str) -> Tuple[Tensor, Tensor]:
+    check_cu_seqlens_values(cu_seqlens, q.shape[1])
     o, final = _forward_impl(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend)
     # With T = 0 (or empty packed sequences) a backend may hand back the initial state itself;
     # custom-op outputs must not alias inputs.
@@ -111,14 +135,17 @@ def _autograd_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_
 
 
 @torch.library.custom_op("linrec::householder_scan_backward", mutates_args=())
+@autocast_off
 def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor],
                                   initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], grad_o: Tensor,
-                                  grad_final: Optional[Tensor], scale: float, backend: str
+                                  grad_final: Optional[Tensor], scale: Optional[float], backend: str
                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
         from linrec.kernels.householder import householder_scan_backward
-        grads = householder_scan_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o,
-                                          grad_final, scale)
+        grads = list(householder_scan_backward(q, k, v, beta, _floor_log_gate(log_gate), initial_state, cu_seqlens,
+                                               grad_o, grad_final, _resolve_scale(scale, q)))
+        if log_gate is not None:  # the floor's derivative: zero below it
+            grads[4] = torch.where(log_gate < LOG_GATE_FLOOR, 0.0, grads[4])
     else:
         grads = _autograd_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final,
                                    scale, backend)
@@ -257,13 +284,12 @@ def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Op
     if initial_state is not None:
         check_tensor("initial_state", initial_state, ndim=4, dtypes=REAL_DTYPES, shape_doc="(N, H, K, V)")
         check_shape("initial_state", initial_state, (N, H, K, V), "(N, H, K, V)")
-    if scale is None:
-        scale = K ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(float(scale))):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
     backend = resolve_backend(backend, q.device, available=AVAILABLE_BACKENDS)
     o, final = torch.ops.linrec.householder_scan(q, k, v, beta, log_gate, initial_state, cu_seqlens,
-                                                 float(scale), backend)
+                                                 None if scale is None else float(scale), backend)
     return o, (final if output_final_state else None)

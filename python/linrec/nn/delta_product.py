@@ -159,7 +159,8 @@ class DeltaProduct(nn.Module):
         # Unit-norm q and k per head (and factor): then I - beta k k^T has eigenvalues in [1 - beta, 1].
         q = F.normalize(rearrange(q, "b t (h d) -> b t h d", h=H).float(), dim=-1, eps=1e-6).to(x.dtype)
         k = F.normalize(rearrange(k, "b t (n h d) -> b t n h d", n=n, h=H).float(), dim=-1, eps=1e-6).to(x.dtype)
-        v = rearrange(v, "b t (n h d) -> b t n h d", n=n, h=H)
+        # In x's dtype like q and k (under autocast the projections come out in bf16).
+        v = rearrange(v, "b t (n h d) -> b t n h d", n=n, h=H).to(x.dtype)
 
         o, S = linrec.householder_scan(q, k, v, self.betas(x), self.log_gates(x), S0, scale=K ** -0.5,
                                        output_final_state=return_state, cu_seqlens=cu_seqlens,

@@ -113,8 +113,9 @@ class LRU(nn.Module):
         lam = self.eigenvalues()                                   # (d_state,) complex64
         gamma = torch.exp(self.gamma_log.float())                  # (d_state,)
         # gamma * (B u): real input, complex matrix -> the two real products, then combine.
-        Bu = torch.complex(u @ (self.B_re.float() * gamma[:, None]).t(),
-                           u @ (self.B_im.float() * gamma[:, None]).t())  # (B, T, d_state) complex64
+        # .float(): under autocast the products come out in bf16, which torch.complex rejects.
+        Bu = torch.complex((u @ (self.B_re.float() * gamma[:, None]).t()).float(),
+                           (u @ (self.B_im.float() * gamma[:, None]).t()).float())  # (B, T, d_state) complex64
         h = linrec.diagonal_scan(lam, Bu, state, cu_seqlens=cu_seqlens, backend=self.backend)
         # Re(C h) = C_re Re(h) - C_im Im(h)
         y = h.real @ self.C_re.float().t() - h.imag @ self.C_im.float().t() + self.D.float() * u
