@@ -87,6 +87,18 @@ __device__ __forceinline__ float mul(float a, float b) { return a * b; }
 __device__ __forceinline__ cfloat mul(cfloat a, cfloat b) {
   return {a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re};
 }
+// Product of two coefficient aggregates, clamped to a finite range (NaN stays NaN): an
+// aggregate that overflowed (|a| > 1 over many steps) would meet a zero state as
+// inf * 0 = NaN where the sequential loop is exact (0).
+constexpr float kProductBound = 3.0e38f;
+__device__ __forceinline__ float saturate(float v) {
+  return fabsf(v) > kProductBound ? copysignf(kProductBound, v) : v;
+}
+__device__ __forceinline__ float mul_coef(float a, float b) { return saturate(a * b); }
+__device__ __forceinline__ cfloat mul_coef(cfloat a, cfloat b) {
+  const cfloat p = mul(a, b);
+  return {saturate(p.re), saturate(p.im)};
+}
 // a * b + c
 __device__ __forceinline__ float mad(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ cfloat mad(cfloat a, cfloat b, cfloat c) {
@@ -253,7 +265,7 @@ __device__ __forceinline__ void look_back(const Workspace& ws, int lane, int64_t
     for (int w = 0; w < kWarps; ++w) {
       const Acc W_A = warp_A[w][lane * V + v], W_X = warp_X[w][lane * V + v];
       tot_X[v] = mad(W_A, tot_X[v], W_X);
-      tot_A[v] = mul(W_A, tot_A[v]);
+      tot_A[v] = mul_coef(W_A, tot_A[v]);
     }
   }
   const int64_t status = ((b * ws.channel_tiles) + ctile) * ws.chunks + chunk;
@@ -306,7 +318,7 @@ __device__ __forceinline__ void look_back(const Workspace& ws, int lane, int64_t
         const Acc J_A = load_published(aggregates + j * 2 * CW + lane * V + v);
         const Acc J_X = load_published(aggregates + j * 2 * CW + CW + lane * V + v);
         R_X[v] = mad(R_A[v], J_X, R_X[v]);
-        R_A[v] = mul(R_A[v], J_A);
+        R_A[v] = mul_coef(R_A[v], J_A);
       }
     }
   }
@@ -450,7 +462,7 @@ diagonal_scan_kernel(const DiagonalScanParams p, const Workspace ws) {
       for (int v = 0; v < V; ++v) {
         Acc c, u;
         step_map(i, v, h0_row, c, u);
-        A[v] = mul(c, A[v]);
+        A[v] = mul_coef(c, A[v]);
         X[v] = mad(c, X[v], u);
       }
     }
@@ -465,7 +477,7 @@ diagonal_scan_kernel(const DiagonalScanParams p, const Workspace ws) {
       const Acc prev_X = shfl_up(X[v], offset);
       if (lane >= offset) {  // (prev) then (mine)
         X[v] = mad(A[v], prev_X, X[v]);
-        A[v] = mul(A[v], prev_A);
+        A[v] = mul_coef(A[v], prev_A);
       }
     }
   }
@@ -498,12 +510,12 @@ diagonal_scan_kernel(const DiagonalScanParams p, const Workspace ws) {
       if (w < warp) {
         const Acc W_A = warp_A[w][chan_lane * V + v], W_X = warp_X[w][chan_lane * V + v];
         P_X = mad(W_A, P_X, W_X);
-        P_A = mul(W_A, P_A);
+        P_A = mul_coef(W_A, P_A);
       }
     }
     // Entering map of this thread = (warps before) then (lanes before).
     E_X[v] = mad(E_A[v], P_X, E_X[v]);
-    E_A[v] = mul(E_A[v], P_A);
+    E_A[v] = mul_coef(E_A[v], P_A);
   }
 
   // ---- 4. wait for the look-back warp to publish the state entering this chunk -----------------
