@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config_override
+from . import config_override, device_model
 
 
 @triton.jit
@@ -312,7 +312,8 @@ def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, ch
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if N == 0 or G == 0 or T == 0:
         return
-    interpret = x.device.type != "cuda"
+    # The interpreter's own plan unless a GPU is planned for (the CUDA device or LINREC_DEVICE_MODEL).
+    interpret = device_model(x.device) is None
     cfg = _config(b, interpret)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     A5 = A.expand(B, T, G, b, b)  # stride 0 along broadcast dimensions, nothing copied

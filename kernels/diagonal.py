@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config_override
+from . import config_override, device_model
 
 
 @triton.jit
@@ -222,7 +222,8 @@ def _tl_acc(dtype: torch.dtype):
 
 
 def _config(dtype: torch.dtype, interpret: bool, D: int = 64) -> dict:
-    """Tile sizes. Tiles are small in the interpreter, whose scan costs a Python call per tile element."""
+    """Tile sizes. Tiles are small in the interpreter's own plan (``interpret``: no device model),
+    whose scan costs a Python call per tile element."""
     if interpret:
         cfg = dict(BLOCK_T=16, BLOCK_D=min(16, triton.next_power_of_2(max(D, 1))), num_warps=1)
     elif dtype in (torch.bfloat16, torch.float16):
@@ -247,17 +248,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _auto_num_segments(N: int, D: int, T: int, cu_seqlens, cfg: dict, device: torch.device) -> int:
+def _auto_num_segments(N: int, D: int, T: int, cu_seqlens, cfg: dict, model) -> int:
     """Segments per sequence so that the GPU has enough programs in flight.
 
     One program per (sequence, channel block) leaves most of the GPU idle when
     sequences are long and few channels remain (B = 1, small D). Each sequence is
     then cut into segments; the split costs one extra read of the inputs.
+    ``model``: the ``DeviceModel`` planned for (None: the interpreter's plan, one segment).
     """
-    if device.type != "cuda":
+    if model is None:
         return 1
     programs = N * triton.cdiv(D, cfg["BLOCK_D"])
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * model.sm_count
     if programs >= target:
         return 1
     max_len = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -279,10 +281,10 @@ def _sweep(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward, num
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if N == 0 or D == 0:
         return
-    interpret = x.device.type != "cuda"
-    cfg = _config(x.dtype, interpret, D)
+    model = device_model(x.device)  # the CUDA device, LINREC_DEVICE_MODEL, or None (interpreter plan)
+    cfg = _config(x.dtype, model is None, D)
     if num_segments is None:
-        num_segments = _auto_num_segments(N, D, T, cu_seqlens, cfg, x.device)
+        num_segments = _auto_num_segments(N, D, T, cu_seqlens, cfg, model)
     a_real = _real(a.expand(B, T, D))
     s_b, s_t, s_d = a_real.stride()[:3]
     dummy = _real(out)  # stands in for pointers a launch does not use
@@ -334,7 +336,8 @@ def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optio
         x: (B, T, D) float32 | bfloat16 | float16 | float64 | complex64 | complex128.
         initial_state: (N, D) or None. cu_seqlens: (N + 1,) int32/int64 with B = 1, or None.
         num_segments: split each sequence into this many segments run in parallel
-            (None: chosen from the device and the shape; 1 on the CPU interpreter).
+            (None: chosen from the device and the shape; 1 on the CPU interpreter unless
+            LINREC_DEVICE_MODEL names a GPU to plan for).
 
     Returns:
         h: (B, T, D) in x's dtype.

@@ -75,3 +75,175 @@ def test_bad_override_names_the_variable(text, monkeypatch):
     monkeypatch.setenv("LINREC_HOUSEHOLDER_CONFIG", text)
     with pytest.raises(ValueError, match="LINREC_HOUSEHOLDER_CONFIG"):
         config_override("householder", dict(CT=64, BK=32, BV=32, num_warps=8), ("BK", "BV", "num_warps"))
+
+
+# ---------------------------------------------------------------------------------------------
+# LINREC_DEVICE_MODEL: the interpreter runs the launch plan of a named GPU
+# ---------------------------------------------------------------------------------------------
+
+from types import SimpleNamespace  # noqa: E402
+
+from linrec.kernels import DEVICE_MODELS, device_model  # noqa: E402
+
+
+def _fake_cuda_properties(sm_count, smem_per_block, smem_per_sm, capability):
+    """What torch.cuda.get_device_properties reports for such a GPU."""
+    return SimpleNamespace(name="fake GPU", multi_processor_count=sm_count, shared_memory_per_block_optin=smem_per_block,
+                           shared_memory_per_multiprocessor=smem_per_sm, L2_cache_size=50 * 2**20,
+                           major=capability[0], minor=capability[1])
+
+
+@pytest.mark.parametrize("name", ["h100", "h200", "H100 "])
+def test_device_model_names_a_gpu(name, monkeypatch):
+    monkeypatch.setenv("LINREC_DEVICE_MODEL", name)
+    model = device_model(torch.device("cpu"))
+    assert model == DEVICE_MODELS[name.strip().lower()]
+    assert (model.sm_count, model.smem_per_block, model.capability) == (132, 227 * 1024, (9, 0))
+
+
+def test_device_model_unset_or_unknown(monkeypatch):
+    monkeypatch.delenv("LINREC_DEVICE_MODEL", raising=False)
+    if DEVICE == "cpu":
+        assert device_model(torch.device("cpu")) is None and device_model() is None
+    monkeypatch.setenv("LINREC_DEVICE_MODEL", "h900")
+    with pytest.raises(ValueError, match="LINREC_DEVICE_MODEL='h900'.*h100"):
+        device_model()
+
+
+@pytest.mark.parametrize("name", ["h100", "a100"])
+def test_model_plans_as_a_gpu_with_those_properties(name, monkeypatch):
+    """The plan a CUDA device with the model's properties gets (its properties faked) is the plan
+    the model gives: tiles and warps (the GPU configs compiled ahead of time) and segment counts."""
+    import linrec.kernels.block_diagonal as bd
+    import linrec.kernels.diagonal as dg
+    spec = DEVICE_MODELS[name]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _fake_cuda_properties(
+        spec.sm_count, spec.smem_per_block, spec.smem_per_sm, spec.capability))
+    on_gpu = device_model(torch.device("cuda"))
+    monkeypatch.setenv("LINREC_DEVICE_MODEL", name)
+    modelled = device_model(torch.device("cpu"))
+    assert (on_gpu.sm_count, on_gpu.smem_per_block, on_gpu.smem_per_sm, on_gpu.capability) == \
+        (modelled.sm_count, modelled.smem_per_block, modelled.smem_per_sm, modelled.capability)
+    for dtype in (torch.float32, torch.bfloat16, torch.complex64):
+        cfg = dg._config(dtype, False, 1024)
+        for N, D, T in ((8, 1024, 8192), (1, 64, 65536), (4, 4096, 2048), (2, 64, 100)):
+            assert dg._auto_num_segments(N, D, T, None, cfg, modelled) == \
+                dg._auto_num_segments(N, D, T, None, cfg, on_gpu)
+    if name == "h100":  # the GPU goals' shapes: 128 fp32 programs < 4 x 132 -> 5 segments, 64 bf16 -> 9
+        assert dg._auto_num_segments(8, 1024, 8192, None, dg._config(torch.float32, False), modelled) == 5
+        assert dg._auto_num_segments(8, 1024, 8192, None, dg._config(torch.bfloat16, False), modelled) == 9
+        assert dg._auto_num_segments(1, 64, 65536, None, dg._config(torch.float32, False), modelled) == 256
+    assert dg._auto_num_segments(1, 64, 65536, None, dg._config(torch.float32, True), None) == 1
+
+
+def _traffic_module():
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import bench.traffic
+    return bench.traffic
+
+
+def _fast_scan():
+    """The interpreter's associative_scan run a row at a time (the same sequential fold, same results):
+    GPU tiles (32 x 64) cost the element-by-element interpreter scan seconds each."""
+    import contextlib
+    return _traffic_module().rowwise_interpreter_scan() if DEVICE == "cpu" else contextlib.nullcontext()
+
+
+def _launches(run):
+    """(kernel name, grid, launch keywords) of every kernel launch of ``run()``, under the interpreter."""
+    traffic, result = _traffic_module().measure(run)
+    return [(launch.kernel, launch.grid, launch.meta) for launch in traffic.launches], result
+
+
+needs_interpreter = pytest.mark.skipif(DEVICE != "cpu", reason="launch plans are observed under the interpreter")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("model", [None, "h100", "h200"])
+def test_diagonal_launch_plan(model, monkeypatch):
+    if model:
+        monkeypatch.setenv("LINREC_DEVICE_MODEL", model)
+    else:
+        monkeypatch.delenv("LINREC_DEVICE_MODEL", raising=False)
+    torch.manual_seed(0)
+    a, x = torch.rand(1, 600, 40) * 0.5 + 0.5, torch.randn(1, 600, 40)
+    launches, h = _launches(lambda: linrec.diagonal_scan(a, x, backend="triton"))
+    torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"), atol=1e-5, rtol=1e-5)
+    if model is None:  # the interpreter's plan: 16 x 16 tiles, one program per channel block, one pass
+        assert [(grid, meta["BLOCK_T"], meta["BLOCK_D"]) for _, grid, meta in launches] == [((3, 1, 1), 16, 16)]
+    else:  # as on an H100/H200: 32 x 64 tiles, 8 warps; 1 program < 4 x 132, 600 // 256 = 2 segments
+        assert [grid for _, grid, _ in launches] == [(1, 1, 2), (1, 1, 1), (1, 1, 2)]
+        assert all((meta["BLOCK_T"], meta["BLOCK_D"], meta["num_warps"]) == (32, 64, 8) for _, _, meta in launches)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("model", [None, "h100"])
+def test_block_diagonal_launch_plan(model, monkeypatch):
+    if model:
+        monkeypatch.setenv("LINREC_DEVICE_MODEL", model)
+    else:
+        monkeypatch.delenv("LINREC_DEVICE_MODEL", raising=False)
+    torch.manual_seed(0)
+    A, x = torch.rand(1, 200, 8, 4, 4) * 0.4, torch.randn(1, 200, 8, 4)
+    launches, h = _launches(lambda: linrec.block_diagonal_scan(A, x, backend="triton"))
+    torch.testing.assert_close(h, linrec.block_diagonal_scan(A, x, backend="torch"), atol=1e-5, rtol=1e-5)
+    plan = [(name, grid, meta.get("BLOCK_G"), meta.get("num_warps")) for name, grid, meta in launches]
+    if model is None:  # the interpreter's plan: all 8 blocks in one program, one sequential sweep
+        assert plan == [("block_diagonal_scan_kernel", (1, 1, 1), 8, 1)]
+    else:  # as on an H100: 16 blocks of 4 x 4 per program (here 8), 1 program < 1024 -> 64-step chunks
+        assert plan == [("block_diagonal_scan_kernel", (1, 4, 1), 8, 1), ("block_diagonal_carry_kernel", (1, 1, 1), 8, 1),
+                        ("block_diagonal_scan_kernel", (1, 4, 1), 8, 1)]
+
+
+def _diagonal_case(dtype, reverse, varlen, broadcast):
+    torch.manual_seed(0)
+    B, T, D = (1, 600, 6) if varlen else (2, 600, 6)
+    x = torch.randn(B, T, D, dtype=dtype)
+    shape = (D,) if broadcast else (B, T, D)
+    a = (torch.polar(0.6 + 0.4 * torch.rand(shape), torch.rand(shape)) if dtype.is_complex
+         else (0.6 + 0.4 * torch.rand(shape)).to(dtype))
+    h0 = torch.randn(3 if varlen else B, D, dtype=dtype)
+    cu = torch.tensor([0, 290, 300, 600]) if varlen else None
+    leaves = [t.requires_grad_() for t in (a, x, h0)]
+    return leaves, dict(reverse=reverse, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("dtype,reverse,varlen,broadcast", [
+    (torch.float32, False, False, False), (torch.float32, True, True, False), (torch.complex64, False, False, False),
+    (torch.complex64, True, False, True), (torch.bfloat16, False, True, False)])
+def test_diagonal_results_hold_under_the_gpu_plan(dtype, reverse, varlen, broadcast, monkeypatch):
+    """Segmented (2-3 segments here), as the H100 plan runs it: forward and gradients match the torch backend."""
+    monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
+    (a, x, h0), kw = _diagonal_case(dtype, reverse, varlen, broadcast)
+    results = []
+    for backend in ("triton", "torch"):
+        with _fast_scan():
+            h = linrec.diagonal_scan(a, x, h0, backend=backend, **kw)
+            weights = torch.randn(h.shape, generator=torch.Generator().manual_seed(1), dtype=h.dtype)
+            grads = torch.autograd.grad((h * weights).real.sum(), (a, x, h0))
+        results.append((h, *grads))
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("b,reverse,varlen", [(2, False, False), (4, True, True), (16, False, False)])
+def test_block_diagonal_results_hold_under_the_gpu_plan(b, reverse, varlen, monkeypatch):
+    """Chunked (64-step chunks, carry kernel; tl.dot chunk products at b = 16), as the H100 plan runs it."""
+    monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
+    torch.manual_seed(0)
+    B, T, G = (1, 200, 2) if varlen else (2, 150, 2)
+    A = (torch.randn(B, T, G, b, b) * (0.5 / b ** 0.5)).requires_grad_()
+    x = torch.randn(B, T, G, b, requires_grad=True)
+    h0 = torch.randn(2 if varlen else B, G, b, requires_grad=True)
+    cu = torch.tensor([0, 130, 200]) if varlen else None
+    results = []
+    for backend in ("triton", "torch"):
+        with _fast_scan():
+            h = linrec.block_diagonal_scan(A, x, h0, reverse=reverse, cu_seqlens=cu, backend=backend)
+            weights = torch.randn(h.shape, generator=torch.Generator().manual_seed(1))
+            results.append((h, *torch.autograd.grad((h * weights).sum(), (A, x, h0))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
