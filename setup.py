@@ -1,6 +1,6 @@
 """Installs the ``linrec`` package.
 
-The source tree keeps the three layers apart (DESIGN.md §3): ``python/linrec``
+The source tree keeps the three layers apart (docs/design.md §3, Layout): ``python/linrec``
 is the package, ``kernels/`` holds the Triton kernels and ``csrc/`` the CUDA
 sources. Installed, they become ``linrec``, ``linrec.kernels`` and the package
 data ``linrec/csrc``, so that ``pip install .`` and ``pip install -e .`` give
@@ -8,6 +8,12 @@ the same import paths.
 
 No extension is compiled here: the optional CUDA backend is JIT-compiled on
 first use (see ``linrec._cuda``), so a CPU-only PyTorch never attempts it.
+
+Supported versions are the ones in use, not the oldest the APIs would allow: PyTorch >= 2.11
+(CI runs 2.13, the GPU machines have 2.11; ``torch.library.custom_op`` with ``register_fake``
+and ``register_autograd`` dates from 2.4, but nothing older than 2.11 has been tried), hence
+Python >= 3.10 (PyTorch 2.11 has no wheel for 3.9), and Triton >= 3.6 (CI runs 3.9 and compiles
+every kernel with 3.6, the GPU machines' version).
 """
 
 from setuptools import setup
@@ -18,7 +24,9 @@ setup(
     description="Kernels for linear recurrences: diagonal, Householder-product and block-diagonal scans",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    python_requires=">=3.10",
     packages=["linrec", "linrec.diagonal", "linrec.block_diagonal", "linrec.householder", "linrec.nn", "linrec.kernels",
               "linrec.csrc"],
     package_dir={
@@ -26,11 +34,12 @@ setup(
         "linrec.kernels": "kernels",
         "linrec.csrc": "csrc",
     },
-    package_data={"linrec.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"]},
-    install_requires=["torch>=2.4", "einops", "numpy"],
+    package_data={"linrec": ["py.typed"], "linrec.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"]},
+    install_requires=["torch>=2.11", "einops", "numpy"],
     extras_require={
-        "triton": ["triton>=3.1"],
-        "test": ["triton>=3.1", "pytest", "ninja", "tqdm", "matplotlib"],  # the bench and task tests run them
-        "bench": ["triton>=3.1", "tqdm", "matplotlib"],
+        "triton": ["triton>=3.6"],
+        # the bench and task tests run tqdm and matplotlib; pytest-xdist: ``pytest -n N``
+        "test": ["triton>=3.6", "pytest", "pytest-xdist", "ninja", "tqdm", "matplotlib"],
+        "bench": ["triton>=3.6", "tqdm", "matplotlib"],
     },
 )
