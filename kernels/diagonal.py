@@ -35,15 +35,29 @@ from . import config_override, device_model
 
 
 @triton.jit
+def _saturate(product):
+    """A product of coefficients, clamped to a finite range (NaN stays NaN).
+
+    A product that overflows (|a| > 1 over a whole tile) would meet a zero state or a
+    zero x as inf * 0 = NaN, where the sequential loop is exact (0); saturated, it
+    gives the loop's zeros. Where the true product is out of range, so is the state."""
+    if product.dtype == tl.float64:
+        bound = 1e300
+    else:
+        bound = 3.0e38
+    return tl.clamp(product, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _combine_real(a1, x1, a2, x2):
-    return a2 * a1, a2 * x1 + x2
+    return _saturate(a2 * a1), a2 * x1 + x2
 
 
 @triton.jit
 def _combine_complex(ar1, ai1, xr1, xi1, ar2, ai2, xr2, xi2):
     # (a2 a1, a2 x1 + x2) in complex arithmetic.
-    ar = ar2 * ar1 - ai2 * ai1
-    ai = ar2 * ai1 + ai2 * ar1
+    ar = _saturate(ar2 * ar1 - ai2 * ai1)
+    ai = _saturate(ar2 * ai1 + ai2 * ar1)
     xr = ar2 * xr1 - ai2 * xi1 + xr2
     xi = ar2 * xi1 + ai2 * xr1 + xi2
     return ar, ai, xr, xi
@@ -155,12 +169,13 @@ def diagonal_scan_kernel(
             if SUMMARY:
                 last_re = _last_row(A_re, rows, BLOCK_T)
                 last_im = _last_row(A_im, rows, BLOCK_T)
-                prod_re, prod_im = last_re * prod_re - last_im * prod_im, last_re * prod_im + last_im * prod_re
+                prod_re, prod_im = (_saturate(last_re * prod_re - last_im * prod_im),
+                                    _saturate(last_re * prod_im + last_im * prod_re))
         else:
             A_re, X_re = tl.associative_scan((a_re, x_re), 0, _combine_real)
             h_re = A_re * carry_re[None, :] + X_re
             if SUMMARY:
-                prod_re = _last_row(A_re, rows, BLOCK_T) * prod_re
+                prod_re = _saturate(_last_row(A_re, rows, BLOCK_T) * prod_re)
         carry_re = _last_row(h_re, rows, BLOCK_T)
 
         if not SUMMARY:
