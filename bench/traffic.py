@@ -443,7 +443,7 @@ def _diagonal_call(case: Case):
         return (a, x), lambda: torch.ops.linrec.diagonal_scan(a, x, None, None, False, "triton")
     h = torch.ops.linrec.diagonal_scan(a, x, None, None, False, "torch")
     dh = torch.randn(h.shape, generator=g, dtype=h.dtype) if h.is_complex() else torch.randn(h.shape, generator=g).to(h.dtype)
-    return (a, h, dh), lambda: torch.ops.linrec.diagonal_scan_backward(a, h, dh, None, None, False, "triton")
+    return (a, h, dh), lambda: torch.ops.linrec.diagonal_scan_backward(a, None, h, dh, None, False, "triton")
 
 
 def _block_diagonal_call(case: Case):
@@ -457,7 +457,7 @@ def _block_diagonal_call(case: Case):
         return (A, x), lambda: torch.ops.linrec.block_diagonal_scan(A, x, None, None, False, "triton")
     h = torch.ops.linrec.block_diagonal_scan(A, x, None, None, False, "torch")
     dh = torch.randn(h.shape, generator=g).to(dtype)
-    return (A, h, dh), lambda: torch.ops.linrec.block_diagonal_scan_backward(A, h, dh, None, None, False, "triton")
+    return (A, h, dh), lambda: torch.ops.linrec.block_diagonal_scan_backward(A, None, h, dh, None, False, "triton")
 
 
 def _householder_call(case: Case):
@@ -476,7 +476,7 @@ def _householder_call(case: Case):
         return inputs, lambda: torch.ops.linrec.householder_scan(q, k, v, beta, gate, None, None, scale, "triton")
     do = torch.randn(B, T, H, V, generator=g).to(dtype)
     inputs = tuple(t for t in (q, k, v, beta, gate, do) if t is not None)
-    return inputs, lambda: torch.ops.linrec.householder_scan_backward(q, k, v, beta, gate, None, None, do, None,
+    return inputs, lambda: torch.ops.linrec.householder_scan_backward(q, k, v, beta, gate, None, do, None, None,
                                                                       scale, "triton")
 
 

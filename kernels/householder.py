@@ -48,9 +48,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config_override
+from linrec._common import HOUSEHOLDER_RECURRENT_MAX_T as RECURRENT_MAX_T
+from linrec._common import HOUSEHOLDER_SUBSTEPS_PER_CHUNK as SUBSTEPS_PER_CHUNK
+from linrec._common import num_sequences
 
-SUBSTEPS_PER_CHUNK = 64
+from . import config_override
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,15 +644,13 @@ def _recurrent_fwd_kernel(
     tl.store(final_ptr + s_off, S, mask=smask)
 
 
-RECURRENT_MAX_T = 8  # forward passes with at most this many tokens per sequence run step by step
-
-
-def householder_scan_recurrent_forward(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale):
-    """Step-by-step forward for decoding; same arguments and results as ``householder_scan_forward``
-    (without the aux dict). Work grows with T, so it is meant for T <= ``RECURRENT_MAX_T``."""
+def householder_scan_recurrent_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale):
+    """Step-by-step forward for decoding; same arguments and results as ``householder_scan_forward``.
+    Work grows with T, so it is meant for T <= ``RECURRENT_MAX_T`` (forward passes with at most
+    that many tokens per sequence run step by step)."""
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     cu_tok, _, _, _ = _offsets(B, T, n, 1, cu_seqlens, q.device)
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
     o = torch.empty((B, T, H, V), dtype=q.dtype, device=q.device)
@@ -721,7 +721,7 @@ def _prepare(q, k, v, beta, log_gate, cu_seqlens):
     n, V = k.shape[2], v.shape[-1]
     interpret = q.device.type != "cuda"
     cfg = _config(n, K, V, q.dtype, interpret)
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     cu_tok, cu_chunk, max_chunks, total_chunks = _offsets(B, T, n, cfg["CT"], cu_seqlens, q.device)
     tensors = dict(q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), beta=beta.contiguous(),
                    lg=log_gate.contiguous() if log_gate is not None else None)
@@ -755,7 +755,7 @@ def _wy_and_states(t, h0, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, sc
 
 
 def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                             log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+                             log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], *,
                              cu_seqlens: Optional[torch.Tensor], scale: float):
     """Chunked forward pass.
 
@@ -765,8 +765,7 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         cu_seqlens: (N + 1,) int offsets with B = 1, or None; scale: float. Any strides.
 
     Returns:
-        o: (B, T, H, V) in q's dtype; final_state: (N, H, K, V) fp32;
-        aux: dict of the fp32 intermediates (w, u, tinv, G, states) the backward could reuse.
+        o: (B, T, H, V) in q's dtype; final_state: (N, H, K, V) fp32 (float64 for float64 q).
     """
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
@@ -778,13 +777,13 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     final = out["final"]
     if q.dtype == torch.float64:  # the contract's dtype; the kernels themselves accumulate in fp32
         final = final.double()
-    return out["o"], final, out
+    return out["o"], final
 
 
 def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                               log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
-                              cu_seqlens: Optional[torch.Tensor], grad_o: torch.Tensor,
-                              grad_final: Optional[torch.Tensor], scale: float):
+                              grad_o: torch.Tensor, grad_final: Optional[torch.Tensor], *,
+                              cu_seqlens: Optional[torch.Tensor], scale: float):
     """Chunked backward pass; recomputes the WY factors and chunk states, then two kernels.
 
     Args: as ``householder_scan_forward``, plus grad_o: (B, T, H, V) and grad_final: (N, H, K, V) or None.

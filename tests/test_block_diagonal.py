@@ -5,11 +5,12 @@ import torch
 
 import linrec
 from linrec.block_diagonal import block_diagonal_scan_reference
+from linrec.block_diagonal.op import broadcast_grad_A
 
-from conftest import DEVICE, HAS_CUDA, assert_compiled_matches_eager, rel_rms
+from conftest import (DEVICE, HAS_CUDA, TOL, assert_close_to_reference, assert_compiled_matches_eager, rel_rms,
+                      run_with_grads, to64)
 
 BACKENDS = ["triton", "torch"]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def _orthogonal(shape, g):
@@ -42,35 +43,29 @@ def _inputs(B, T, G, b, dtype, *, kind="contractive", seed=0, A_shape=None):
     return A.to(dtype), x.to(dtype)
 
 
-def _run(backend, A, x, h0, reverse, cu_seqlens=None, seed=1):
+def _run(backend, A, x, h0, reverse, cu_seqlens=None):
     """Forward + backward of a random projection; returns (h, [grads of A, x, h0])."""
-    leaves = [t.detach().clone().to(DEVICE).requires_grad_() if t is not None else None for t in (A, x, h0)]
     cu = cu_seqlens.to(DEVICE) if cu_seqlens is not None else None
-    h = linrec.block_diagonal_scan(leaves[0], leaves[1], leaves[2], reverse=reverse, cu_seqlens=cu, backend=backend)
-    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE)
-    (h.double() * w).sum().backward()
-    return h, [t.grad if t is not None else None for t in leaves]
+    (h,), grads = run_with_grads(
+        lambda *t: linrec.block_diagonal_scan(*t, reverse=reverse, cu_seqlens=cu, backend=backend), (A, x, h0))
+    return h, grads
 
 
-def _to64(t):
-    return None if t is None else t.double()
+def _complete(A, h, h0, cu_seqlens, reverse, grads):
+    """A backend's (grad_A or None, grad_x, grad_h0), with grad_A formed as the op forms it when None."""
+    grad_A, grad_x, grad_h0 = grads
+    if grad_A is None:
+        grad_A = broadcast_grad_A(A.shape, h, grad_x, h0, cu_seqlens=cu_seqlens, reverse=reverse)
+    return grad_A, grad_x, grad_h0
 
 
 def _check(backend, A, x, h0, reverse, tol, cu_seqlens=None):
     h, grads = _run(backend, A, x, h0, reverse, cu_seqlens)
-    h_ref, grads_ref = _run("reference", _to64(A), _to64(x), _to64(h0), reverse, cu_seqlens)
-    assert h.dtype == x.dtype and h.shape == x.shape
-    assert torch.isfinite(h).all()
-    assert rel_rms(h, h_ref) < tol, f"output error {rel_rms(h, h_ref)}"
-    for name, got, want in zip(("A", "x", "initial_state"), grads, grads_ref):
-        if want is None:
-            continue
-        assert got.shape == want.shape and got.dtype == (A, x, h0)[("A", "x", "initial_state").index(name)].dtype
-        assert torch.isfinite(got).all()
-        assert rel_rms(got, want) < tol, f"grad of {name} error {rel_rms(got, want)}"
+    h_ref, grads_ref = _run("reference", to64(A), to64(x), to64(h0), reverse, cu_seqlens)
+    assert h.dtype == x.dtype
+    assert_close_to_reference([h], [h_ref], grads, grads_ref, (A, x, h0), ("A", "x", "initial_state"), tol)
 
 
-# Shapes are kept small: the Triton interpreter pays ~1 ms per program step.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("b", [1, 2, 3, 4, 8, 16, 64])
 @pytest.mark.parametrize("reverse", [False, True])
@@ -210,9 +205,11 @@ def test_triton_chunked_path(b, A_kind, reverse, varlen):
     dev = [t.to(DEVICE) for t in (A, x, h0, grad_h)]
     cu_dev = cu.to(DEVICE) if cu is not None else None
     h = block_diagonal_scan_forward(dev[0], dev[1], dev[2], cu_dev, reverse, chunk_len=4)
-    grads = block_diagonal_scan_backward(dev[0], h, dev[3], dev[2], cu_dev, reverse, chunk_len=4)
-    h_ref = block_diagonal_scan_reference(A.double(), x.double(), h0.double(), cu, reverse)
-    grads_ref = block_diagonal_scan_chunked_backward(A.double(), h_ref, grad_h.double(), h0.double(), cu, reverse)
+    grads = _complete(dev[0], h, dev[2], cu_dev, reverse,
+                      block_diagonal_scan_backward(dev[0], h, dev[3], dev[2], cu_dev, reverse, chunk_len=4))
+    h_ref = block_diagonal_scan_reference(A.double(), x.double(), h0.double(), cu_seqlens=cu, reverse=reverse)
+    grads_ref = _complete(A.double(), h_ref, h0.double(), cu, reverse, block_diagonal_scan_chunked_backward(
+        A.double(), h_ref, grad_h.double(), h0.double(), cu_seqlens=cu, reverse=reverse))
     assert rel_rms(h.cpu(), h_ref) < 1e-5
     for got, want in zip(grads, grads_ref):
         assert got.shape == want.shape
@@ -246,7 +243,8 @@ def test_chunked_and_stepwise_paths_agree(chunk_size, A_shape):
         want = block_diagonal_scan_reference(*leaves, reverse=reverse)
         assert rel_rms(got, want) < 1e-12
         (want * grad_h).sum().backward()
-        grads = block_diagonal_scan_chunked_backward(A, got, grad_h, h0, None, reverse, chunk_size=chunk_size)
+        grads = _complete(A, got, h0, None, reverse, block_diagonal_scan_chunked_backward(
+            A, got, grad_h, h0, cu_seqlens=None, reverse=reverse, chunk_size=chunk_size))
         for g, leaf in zip(grads, leaves):
             assert g.shape == leaf.shape and rel_rms(g, leaf.grad) < 1e-12
 

@@ -191,12 +191,13 @@ class _StandInExtension:
         if h0 is not None:
             assert h0.dtype == acc and h0.shape == (N, x.shape[2]) and h0.is_contiguous()
         if not backward:
-            out.copy_(diagonal_scan_reference(a.to(acc), x.to(acc), h0, cu_seqlens, reverse))
+            out.copy_(diagonal_scan_reference(a.to(acc), x.to(acc), h0, cu_seqlens=cu_seqlens, reverse=reverse))
             return
         from linrec.diagonal.chunked import diagonal_scan_chunked_backward
         assert h.dtype == x.dtype and h.is_contiguous() and grad_a.dtype == acc and grad_h0.dtype == acc
         assert grad_a.shape == x.shape and grad_h0.shape == (N, x.shape[2]) and not grad_h0.any()
-        ga, gx, gh0 = diagonal_scan_chunked_backward(a.to(acc), h.to(acc), x.to(acc), h0, cu_seqlens, reverse)
+        ga, gx, gh0 = diagonal_scan_chunked_backward(a.to(acc), h.to(acc), x.to(acc), h0, cu_seqlens=cu_seqlens,
+                                                      reverse=reverse)
         grad_a.copy_(ga)
         out.copy_(gx)
         grad_h0.copy_(gh0)
@@ -219,7 +220,7 @@ def test_launchers_and_op_plumbing_with_a_stand_in_extension(monkeypatch, dtype,
         ((h * w.to(h.dtype)).real.sum() if h.is_complex() else (h.double() * w).sum()).backward()
         ref = [t.detach().clone().to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_()
                for t in (a, x, h0)]
-        h_ref = diagonal_scan_reference(*ref, cu, reverse)
+        h_ref = diagonal_scan_reference(*ref, cu_seqlens=cu, reverse=reverse)
         ((h_ref * w.to(h_ref.dtype)).real.sum() if h_ref.is_complex() else (h_ref * w).sum()).backward()
         assert h.dtype == x.dtype
         assert rel_rms(h, h_ref) < TOL[dtype]
@@ -232,35 +233,16 @@ def test_launchers_and_op_plumbing_with_a_stand_in_extension(monkeypatch, dtype,
 # --- numerics on a GPU --------------------------------------------------------------------------
 
 # The inputs and tolerances of the diagonal suite, shared so the CUDA backend meets the same bar.
-from test_diagonal import TOL, _inputs  # noqa: E402
-
-
-def _run(backend, a, x, h0, reverse, cu_seqlens=None, device="cuda"):
-    leaves = [t.detach().clone().to(device).requires_grad_() if t is not None else None for t in (a, x, h0)]
-    cu = cu_seqlens.to(device) if cu_seqlens is not None else None
-    h = linrec.diagonal_scan(leaves[0], leaves[1], leaves[2], reverse=reverse, cu_seqlens=cu, backend=backend)
-    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
-    loss = (h * w.to(h.dtype)).real.sum() if h.is_complex() else (h.double() * w).sum()
-    loss.backward()
-    return h, [t.grad if t is not None else None for t in leaves]
-
-
-def _to64(t):
-    return None if t is None else t.to(torch.complex128 if t.is_complex() else torch.float64)
+from conftest import TOL, assert_close_to_reference, to64  # noqa: E402
+from test_diagonal import _inputs, _run  # noqa: E402
 
 
 def _check(a, x, h0, reverse, tol, cu_seqlens=None):
-    h, grads = _run("cuda", a, x, h0, reverse, cu_seqlens)
-    h_ref, grads_ref = _run("reference" if x.shape[1] <= 2000 else "torch", _to64(a), _to64(x), _to64(h0), reverse,
+    h, grads = _run("cuda", a, x, h0, reverse, cu_seqlens, device="cuda")
+    h_ref, grads_ref = _run("reference" if x.shape[1] <= 2000 else "torch", to64(a), to64(x), to64(h0), reverse,
                             cu_seqlens, device="cpu")
-    assert h.dtype == x.dtype and h.shape == x.shape
-    assert torch.isfinite(torch.view_as_real(h) if h.is_complex() else h).all()
-    assert rel_rms(h.cpu(), h_ref) < tol, f"output error {rel_rms(h.cpu(), h_ref)}"
-    for name, got, want in zip(("a", "x", "initial_state"), grads, grads_ref):
-        if want is None:
-            continue
-        assert got.shape == want.shape
-        assert rel_rms(got.cpu(), want) < tol, f"grad of {name} error {rel_rms(got.cpu(), want)}"
+    assert h.dtype == x.dtype
+    assert_close_to_reference([h], [h_ref], grads, grads_ref, (a, x, h0), ("a", "x", "initial_state"), tol)
 
 
 @needs_cuda_backend

@@ -6,10 +6,10 @@ import torch
 import linrec
 from linrec.diagonal import diagonal_scan_reference
 
-from conftest import DEVICE, HAS_CUDA, assert_compiled_matches_eager, rel_rms
+from conftest import (DEVICE, HAS_CUDA, TOL, assert_close_to_reference, assert_compiled_matches_eager, rel_rms,
+                      run_with_grads, to64)
 
 BACKENDS = ["triton", "torch"]
-TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def _inputs(B, T, D, dtype, *, a_kind="mixed", seed=0, a_shape=None):
@@ -33,34 +33,20 @@ def _inputs(B, T, D, dtype, *, a_kind="mixed", seed=0, a_shape=None):
     return a.to(dtype), x.to(dtype)
 
 
-def _run(backend, a, x, h0, reverse, cu_seqlens=None, seed=1):
+def _run(backend, a, x, h0, reverse, cu_seqlens=None, device=None):
     """Forward + backward of a random projection; returns (h, [grads of a, x, h0])."""
-    leaves = [t.detach().clone().to(DEVICE).requires_grad_() if t is not None else None for t in (a, x, h0)]
-    cu = cu_seqlens.to(DEVICE) if cu_seqlens is not None else None
-    h = linrec.diagonal_scan(leaves[0], leaves[1], leaves[2], reverse=reverse, cu_seqlens=cu, backend=backend)
-    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    w = w.to(h.dtype if not h.is_complex() else h.dtype).to(DEVICE)
-    (h * w).real.sum().backward() if h.is_complex() else (h.float() * w.float()).sum().backward()
-    return h, [t.grad if t is not None else None for t in leaves]
-
-
-def _to64(t):
-    if t is None:
-        return None
-    return t.to(torch.complex128 if t.is_complex() else torch.float64)
+    device = device or DEVICE
+    cu = cu_seqlens.to(device) if cu_seqlens is not None else None
+    (h,), grads = run_with_grads(lambda *t: linrec.diagonal_scan(*t, reverse=reverse, cu_seqlens=cu, backend=backend),
+                                 (a, x, h0), device=device)
+    return h, grads
 
 
 def _check(backend, a, x, h0, reverse, tol, cu_seqlens=None):
     h, grads = _run(backend, a, x, h0, reverse, cu_seqlens)
-    h_ref, grads_ref = _run("reference", _to64(a), _to64(x), _to64(h0), reverse, cu_seqlens)
-    assert h.dtype == x.dtype and h.shape == x.shape
-    assert torch.isfinite(torch.view_as_real(h) if h.is_complex() else h).all()
-    assert rel_rms(h, h_ref) < tol, f"output error {rel_rms(h, h_ref)}"
-    for name, got, want in zip(("a", "x", "initial_state"), grads, grads_ref):
-        if want is None:
-            continue
-        assert got.shape == want.shape
-        assert rel_rms(got, want) < tol, f"grad of {name} error {rel_rms(got, want)}"
+    h_ref, grads_ref = _run("reference", to64(a), to64(x), to64(h0), reverse, cu_seqlens)
+    assert h.dtype == x.dtype
+    assert_close_to_reference([h], [h_ref], grads, grads_ref, (a, x, h0), ("a", "x", "initial_state"), tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -121,9 +107,9 @@ def test_triton_segmented_sweep(reverse, varlen, dtype):
     a, x = _inputs(B, T, 6, dtype)
     h0 = torch.randn(N, 6, dtype=dtype)
     g = torch.randn(B, T, 6, dtype=dtype)
-    a64, x64, h064, g64 = (_to64(t) for t in (a, x, h0, g))
-    ref = diagonal_scan_reference(a64, x64, h064, cu, reverse)
-    grads_ref = diagonal_scan_chunked_backward(a64, ref, g64, h064, cu, reverse)
+    a64, x64, h064, g64 = (to64(t) for t in (a, x, h0, g))
+    ref = diagonal_scan_reference(a64, x64, h064, cu_seqlens=cu, reverse=reverse)
+    grads_ref = diagonal_scan_chunked_backward(a64, ref, g64, h064, cu_seqlens=cu, reverse=reverse)
     for segments in (3, 7):
         dev = [t.to(DEVICE) for t in (a, x, h0, g)]
         cu_dev = cu.to(DEVICE) if cu is not None else None

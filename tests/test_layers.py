@@ -377,6 +377,17 @@ def test_bad_input_raises(name):
         layer(randn(2, 5, D_MODEL), cu_seqlens=torch.tensor([0, 5], device=DEVICE))
 
 
+@pytest.mark.parametrize("name, structure", [("rglru", r"\(conv_state, h\)"),
+                                             ("deltaproduct", r"\(\(q_conv, k_conv, v_conv\), S\)")])
+def test_state_of_the_wrong_structure_names_the_structure(name, structure):
+    layer = make_layer(name)
+    _, (conv, h) = layer(randn(2, 5, D_MODEL), return_state=True)
+    for wrong, got in ((h, "a tensor of shape"), ((h,), "a tuple of length 1"), ((conv, h, h), "length 3")):
+        with pytest.raises(TypeError, match=structure) as info:
+            layer(randn(2, 5, D_MODEL), state=wrong)
+        assert got in str(info.value)
+
+
 def test_bad_constructor_arguments_raise():
     with pytest.raises(ValueError, match="parameterization"):
         BlockDiagonalRNN(D_MODEL, 2, 2, parameterization="dense")

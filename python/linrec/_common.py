@@ -2,7 +2,7 @@
 
 Every public op validates its arguments here before any kernel runs, so that a
 bad call fails with a ``ValueError``/``TypeError`` that names the argument, the
-shape or dtype it got, and what it needs (DESIGN.md §5).
+shape or dtype it got, and what it needs (docs/design.md §9, Bad input).
 """
 
 from __future__ import annotations
@@ -157,25 +157,63 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def register_scan_autograd(scan_op, backward_op) -> None:
-    """Wires the autograd of a scan custom op whose inputs are
-    ``(coefficients, x, initial_state, cu_seqlens, reverse, backend)`` and whose output is h.
+def register_scan_autograd(scan_op, backward_op, *, differentiable: int, save_inputs: Sequence[int],
+                           save_outputs: Sequence[int] = ()) -> None:
+    """Wires the autograd of a scan custom op to its backward custom op; every family uses it.
 
-    The backward saves (coefficients, h, initial_state, cu_seqlens) and calls ``backward_op``
-    (another custom op, so that torch.compile sees the backward as one opaque call):
-    ``backward_op(coefficients, h, grad_h, initial_state, cu_seqlens, reverse, backend)`` ->
-    (grad coefficients, grad x, grad initial_state). Used by the diagonal and block-diagonal ops.
+    ``scan_op``'s arguments are first the ``differentiable`` tensors that get gradients (the
+    optional ones may be None), then the rest (``cu_seqlens``, flags, the backend name),
+    which the backward receives unchanged. The backward op is called as::
+
+        backward_op(*inputs[save_inputs], *outputs[save_outputs], *grad_outputs, *rest)
+
+    and returns one gradient per differentiable argument (anything, e.g. an empty tensor,
+    where that argument is None: autograd gets None there). The backward is a custom op
+    of its own, so that ``torch.compile`` sees it as one opaque call.
     """
     def setup_context(ctx, inputs, output):
-        coefficients, _, initial_state, cu_seqlens, reverse, backend = inputs
-        ctx.save_for_backward(coefficients, output, initial_state, cu_seqlens)
-        ctx.reverse, ctx.backend = reverse, backend
-        ctx.has_h0 = initial_state is not None
+        outputs = output if isinstance(output, tuple) else (output,)
+        rest = inputs[differentiable:]
+        saved = [inputs[i] for i in save_inputs] + [outputs[i] for i in save_outputs]
+        ctx.present = [t is not None for t in inputs[:differentiable]]
+        ctx.num_saved = len(saved)
+        # Tensors among the rest (cu_seqlens) go through save_for_backward like the others.
+        ctx.rest_is_tensor = [isinstance(r, torch.Tensor) for r in rest]
+        ctx.rest_values = [None if is_tensor else r for r, is_tensor in zip(rest, ctx.rest_is_tensor)]
+        ctx.save_for_backward(*saved, *[r for r in rest if isinstance(r, torch.Tensor)])
 
-    def backward(ctx, grad_h):
-        coefficients, h, initial_state, cu_seqlens = ctx.saved_tensors
-        grad_coef, grad_x, grad_h0 = backward_op(coefficients, h, grad_h, initial_state, cu_seqlens,
-                                                 ctx.reverse, ctx.backend)
-        return grad_coef, grad_x, (grad_h0 if ctx.has_h0 else None), None, None, None
+    def backward(ctx, *grad_outputs):
+        tensors = ctx.saved_tensors
+        saved, rest_tensors = tensors[:ctx.num_saved], iter(tensors[ctx.num_saved:])
+        rest = [next(rest_tensors) if is_tensor else value
+                for is_tensor, value in zip(ctx.rest_is_tensor, ctx.rest_values)]
+        grads = backward_op(*saved, *grad_outputs, *rest)
+        return tuple(g if present else None for g, present in zip(grads, ctx.present)) + (None,) * len(rest)
 
     scan_op.register_autograd(backward, setup_context=setup_context)
+
+
+def num_sequences(batch: int, cu_seqlens: Optional[torch.Tensor]) -> int:
+    """N: the number of sequences, B without ``cu_seqlens``, else its length - 1."""
+    return batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def sum_to_shape(grad: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Sums a full-size gradient over the dimensions along which an argument of ``shape``
+    was broadcast (leading dimensions it lacks, and its size-1 dimensions); a gradient
+    already of that shape is returned as it is."""
+    lead = grad.dim() - len(shape)
+    if lead:
+        grad = grad.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Constants shared by a family's torch forms and its Triton kernels (defined once, here).
+# ----------------------------------------------------------------------------------------------
+
+# Householder: sub-steps (tokens x factors) per chunk of the chunked WY form, and the longest
+# forward pass (in tokens per sequence) that steps through the recurrence instead (decoding).
+HOUSEHOLDER_SUBSTEPS_PER_CHUNK = 64
+HOUSEHOLDER_RECURRENT_MAX_T = 8

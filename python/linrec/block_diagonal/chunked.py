@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._common import accumulation_dtype
+from .._common import accumulation_dtype, num_sequences
 
 
 def _matvec(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -223,7 +223,7 @@ def _scan_sequences(A, x, h0, cu_seqlens, reverse, chunk_size):
     return out
 
 
-def block_diagonal_scan_chunked(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor] = None,
+def block_diagonal_scan_chunked(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor] = None, *,
                                 cu_seqlens: Optional[torch.Tensor] = None, reverse: bool = False,
                                 chunk_size: Optional[int] = None) -> torch.Tensor:
     """Chunked ``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]``; same arguments and result as the reference.
@@ -290,7 +290,7 @@ def grad_A_from(g: torch.Tensor, h_prev: torch.Tensor, A_shape: torch.Size) -> t
 
 
 def block_diagonal_scan_chunked_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
-                                         initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                                         initial_state: Optional[torch.Tensor], *, cu_seqlens: Optional[torch.Tensor],
                                          reverse: bool, chunk_size: Optional[int] = None
                                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the block-diagonal scan, all in the accumulation dtype.
@@ -307,22 +307,19 @@ def block_diagonal_scan_chunked_backward(A: torch.Tensor, h: torch.Tensor, grad_
         grad_h: (B, T, G, b); initial_state: (N, G, b) or None; cu_seqlens, reverse as forward.
 
     Returns:
-        (grad_A in A's shape, grad_x (B, T, G, b), grad_initial_state (N, G, b)).
+        (None, grad_x (B, T, G, b), grad_initial_state (N, G, b)). dL/dA = g_t h_{t-1}^T is formed
+        by the op (``grad_A_from``), summed over A's broadcast dimensions, for every backend alike.
     """
     acc = accumulation_dtype(h.dtype)
     A5t = _as5d(A).to(acc).transpose(-1, -2)
     h = h.to(acc)
     grad_h = grad_h.to(acc)
     B, T, G, b = h.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     step = -1 if reverse else 1  # direction of the forward scan
     y = _matvec(A5t, grad_h)
     u = _scan_sequences(A5t, y, None, cu_seqlens, not reverse, chunk_size)
     g = grad_h + shift_in_time(u, cu_seqlens, -step, None)
-    h0 = (initial_state.to(acc) if initial_state is not None
-          else torch.zeros((N, G, b), dtype=acc, device=h.device))
-    h_prev = shift_in_time(h, cu_seqlens, step, h0)
-    grad_A = grad_A_from(g, h_prev, A.shape)
     # dL/dh0 = u at the first forward step of each sequence (zero for empty sequences).
     grad_h0 = torch.zeros((N, G, b), dtype=acc, device=h.device)
     if T > 0:
@@ -333,4 +330,4 @@ def block_diagonal_scan_chunked_backward(A: torch.Tensor, h: torch.Tensor, grad_
             for n, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
                 if e > s:
                     grad_h0[n] = u[0, e - 1] if reverse else u[0, s]
-    return grad_A, g, grad_h0
+    return None, g, grad_h0

@@ -3,7 +3,7 @@
 Two custom ops carry the work so that ``torch.compile`` traces through them:
 
 * ``linrec::block_diagonal_scan`` (A, x, initial_state?, cu_seqlens?, reverse, backend) -> h
-* ``linrec::block_diagonal_scan_backward`` (A, h, grad_h, initial_state?, cu_seqlens?, reverse, backend)
+* ``linrec::block_diagonal_scan_backward`` (A, initial_state?, h, grad_h, cu_seqlens?, reverse, backend)
   -> (grad_A, grad_x, grad_initial_state)
 
 ``A`` reaches the ops in its own broadcastable shape; the backward sums dL/dA
@@ -17,13 +17,51 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import (REAL_DTYPES, autocast_off, check_cu_seqlens, check_cu_seqlens_values, check_same_device,
-                       check_shape, check_tensor, register_scan_autograd, resolve_backend)
-from .chunked import block_diagonal_scan_chunked, block_diagonal_scan_chunked_backward
+from .._common import (REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens, check_cu_seqlens_values, check_same_device,
+                       check_shape, check_tensor, num_sequences, register_scan_autograd, resolve_backend,
+                       sum_to_shape)
+from .chunked import block_diagonal_scan_chunked, block_diagonal_scan_chunked_backward, grad_A_from, shift_in_time
 from .reference import block_diagonal_scan_reference
 
-AVAILABLE_BACKENDS = ("triton", "torch", "reference")
+# ----------------------------------------------------------------------------------------------
+# Backends: name -> forward(A, x, initial_state, *, cu_seqlens, reverse) -> h, and
+# name -> backward(A, h, grad_h, initial_state, *, cu_seqlens, reverse) -> (grad_A, grad_x,
+# grad_initial_state) in the accumulation dtype. grad_A is full-size (B, T, G, b, b), already in
+# A's shape, or None: then the op forms it from grad_x and the states by one einsum that sums
+# over A's broadcast dimensions (a time-invariant A never gets a full-size gradient).
+# ----------------------------------------------------------------------------------------------
+def _triton_forward(A, x, initial_state, *, cu_seqlens, reverse):
+    from linrec.kernels.block_diagonal import block_diagonal_scan_forward
+    return block_diagonal_scan_forward(A, x, initial_state, cu_seqlens, reverse)
+
+
+def _triton_backward(A, h, grad_h, initial_state, *, cu_seqlens, reverse):
+    from linrec.kernels.block_diagonal import block_diagonal_scan_backward
+    return block_diagonal_scan_backward(A, h, grad_h, initial_state, cu_seqlens, reverse)
+
+
+FORWARD = {"triton": _triton_forward, "torch": block_diagonal_scan_chunked, "reference": block_diagonal_scan_reference}
+# The reference's gradients come from the chunked backward (checked against autograd through the loop).
+BACKWARD = {"triton": _triton_backward, "torch": block_diagonal_scan_chunked_backward,
+            "reference": block_diagonal_scan_chunked_backward}
+AVAILABLE_BACKENDS = tuple(FORWARD)
 MAX_BLOCK = 64
+
+
+def broadcast_grad_A(A_shape: torch.Size, h: Tensor, grad_x: Tensor, initial_state: Optional[Tensor], *,
+                     cu_seqlens: Optional[Tensor], reverse: bool) -> Tensor:
+    """dL/dA_t = g_t h_{t-1}^T summed over A's broadcast dimensions, in the accumulation dtype.
+
+    Args:
+        A_shape: A's own (broadcastable) shape; h: (B, T, G, b) forward states;
+        grad_x: (B, T, G, b) g = dL/dx; initial_state: (N, G, b) or None (zeros).
+    """
+    acc = accumulation_dtype(h.dtype)
+    B, _, G, b = h.shape
+    h0 = (initial_state.to(acc) if initial_state is not None
+          else h.new_zeros((num_sequences(B, cu_seqlens), G, b), dtype=acc))
+    h_prev = shift_in_time(h.to(acc), cu_seqlens, -1 if reverse else 1, h0)
+    return grad_A_from(grad_x.to(acc), h_prev, A_shape)
 
 
 @torch.library.custom_op("linrec::block_diagonal_scan", mutates_args=())
@@ -31,12 +69,7 @@ MAX_BLOCK = 64
 def _block_diagonal_scan_op(A: Tensor, x: Tensor, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
                             reverse: bool, backend: str) -> Tensor:
     check_cu_seqlens_values(cu_seqlens, x.shape[1])
-    if backend == "triton":
-        from linrec.kernels.block_diagonal import block_diagonal_scan_forward
-        return block_diagonal_scan_forward(A, x, initial_state, cu_seqlens, reverse)
-    if backend == "torch":
-        return block_diagonal_scan_chunked(A, x, initial_state, cu_seqlens, reverse)
-    return block_diagonal_scan_reference(A, x, initial_state, cu_seqlens, reverse)
+    return FORWARD[backend](A, x, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
 
 
 @_block_diagonal_scan_op.register_fake
@@ -46,29 +79,28 @@ def _(A, x, initial_state, cu_seqlens, reverse, backend):
 
 @torch.library.custom_op("linrec::block_diagonal_scan_backward", mutates_args=())
 @autocast_off
-def _block_diagonal_scan_backward_op(A: Tensor, h: Tensor, grad_h: Tensor, initial_state: Optional[Tensor],
+def _block_diagonal_scan_backward_op(A: Tensor, initial_state: Optional[Tensor], h: Tensor, grad_h: Tensor,
                                      cu_seqlens: Optional[Tensor], reverse: bool, backend: str
                                      ) -> Tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from linrec.kernels.block_diagonal import block_diagonal_scan_backward
-        grad_A, grad_x, grad_h0 = block_diagonal_scan_backward(A, h, grad_h, initial_state, cu_seqlens, reverse)
-    else:  # the reference and the chunked form share the chunked backward
-        grad_A, grad_x, grad_h0 = block_diagonal_scan_chunked_backward(A, h, grad_h, initial_state, cu_seqlens,
-                                                                       reverse)
+    grad_A, grad_x, grad_h0 = BACKWARD[backend](A, h, grad_h, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
+    if grad_A is None:
+        grad_A = broadcast_grad_A(A.shape, h, grad_x, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
     h0_dtype = initial_state.dtype if initial_state is not None else h.dtype
-    return grad_A.to(A.dtype).contiguous(), grad_x.to(h.dtype).contiguous(), grad_h0.to(h0_dtype).contiguous()
+    return (sum_to_shape(grad_A, A.shape).to(A.dtype).contiguous(), grad_x.to(h.dtype).contiguous(),
+            grad_h0.to(h0_dtype).contiguous())
 
 
 @_block_diagonal_scan_backward_op.register_fake
-def _(A, h, grad_h, initial_state, cu_seqlens, reverse, backend):
-    N = h.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+def _(A, initial_state, h, grad_h, cu_seqlens, reverse, backend):
     h0_dtype = initial_state.dtype if initial_state is not None else h.dtype
     return (torch.empty_like(A, memory_format=torch.contiguous_format),
             torch.empty_like(h, memory_format=torch.contiguous_format),
-            h.new_empty((N, h.shape[2], h.shape[3]), dtype=h0_dtype))
+            h.new_empty((num_sequences(h.shape[0], cu_seqlens), h.shape[2], h.shape[3]), dtype=h0_dtype))
 
 
-register_scan_autograd(_block_diagonal_scan_op, torch.ops.linrec.block_diagonal_scan_backward)
+# Inputs (A, x, initial_state | cu_seqlens, reverse, backend); the backward needs A, initial_state and h.
+register_scan_autograd(_block_diagonal_scan_op, torch.ops.linrec.block_diagonal_scan_backward, differentiable=3,
+                       save_inputs=(0, 2), save_outputs=(0,))
 
 
 def block_diagonal_scan(A: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *, reverse: bool = False,

@@ -14,7 +14,7 @@ import torch
 from .._common import accumulation_dtype
 
 
-def block_diagonal_scan_reference(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor] = None,
+def block_diagonal_scan_reference(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor] = None, *,
                                   cu_seqlens: Optional[torch.Tensor] = None, reverse: bool = False) -> torch.Tensor:
     """``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]``, one step at a time.
 

@@ -133,7 +133,7 @@ def _spans(B: int, T: int, cu_seqlens: Optional[torch.Tensor]):
     return [(slice(0, 1), slice(s, e), slice(n, n + 1)) for n, (s, e) in enumerate(zip(offsets[:-1], offsets[1:]))]
 
 
-def diagonal_scan_chunked(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor] = None,
+def diagonal_scan_chunked(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor] = None, *,
                           cu_seqlens: Optional[torch.Tensor] = None, reverse: bool = False,
                           chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
     """Chunked ``h_t = a_t * h_{t-1} + x_t``; same arguments and result as the reference.
@@ -157,7 +157,7 @@ def diagonal_scan_chunked(a: torch.Tensor, x: torch.Tensor, initial_state: Optio
 
 
 def diagonal_scan_chunked_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
-                                   initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                                   initial_state: Optional[torch.Tensor], *, cu_seqlens: Optional[torch.Tensor],
                                    reverse: bool, chunk_size: int = CHUNK_SIZE
                                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the diagonal scan, all in the accumulation dtype.

@@ -3,7 +3,7 @@
 Two custom ops carry the work so that ``torch.compile`` traces through them:
 
 * ``linrec::diagonal_scan`` (a, x, initial_state?, cu_seqlens?, reverse, backend) -> h
-* ``linrec::diagonal_scan_backward`` (a, h, grad_h, initial_state?, cu_seqlens?, reverse, backend)
+* ``linrec::diagonal_scan_backward`` (a, initial_state?, h, grad_h, cu_seqlens?, reverse, backend)
   -> (grad_a, grad_x, grad_initial_state)
 
 ``a`` reaches the ops in its own broadcastable shape; the backward sums dL/da
@@ -18,20 +18,44 @@ import torch
 from torch import Tensor
 
 from .._common import (COMPLEX_DTYPES, REAL_DTYPES, autocast_off, check_cu_seqlens, check_cu_seqlens_values,
-                       check_same_device, check_shape, check_tensor, register_scan_autograd, resolve_backend)
+                       check_same_device, check_shape, check_tensor, num_sequences, register_scan_autograd,
+                       resolve_backend, sum_to_shape)
 from .chunked import diagonal_scan_chunked, diagonal_scan_chunked_backward
 from .reference import diagonal_scan_reference
 
-AVAILABLE_BACKENDS = ("triton", "cuda", "torch", "reference")
+# ----------------------------------------------------------------------------------------------
+# Backends: name -> forward(a, x, initial_state, *, cu_seqlens, reverse) -> h, and
+# name -> backward(a, h, grad_h, initial_state, *, cu_seqlens, reverse) -> (grad_a, grad_x,
+# grad_initial_state) in the accumulation dtype, grad_a full-size or already in a's shape.
+# The Triton and CUDA modules are imported on first use only.
+# ----------------------------------------------------------------------------------------------
+def _triton_forward(a, x, initial_state, *, cu_seqlens, reverse):
+    from linrec.kernels.diagonal import diagonal_scan_forward
+    return diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse)
 
 
-def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
-    """Sums a (B, T, D) gradient over the dimensions that ``shape`` broadcast along."""
-    lead = grad.dim() - len(shape)
-    if lead:
-        grad = grad.sum(dim=tuple(range(lead)))
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
-    return grad.sum(dim=dims, keepdim=True) if dims else grad
+def _triton_backward(a, h, grad_h, initial_state, *, cu_seqlens, reverse):
+    from linrec.kernels.diagonal import diagonal_scan_backward
+    return diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens, reverse, h.dtype)
+
+
+def _cuda_forward(a, x, initial_state, *, cu_seqlens, reverse):
+    from .._cuda import diagonal_scan_forward
+    return diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse)
+
+
+def _cuda_backward(a, h, grad_h, initial_state, *, cu_seqlens, reverse):
+    from .._cuda import diagonal_scan_backward
+    return diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens, reverse, h.dtype)
+
+
+FORWARD = {"triton": _triton_forward, "cuda": _cuda_forward, "torch": diagonal_scan_chunked,
+           "reference": diagonal_scan_reference}
+# The reference's gradients come from the chunked backward (the reference is the forward oracle;
+# the tests check every backward against autograd through the float64 reference loop).
+BACKWARD = {"triton": _triton_backward, "cuda": _cuda_backward, "torch": diagonal_scan_chunked_backward,
+            "reference": diagonal_scan_chunked_backward}
+AVAILABLE_BACKENDS = tuple(FORWARD)
 
 
 @torch.library.custom_op("linrec::diagonal_scan", mutates_args=())
@@ -39,15 +63,7 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 def _diagonal_scan_op(a: Tensor, x: Tensor, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
                       reverse: bool, backend: str) -> Tensor:
     check_cu_seqlens_values(cu_seqlens, x.shape[1])
-    if backend == "triton":
-        from linrec.kernels.diagonal import diagonal_scan_forward
-        return diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse)
-    if backend == "cuda":
-        from .._cuda import diagonal_scan_forward as cuda_forward
-        return cuda_forward(a, x, initial_state, cu_seqlens, reverse)
-    if backend == "torch":
-        return diagonal_scan_chunked(a, x, initial_state, cu_seqlens, reverse)
-    return diagonal_scan_reference(a, x, initial_state, cu_seqlens, reverse)
+    return FORWARD[backend](a, x, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
 
 
 @_diagonal_scan_op.register_fake
@@ -57,30 +73,24 @@ def _(a, x, initial_state, cu_seqlens, reverse, backend):
 
 @torch.library.custom_op("linrec::diagonal_scan_backward", mutates_args=())
 @autocast_off
-def _diagonal_scan_backward_op(a: Tensor, h: Tensor, grad_h: Tensor, initial_state: Optional[Tensor],
+def _diagonal_scan_backward_op(a: Tensor, initial_state: Optional[Tensor], h: Tensor, grad_h: Tensor,
                                cu_seqlens: Optional[Tensor], reverse: bool, backend: str
                                ) -> Tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from linrec.kernels.diagonal import diagonal_scan_backward
-        grad_a, grad_x, grad_h0 = diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens, reverse, h.dtype)
-    elif backend == "cuda":
-        from .._cuda import diagonal_scan_backward as cuda_backward
-        grad_a, grad_x, grad_h0 = cuda_backward(a, h, grad_h, initial_state, cu_seqlens, reverse, h.dtype)
-    else:  # the reference and the chunked form share the chunked backward
-        grad_a, grad_x, grad_h0 = diagonal_scan_chunked_backward(a, h, grad_h, initial_state, cu_seqlens, reverse)
+    grad_a, grad_x, grad_h0 = BACKWARD[backend](a, h, grad_h, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
     h0_dtype = initial_state.dtype if initial_state is not None else h.dtype
-    return _sum_to(grad_a, a.shape).to(a.dtype), grad_x.to(h.dtype), grad_h0.to(h0_dtype)
+    return sum_to_shape(grad_a, a.shape).to(a.dtype), grad_x.to(h.dtype), grad_h0.to(h0_dtype)
 
 
 @_diagonal_scan_backward_op.register_fake
-def _(a, h, grad_h, initial_state, cu_seqlens, reverse, backend):
-    N = h.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+def _(a, initial_state, h, grad_h, cu_seqlens, reverse, backend):
     h0_dtype = initial_state.dtype if initial_state is not None else h.dtype
     return (torch.empty_like(a, memory_format=torch.contiguous_format), torch.empty_like(h),
-            h.new_empty((N, h.shape[2]), dtype=h0_dtype))
+            h.new_empty((num_sequences(h.shape[0], cu_seqlens), h.shape[2]), dtype=h0_dtype))
 
 
-register_scan_autograd(_diagonal_scan_op, torch.ops.linrec.diagonal_scan_backward)
+# Inputs (a, x, initial_state | cu_seqlens, reverse, backend); the backward needs a, initial_state and h.
+register_scan_autograd(_diagonal_scan_op, torch.ops.linrec.diagonal_scan_backward, differentiable=3,
+                       save_inputs=(0, 2), save_outputs=(0,))
 
 
 def diagonal_scan(a: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *, reverse: bool = False,

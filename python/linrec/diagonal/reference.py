@@ -13,7 +13,7 @@ import torch
 from .._common import accumulation_dtype
 
 
-def diagonal_scan_reference(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor] = None,
+def diagonal_scan_reference(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor] = None, *,
                             cu_seqlens: Optional[torch.Tensor] = None, reverse: bool = False) -> torch.Tensor:
     """``h_t = a_t * h_{t-1} + x_t``, one step at a time.
 

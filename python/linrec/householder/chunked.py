@@ -38,9 +38,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._common import accumulation_dtype
-
-SUBSTEPS_PER_CHUNK = 64
+from .._common import HOUSEHOLDER_SUBSTEPS_PER_CHUNK, accumulation_dtype
 
 
 def _causal_product(scores: torch.Tensor, d: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -62,7 +60,7 @@ def _causal_product(scores: torch.Tensor, d: torch.Tensor, last: torch.Tensor) -
     return torch.where(last[:, None] >= first_bad, float("nan"), out)
 
 
-def tokens_per_chunk(n: int, substeps: int = SUBSTEPS_PER_CHUNK) -> int:
+def tokens_per_chunk(n: int, substeps: int = HOUSEHOLDER_SUBSTEPS_PER_CHUNK) -> int:
     """C: whole tokens per chunk, so that a chunk holds at most ``substeps`` sub-steps."""
     return max(1, substeps // n)
 
@@ -142,9 +140,9 @@ def _scan_dense(q, k, v, beta, log_gate, h0, scale, chunk_tokens):
 
 def householder_scan_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                              log_gate: Optional[torch.Tensor] = None,
-                             initial_state: Optional[torch.Tensor] = None,
-                             scale: Optional[float] = None,
+                             initial_state: Optional[torch.Tensor] = None, *,
                              cu_seqlens: Optional[torch.Tensor] = None,
+                             scale: Optional[float] = None,
                              chunk_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunked Householder-product scan; same arguments and results as the reference.
 

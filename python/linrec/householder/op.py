@@ -4,8 +4,8 @@ Two custom ops carry the work so that ``torch.compile`` traces through them:
 
 * ``linrec::householder_scan`` (q, k, v, beta, log_gate?, initial_state?, cu_seqlens?, scale?, backend)
   -> (o, final_state)
-* ``linrec::householder_scan_backward`` (the same inputs, grad_o, grad_final_state?)
-  -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)
+* ``linrec::householder_scan_backward`` (q, k, v, beta, log_gate?, initial_state?, grad_o, grad_final_state?,
+  cu_seqlens?, scale?, backend) -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)
 
 The ops always see k as (B, T, n, H, K), v as (B, T, n, H, V) and beta as
 (B, T, n, H); the public function adds the n = 1 axis for 4-D/3-D inputs and
@@ -15,10 +15,11 @@ when asked for.
 
 Backwards: ``triton`` runs the chunked backward kernels of ``linrec.kernels.householder``
 (they recompute the WY factors and chunk states, then an adjoint state pass and the
-chunk-local gradients); ``torch`` and ``reference`` recompute their own forward under
-autograd inside the backward op (the reference's gradients are thus autograd through
-the sequential loop, an independent oracle for the chunked forms). Gradients of absent optional inputs come back as empty tensors
-that the autograd wrapper turns into None.
+chunk-local gradients); ``torch`` and ``reference`` differentiate their own forward,
+recomputed inside the backward op, with ``torch.func.vjp`` (the reference's gradients are
+thus autograd through the sequential loop, an independent oracle for the chunked forms).
+Gradients of absent optional inputs come back as empty tensors that the autograd wiring
+(``register_scan_autograd``, shared by every family) turns into None.
 """
 
 from __future__ import annotations
@@ -30,17 +31,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import (REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens, check_cu_seqlens_values,
-                       check_same_device, check_shape, check_tensor, resolve_backend)
+from .._common import (HOUSEHOLDER_RECURRENT_MAX_T, REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens,
+                       check_cu_seqlens_values, check_same_device, check_shape, check_tensor, num_sequences,
+                       register_scan_autograd, resolve_backend)
 from .chunked import householder_scan_chunked
-from .recurrent import RECURRENT_MAX_T, householder_scan_recurrent
+from .recurrent import householder_scan_recurrent
 from .reference import householder_scan_reference
-
-AVAILABLE_BACKENDS = ("triton", "torch", "reference")
-
-
-def _num_sequences(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 # Log-gates below this are raised to it by the chunked backends (torch, triton). exp(-1e4)
@@ -52,32 +48,71 @@ def _num_sequences(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
 LOG_GATE_FLOOR = -1e4
 
 
-def _resolve_scale(scale: Optional[float], q: Tensor) -> float:
-    """The read-out scale; None means K ** -0.5. Resolved inside the op bodies, where K is a
-    plain int even when ``torch.compile(dynamic=True)`` traces the caller with a symbolic K."""
-    return q.shape[-1] ** -0.5 if scale is None else scale
-
-
 def _floor_log_gate(log_gate: Optional[Tensor]) -> Optional[Tensor]:
     return None if log_gate is None else log_gate.clamp(min=LOG_GATE_FLOOR)
 
 
-def _forward_impl(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend):
-    scale = _resolve_scale(scale, q)
-    if backend != "reference":
-        log_gate = _floor_log_gate(log_gate)
-    if backend == "triton":
-        from linrec.kernels.householder import (RECURRENT_MAX_T as TRITON_RECURRENT_MAX_T,
-                                                householder_scan_forward, householder_scan_recurrent_forward)
-        if q.shape[1] <= TRITON_RECURRENT_MAX_T:  # decoding: step by step, no chunk padding
-            return householder_scan_recurrent_forward(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale)
-        o, final, _ = householder_scan_forward(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale)
-        return o, final
-    if backend == "torch":
-        if q.shape[1] <= RECURRENT_MAX_T:  # decoding: step by step, no chunk padding
-            return householder_scan_recurrent(q, k, v, beta, log_gate, initial_state, scale, cu_seqlens)
-        return householder_scan_chunked(q, k, v, beta, log_gate, initial_state, scale, cu_seqlens)
-    return householder_scan_reference(q, k, v, beta, log_gate, initial_state, scale, cu_seqlens)
+# ----------------------------------------------------------------------------------------------
+# Backends: name -> forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale)
+# -> (o, final_state), and name -> backward(q, k, v, beta, log_gate, initial_state, grad_o,
+# grad_final, *, cu_seqlens, scale) -> the six gradients (None for absent inputs). Forward
+# passes of at most HOUSEHOLDER_RECURRENT_MAX_T tokens step through the recurrence (decoding:
+# no chunk padding). The torch and reference backwards differentiate their own forward
+# (recomputed) with torch.func.vjp: the reference's gradients are thus autograd through the
+# sequential loop, an independent oracle for the chunked forms.
+# ----------------------------------------------------------------------------------------------
+def _torch_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale):
+    form = householder_scan_recurrent if q.shape[1] <= HOUSEHOLDER_RECURRENT_MAX_T else householder_scan_chunked
+    return form(q, k, v, beta, _floor_log_gate(log_gate), initial_state, cu_seqlens=cu_seqlens, scale=scale)
+
+
+def _triton_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale):
+    from linrec.kernels.householder import householder_scan_forward, householder_scan_recurrent_forward
+    form = (householder_scan_recurrent_forward if q.shape[1] <= HOUSEHOLDER_RECURRENT_MAX_T
+            else householder_scan_forward)
+    return form(q, k, v, beta, _floor_log_gate(log_gate), initial_state, cu_seqlens=cu_seqlens, scale=scale)
+
+
+def _triton_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale):
+    from linrec.kernels.householder import householder_scan_backward
+    grads = list(householder_scan_backward(q, k, v, beta, _floor_log_gate(log_gate), initial_state, grad_o,
+                                           grad_final, cu_seqlens=cu_seqlens, scale=scale))
+    if log_gate is not None:  # the floor's derivative: zero below it
+        grads[4] = torch.where(log_gate < LOG_GATE_FLOOR, 0.0, grads[4])
+    return grads
+
+
+def _vjp_backward(forward):
+    """The backward of a forward form, by torch.func.vjp through its recomputation."""
+    def backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale):
+        inputs = (q, k, v, beta, log_gate, initial_state)
+        present = [i for i, t in enumerate(inputs) if t is not None]
+
+        def run(*tensors):
+            args = list(inputs)
+            for i, t in zip(present, tensors):
+                args[i] = t
+            return forward(*args, cu_seqlens=cu_seqlens, scale=scale)
+
+        (_, final), vjp = torch.func.vjp(run, *(inputs[i] for i in present))
+        grads = [None] * len(inputs)
+        for i, g in zip(present, vjp((grad_o, torch.zeros_like(final) if grad_final is None else grad_final))):
+            grads[i] = g
+        return grads
+
+    return backward
+
+
+FORWARD = {"triton": _triton_forward, "torch": _torch_forward, "reference": householder_scan_reference}
+BACKWARD = {"triton": _triton_backward, "torch": _vjp_backward(_torch_forward),
+            "reference": _vjp_backward(householder_scan_reference)}
+AVAILABLE_BACKENDS = tuple(FORWARD)
+
+
+def _resolve_scale(scale: Optional[float], q: Tensor) -> float:
+    """The read-out scale; None means K ** -0.5. Resolved inside the op bodies, where K is a
+    plain int even when ``torch.compile(dynamic=True)`` traces the caller with a symbolic K."""
+    return q.shape[-1] ** -0.5 if scale is None else scale
 
 
 @torch.library.custom_op("linrec::householder_scan", mutates_args=())
@@ -86,7 +121,8 @@ def _householder_scan_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate
                          initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: Optional[float],
                          backend: str) -> Tuple[Tensor, Tensor]:
     check_cu_seqlens_values(cu_seqlens, q.shape[1])
-    o, final = _forward_impl(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend)
+    o, final = FORWARD[backend](q, k, v, beta, log_gate, initial_state, cu_seqlens=cu_seqlens,
+                                scale=_resolve_scale(scale, q))
     # With T = 0 (or empty packed sequences) a backend may hand back the initial state itself;
     # custom-op outputs must not alias inputs.
     if initial_state is not None and final.untyped_storage().data_ptr() == \
@@ -99,66 +135,27 @@ def _householder_scan_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate
 def _(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N = _num_sequences(q, cu_seqlens)
+    N = num_sequences(B, cu_seqlens)
     return (q.new_empty((B, T, H, V)), q.new_empty((N, H, K, V), dtype=accumulation_dtype(q.dtype)))
-
-
-def _autograd_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final, scale, backend):
-    """Backward of the torch / reference backends: autograd through their own forward, recomputed."""
-    inputs = [t.detach().requires_grad_() if t is not None else None
-              for t in (q, k, v, beta, log_gate, initial_state)]
-    # A custom op's kernel runs below the autograd dispatch keys; let them back in for the recompute.
-    excluded = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), \
-            torch.enable_grad():
-        o, final = _forward_impl(*inputs, cu_seqlens, scale, backend)
-        outputs, grads_out = [o], [grad_o]
-        if grad_final is not None:
-            outputs.append(final)
-            grads_out.append(grad_final)
-        leaves = [t for t in inputs if t is not None]
-        # Outputs that do not depend on the inputs (T = 0) carry no graph.
-        pairs = [(out, g) for out, g in zip(outputs, grads_out) if out.requires_grad]
-        if pairs:
-            grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
-        else:
-            grads = [None] * len(leaves)
-    it = iter(grads)
-    result = []
-    for t in inputs:
-        if t is None:
-            result.append(None)
-        else:
-            g = next(it)
-            result.append(torch.zeros_like(t) if g is None else g)
-    return result
 
 
 @torch.library.custom_op("linrec::householder_scan_backward", mutates_args=())
 @autocast_off
 def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor],
-                                  initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], grad_o: Tensor,
-                                  grad_final: Optional[Tensor], scale: Optional[float], backend: str
+                                  initial_state: Optional[Tensor], grad_o: Tensor, grad_final: Optional[Tensor],
+                                  cu_seqlens: Optional[Tensor], scale: Optional[float], backend: str
                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from linrec.kernels.householder import householder_scan_backward
-        grads = list(householder_scan_backward(q, k, v, beta, _floor_log_gate(log_gate), initial_state, cu_seqlens,
-                                               grad_o, grad_final, _resolve_scale(scale, q)))
-        if log_gate is not None:  # the floor's derivative: zero below it
-            grads[4] = torch.where(log_gate < LOG_GATE_FLOOR, 0.0, grads[4])
-    else:
-        grads = _autograd_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final,
-                                   scale, backend)
-    # Autograd may hand an incoming gradient straight back (T = 0: dL/dh0 = dL/dfinal);
+    inputs = (q, k, v, beta, log_gate, initial_state)
+    grads = BACKWARD[backend](*inputs, grad_o, grad_final, cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q))
+    # A gradient may be an incoming one handed straight back (T = 0: dL/dh0 = dL/dfinal);
     # custom-op outputs must not alias inputs or each other.
-    taken = {t.untyped_storage().data_ptr() for t in (q, k, v, beta, log_gate, initial_state, grad_o, grad_final)
-             if t is not None and t.numel() > 0}
+    taken = {t.untyped_storage().data_ptr() for t in (*inputs, grad_o, grad_final) if t is not None and t.numel() > 0}
     out = []
-    for g, t in zip(grads, (q, k, v, beta, log_gate, initial_state)):
+    for g, t in zip(grads, inputs):
         if t is None:
             out.append(q.new_empty((0,)))
             continue
-        g = g.to(t.dtype).contiguous()
+        g = torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
         if g.numel() > 0 and g.untyped_storage().data_ptr() in taken:
             g = g.clone()
         taken.add(g.untyped_storage().data_ptr())
@@ -167,29 +164,15 @@ def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
 
 
 @_householder_scan_backward_op.register_fake
-def _(q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final, scale, backend):
+def _(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, cu_seqlens, scale, backend):
     return tuple(q.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (q, k, v, beta, log_gate, initial_state))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens)
-    ctx.scale, ctx.backend = scale, backend
-    ctx.has_gate, ctx.has_h0 = log_gate is not None, initial_state is not None
-
-
-def _backward(ctx, grad_o, grad_final):
-    q, k, v, beta, log_gate, initial_state, cu_seqlens = ctx.saved_tensors
-    if grad_o is None:
-        B, T, H, _ = q.shape
-        grad_o = q.new_zeros((B, T, H, v.shape[-1]))
-    gq, gk, gv, gb, gg, gh0 = torch.ops.linrec.householder_scan_backward(
-        q, k, v, beta, log_gate, initial_state, cu_seqlens, grad_o, grad_final, ctx.scale, ctx.backend)
-    return (gq, gk, gv, gb, gg if ctx.has_gate else None, gh0 if ctx.has_h0 else None, None, None, None)
-
-
-_householder_scan_op.register_autograd(_backward, setup_context=_setup_context)
+# Inputs (q, k, v, beta, log_gate, initial_state | cu_seqlens, scale, backend); the backward
+# recomputes from all six (autograd hands it the gradients of both outputs, zeros where unused).
+register_scan_autograd(_householder_scan_op, torch.ops.linrec.householder_scan_backward, differentiable=6,
+                       save_inputs=range(6))
 
 
 def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor] = None,

@@ -4,7 +4,7 @@ The chunked form pads every sequence to whole chunks of 64 sub-steps and solves
 a 64 x 64 triangular system per chunk; for one or a few new tokens that is
 wasted work. This form applies the updates one sub-step at a time, vectorised
 over batch and heads, in the accumulation dtype (fp32 for fp32/bf16/fp16 inputs).
-The ``torch`` backend uses it when T is at most ``RECURRENT_MAX_T``; tests
+The ``torch`` backend uses it when T is at most ``HOUSEHOLDER_RECURRENT_MAX_T`` (``_common``); tests
 check that it matches the chunked form.
 """
 
@@ -15,8 +15,6 @@ from typing import Optional, Tuple
 import torch
 
 from .._common import accumulation_dtype
-
-RECURRENT_MAX_T = 8
 
 
 def _steps(q, k, v, beta, log_gate, S, scale):
@@ -36,9 +34,9 @@ def _steps(q, k, v, beta, log_gate, S, scale):
 
 def householder_scan_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                                log_gate: Optional[torch.Tensor] = None,
-                               initial_state: Optional[torch.Tensor] = None,
-                               scale: Optional[float] = None,
-                               cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                               initial_state: Optional[torch.Tensor] = None, *,
+                               cu_seqlens: Optional[torch.Tensor] = None,
+                               scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Same arguments and results as ``householder_scan_chunked``, one sub-step at a time.
 
     Args:

@@ -16,9 +16,9 @@ from .._common import accumulation_dtype
 
 def householder_scan_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                                log_gate: Optional[torch.Tensor] = None,
-                               initial_state: Optional[torch.Tensor] = None,
-                               scale: Optional[float] = None,
-                               cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                               initial_state: Optional[torch.Tensor] = None, *,
+                               cu_seqlens: Optional[torch.Tensor] = None,
+                               scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per token t of every sequence, with the state S a (K, V) matrix per head::
 
         S <- exp(log_gate_t) * S

@@ -44,6 +44,21 @@ def check_state_tensor(layer: str, name: str, t: Tensor, shape: Sequence[int], d
         raise ValueError(f"{layer}: state {name} must have shape {doc} = {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def unpack_state(layer: str, state, structure: str, parts: int) -> tuple:
+    """Splits a layer's tuple ``state`` into its ``parts`` pieces, or says what it needs.
+
+    ``structure`` names the pieces, e.g. ``"(conv_state, h)"``: a bare tensor (or a tuple of the
+    wrong length) is answered with that structure, not with a confusing shape error.
+    """
+    if not isinstance(state, (tuple, list)) or len(state) != parts:
+        got = (f"a tensor of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor)
+               else f"a {type(state).__name__} of length {len(state)}" if isinstance(state, (tuple, list))
+               else type(state).__name__)
+        raise TypeError(f"{layer}: state must be the tuple {structure} returned by a previous call with "
+                        f"return_state=True, or None; got {got}")
+    return tuple(state)
+
+
 def final_states(h: Tensor, cu_seqlens: Optional[Tensor], initial_state: Optional[Tensor]) -> Tensor:
     """The last state of every sequence from a forward scan's output.
 
@@ -55,7 +70,7 @@ def final_states(h: Tensor, cu_seqlens: Optional[Tensor], initial_state: Optiona
     Returns:
         (N, *S): ``h[:, -1]`` without ``cu_seqlens``; ``h[0, end_n - 1]`` for sequence n with it.
     """
-    N = h.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = h.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is None:
         initial_state = h.new_zeros((N,) + tuple(h.shape[2:]))
     if cu_seqlens is None:

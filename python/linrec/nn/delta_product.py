@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 import linrec
 
-from ._common import RMSNorm, ShortConv, check_input, check_state_tensor, inverse_softplus, num_sequences
+from ._common import RMSNorm, ShortConv, check_input, check_state_tensor, inverse_softplus, num_sequences, unpack_state
 
 ConvStates = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
@@ -142,7 +142,9 @@ class DeltaProduct(nn.Module):
         check_input("DeltaProduct", x, self.d_model)
         H, K, n = self.num_heads, self.head_dim, self.num_householder
         N = num_sequences(x, cu_seqlens)
-        conv_states, S0 = ((None, None, None), None) if state is None else state
+        conv_states, S0 = (((None, None, None), None) if state is None
+                           else unpack_state("DeltaProduct", state, "((q_conv, k_conv, v_conv), S)", 2))
+        conv_states = unpack_state("DeltaProduct", conv_states, "((q_conv, k_conv, v_conv), S)", 3)
         if S0 is not None:
             check_state_tensor("DeltaProduct", "S", S0, (N, H, K, K), "(N, H, K, V)")
             S0 = S0.float()

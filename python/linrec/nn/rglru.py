@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 import linrec
 
-from ._common import ShortConv, check_input, check_state_tensor, final_states, inverse_softplus, num_sequences
+from ._common import (ShortConv, check_input, check_state_tensor, final_states, inverse_softplus, num_sequences,
+                      unpack_state)
 
 # 1 - a_t^2 is floored here before the square root: sqrt has an infinite derivative at 0 (a_t = +-1),
 # and the floor keeps the gradient bounded (sqrt(1e-6) = 1e-3 of input still enters at |a_t| = 1).
@@ -129,7 +130,7 @@ class RGLRU(nn.Module):
         """
         check_input("RGLRU", x, self.d_model)
         N = num_sequences(x, cu_seqlens)
-        conv_state, h0 = (None, None) if state is None else state
+        conv_state, h0 = (None, None) if state is None else unpack_state("RGLRU", state, "(conv_state, h)", 2)
         if h0 is not None:
             check_state_tensor("RGLRU", "h", h0, (N, self.d_rnn), "(N, d_rnn)")
             h0 = h0.float()
