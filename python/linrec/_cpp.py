@@ -1,0 +1,351 @@
+"""The compiled CPU backend: availability, the JIT build of ``csrc/cpu/`` and the launchers.
+
+Nothing here runs at import time. The extension (one module, three C++ sources) is compiled
+with ``torch.utils.cpp_extension.load`` (ninja, -O3) the first time it is used in a process,
+into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``);
+later processes find the cached build and only rebuild when a source or a flag changed. A
+one-line message on stderr says when a build starts.
+
+The build targets the vector width PyTorch itself dispatches to on this CPU
+(``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, or the portable default) and uses
+PyTorch's OpenMP for ``at::parallel_for``.
+
+Environment variables:
+
+* ``LINREC_DISABLE_CPP=1``: never build or use the CPU extension.
+* ``LINREC_CPP_VERBOSE=1``: print the compiler's output while building.
+
+Launchers (all tensors on the CPU; dtypes: float32 | bfloat16 | float16 | complex64 for the
+diagonal scan, float32 | bfloat16 | float16 for the block-diagonal one, accumulation in fp32 /
+complex64):
+
+* ``diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse) -> h``
+* ``diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens, reverse) -> (grad_a, grad_x, grad_h0)``
+* ``block_diagonal_scan_forward(A, x, initial_state, cu_seqlens, reverse) -> h``
+* ``block_diagonal_scan_backward(A, h, grad_h, initial_state, cu_seqlens, reverse) -> (grad_A, grad_x, grad_h0)``
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+BLOCK_DIAGONAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_BLOCK = 16  # largest block size b of the block-diagonal kernels
+SOURCES = ("binding.cpp", "diagonal.cpp", "block_diagonal.cpp")
+
+_extension = None
+_build_error: Optional[BaseException] = None
+_lock = threading.Lock()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _compiler() -> Optional[str]:
+    """The C++ compiler ``torch.utils.cpp_extension`` would call (``$CXX``, else ``c++``), if found."""
+    cxx = os.environ.get("CXX", "c++").split()
+    return shutil.which(cxx[0]) if cxx else None
+
+
+def cpp_backend_unavailable_reason() -> Optional[str]:
+    """Why the compiled CPU backend cannot run in this process (one line), or None when it can.
+
+    Cheap and side-effect free: it builds nothing.
+    """
+    if _env_flag("LINREC_DISABLE_CPP"):
+        return "LINREC_DISABLE_CPP is set"
+    if _compiler() is None:
+        return f"no C++ compiler was found ({os.environ.get('CXX', 'c++')} is not on PATH; set CXX)"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja), which the JIT build needs"
+    if _build_error is not None:
+        first = str(_build_error).strip().splitlines()
+        return f"building the CPU extension failed earlier in this process: {first[0] if first else _build_error!r}"
+    return None
+
+
+def source_dir() -> Path:
+    """The folder with the C++ sources: ``linrec/csrc/cpu`` when installed, ``csrc/cpu`` in the repo."""
+    try:
+        spec = importlib.util.find_spec("linrec.csrc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if (Path(location) / "cpu" / SOURCES[1]).is_file():
+                return Path(location) / "cpu"
+    repo = Path(__file__).resolve().parents[2] / "csrc" / "cpu"  # python/linrec/_cpp.py -> repo root
+    if (repo / SOURCES[1]).is_file():
+        return repo
+    raise RuntimeError("linrec's C++ sources (csrc/cpu/) were not found next to the package; reinstall linrec")
+
+
+def cpu_capability() -> str:
+    """The vector extension the build targets: ``avx512``, ``avx2`` or ``default``."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability().lower()
+    except Exception:  # pragma: no cover - very old or unusual builds
+        cap = "default"
+    return cap if cap in ("avx512", "avx2") else "default"
+
+
+def build_flags(capability: str) -> Tuple[List[str], List[str]]:
+    """(compiler flags, linker flags) of the build for ``capability`` (also used by the tests)."""
+    cflags = ["-O3", "-std=c++17"]
+    if capability == "avx512":
+        cflags += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                   "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+    elif capability == "avx2":
+        cflags += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    ldflags: List[str] = []
+    # at::parallel_for is inline OpenMP code with PyTorch's OpenMP backend: without -fopenmp it
+    # would run on one thread. libgomp.so.1 resolves to the copy PyTorch has loaded already.
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    return cflags, ldflags
+
+
+def load_extension():
+    """Builds (first use) or loads (cached) the extension and returns the module.
+
+    Raises RuntimeError saying why when the backend is unavailable or the build fails.
+    """
+    global _extension, _build_error
+    if _extension is not None:
+        return _extension
+    reason = cpp_backend_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"linrec's compiled CPU backend is unavailable: {reason}. "
+                           "backend='torch' would run instead.")
+    with _lock:
+        if _extension is not None:
+            return _extension
+        from torch.utils import cpp_extension
+
+        capability = cpu_capability()
+        name = f"linrec_cpu_{capability}"
+        src = source_dir()
+        cflags, ldflags = build_flags(capability)
+        verbose = _env_flag("LINREC_CPP_VERBOSE")
+        try:
+            build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+            cached = any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd"))
+        except Exception:  # a private helper: only decides whether to print the message
+            build_dir, cached = None, False
+        if not cached:
+            print(f"linrec: compiling the CPU kernels ({capability}; once, about a minute; cached in "
+                  f"{build_dir or 'the torch extension dir'})", file=sys.stderr, flush=True)
+        try:
+            _extension = cpp_extension.load(
+                name=name,
+                sources=[str(src / s) for s in SOURCES],
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
+                extra_include_paths=[str(src)],
+                verbose=verbose,
+            )
+        except Exception as exc:  # the compiler's output is in the exception / the verbose log
+            _build_error = exc
+            raise RuntimeError(f"building linrec's CPU extension failed: {exc}. Set LINREC_CPP_VERBOSE=1 for the "
+                               "compiler output, LINREC_DISABLE_CPP=1 to stop trying; backend='torch' would run "
+                               "instead.") from exc
+    return _extension
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex64 if dtype.is_complex else torch.float32
+
+
+def _check_cpu(**tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"the cpp backend runs on CPU tensors; {name} is on {t.device}")
+
+
+def _unit_last_stride(t: torch.Tensor, dims: int = 1) -> torch.Tensor:
+    """``t`` if its last ``dims`` dimensions are laid out densely (row-major), else a contiguous copy."""
+    expected = 1
+    for i in range(1, dims + 1):
+        if t.shape[-i] > 1 and t.stride(-i) != expected:
+            return t.contiguous()
+        expected *= t.shape[-i]
+    return t
+
+
+def _sum_to(grad: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Sums ``grad`` (the argument padded to ``grad.dim()`` dimensions) down to ``shape`` and reshapes."""
+    padded = (1,) * (grad.dim() - len(shape)) + tuple(shape)
+    dims = tuple(i for i, n in enumerate(padded) if n == 1 and grad.shape[i] != 1)
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True)
+    return grad.reshape(tuple(shape))
+
+
+def _offsets(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
+
+
+def _diagonal_coefficients(a: torch.Tensor, storage: torch.dtype, D: int) -> torch.Tensor:
+    """a as the kernel reads it: 3-D (Ba, Ta, D), Ba/Ta of size 1 where a is broadcast, in the
+    storage dtype or (when a has another dtype) the accumulation dtype, unit channel stride."""
+    if a.dtype != storage:
+        a = a.to(_acc_dtype(storage))
+    while a.dim() < 3:
+        a = a.unsqueeze(0)
+    if a.shape[2] != D:  # broadcast along channels: spelled out (along D only)
+        a = a.expand(a.shape[0], a.shape[1], D).contiguous()
+    return _unit_last_stride(a)
+
+
+def _check_dtype(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> None:
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"the cpp backend takes {name} in {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor],
+                          cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+    """States of ``h_t = a_t * h_{t-1} + x_t`` (reverse: ``h_{t+1}``), one pass over time.
+
+    Args:
+        a: broadcastable to (B, T, D), x's kind; a (D,) or (B, 1, D) a is never expanded.
+        x: (B, T, D) float32 | bfloat16 | float16 | complex64. initial_state: (N, D) or None.
+        cu_seqlens: (N + 1,) int32/int64 offsets with B = 1, or None. reverse: scan from T down.
+
+    Returns:
+        h: (B, T, D) contiguous, in x's dtype (accumulated in fp32 / complex64; with a of another
+        dtype than x, a is read in the accumulation dtype).
+    """
+    _check_cpu(a=a, x=x, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    _check_dtype("x", x, SUPPORTED_DTYPES)
+    ext = load_extension()
+    acc = _acc_dtype(x.dtype)
+    x = _unit_last_stride(x)
+    a3 = _diagonal_coefficients(a, x.dtype, x.shape[2])
+    h0 = None if initial_state is None else initial_state.to(acc).contiguous()
+    return ext.diagonal_forward(a3, x, h0, _offsets(cu_seqlens), bool(reverse))
+
+
+def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
+                           initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                           reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the diagonal scan in one sweep (dL/dx, dL/da and dL/dh0 fused).
+
+    With ``g_t = dL/dx_t``: ``g_t = grad_h_t + conj(a_{t+1}) g_{t+1}``, ``dL/da_t = g_t conj(h_{t-1})``
+    (``g conj(h0)`` at the first step, or exactly 0 without an initial state) and
+    ``dL/dh0 = conj(a_1) g_1``; a reverse scan mirrors every index (the conventions of
+    ``diagonal_scan_chunked_backward``).
+
+    Args:
+        a: as forward (its own broadcastable shape); h: (B, T, D) forward states;
+        grad_h: (B, T, D) dL/dh (any strides); initial_state: (N, D) or None; cu_seqlens, reverse
+        as forward.
+
+    Returns:
+        grad_a: in a's shape, summed over its broadcast dimensions in fp32; its dtype is a's
+          where a has x's dtype or the accumulation dtype and a is not broadcast, else the
+          accumulation dtype;
+        grad_x: (B, T, D) in h's dtype (the accumulation dtype if h and grad_h differ);
+        grad_h0: (N, D) in the accumulation dtype, zeros without an initial state.
+    """
+    _check_cpu(a=a, h=h, grad_h=grad_h, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    _check_dtype("h", h, SUPPORTED_DTYPES)
+    ext = load_extension()
+    storage = h.dtype if grad_h.dtype == h.dtype else _acc_dtype(h.dtype)
+    acc = _acc_dtype(storage)
+    B, T, D = h.shape
+    h = _unit_last_stride(h.to(storage))
+    grad_h = _unit_last_stride(grad_h.to(storage))
+    a3 = _diagonal_coefficients(a, storage, D)
+    accumulate = (a3.shape[0], a3.shape[1]) != (B, T)
+    h0 = None if initial_state is None else initial_state.to(acc).contiguous()
+    grad_a, grad_x, grad_h0 = ext.diagonal_backward(a3, h, grad_h, h0, _offsets(cu_seqlens), bool(reverse),
+                                                    accumulate)
+    return _sum_to(grad_a, a.shape), grad_x, grad_h0
+
+
+def _block_transitions(A: torch.Tensor, storage: torch.dtype, b: int) -> torch.Tensor:
+    """A as the kernel reads it: 5-D (Ba, Ta, Ga, b, b) with contiguous (b, b) blocks, in the
+    storage dtype or (when A has another dtype) float32."""
+    if A.dtype != storage:
+        A = A.to(torch.float32)
+    while A.dim() < 5:
+        A = A.unsqueeze(0)
+    if tuple(A.shape[-2:]) != (b, b):
+        A = A.expand(*A.shape[:3], b, b).contiguous()
+    return _unit_last_stride(A, 2)
+
+
+def _check_block(x: torch.Tensor) -> None:
+    _check_dtype("x", x, BLOCK_DIAGONAL_DTYPES)
+    if not 1 <= x.shape[-1] <= MAX_BLOCK:
+        raise ValueError(f"the cpp backend's block-diagonal scan takes block sizes 1 <= b <= {MAX_BLOCK}, "
+                         f"got b = {x.shape[-1]}")
+
+
+def block_diagonal_scan_forward(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor],
+                                cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+    """States of ``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]``, one pass over time, b <= 16.
+
+    Args:
+        A: broadcastable to (B, T, G, b, b), e.g. (G, b, b) (never expanded); real.
+        x: (B, T, G, b) float32 | bfloat16 | float16. initial_state: (N, G, b) or None.
+        cu_seqlens: (N + 1,) offsets with B = 1, or None. reverse: scan from T down.
+
+    Returns:
+        h: (B, T, G, b) contiguous in x's dtype (accumulated in fp32).
+    """
+    _check_cpu(A=A, x=x, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    _check_block(x)
+    ext = load_extension()
+    x = _unit_last_stride(x, 2)
+    A5 = _block_transitions(A, x.dtype, x.shape[-1])
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    return ext.block_diagonal_forward(A5, x, h0, _offsets(cu_seqlens), bool(reverse))
+
+
+def block_diagonal_scan_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
+                                 initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                                 reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the block-diagonal scan in one sweep that reads every A_t once.
+
+    For a forward-in-time scan ``g_t = grad_h_t + A_{t+1}^T g_{t+1}``, ``dL/dA_t = g_t h_{t-1}^T``
+    (``g h0^T`` at the first step, exactly 0 without an initial state), ``dL/dh0 = A_1^T g_1``
+    (returned also without an initial state, as ``block_diagonal_scan_chunked_backward`` does);
+    a reverse scan mirrors every index.
+
+    Returns:
+        grad_A: in A's shape, float32, summed over A's broadcast dimensions;
+        grad_x: (B, T, G, b) in h's dtype (float32 if h and grad_h differ);
+        grad_h0: (N, G, b) float32.
+    """
+    _check_cpu(A=A, h=h, grad_h=grad_h, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    _check_block(h)
+    ext = load_extension()
+    storage = h.dtype if grad_h.dtype == h.dtype else torch.float32
+    B, T, G, b = h.shape
+    h = _unit_last_stride(h.to(storage), 2)
+    grad_h = _unit_last_stride(grad_h.to(storage), 2)
+    A5 = _block_transitions(A, storage, b)
+    accumulate = tuple(A5.shape[:3]) != (B, T, G)
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    grad_A, grad_x, grad_h0 = ext.block_diagonal_backward(A5, h, grad_h, h0, _offsets(cu_seqlens), bool(reverse),
+                                                          accumulate)
+    return _sum_to(grad_A, A.shape), grad_x, grad_h0

@@ -1,0 +1,308 @@
+"""The compiled CPU backend (``linrec._cpp``, csrc/cpu/): its launchers called directly, against
+the float64 sequential references (outputs and gradients through autograd of the loop).
+
+The extension is built once per session (JIT, cached by PyTorch); the module is skipped only when
+no C++ compiler exists. Tolerances are relative RMS errors: 1e-5 for fp32 / complex64, 1e-2 for
+bf16 / fp16 (inputs are rounded first, so the reference sees the same values).
+"""
+
+import pytest
+import torch
+
+from linrec import _cpp
+from linrec.block_diagonal import block_diagonal_scan_reference
+from linrec.diagonal import diagonal_scan_reference
+
+from conftest import rel_rms
+
+if _cpp._compiler() is None:  # the only reason to skip: a CPU without a C++ toolchain
+    pytest.skip(f"no C++ compiler: {_cpp.cpp_backend_unavailable_reason()}", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.complex64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    return _cpp.load_extension()  # fails (not skips) when a compiler exists but the build breaks
+
+
+def _wide(t):
+    return None if t is None else t.detach().to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+def _coefficients(shape, dtype, g):
+    """Diagonal coefficients of |a| in [0.5, 0.99], both signs (real) or any phase (complex)."""
+    mag = 0.5 + 0.49 * torch.rand(shape, generator=g)
+    if dtype.is_complex:
+        return torch.polar(mag, torch.rand(shape, generator=g) * 6.283).to(dtype)
+    sign = torch.where(torch.rand(shape, generator=g) < 0.2, -1.0, 1.0)
+    return (mag * sign).to(dtype)
+
+
+def _randn(shape, dtype, g):
+    if dtype.is_complex:
+        return torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g)).to(dtype)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _check_diagonal(a, x, h0=None, cu=None, reverse=False, tol=None, grad_h=None):
+    """Forward and backward of the cpp launchers against autograd through the float64 loop."""
+    tol = tol or TOL[x.dtype]
+    g = torch.Generator().manual_seed(7)
+    h = _cpp.diagonal_scan_forward(a, x, h0, cu, reverse)
+    assert h.dtype == x.dtype and h.shape == x.shape
+    leaves = [t.requires_grad_() for t in (_wide(a), _wide(x), _wide(h0)) if t is not None]
+    ref = diagonal_scan_reference(leaves[0], leaves[1], leaves[2] if h0 is not None else None,
+                                  cu_seqlens=cu, reverse=reverse)
+    assert rel_rms(h, ref) < tol
+    if grad_h is None:
+        grad_h = _randn(x.shape, x.dtype, g)
+    ref.backward(_wide(grad_h))
+    grad_a, grad_x, grad_h0 = _cpp.diagonal_scan_backward(a, h, grad_h, h0, cu, reverse)
+    assert grad_a.shape == a.shape and grad_x.shape == x.shape
+    assert grad_x.dtype == x.dtype
+    assert rel_rms(grad_x, leaves[1].grad) < tol
+    assert rel_rms(grad_a, leaves[0].grad) < tol
+    N = x.shape[0] if cu is None else cu.numel() - 1
+    assert grad_h0.shape == (N, x.shape[2])
+    if h0 is not None:
+        assert rel_rms(grad_h0, leaves[2].grad) < tol
+    else:
+        assert torch.count_nonzero(grad_h0) == 0
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagonal
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.complex64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_diagonal_matches_reference(dtype, reverse, with_h0):
+    g = torch.Generator().manual_seed(0)
+    B, T, D = 3, 37, 45  # D is not a multiple of the tile width: a partial tile every step
+    a = _coefficients((B, T, D), dtype, g)
+    x = _randn((B, T, D), dtype, g)
+    h0 = _randn((B, D), torch.complex64 if dtype.is_complex else torch.float32, g) if with_h0 else None
+    _check_diagonal(a, x, h0, reverse=reverse)
+
+
+@pytest.mark.parametrize("a_shape", [(45,), (1, 37, 45), (3, 1, 45), (37, 1), (1, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_diagonal_broadcast_coefficients(a_shape, dtype, reverse):
+    g = torch.Generator().manual_seed(1)
+    a = _coefficients(a_shape, dtype, g)
+    x = _randn((3, 37, 45), dtype, g)
+    h0 = _randn((3, 45), torch.complex64 if dtype.is_complex else torch.float32, g)
+    _check_diagonal(a, x, h0, reverse=reverse)
+
+
+@pytest.mark.parametrize("a_time_invariant", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_diagonal_packed_sequences_with_empty_ones(a_time_invariant, reverse, dtype):
+    g = torch.Generator().manual_seed(2)
+    cu = torch.tensor([0, 5, 5, 17, 18, 30, 30], dtype=torch.int32)
+    T, D = 30, 20
+    a = _coefficients((D,) if a_time_invariant else (1, T, D), dtype, g)
+    x = _randn((1, T, D), dtype, g)
+    h0 = _randn((6, D), torch.complex64 if dtype.is_complex else torch.float32, g)
+    _check_diagonal(a, x, h0, cu=cu, reverse=reverse)
+    _check_diagonal(a, x, None, cu=cu, reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_diagonal_single_step_and_empty(dtype):
+    g = torch.Generator().manual_seed(3)
+    a, x = _coefficients((2, 1, 9), dtype, g), _randn((2, 1, 9), dtype, g)
+    h0 = _randn((2, 9), torch.complex64 if dtype.is_complex else torch.float32, g)
+    for reverse in (False, True):
+        _check_diagonal(a, x, h0, reverse=reverse)
+    empty = _cpp.diagonal_scan_forward(a[:, :0], x[:, :0], None, None, False)
+    assert empty.shape == (2, 0, 9)
+    grad_a, grad_x, grad_h0 = _cpp.diagonal_scan_backward(a[0, 0], empty, empty, h0, None, False)
+    assert grad_a.shape == (9,) and torch.count_nonzero(grad_a) == 0 and grad_x.shape == (2, 0, 9)
+    assert torch.count_nonzero(grad_h0) == 0
+
+
+def test_diagonal_many_blocks_and_threads():
+    """Several channel blocks per row (D > one block) and more tasks than threads."""
+    g = torch.Generator().manual_seed(4)
+    a, x = _coefficients((2, 50, 1100), torch.float32, g), _randn((2, 50, 1100), torch.float32, g)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            _check_diagonal(a, x, reverse=False)
+            _check_diagonal(a[0, 0], x, reverse=True)  # (D,): partial sums per partition
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_diagonal_mixed_dtypes_strides_and_stride0_grad():
+    g = torch.Generator().manual_seed(5)
+    B, T, D = 2, 21, 33
+    x = _randn((B, D, T), torch.bfloat16, g).transpose(1, 2)  # non-contiguous x
+    a = _coefficients((B, T, D), torch.float32, g)             # fp32 a with bf16 x
+    _check_diagonal(a, x, grad_h=torch.ones(()).to(torch.bfloat16).expand(B, T, D))
+    grad_a, _, _ = _cpp.diagonal_scan_backward(a, x, x, None, None, False)
+    assert grad_a.dtype == torch.float32
+
+
+@pytest.mark.parametrize("which", ["a", "x"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_diagonal_nonfinite_is_causal(which, bad, reverse):
+    g = torch.Generator().manual_seed(6)
+    T, t0 = 150, 97
+    a, x = torch.rand(1, T, 3, generator=g) * 0.9, torch.randn(1, T, 3, generator=g)
+    clean = _cpp.diagonal_scan_forward(a, x, None, None, reverse)
+    (a if which == "a" else x)[0, t0, 1] = bad
+    x[0, t0, 1] = 1.0 if which == "a" else x[0, t0, 1]
+    out = _cpp.diagonal_scan_forward(a, x, None, None, reverse)
+    before = slice(t0 + 1, None) if reverse else slice(0, t0)
+    assert torch.equal(out[:, before], clean[:, before])
+    assert not torch.isfinite(out[0, t0, 1])
+    assert torch.equal(out[..., [0, 2]], clean[..., [0, 2]])
+
+
+def test_diagonal_nonfinite_stays_in_its_packed_sequence():
+    g = torch.Generator().manual_seed(7)
+    cu = torch.tensor([0, 70, 71, 71, 150])
+    a, x = torch.rand(1, 150, 3, generator=g), torch.randn(1, 150, 3, generator=g)
+    clean = _cpp.diagonal_scan_forward(a, x, None, cu, False)
+    x[0, 40] = float("nan")
+    out = _cpp.diagonal_scan_forward(a, x, None, cu, False)
+    assert torch.equal(out[:, :40], clean[:, :40]) and torch.isnan(out[:, 40:70]).all()
+    assert torch.equal(out[:, 70:], clean[:, 70:])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diagonal_growth_then_reset_gives_exact_zeros(reverse, dtype):
+    """a = 1000 for 60 steps on a zero state, then a reset: zeros stay exact, nothing is NaN."""
+    T, D = 100, 5
+    a = torch.full((1, T, D), 1000.0)
+    a[:, 60] = 0.0
+    a[:, 61:] = 0.5
+    x = torch.zeros(1, T, D)
+    x[:, 70:] = torch.randn(1, 30, D, generator=torch.Generator().manual_seed(8))
+    if reverse:
+        a, x = a.flip(1), x.flip(1)
+    a, x = a.to(dtype), x.to(dtype)
+    h = _cpp.diagonal_scan_forward(a, x, None, None, reverse)
+    assert torch.isfinite(h).all()
+    zero_part = slice(30, None) if reverse else slice(0, 70)
+    assert torch.count_nonzero(h[:, zero_part]) == 0
+    ref = diagonal_scan_reference(_wide(a), _wide(x), reverse=reverse)
+    assert rel_rms(h, ref) < TOL[dtype]
+
+
+def test_diagonal_rejects_bad_input():
+    x = torch.randn(1, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32"):
+        _cpp.diagonal_scan_forward(torch.rand(3, dtype=torch.float64), x, None, None, False)
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        _cpp.diagonal_scan_forward(torch.rand(3), x.float(), None, torch.tensor([0, 3, 2, 4]), False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-diagonal
+# ---------------------------------------------------------------------------------------------
+def _transitions(shape, dtype, g):
+    b = shape[-1]
+    return (torch.randn(shape, generator=g) * (0.9 / b ** 0.5)).to(dtype)
+
+
+def _check_block(A, x, h0=None, cu=None, reverse=False, tol=None):
+    tol = tol or TOL[x.dtype]
+    g = torch.Generator().manual_seed(9)
+    h = _cpp.block_diagonal_scan_forward(A, x, h0, cu, reverse)
+    assert h.dtype == x.dtype and h.shape == x.shape
+    A64, x64 = _wide(A).requires_grad_(), _wide(x).requires_grad_()
+    h064 = None if h0 is None else _wide(h0).requires_grad_()
+    ref = block_diagonal_scan_reference(A64, x64, h064, cu_seqlens=cu, reverse=reverse)
+    assert rel_rms(h, ref) < tol
+    grad_h = _randn(x.shape, x.dtype, g)
+    ref.backward(_wide(grad_h))
+    grad_A, grad_x, grad_h0 = _cpp.block_diagonal_scan_backward(A, h, grad_h, h0, cu, reverse)
+    assert grad_A.shape == A.shape and grad_x.shape == x.shape and grad_x.dtype == x.dtype
+    assert rel_rms(grad_x, x64.grad) < tol
+    assert rel_rms(grad_A, A64.grad) < tol
+    if h0 is not None:
+        assert rel_rms(grad_h0, h064.grad) < tol
+    return h
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_block_diagonal_matches_reference(b, reverse):
+    g = torch.Generator().manual_seed(10)
+    B, T, G = 2, 23, 5
+    A = _transitions((B, T, G, b, b), torch.float32, g)
+    x = torch.randn(B, T, G, b, generator=g)
+    _check_block(A, x, torch.randn(B, G, b, generator=g), reverse=reverse)
+    _check_block(A, x, None, reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("a_fp32", [False, True])
+def test_block_diagonal_reduced_precision(dtype, a_fp32):
+    g = torch.Generator().manual_seed(11)
+    A = _transitions((2, 30, 3, 4, 4), torch.float32 if a_fp32 else dtype, g)
+    x = torch.randn(2, 30, 3, 4, generator=g).to(dtype)
+    _check_block(A, x, torch.randn(2, 3, 4, generator=g), reverse=False)
+
+
+@pytest.mark.parametrize("A_shape", [(3, 4, 4), (1, 30, 3, 4, 4), (2, 1, 1, 4, 4), (30, 1, 4, 4)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_block_diagonal_broadcast_transitions(A_shape, reverse):
+    g = torch.Generator().manual_seed(12)
+    A = _transitions(A_shape, torch.float32, g)
+    x = torch.randn(2, 30, 3, 4, generator=g)
+    _check_block(A, x, torch.randn(2, 3, 4, generator=g), reverse=reverse)
+
+
+@pytest.mark.parametrize("time_invariant", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_block_diagonal_packed_sequences_with_empty_ones(time_invariant, reverse):
+    g = torch.Generator().manual_seed(13)
+    cu = torch.tensor([0, 5, 5, 17, 18, 30, 30])
+    A = _transitions((3, 3, 3) if time_invariant else (1, 30, 3, 3, 3), torch.float32, g)
+    x = torch.randn(1, 30, 3, 3, generator=g)
+    _check_block(A, x, torch.randn(6, 3, 3, generator=g), cu=cu, reverse=reverse)
+    if time_invariant:  # T = 1, one sequence
+        _check_block(A, x[:, :1], None, cu=torch.tensor([0, 1]), reverse=reverse)
+
+
+@pytest.mark.parametrize("scale, reset_at", [(1000.0, None), (1000.0, 60), (1e6, 5)])
+def test_block_diagonal_growth_then_reset(scale, reset_at):
+    T, G, b = 120, 2, 2
+    A = (torch.eye(b) * scale).expand(1, T, G, b, b).contiguous()
+    x = torch.zeros(1, T, G, b)
+    if reset_at is not None:
+        A[:, reset_at] = 0.0
+        A[:, reset_at + 1:] = torch.eye(b) * 0.5
+        x[:, -30:] = torch.randn(1, 30, G, b, generator=torch.Generator().manual_seed(14))
+    h = _cpp.block_diagonal_scan_forward(A, x, None, None, False)
+    assert torch.isfinite(h).all()
+    assert torch.count_nonzero(h[:, : T - 30]) == 0
+    ref = block_diagonal_scan_reference(_wide(A), _wide(x))
+    assert rel_rms(h, ref) < 1e-5
+
+
+def test_block_diagonal_nonfinite_is_causal():
+    g = torch.Generator().manual_seed(15)
+    T, t0 = 150, 90
+    A, x = torch.randn(1, T, 2, 3, 3, generator=g) * 0.4, torch.randn(1, T, 2, 3, generator=g)
+    clean = _cpp.block_diagonal_scan_forward(A, x, None, None, False)
+    A[0, t0, 1, 0, 0] = float("inf")
+    out = _cpp.block_diagonal_scan_forward(A, x, None, None, False)
+    assert torch.equal(out[:, :t0], clean[:, :t0]) and not torch.isfinite(out[0, t0, 1]).all()
+    assert torch.equal(out[:, :, 0], clean[:, :, 0])
+
+
+def test_block_diagonal_rejects_large_blocks():
+    with pytest.raises(ValueError, match="b <= 16"):
+        _cpp.block_diagonal_scan_forward(torch.eye(17), torch.randn(1, 2, 1, 17), None, None, False)
