@@ -483,6 +483,35 @@ def _householder_call(case: Case):
 CALLS = {"diagonal": _diagonal_call, "block_diagonal": _block_diagonal_call, "householder": _householder_call}
 
 
+def _parse_dims(text: str) -> Dict[str, int]:
+    return {k: int(v) for k, v in (item.split("=") for item in text.split() if "=" in item)}
+
+
+def plan_summary(op: str, dtype: str, dims: Dict[str, int]) -> str:
+    """The launch plan the model GPU gets at ``dims`` (computed by the launchers' planning functions,
+    nothing run): programs per pass and the time split, e.g. at a GPU target's full shape."""
+    from linrec.kernels import device_model
+    model = device_model()
+    if op == "diagonal":
+        import linrec.kernels.diagonal as dg
+        B, T, D = dims["B"], dims["T"], dims["D"]
+        cfg = dg._config(DTYPES[dtype], model is None, D)
+        auto = getattr(dg, "_auto_num_chunks", None) or getattr(dg, "_auto_num_segments")
+        S = auto(B, D, T, None, cfg, model)
+        programs = B * -(-D // cfg["BLOCK_D"])
+        return f"{programs} programs x {S} time chunks" if S > 1 else f"{programs} programs, one pass"
+    if op == "block_diagonal":
+        import linrec.kernels.block_diagonal as bd
+        import triton
+        B, T, G, b = dims["B"], dims["T"], dims["G"], dims["b"]
+        cfg = bd._config(b, model is None)
+        programs = B * -(-G // min(cfg["BLOCK_G"], triton.next_power_of_2(G)))
+        chunk = bd._auto_chunk_len(programs, T, model is None)
+        chunks = -(-T // chunk) if chunk else 1
+        return f"{programs} programs x {chunks} chunks of {chunk}" if chunks > 1 else f"{programs} programs, one pass"
+    return ""
+
+
 def _unit_of(case: Case) -> int:
     """Bytes of one "unit": the op's main tensor (x, or o for Householder)."""
     d = case.dims
@@ -506,7 +535,9 @@ def run_case(case: Case, fast_scan: bool = True) -> Dict[str, Any]:
     unit = _unit_of(case)
     return {
         "op": case.op, "mode": case.mode, "dtype": case.dtype, "variant": case.variant, "shape": case.shape,
-        "target": case.target, "min_bytes": minimum, "measured_bytes": traffic.total,
+        "target": case.target, "plan": plan_summary(case.op, case.dtype, case.dims),
+        "target_plan": plan_summary(case.op, case.dtype, _parse_dims(case.target)) if case.target else "",
+        "min_bytes": minimum, "measured_bytes": traffic.total,
         "kernel_bytes": traffic.kernel_bytes, "torch_bytes": traffic.torch_bytes,
         "ratio": traffic.total / minimum if minimum else float("nan"),
         "min_units": minimum / unit, "measured_units": traffic.total / unit,
@@ -519,33 +550,35 @@ def run_case(case: Case, fast_scan: bool = True) -> Dict[str, Any]:
 def _cases(preset: str) -> List[Case]:
     """The measured cases.
 
-    ``targets``: scaled-down stand-ins for the GPU targets of issue 13, planned for the model GPU:
-    * diagonal (B=8, D=1024, T=8192): B and D kept (128 programs fp32 / complex64, 64 bf16, so the
-      H100 plan cuts each sequence into 5 / 9 segments), T = 1280, the shortest T with that plan;
-    * diagonal (B=1, D=64, T=65536): the target shape itself (256 / 512 segments);
-    * broadcast a (D,) at the same two shapes, backward (fp32);
-    * block-diagonal, width 256 (G = 256 / b), B = 8, b = 1, 2, 4, 8, 16 (8-128 programs, chunked
-      into 64-step chunks as at the target B=8 T=4096, where b = 16 gets 128-step chunks), T = 256;
-    * Householder, one small shape per n (the interpreter runs its 64 x 64 chunk algebra slowly).
+    ``targets``: stand-ins for the GPU targets of issue 13, run with the model GPU's plan at shapes
+    the interpreter finishes (about 30 us per element and pass): the same kernels, passes and kind
+    of split as at the target (segments for the diagonal, 64-step chunks for block-diagonal), fewer
+    programs and segments. The ``target_plan`` column gives the plan at the full target shape:
+    * diagonal (B=8, D=1024, T=8192) -> B=2, D=256, T=512 (segmented, 2 segments; target 5 / 9);
+    * diagonal (B=1, D=64, T=65536) -> B=1, D=64, T=4096 (16 segments; target 256 / 512);
+    * broadcast a (D,), backward, fp32, at both;
+    * block-diagonal (B=8, T=4096, width 256, b = 1 .. 16) -> B=2, T=256 (4 chunks of 64 steps);
+    * Householder (bf16, K = V = 128, n = 1) at B=1, T=256, H=1.
     ``quick``: tiny shapes, for a smoke run.
     """
     out: List[Case] = []
     if preset == "quick":
         for mode in ("fwd", "bwd"):
-            out.append(Case("diagonal", mode, "fp32", dict(B=1, T=512, D=32), "B=1 D=64 T=65536"))
-            out.append(Case("block_diagonal", mode, "fp32", dict(B=1, T=256, G=4, b=4), "B=8 T=4096 width 256"))
+            out.append(Case("diagonal", mode, "fp32", dict(B=1, T=512, D=32), "B=1 T=65536 D=64"))
+            out.append(Case("block_diagonal", mode, "fp32", dict(B=1, T=256, G=4, b=4), "B=8 T=4096 G=64 b=4"))
         return out
     for mode in ("fwd", "bwd"):
         for dtype in ("fp32", "bf16", "complex64"):
-            out.append(Case("diagonal", mode, dtype, dict(B=8, T=1280, D=1024), "B=8 D=1024 T=8192"))
-            out.append(Case("diagonal", mode, dtype, dict(B=1, T=65536, D=64), "B=1 D=64 T=65536"))
-    out.append(Case("diagonal", "bwd", "fp32", dict(B=8, T=1280, D=1024), "B=8 D=1024 T=8192", "a (D,)"))
-    out.append(Case("diagonal", "bwd", "fp32", dict(B=1, T=65536, D=64), "B=1 D=64 T=65536", "a (D,)"))
+            out.append(Case("diagonal", mode, dtype, dict(B=2, T=512, D=256), "B=8 T=8192 D=1024"))
+            out.append(Case("diagonal", mode, dtype, dict(B=1, T=4096, D=64), "B=1 T=65536 D=64"))
+    out.append(Case("diagonal", "bwd", "fp32", dict(B=2, T=512, D=256), "B=8 T=8192 D=1024", "a (D,)"))
+    out.append(Case("diagonal", "bwd", "fp32", dict(B=1, T=4096, D=64), "B=1 T=65536 D=64", "a (D,)"))
     for mode in ("fwd", "bwd"):
         for b in (1, 2, 4, 8, 16):
-            out.append(Case("block_diagonal", mode, "fp32", dict(B=8, T=256, G=256 // b, b=b), "B=8 T=4096 width 256"))
+            out.append(Case("block_diagonal", mode, "fp32", dict(B=2, T=256, G=256 // b, b=b),
+                            f"B=8 T=4096 G={256 // b} b={b}"))
     for mode in ("fwd", "bwd"):
-        out.append(Case("householder", mode, "bf16", dict(B=1, T=256, H=1, K=128, V=128, n=1), "(8, 2048, 16, 128)"))
+        out.append(Case("householder", mode, "bf16", dict(B=1, T=256, H=1, K=128, V=128, n=1), "B=8 T=2048 H=16 K=128"))
     return out
 
 
@@ -553,7 +586,7 @@ def _cases(preset: str) -> List[Case]:
 # Output
 # --------------------------------------------------------------------------------------------
 
-COLUMNS = ("op", "mode", "dtype", "variant", "shape", "target", "min_bytes", "measured_bytes", "kernel_bytes",
+COLUMNS = ("op", "mode", "dtype", "variant", "shape", "target", "plan", "target_plan", "min_bytes", "measured_bytes", "kernel_bytes",
            "torch_bytes", "ratio", "min_units", "measured_units", "launches", "torch_ops", "programs", "grids",
            "interpreter_s", "detail")
 
@@ -591,15 +624,15 @@ def write_csv(path: str, rows: List[Dict[str, Any]], env: Dict[str, str]) -> Non
 
 
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
-    header = ("op", "mode", "dtype", "shape (target)", "min units", "measured units", "ratio", "ceiling",
-              "launches", "torch ops", "programs")
+    header = ("op", "mode", "dtype", "shape", "plan", "target", "target plan", "min units", "measured units",
+              "ratio", "ceiling", "launches", "torch ops")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         op = r["op"] + (f" {r['variant']}" if r["variant"] else "")
-        shape = r["shape"] + (f" ({r['target']})" if r["target"] else "")
         lines.append("| " + " | ".join(str(v) for v in (
-            op, r["mode"], r["dtype"], shape, f"{r['min_units']:.3f}", f"{r['measured_units']:.3f}",
-            f"{r['ratio']:.2f}", f"{100 / r['ratio']:.0f}%", r["launches"], r["torch_ops"], r["programs"])) + " |")
+            op, r["mode"], r["dtype"], r["shape"], r["plan"], r["target"], r["target_plan"], f"{r['min_units']:.3f}",
+            f"{r['measured_units']:.3f}", f"{r['ratio']:.2f}", f"{100 / r['ratio']:.0f}%", r["launches"],
+            r["torch_ops"])) + " |")
     return "\n".join(lines)
 
 
@@ -613,9 +646,12 @@ def write_markdown(path: str, rows: List[Dict[str, Any]], env: Dict[str, str]) -
         "tensor (x; o for Householder); *measured*: distinct bytes loaded plus stored per kernel launch, summed",
         "over launches, plus the bytes read and written by the PyTorch ops around the kernels; *ratio* =",
         "measured / min; *ceiling* = min / measured, the most of copy bandwidth the op can reach;",
-        "*programs*: the widest launch. Shapes are scaled down from the GPU targets (in brackets) so that",
-        "the plan keeps its structure (same passes, same segment or chunk counts); the CSV's `detail` column",
-        "splits the bytes by launch and kernel argument.",
+        "*plan*: programs of the widest launch and the time split (segments, chunks) the model GPU's",
+        "launcher chose for the measured shape; *target plan*: what it chooses at the GPU target's full",
+        "shape (computed, not run: the interpreter costs about 30 us per element and pass). The measured",
+        "shapes keep the target's kernels and passes with fewer programs and segments; the per-segment",
+        "and per-chunk terms are a little larger there than at the target. The CSV's `detail` column splits",
+        "the bytes by launch and kernel argument (loaded/stored, in units).",
         "",
         *(f"- {k}: {v}" for k, v in env.items()),
         "",

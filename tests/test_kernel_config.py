@@ -113,9 +113,9 @@ def test_device_model_unset_or_unknown(monkeypatch):
 @pytest.mark.parametrize("name", ["h100", "a100"])
 def test_model_plans_as_a_gpu_with_those_properties(name, monkeypatch):
     """The plan a CUDA device with the model's properties gets (its properties faked) is the plan
-    the model gives: tiles and warps (the GPU configs compiled ahead of time) and segment counts."""
-    import linrec.kernels.block_diagonal as bd
+    the model gives: tiles and warps (the GPU configs compiled ahead of time) and chunk counts."""
     import linrec.kernels.diagonal as dg
+    auto = getattr(dg, "_auto_num_chunks", None) or getattr(dg, "_auto_num_segments")  # time split of a sequence
     spec = DEVICE_MODELS[name]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _fake_cuda_properties(
         spec.sm_count, spec.smem_per_block, spec.smem_per_sm, spec.capability))
@@ -127,13 +127,13 @@ def test_model_plans_as_a_gpu_with_those_properties(name, monkeypatch):
     for dtype in (torch.float32, torch.bfloat16, torch.complex64):
         cfg = dg._config(dtype, False, 1024)
         for N, D, T in ((8, 1024, 8192), (1, 64, 65536), (4, 4096, 2048), (2, 64, 100)):
-            assert dg._auto_num_segments(N, D, T, None, cfg, modelled) == \
-                dg._auto_num_segments(N, D, T, None, cfg, on_gpu)
-    if name == "h100":  # the GPU goals' shapes: 128 fp32 programs < 4 x 132 -> 5 segments, 64 bf16 -> 9
-        assert dg._auto_num_segments(8, 1024, 8192, None, dg._config(torch.float32, False), modelled) == 5
-        assert dg._auto_num_segments(8, 1024, 8192, None, dg._config(torch.bfloat16, False), modelled) == 9
-        assert dg._auto_num_segments(1, 64, 65536, None, dg._config(torch.float32, False), modelled) == 256
-    assert dg._auto_num_segments(1, 64, 65536, None, dg._config(torch.float32, True), None) == 1
+            assert auto(N, D, T, None, cfg, modelled) == \
+                auto(N, D, T, None, cfg, on_gpu)
+    if name == "h100":  # the GPU goals' shapes: 128 fp32 programs < 4 x 132 -> 5 chunks, 64 bf16 -> 9
+        assert auto(8, 1024, 8192, None, dg._config(torch.float32, False), modelled) == 5
+        assert auto(8, 1024, 8192, None, dg._config(torch.bfloat16, False), modelled) == 9
+        assert auto(1, 64, 65536, None, dg._config(torch.float32, False), modelled) == 256
+    assert auto(1, 64, 65536, None, dg._config(torch.float32, True), None) == 1
 
 
 def _traffic_module():
@@ -173,7 +173,7 @@ def test_diagonal_launch_plan(model, monkeypatch):
     torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"), atol=1e-5, rtol=1e-5)
     if model is None:  # the interpreter's plan: 16 x 16 tiles, one program per channel block, one pass
         assert [(grid, meta["BLOCK_T"], meta["BLOCK_D"]) for _, grid, meta in launches] == [((3, 1, 1), 16, 16)]
-    else:  # as on an H100/H200: 32 x 64 tiles, 8 warps; 1 program < 4 x 132, 600 // 256 = 2 segments
+    else:  # as on an H100/H200: 32 x 64 tiles, 8 warps; 1 program < 4 x 132, 600 // 256 = 2 chunks
         assert [grid for _, grid, _ in launches] == [(1, 1, 2), (1, 1, 1), (1, 1, 2)]
         assert all((meta["BLOCK_T"], meta["BLOCK_D"], meta["num_warps"]) == (32, 64, 8) for _, _, meta in launches)
 
@@ -214,7 +214,7 @@ def _diagonal_case(dtype, reverse, varlen, broadcast):
     (torch.float32, False, False, False), (torch.float32, True, True, False), (torch.complex64, False, False, False),
     (torch.complex64, True, False, True), (torch.bfloat16, False, True, False)])
 def test_diagonal_results_hold_under_the_gpu_plan(dtype, reverse, varlen, broadcast, monkeypatch):
-    """Segmented (2-3 segments here), as the H100 plan runs it: forward and gradients match the torch backend."""
+    """Chunked (2-3 chunks here), as the H100 plan runs it: forward and gradients match the torch backend."""
     monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
     (a, x, h0), kw = _diagonal_case(dtype, reverse, varlen, broadcast)
     results = []
