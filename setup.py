@@ -34,7 +34,7 @@ setup(
         "linrec.kernels": "kernels",
         "linrec.csrc": "csrc",
     },
-    package_data={"linrec": ["py.typed"], "linrec.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"]},
+    package_data={"linrec": ["py.typed"], "linrec.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh", "cpu/*.cpp", "cpu/*.h"]},
     install_requires=["torch>=2.11", "einops", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],

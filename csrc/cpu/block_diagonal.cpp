@@ -58,16 +58,15 @@ void forward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, const
         for (int64_t g = 0; g < gn; ++g) {
           const SA* Ag = Ap + g * A_sg;
           float* hs = state + g * b;
-          float hn[kMaxBlock];
+          float hv[kMaxBlock], hn[kMaxBlock];
+          for (int64_t c = 0; c < b; ++c) hv[c] = hs[c];
           for (int64_t r = 0; r < b; ++r) {
             float s = 0.f;
-            for (int64_t c = 0; c < b; ++c) s += f32(Ag[r * b + c]) * hs[c];
+            for (int64_t c = 0; c < b; ++c) s += f32(Ag[r * b + c]) * hv[c];
             hn[r] = s + f32(xp[g * b + r]);
           }
-          for (int64_t r = 0; r < b; ++r) {
-            hs[r] = hn[r];
-            op[g * b + r] = static_cast<S>(hn[r]);
-          }
+          for (int64_t r = 0; r < b; ++r) hs[r] = hn[r];
+          for (int64_t r = 0; r < b; ++r) op[g * b + r] = static_cast<S>(hn[r]);
         }
       }
     }
@@ -102,32 +101,40 @@ void backward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, cons
       S* gxp = gx + ((sq.row * T + t) * G + g0) * b;
       float* gap = ga_base + sq.row * ga_sb + t * ga_st + g0 * ga_sg;
       for (int64_t g = 0; g < gn; ++g) {
+        // Local copies (no aliasing between the state, the outputs and the inputs), so that
+        // the fixed-size loops below stay in registers and vectorise.
         float* ug = u + g * b;
-        float gv[kMaxBlock], hv[kMaxBlock];
-        for (int64_t r = 0; r < b; ++r) {
-          gv[r] = f32(ghp[g * b + r]) + ug[r];
-          gxp[g * b + r] = static_cast<S>(gv[r]);
-        }
+        float gv[kMaxBlock], hv[kMaxBlock], nu[kMaxBlock];
+        for (int64_t r = 0; r < b; ++r) gv[r] = f32(ghp[g * b + r]) + ug[r];
+        for (int64_t r = 0; r < b; ++r) gxp[g * b + r] = static_cast<S>(gv[r]);
         float* gaa = gap + g * ga_sg;
-        if (hp != nullptr || h0p != nullptr) {
-          for (int64_t c = 0; c < b; ++c) hv[c] = hp != nullptr ? f32(hp[g * b + c]) : h0p[g * b + c];
-          if (accumulate) {
+        const bool have_prev = hp != nullptr || h0p != nullptr;
+        if (have_prev) {
+          if (hp != nullptr) {
+            for (int64_t c = 0; c < b; ++c) hv[c] = f32(hp[g * b + c]);
+          } else {
+            for (int64_t c = 0; c < b; ++c) hv[c] = h0p[g * b + c];
+          }
+        } else {
+          for (int64_t c = 0; c < b; ++c) hv[c] = 0.f;
+        }
+        if (accumulate) {
+          if (have_prev) {
             for (int64_t r = 0; r < b; ++r)
               for (int64_t c = 0; c < b; ++c) gaa[r * b + c] += gv[r] * hv[c];
-          } else {
-            for (int64_t r = 0; r < b; ++r)
-              for (int64_t c = 0; c < b; ++c) gaa[r * b + c] = gv[r] * hv[c];
           }
-        } else if (!accumulate) {
-          for (int64_t k = 0; k < b * b; ++k) gaa[k] = 0.f;
+        } else {  // exactly 0 at the first step without an initial state (hv = 0 and no product)
+          for (int64_t r = 0; r < b; ++r)
+            for (int64_t c = 0; c < b; ++c) gaa[r * b + c] = have_prev ? gv[r] * hv[c] : 0.f;
         }
         // u_t = A_t^T g_t: rows of A_t scaled by g and summed.
         const SA* Ag = Ap + g * A_sg;
-        for (int64_t c = 0; c < b; ++c) ug[c] = 0.f;
+        for (int64_t c = 0; c < b; ++c) nu[c] = 0.f;
         for (int64_t r = 0; r < b; ++r) {
           const float gr = gv[r];
-          for (int64_t c = 0; c < b; ++c) ug[c] += f32(Ag[r * b + c]) * gr;
+          for (int64_t c = 0; c < b; ++c) nu[c] += f32(Ag[r * b + c]) * gr;
         }
+        for (int64_t c = 0; c < b; ++c) ug[c] = nu[c];
       }
     }
     float* out = gh0 + (sq.state * G + g0) * b;

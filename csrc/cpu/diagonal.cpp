@@ -15,6 +15,16 @@
 namespace linrec_cpu {
 namespace {
 
+// Software prefetch of the rows kPrefetchSteps steps ahead in time (the hardware prefetcher sees
+// one short run per page per step of each stream).
+constexpr int64_t kPrefetchSteps = 4;
+
+template <typename T>
+inline void prefetch_ahead(const T* p, int64_t offset_elems, size_t bytes) {
+  const char* q = reinterpret_cast<const char*>(p) + offset_elems * static_cast<int64_t>(sizeof(T));
+  for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(q + i, 0, 3);
+}
+
 // Channel tiles per block at most: 16 tiles of 2 vectors (2 KiB of fp32 state with AVX-512).
 constexpr int64_t kMaxTiles = 16;
 
@@ -65,6 +75,8 @@ void forward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* x, int64_t
         const S* xp = x + sq.row * x_sb + t * x_st + d0;
         S* op = out + (sq.row * T + t) * D + d0;
         for (int64_t k = 0; k < full; ++k) {
+          prefetch_ahead(ap + k * W, kPrefetchSteps * step * a_st, sizeof(SA) * W);
+          prefetch_ahead(xp + k * W, kPrefetchSteps * step * x_st, sizeof(S) * W);
           V alo, ahi, xlo, xhi;
           load2(ap + k * W, W, alo, ahi);
           load2(xp + k * W, W, xlo, xhi);
@@ -123,6 +135,9 @@ void backward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* h, int64_
       SG* gap = ga_base + sq.row * ga_sb + t * ga_st + d0;
       for (int64_t k = 0; k < ntiles; ++k) {
         const int64_t n = std::min(W, dn - k * W);
+        prefetch_ahead(ghp + k * W, -kPrefetchSteps * dir * gh_st, sizeof(S) * W);
+        prefetch_ahead(anext + k * W, -kPrefetchSteps * dir * a_st, sizeof(SA) * W);
+        if (hprev != nullptr) prefetch_ahead(hprev + k * W, -kPrefetchSteps * dir * h_st, sizeof(S) * W);
         V glo, ghi;
         load2(ghp + k * W, n, glo, ghi);
         if (i > 0) {
