@@ -9,7 +9,7 @@ launcher's tile sizes and warps (``LINREC_<FAMILY>_CONFIG``) for tuning on a GPU
 
 ``device_model`` is what the launchers plan with: the CUDA device's properties, or under the
 CPU interpreter a named GPU (``LINREC_DEVICE_MODEL=h100``) so that the interpreter runs the
-plan that GPU would run (tiles, warps, segments or chunks, grid), e.g. to count its memory
+plan that GPU would run (tiles, warps, chunks, grid), e.g. to count its memory
 traffic with ``python -m bench.traffic``.
 """
 
@@ -18,6 +18,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 CONFIG_ENV = "LINREC_{family}_CONFIG"
+
+
+def tl_accumulation_dtype(dtype):
+    """The Triton dtype a kernel accumulates in for tensors of torch ``dtype``: fp64 for
+    float64 / complex128 (the checks' dtypes), fp32 for everything else (complex tensors
+    reach the kernels as real views)."""
+    import torch
+    import triton.language as tl
+
+    from linrec._common import accumulation_dtype
+    return tl.float64 if accumulation_dtype(dtype).to_real() == torch.float64 else tl.float32
 
 
 def config_override(family: str, cfg: dict, tunable) -> dict:

@@ -44,7 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config_override, device_model
+from linrec._common import accumulation_dtype, num_sequences
+
+from . import config_override, device_model, tl_accumulation_dtype
 
 
 @triton.jit
@@ -260,10 +262,6 @@ def block_diagonal_carry_kernel(
         c = tl.sum(P * c[:, None, :], axis=2) + s
 
 
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _config(b: int, interpret: bool) -> dict:
     """Tile sizes for block size b.
 
@@ -309,13 +307,13 @@ def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, ch
     C > 0 forces the chunked path (chunk products, carries, then the chunks again from their carries).
     """
     B, T, G, b = x.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     if N == 0 or G == 0 or T == 0:
         return
     # The interpreter's own plan unless a GPU is planned for (the CUDA device or LINREC_DEVICE_MODEL).
     interpret = device_model(x.device) is None
     cfg = _config(b, interpret)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     A5 = A.expand(B, T, G, b, b)  # stride 0 along broadcast dimensions, nothing copied
     s_b, s_t, s_g, s_i, s_j = A5.stride()
     if backward:  # the backward recurrence multiplies by A^T
@@ -350,7 +348,7 @@ def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, ch
             T, G, b, int(reverse), int(cu_seqlens is not None), int(backward),
             int(grad_A is not None and pass_ == 0), int(chunked), chunk_len,
             s_b, s_t, s_g, s_i, s_j,
-            PASS=pass_, ACC=_tl_acc(x.dtype), BLOCK_G=BLOCK_G, BLOCK_B=cfg["BLOCK_B"], USE_DOT=cfg["USE_DOT"],
+            PASS=pass_, ACC=tl_accumulation_dtype(x.dtype), BLOCK_G=BLOCK_G, BLOCK_B=cfg["BLOCK_B"], USE_DOT=cfg["USE_DOT"],
             num_warps=cfg["num_warps"],
         )
 
@@ -359,7 +357,7 @@ def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, ch
         carry_in = torch.zeros_like(h0) if backward else h0
         block_diagonal_carry_kernel[(n_groups * N,)](
             carry, prod, carry_in, n_chunks, G, b,
-            ACC=_tl_acc(x.dtype), BLOCK_G=BLOCK_G, BLOCK_B=cfg["BLOCK_B"], num_warps=cfg["num_warps"],
+            ACC=tl_accumulation_dtype(x.dtype), BLOCK_G=BLOCK_G, BLOCK_B=cfg["BLOCK_B"], num_warps=cfg["num_warps"],
         )
     sweep(0)
 
@@ -375,7 +373,7 @@ def _storage(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Ten
     return A, h0
 
 
-def block_diagonal_scan_forward(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor],
+def block_diagonal_scan_forward(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor], *,
                                 cu_seqlens: Optional[torch.Tensor], reverse: bool,
                                 chunk_len: Optional[int] = None) -> torch.Tensor:
     """States of ``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]``.
@@ -390,7 +388,7 @@ def block_diagonal_scan_forward(A: torch.Tensor, x: torch.Tensor, initial_state:
         h: (B, T, G, b) in x's dtype.
     """
     x = x.contiguous()
-    N = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(x.shape[0], cu_seqlens)
     A, h0 = _storage(A, x, initial_state, N)
     out = torch.empty_like(x)
     _launch(A, x, h0, out, None, None, None, cu_seqlens, reverse, backward=False, chunk_len=chunk_len)
@@ -398,7 +396,7 @@ def block_diagonal_scan_forward(A: torch.Tensor, x: torch.Tensor, initial_state:
 
 
 def block_diagonal_scan_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
-                                 initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                                 initial_state: Optional[torch.Tensor], *, cu_seqlens: Optional[torch.Tensor],
                                  reverse: bool, chunk_len: Optional[int] = None
                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the block-diagonal scan in one sweep.
@@ -408,14 +406,13 @@ def block_diagonal_scan_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch
         initial_state: (N, G, b) or None; chunk_len: as in the forward.
 
     Returns:
-        grad_A: A's shape, in the accumulation dtype (fp32; fp64 for fp64),
+        grad_A: (B, T, G, b, b) in the accumulation dtype (fp32; fp64 for fp64) when A is full-size,
+        None when A is broadcast (the op forms that gradient),
         grad_x: (B, T, G, b) in h's dtype, grad_initial_state: (N, G, b) in the accumulation dtype.
     """
-    from linrec.block_diagonal.chunked import grad_A_from, shift_in_time
-
     B, T, G, b = h.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    N = num_sequences(B, cu_seqlens)
+    acc = accumulation_dtype(h.dtype)
     h = h.contiguous()
     grad_h = grad_h.to(h.dtype).contiguous()
     A_store, h0 = _storage(A, h, initial_state, N)
@@ -425,11 +422,7 @@ def block_diagonal_scan_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch
     grad_A = torch.empty((B, T, G, b, b), dtype=acc, device=h.device) if full_A else None
     _launch(A_store, grad_h, h0, grad_x, h, grad_A, grad_h0, cu_seqlens, reverse, backward=True,
             chunk_len=chunk_len)
-    if grad_A is None:
-        # Broadcast A: dL/dA summed over the broadcast dimensions by one einsum.
-        step = -1 if reverse else 1
-        h_prev = shift_in_time(h.to(acc), cu_seqlens, step, h0.to(acc))
-        grad_A = grad_A_from(grad_x.to(acc), h_prev, A.shape)
+    # A broadcast A gets None: the op sums dL/dA over the broadcast dimensions by one einsum.
     return grad_A, grad_x, grad_h0
 
 

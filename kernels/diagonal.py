@@ -31,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config_override, device_model
+from linrec._common import accumulation_dtype, num_sequences
+
+from . import config_override, device_model, tl_accumulation_dtype
 
 
 @triton.jit
@@ -79,19 +81,19 @@ def diagonal_scan_kernel(
     grad_a_ptr,       # backward only: dL/da, full (B, T, D[, 2]) in the accumulation dtype
     grad_h0_ptr,      # backward only: dL/dh0 (N, D[, 2]) in the accumulation dtype
     cu_seqlens_ptr,   # (N + 1,) packed-sequence offsets when VARLEN
-    carry_in_ptr,     # CARRY_IN: state entering each segment, (N, S, D[, 2]) accumulation dtype
-    seg_a_ptr,        # SUMMARY: product of a segment's coefficients, (N, S, D[, 2])
-    seg_x_ptr,        # SUMMARY: a segment's end state from a zero start, (N, S, D[, 2])
-    T, D, SEG_LEN,    # SEG_LEN: steps per segment (a multiple of BLOCK_T); S = grid axis 2
+    carry_in_ptr,     # CHUNKED pass 0: state entering each chunk, (N, S, D[, 2]) accumulation dtype
+    chunk_a_ptr,      # pass 1: product of a chunk's coefficients, (N, S, D[, 2])
+    chunk_x_ptr,      # pass 1: a chunk's end state from a zero start, (N, S, D[, 2])
+    T, D, CHUNK_LEN,  # CHUNK_LEN: steps per chunk (a multiple of BLOCK_T); S = grid axis 2
     stride_ab, stride_at, stride_ad,
     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, BACKWARD: tl.constexpr,
-    CARRY_IN: tl.constexpr, SUMMARY: tl.constexpr,
+    PASS: tl.constexpr, CHUNKED: tl.constexpr,
     IS_COMPLEX: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
-    seg = tl.program_id(2)
-    num_segs = tl.num_programs(2)
+    chunk = tl.program_id(2)
+    n_chunks = tl.num_programs(2)
     if VARLEN:  # packed sequences share batch row 0
         batch = seq * 0
         start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -102,8 +104,8 @@ def diagonal_scan_kernel(
         end = start + T
     length = end - start
     # This program's share of the sweep: steps [sweep_begin, sweep_end).
-    sweep_begin = tl.minimum(seg.to(tl.int64) * SEG_LEN, length)
-    sweep_end = tl.minimum(sweep_begin + SEG_LEN, length)
+    sweep_begin = tl.minimum(chunk.to(tl.int64) * CHUNK_LEN, length)
+    sweep_end = tl.minimum(sweep_begin + CHUNK_LEN, length)
     W: tl.constexpr = 2 if IS_COMPLEX else 1  # scalars per element
     # The scan walks time backwards for a reverse forward pass, and for the
     # backward of a forward-in-time pass.
@@ -116,20 +118,20 @@ def diagonal_scan_kernel(
     row_base = batch.to(tl.int64) * T  # global time index of this batch row's t = 0
     a_base = batch.to(tl.int64) * stride_ab + chans.to(tl.int64)[None, :] * stride_ad
     state_off = (seq.to(tl.int64) * D + chans) * W                    # into (N, D[, 2])
-    seg_off = ((seq.to(tl.int64) * num_segs + seg) * D + chans) * W   # into (N, S, D[, 2])
+    chunk_off = ((seq.to(tl.int64) * n_chunks + chunk) * D + chans) * W   # into (N, S, D[, 2])
 
     # Carried state: h (forward) or g = dL/dx (backward), real and imaginary parts.
     carry_re = tl.zeros((BLOCK_D,), ACC)
     carry_im = tl.zeros((BLOCK_D,), ACC)
-    if CARRY_IN:
-        carry_re = tl.load(carry_in_ptr + seg_off, mask=chan_ok, other=0.0).to(ACC)
+    if CHUNKED and PASS == 0:
+        carry_re = tl.load(carry_in_ptr + chunk_off, mask=chan_ok, other=0.0).to(ACC)
         if IS_COMPLEX:
-            carry_im = tl.load(carry_in_ptr + seg_off + 1, mask=chan_ok, other=0.0).to(ACC)
-    elif HAS_H0 and not BACKWARD and not SUMMARY:
+            carry_im = tl.load(carry_in_ptr + chunk_off + 1, mask=chan_ok, other=0.0).to(ACC)
+    elif HAS_H0 and not BACKWARD and not CHUNKED:
         carry_re = tl.load(h0_ptr + state_off, mask=chan_ok, other=0.0).to(ACC)
         if IS_COMPLEX:
             carry_im = tl.load(h0_ptr + state_off + 1, mask=chan_ok, other=0.0).to(ACC)
-    # SUMMARY: running product of the coefficients, starting from 1.
+    # Pass 1: running product of the coefficients, starting from 1.
     prod_re = tl.full((BLOCK_D,), 1.0, ACC)
     prod_im = tl.zeros((BLOCK_D,), ACC)
 
@@ -166,7 +168,7 @@ def diagonal_scan_kernel(
             h_re = A_re * carry_re[None, :] - A_im * carry_im[None, :] + X_re
             h_im = A_re * carry_im[None, :] + A_im * carry_re[None, :] + X_im
             carry_im = _last_row(h_im, rows, BLOCK_T)
-            if SUMMARY:
+            if PASS == 1:
                 last_re = _last_row(A_re, rows, BLOCK_T)
                 last_im = _last_row(A_im, rows, BLOCK_T)
                 prod_re, prod_im = (_saturate(last_re * prod_re - last_im * prod_im),
@@ -174,16 +176,16 @@ def diagonal_scan_kernel(
         else:
             A_re, X_re = tl.associative_scan((a_re, x_re), 0, _combine_real)
             h_re = A_re * carry_re[None, :] + X_re
-            if SUMMARY:
+            if PASS == 1:
                 prod_re = _saturate(_last_row(A_re, rows, BLOCK_T) * prod_re)
         carry_re = _last_row(h_re, rows, BLOCK_T)
 
-        if not SUMMARY:
+        if PASS == 0:
             tl.store(out_ptr + off, h_re.to(out_ptr.dtype.element_ty), mask=mask)
             if IS_COMPLEX:
                 tl.store(out_ptr + off + 1, h_im.to(out_ptr.dtype.element_ty), mask=mask)
 
-        if BACKWARD and not SUMMARY:
+        if BACKWARD and PASS == 0:
             # dL/da_t = g_t * conj(h_{t - FWD_STEP}), with h_0 at the sequence start.
             t_prev = t - FWD_STEP
             prev_in = (t_prev >= start) & (t_prev < end)
@@ -205,18 +207,18 @@ def diagonal_scan_kernel(
             else:
                 tl.store(grad_a_ptr + off, h_re * hp_re, mask=mask)
 
-    if SUMMARY:
-        # The segment as one affine map h -> prod * h + carry (identity when empty).
-        tl.store(seg_a_ptr + seg_off, prod_re, mask=chan_ok)
-        tl.store(seg_x_ptr + seg_off, carry_re, mask=chan_ok)
+    if PASS == 1:
+        # The chunk as one affine map h -> prod * h + carry (identity when empty).
+        tl.store(chunk_a_ptr + chunk_off, prod_re, mask=chan_ok)
+        tl.store(chunk_x_ptr + chunk_off, carry_re, mask=chan_ok)
         if IS_COMPLEX:
-            tl.store(seg_a_ptr + seg_off + 1, prod_im, mask=chan_ok)
-            tl.store(seg_x_ptr + seg_off + 1, carry_im, mask=chan_ok)
+            tl.store(chunk_a_ptr + chunk_off + 1, prod_im, mask=chan_ok)
+            tl.store(chunk_x_ptr + chunk_off + 1, carry_im, mask=chan_ok)
 
     # dL/dh0 = conj(a_first) * g_first, "first" the first forward step: the carry
-    # after the last step of the backward sweep, held by the segment that ends it.
-    last_seg = tl.maximum((length + SEG_LEN - 1) // SEG_LEN, 1) - 1
-    if BACKWARD and not SUMMARY and seg == last_seg:
+    # after the last step of the backward sweep, held by the chunk that ends it.
+    last_chunk = tl.maximum((length + CHUNK_LEN - 1) // CHUNK_LEN, 1) - 1
+    if BACKWARD and PASS == 0 and chunk == last_chunk:
         if REVERSE:
             t_first = end - 1
         else:
@@ -230,10 +232,6 @@ def diagonal_scan_kernel(
             tl.store(grad_h0_ptr + state_off + 1, af_re * carry_im - af_im * carry_re, mask=chan_ok)
         else:
             tl.store(grad_h0_ptr + state_off, af_re * carry_re, mask=chan_ok)
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype in (torch.float64, torch.complex128) else tl.float32
 
 
 def _config(dtype: torch.dtype, interpret: bool, D: int = 64) -> dict:
@@ -257,19 +255,13 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype in (torch.complex64, torch.complex128):
-        return dtype
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _auto_num_segments(N: int, D: int, T: int, cu_seqlens, cfg: dict, model) -> int:
-    """Segments per sequence so that the GPU has enough programs in flight.
+def _auto_num_chunks(N: int, D: int, T: int, cu_seqlens, cfg: dict, model) -> int:
+    """Chunks per sequence so that the GPU has enough programs in flight.
 
     One program per (sequence, channel block) leaves most of the GPU idle when
     sequences are long and few channels remain (B = 1, small D). Each sequence is
-    then cut into segments; the split costs one extra read of the inputs.
-    ``model``: the ``DeviceModel`` planned for (None: the interpreter's plan, one segment).
+    then cut into chunks; the split costs one extra read of the inputs.
+    ``model``: the ``DeviceModel`` planned for (None: the interpreter's plan, one chunk).
     """
     if model is None:
         return 1
@@ -281,30 +273,30 @@ def _auto_num_segments(N: int, D: int, T: int, cu_seqlens, cfg: dict, model) -> 
     return max(1, min(triton.cdiv(target, programs), max_len // (8 * cfg["BLOCK_T"])))
 
 
-def _sweep(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward, num_segments):
-    """Runs one forward or backward sweep, split into segments when that fills the GPU better.
+def _sweep(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward, num_chunks):
+    """Runs one forward or backward sweep, split into chunks when that fills the GPU better.
 
-    With S > 1 segments the sweep takes three steps:
-      1. SUMMARY: each (sequence, segment, channel block) program reduces its segment to
+    With S > 1 chunks the sweep takes three steps:
+      1. pass 1: each (sequence, chunk, channel block) program reduces its chunk to
          one affine map ``h -> prod * h + end`` (the product of its coefficients and its
          end state from zero);
-      2. the states entering the segments: a scan over the segment axis of those maps
+      2. the states entering the chunks: a scan over the chunk axis of those maps
          (this same op on (N, S, D) tensors), started from h0 (forward) or 0 (backward);
-      3. CARRY_IN: each program rescans its segment from its entering state, writing outputs.
+      3. pass 0, chunked: each program rescans its chunk from its entering state, writing outputs.
     """
     B, T, D = x.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     if N == 0 or D == 0:
         return
     model = device_model(x.device)  # the CUDA device, LINREC_DEVICE_MODEL, or None (interpreter plan)
     cfg = _config(x.dtype, model is None, D)
-    if num_segments is None:
-        num_segments = _auto_num_segments(N, D, T, cu_seqlens, cfg, model)
+    if num_chunks is None:
+        num_chunks = _auto_num_chunks(N, D, T, cu_seqlens, cfg, model)
     a_real = _real(a.expand(B, T, D))
     s_b, s_t, s_d = a_real.stride()[:3]
     dummy = _real(out)  # stands in for pointers a launch does not use
 
-    def launch(seg_len, S, carry_in=None, seg_a=None, seg_x=None):
+    def launch(chunk_len, S, carry_in=None, chunk_a=None, chunk_x=None):
         grid = (triton.cdiv(D, cfg["BLOCK_D"]), N, S)
         diagonal_scan_kernel[grid](
             a_real, _real(x), _real(h0) if h0 is not None else dummy, _real(out),
@@ -313,44 +305,44 @@ def _sweep(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward, num
             _real(grad_h0) if grad_h0 is not None else dummy,
             cu_seqlens if cu_seqlens is not None else dummy,
             _real(carry_in) if carry_in is not None else dummy,
-            _real(seg_a) if seg_a is not None else dummy,
-            _real(seg_x) if seg_x is not None else dummy,
-            T, D, seg_len, s_b, s_t, s_d,
+            _real(chunk_a) if chunk_a is not None else dummy,
+            _real(chunk_x) if chunk_x is not None else dummy,
+            T, D, chunk_len, s_b, s_t, s_d,
             HAS_H0=h0 is not None, VARLEN=cu_seqlens is not None, REVERSE=reverse, BACKWARD=backward,
-            CARRY_IN=carry_in is not None, SUMMARY=seg_a is not None,
-            IS_COMPLEX=x.is_complex(), ACC=_tl_acc(x.dtype),
+            PASS=1 if chunk_a is not None else 0, CHUNKED=carry_in is not None or chunk_a is not None,
+            IS_COMPLEX=x.is_complex(), ACC=tl_accumulation_dtype(x.dtype),
             BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         )
 
-    if num_segments <= 1:
+    if num_chunks <= 1:
         launch(max(T, 1), 1)
         return
     max_len = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    seg_len = triton.cdiv(triton.cdiv(max(max_len, 1), num_segments), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
-    S = triton.cdiv(max(max_len, 1), seg_len)
-    acc = _acc_dtype(x.dtype)
-    seg_a = torch.empty((N, S, D), dtype=acc, device=x.device)
-    seg_x = torch.empty((N, S, D), dtype=acc, device=x.device)
-    launch(seg_len, S, seg_a=seg_a, seg_x=seg_x)
+    chunk_len = triton.cdiv(triton.cdiv(max(max_len, 1), num_chunks), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
+    S = triton.cdiv(max(max_len, 1), chunk_len)
+    acc = accumulation_dtype(x.dtype)
+    chunk_a = torch.empty((N, S, D), dtype=acc, device=x.device)
+    chunk_x = torch.empty((N, S, D), dtype=acc, device=x.device)
+    launch(chunk_len, S, chunk_a=chunk_a, chunk_x=chunk_x)
     if h0 is not None and not backward:
         entering = h0.to(acc)
     else:
         entering = torch.zeros((N, D), dtype=acc, device=x.device)
-    ends = diagonal_scan_forward(seg_a, seg_x, entering, None, False, num_segments=1)
+    ends = diagonal_scan_forward(chunk_a, chunk_x, entering, cu_seqlens=None, reverse=False, num_chunks=1)
     carry_in = torch.cat([entering[:, None], ends[:, :-1]], dim=1)
-    launch(seg_len, S, carry_in=carry_in)
+    launch(chunk_len, S, carry_in=carry_in)
 
 
-def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor],
+def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor], *,
                           cu_seqlens: Optional[torch.Tensor], reverse: bool,
-                          num_segments: Optional[int] = None) -> torch.Tensor:
+                          num_chunks: Optional[int] = None) -> torch.Tensor:
     """States of ``h_t = a_t * h_{t-1} + x_t``.
 
     Args:
         a: broadcastable to (B, T, D), same real/complex kind as x (strides kept, broadcast is free).
         x: (B, T, D) float32 | bfloat16 | float16 | float64 | complex64 | complex128.
         initial_state: (N, D) or None. cu_seqlens: (N + 1,) int32/int64 with B = 1, or None.
-        num_segments: split each sequence into this many segments run in parallel
+        num_chunks: split each sequence into this many chunks run in parallel
             (None: chosen from the device and the shape; 1 on the CPU interpreter unless
             LINREC_DEVICE_MODEL names a GPU to plan for).
 
@@ -360,34 +352,34 @@ def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optio
     x = x.contiguous()
     out = torch.empty_like(x)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    _sweep(a, x, h0, out, None, None, None, cu_seqlens, reverse, False, num_segments)
+    _sweep(a, x, h0, out, None, None, None, cu_seqlens, reverse, False, num_chunks)
     return out
 
 
 def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
-                           initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                           reverse: bool, x_dtype: torch.dtype, num_segments: Optional[int] = None
+                           initial_state: Optional[torch.Tensor], *, cu_seqlens: Optional[torch.Tensor],
+                           reverse: bool, x_dtype: torch.dtype, num_chunks: Optional[int] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the diagonal scan in one sweep (the reverse scan, with dL/da and dL/dh0 fused in).
 
     Args:
         a: as forward; h: (B, T, D) forward states; grad_h: (B, T, D) dL/dh (any strides).
-        initial_state: (N, D) or None; x_dtype: dtype for dL/dx; num_segments: as forward.
+        initial_state: (N, D) or None; x_dtype: dtype for dL/dx; num_chunks: as forward.
 
     Returns:
         grad_a: (B, T, D) in the accumulation dtype (summing over broadcast dims is the caller's),
         grad_x: (B, T, D) in x_dtype, grad_initial_state: (N, D) in the accumulation dtype.
     """
     B, T, D = h.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    acc = _acc_dtype(h.dtype)
+    N = num_sequences(B, cu_seqlens)
+    acc = accumulation_dtype(h.dtype)
     grad_h = grad_h.contiguous()
     h = h.contiguous()
     grad_x = torch.empty((B, T, D), dtype=x_dtype, device=h.device)
     grad_a = torch.empty((B, T, D), dtype=acc, device=h.device)
     grad_h0 = torch.zeros((N, D), dtype=acc, device=h.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    _sweep(a, grad_h, h0, grad_x, h, grad_a, grad_h0, cu_seqlens, reverse, True, num_segments)
+    _sweep(a, grad_h, h0, grad_x, h, grad_a, grad_h0, cu_seqlens, reverse, True, num_chunks)
     return grad_a, grad_x, grad_h0
 
 
@@ -404,16 +396,16 @@ def aot_specs():
         sig = {
             "a_ptr": f"*{elem}", "x_ptr": f"*{elem}", "h0_ptr": f"*{elem}",
             "out_ptr": f"*{elem}", "h_ptr": f"*{elem}", "grad_a_ptr": "*fp32", "grad_h0_ptr": "*fp32",
-            "cu_seqlens_ptr": "*i32", "carry_in_ptr": "*fp32", "seg_a_ptr": "*fp32", "seg_x_ptr": "*fp32",
-            "T": "i32", "D": "i32", "SEG_LEN": "i32",
+            "cu_seqlens_ptr": "*i32", "carry_in_ptr": "*fp32", "chunk_a_ptr": "*fp32", "chunk_x_ptr": "*fp32",
+            "T": "i32", "D": "i32", "CHUNK_LEN": "i32",
             "stride_ab": "i64", "stride_at": "i64", "stride_ad": "i64",
         }
         for backward in (False, True):
             for reverse in (False, True):
                 for varlen in (False, True):
-                    for carry_in, summary in ((False, False), (False, True), (True, False)):
+                    for pass_, chunked in ((0, False), (1, True), (0, True)):
                         constexprs = dict(HAS_H0=True, VARLEN=varlen, REVERSE=reverse, BACKWARD=backward,
-                                          CARRY_IN=carry_in, SUMMARY=summary,
+                                          PASS=pass_, CHUNKED=chunked,
                                           IS_COMPLEX=dtype_name == "complex64", ACC=tl.float32,
                                           BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"])
                         yield diagonal_scan_kernel, sig, constexprs, cfg["num_warps"]

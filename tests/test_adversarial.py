@@ -18,6 +18,14 @@ from conftest import DEVICE, rel_rms
 
 BACKENDS = ["torch", "triton"]
 ALL_BACKENDS = ["reference", "torch", "triton"]
+# The diagonal and block-diagonal scans also have the compiled CPU backend.
+SCAN_BACKENDS = ["reference", "torch", "cpp", "triton"]
+OPS = ["diagonal", "block_diagonal", "householder"]
+
+
+def _op_backend_pairs(backends):
+    """(backend, op) pairs: every backend for the scans, all but cpp for householder_scan."""
+    return [(b, op) for op in OPS for b in backends if not (b == "cpp" and op == "householder")]
 
 
 def _dev(*tensors):
@@ -39,7 +47,7 @@ def _growth_then_reset_diagonal(T, D, growth, reset_at, after):
     return a
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("growth", [5.0, 10.0, 1000.0])
 def test_diagonal_zero_state_stays_zero_through_overflowing_products(backend, reverse, growth):
@@ -48,7 +56,7 @@ def test_diagonal_zero_state_stays_zero_through_overflowing_products(backend, re
     assert torch.equal(h, torch.zeros_like(h))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("growth, reset_at", [(10.0, 50), (60.0, 20), (1000.0, 10)])
 def test_diagonal_growth_then_reset_inside_a_chunk(backend, reverse, growth, reset_at):
@@ -64,7 +72,7 @@ def test_diagonal_growth_then_reset_inside_a_chunk(backend, reverse, growth, res
     assert rel_rms(h.cpu(), ref) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("scale, reset_at", [(1000.0, None), (10.0, 50), (1e6, 5)])
 def test_block_diagonal_growth_then_reset(backend, scale, reset_at):
     T, G, b = 256, 2, 2
@@ -100,11 +108,12 @@ def _near_one_cases(T):
             "unit_circle_invariant": (unit_invariant, xc)}
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("case", ["real", "time_invariant", "unit_circle", "unit_circle_invariant"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_diagonal_near_unit_coefficients_long_sequence(case, reverse):
+def test_diagonal_near_unit_coefficients_long_sequence(backend, case, reverse):
     a, x = _near_one_cases(70_000)[case]
-    h = linrec.diagonal_scan(a, x, reverse=reverse, backend="torch")
+    h = linrec.diagonal_scan(a, x, reverse=reverse, backend=backend)
     ref = linrec.diagonal_scan(_to64(a), _to64(x), reverse=reverse, backend="reference")
     assert rel_rms(h, ref) < 1e-5
 
@@ -176,7 +185,7 @@ def _assert_causal(out, clean, t0, time_dim=1, reverse=False):
     assert not torch.isfinite(out[tuple(idx)]).all()
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("which", ["a", "x"])
 @pytest.mark.parametrize("bad", BAD)
 @pytest.mark.parametrize("reverse", [False, True])
@@ -194,8 +203,7 @@ def test_diagonal_nonfinite_is_causal(backend, which, bad, reverse):
     torch.testing.assert_close(out[..., others], clean[..., others])
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("op", ["diagonal", "block_diagonal", "householder"])
+@pytest.mark.parametrize("backend, op", _op_backend_pairs(SCAN_BACKENDS))
 def test_nonfinite_stays_in_its_packed_sequence(backend, op):
     g = torch.Generator().manual_seed(1)
     cu = torch.tensor([0, 70, 71, 71, 150])
@@ -236,7 +244,7 @@ def test_householder_nonfinite_is_causal(backend, which, n):
     torch.testing.assert_close(out[:, t0 + 1:], clean[:, t0 + 1:])
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_block_diagonal_nonfinite_is_causal(backend):
     g = torch.Generator().manual_seed(2)
     T, t0 = 150, 90
@@ -263,8 +271,7 @@ def _op_calls():
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ["diagonal", "block_diagonal", "householder"])
+@pytest.mark.parametrize("backend, op", _op_backend_pairs(BACKENDS + ["cpp"]))
 def test_ops_under_autocast_compute_fp32_inputs_in_fp32(backend, op):
     call, inputs = _op_calls()[op]
     leaves = [t.clone().to(DEVICE).requires_grad_() for t in inputs]
@@ -369,7 +376,7 @@ def test_householder_head_dim_one(backend, T, n):
         assert rel_rms(got_t.grad.cpu(), want_t.grad) < 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
 @pytest.mark.parametrize("op", ["diagonal", "block_diagonal"])
 def test_single_step_and_empty_sequences(backend, op):
     g = torch.Generator().manual_seed(5)

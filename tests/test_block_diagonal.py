@@ -4,13 +4,15 @@ import pytest
 import torch
 
 import linrec
+from linrec import _cpp
 from linrec.block_diagonal import block_diagonal_scan_reference
 from linrec.block_diagonal.op import broadcast_grad_A
 
 from conftest import (DEVICE, HAS_CUDA, TOL, assert_close_to_reference, assert_compiled_matches_eager, rel_rms,
                       run_with_grads, to64)
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "torch", "cpp"]
+WIDE_BACKENDS = ["triton", "torch"]  # b up to 64 and float64 too (the compiled CPU backend stops at b = 16, fp32)
 
 
 def _orthogonal(shape, g):
@@ -66,8 +68,8 @@ def _check(backend, A, x, h0, reverse, tol, cu_seqlens=None):
     assert_close_to_reference([h], [h_ref], grads, grads_ref, (A, x, h0), ("A", "x", "initial_state"), tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("b", [1, 2, 3, 4, 8, 16, 64])
+@pytest.mark.parametrize("backend, b", [(backend, b) for backend in BACKENDS for b in (1, 2, 3, 4, 8, 16)]
+                         + [(backend, 64) for backend in WIDE_BACKENDS])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_fp32_matches_reference(backend, b, reverse):
     T = 37 if b < 64 else 9
@@ -149,7 +151,7 @@ def test_G1_is_a_dense_recurrence(backend):
         assert rel_rms(h[:, t, 0], state) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WIDE_BACKENDS)
 def test_gradcheck_float64(backend):
     A, x = _inputs(2, 7, 2, 3, torch.float64, seed=11)
     h0 = torch.randn(2, 2, 3, dtype=torch.float64)
@@ -204,9 +206,10 @@ def test_triton_chunked_path(b, A_kind, reverse, varlen):
     h0, grad_h = torch.randn(N, G, b), torch.randn(B, T, G, b)
     dev = [t.to(DEVICE) for t in (A, x, h0, grad_h)]
     cu_dev = cu.to(DEVICE) if cu is not None else None
-    h = block_diagonal_scan_forward(dev[0], dev[1], dev[2], cu_dev, reverse, chunk_len=4)
+    h = block_diagonal_scan_forward(dev[0], dev[1], dev[2], cu_seqlens=cu_dev, reverse=reverse, chunk_len=4)
     grads = _complete(dev[0], h, dev[2], cu_dev, reverse,
-                      block_diagonal_scan_backward(dev[0], h, dev[3], dev[2], cu_dev, reverse, chunk_len=4))
+                      block_diagonal_scan_backward(dev[0], h, dev[3], dev[2], cu_seqlens=cu_dev, reverse=reverse,
+                                                   chunk_len=4))
     h_ref = block_diagonal_scan_reference(A.double(), x.double(), h0.double(), cu_seqlens=cu, reverse=reverse)
     grads_ref = _complete(A.double(), h_ref, h0.double(), cu, reverse, block_diagonal_scan_chunked_backward(
         A.double(), h_ref, grad_h.double(), h0.double(), cu_seqlens=cu, reverse=reverse))
@@ -283,8 +286,9 @@ def test_empty_time_or_blocks(backend, shape, A_shape):
 
 def test_auto_backend_picks_by_device():
     A, x = _inputs(1, 10, 2, 3, torch.float32)
-    h = linrec.block_diagonal_scan(A, x)  # CPU tensors: the torch backend
-    torch.testing.assert_close(h, linrec.block_diagonal_scan(A, x, backend="torch"))
+    h = linrec.block_diagonal_scan(A, x)  # CPU tensors: the compiled CPU backend where it builds, else torch
+    want = "cpp" if _cpp.cpp_backend_unavailable_reason() is None else "torch"
+    torch.testing.assert_close(h, linrec.block_diagonal_scan(A, x, backend=want), rtol=0, atol=0)
 
 
 def test_opcheck():

@@ -49,7 +49,7 @@ def _check_diagonal(a, x, h0=None, cu=None, reverse=False, tol=None, grad_h=None
     """Forward and backward of the cpp launchers against autograd through the float64 loop."""
     tol = tol or TOL[x.dtype]
     g = torch.Generator().manual_seed(7)
-    h = _cpp.diagonal_scan_forward(a, x, h0, cu, reverse)
+    h = _cpp.diagonal_scan_forward(a, x, h0, cu_seqlens=cu, reverse=reverse)
     assert h.dtype == x.dtype and h.shape == x.shape
     leaves = [t.requires_grad_() for t in (_wide(a), _wide(x), _wide(h0)) if t is not None]
     ref = diagonal_scan_reference(leaves[0], leaves[1], leaves[2] if h0 is not None else None,
@@ -58,7 +58,7 @@ def _check_diagonal(a, x, h0=None, cu=None, reverse=False, tol=None, grad_h=None
     if grad_h is None:
         grad_h = _randn(x.shape, x.dtype, g)
     ref.backward(_wide(grad_h))
-    grad_a, grad_x, grad_h0 = _cpp.diagonal_scan_backward(a, h, grad_h, h0, cu, reverse)
+    grad_a, grad_x, grad_h0 = _cpp.diagonal_scan_backward(a, h, grad_h, h0, cu_seqlens=cu, reverse=reverse)
     assert grad_a.shape == a.shape and grad_x.shape == x.shape
     assert grad_x.dtype == x.dtype
     assert rel_rms(grad_x, leaves[1].grad) < tol
@@ -119,9 +119,9 @@ def test_diagonal_single_step_and_empty(dtype):
     h0 = _randn((2, 9), torch.complex64 if dtype.is_complex else torch.float32, g)
     for reverse in (False, True):
         _check_diagonal(a, x, h0, reverse=reverse)
-    empty = _cpp.diagonal_scan_forward(a[:, :0], x[:, :0], None, None, False)
+    empty = _cpp.diagonal_scan_forward(a[:, :0], x[:, :0], None, cu_seqlens=None, reverse=False)
     assert empty.shape == (2, 0, 9)
-    grad_a, grad_x, grad_h0 = _cpp.diagonal_scan_backward(a[0, 0], empty, empty, h0, None, False)
+    grad_a, grad_x, grad_h0 = _cpp.diagonal_scan_backward(a[0, 0], empty, empty, h0, cu_seqlens=None, reverse=False)
     assert grad_a.shape == (9,) and torch.count_nonzero(grad_a) == 0 and grad_x.shape == (2, 0, 9)
     assert torch.count_nonzero(grad_h0) == 0
 
@@ -146,7 +146,7 @@ def test_diagonal_mixed_dtypes_strides_and_stride0_grad():
     x = _randn((B, D, T), torch.bfloat16, g).transpose(1, 2)  # non-contiguous x
     a = _coefficients((B, T, D), torch.float32, g)             # fp32 a with bf16 x
     _check_diagonal(a, x, grad_h=torch.ones(()).to(torch.bfloat16).expand(B, T, D))
-    grad_a, _, _ = _cpp.diagonal_scan_backward(a, x, x, None, None, False)
+    grad_a, _, _ = _cpp.diagonal_scan_backward(a, x, x, None, cu_seqlens=None, reverse=False)
     assert grad_a.dtype == torch.float32
 
 
@@ -157,10 +157,10 @@ def test_diagonal_nonfinite_is_causal(which, bad, reverse):
     g = torch.Generator().manual_seed(6)
     T, t0 = 150, 97
     a, x = torch.rand(1, T, 3, generator=g) * 0.9, torch.randn(1, T, 3, generator=g)
-    clean = _cpp.diagonal_scan_forward(a, x, None, None, reverse)
+    clean = _cpp.diagonal_scan_forward(a, x, None, cu_seqlens=None, reverse=reverse)
     (a if which == "a" else x)[0, t0, 1] = bad
     x[0, t0, 1] = 1.0 if which == "a" else x[0, t0, 1]
-    out = _cpp.diagonal_scan_forward(a, x, None, None, reverse)
+    out = _cpp.diagonal_scan_forward(a, x, None, cu_seqlens=None, reverse=reverse)
     before = slice(t0 + 1, None) if reverse else slice(0, t0)
     assert torch.equal(out[:, before], clean[:, before])
     assert not torch.isfinite(out[0, t0, 1])
@@ -171,9 +171,9 @@ def test_diagonal_nonfinite_stays_in_its_packed_sequence():
     g = torch.Generator().manual_seed(7)
     cu = torch.tensor([0, 70, 71, 71, 150])
     a, x = torch.rand(1, 150, 3, generator=g), torch.randn(1, 150, 3, generator=g)
-    clean = _cpp.diagonal_scan_forward(a, x, None, cu, False)
+    clean = _cpp.diagonal_scan_forward(a, x, None, cu_seqlens=cu, reverse=False)
     x[0, 40] = float("nan")
-    out = _cpp.diagonal_scan_forward(a, x, None, cu, False)
+    out = _cpp.diagonal_scan_forward(a, x, None, cu_seqlens=cu, reverse=False)
     assert torch.equal(out[:, :40], clean[:, :40]) and torch.isnan(out[:, 40:70]).all()
     assert torch.equal(out[:, 70:], clean[:, 70:])
 
@@ -191,7 +191,7 @@ def test_diagonal_growth_then_reset_gives_exact_zeros(reverse, dtype):
     if reverse:
         a, x = a.flip(1), x.flip(1)
     a, x = a.to(dtype), x.to(dtype)
-    h = _cpp.diagonal_scan_forward(a, x, None, None, reverse)
+    h = _cpp.diagonal_scan_forward(a, x, None, cu_seqlens=None, reverse=reverse)
     assert torch.isfinite(h).all()
     zero_part = slice(30, None) if reverse else slice(0, 70)
     assert torch.count_nonzero(h[:, zero_part]) == 0
@@ -202,9 +202,9 @@ def test_diagonal_growth_then_reset_gives_exact_zeros(reverse, dtype):
 def test_diagonal_rejects_bad_input():
     x = torch.randn(1, 4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32"):
-        _cpp.diagonal_scan_forward(torch.rand(3, dtype=torch.float64), x, None, None, False)
+        _cpp.diagonal_scan_forward(torch.rand(3, dtype=torch.float64), x, None, cu_seqlens=None, reverse=False)
     with pytest.raises(RuntimeError, match="cu_seqlens"):
-        _cpp.diagonal_scan_forward(torch.rand(3), x.float(), None, torch.tensor([0, 3, 2, 4]), False)
+        _cpp.diagonal_scan_forward(torch.rand(3), x.float(), None, cu_seqlens=torch.tensor([0, 3, 2, 4]), reverse=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def _transitions(shape, dtype, g):
 def _check_block(A, x, h0=None, cu=None, reverse=False, tol=None):
     tol = tol or TOL[x.dtype]
     g = torch.Generator().manual_seed(9)
-    h = _cpp.block_diagonal_scan_forward(A, x, h0, cu, reverse)
+    h = _cpp.block_diagonal_scan_forward(A, x, h0, cu_seqlens=cu, reverse=reverse)
     assert h.dtype == x.dtype and h.shape == x.shape
     A64, x64 = _wide(A).requires_grad_(), _wide(x).requires_grad_()
     h064 = None if h0 is None else _wide(h0).requires_grad_()
@@ -226,7 +226,7 @@ def _check_block(A, x, h0=None, cu=None, reverse=False, tol=None):
     assert rel_rms(h, ref) < tol
     grad_h = _randn(x.shape, x.dtype, g)
     ref.backward(_wide(grad_h))
-    grad_A, grad_x, grad_h0 = _cpp.block_diagonal_scan_backward(A, h, grad_h, h0, cu, reverse)
+    grad_A, grad_x, grad_h0 = _cpp.block_diagonal_scan_backward(A, h, grad_h, h0, cu_seqlens=cu, reverse=reverse)
     assert grad_A.shape == A.shape and grad_x.shape == x.shape and grad_x.dtype == x.dtype
     assert rel_rms(grad_x, x64.grad) < tol
     assert rel_rms(grad_A, A64.grad) < tol
@@ -285,7 +285,7 @@ def test_block_diagonal_growth_then_reset(scale, reset_at):
         A[:, reset_at] = 0.0
         A[:, reset_at + 1:] = torch.eye(b) * 0.5
         x[:, -30:] = torch.randn(1, 30, G, b, generator=torch.Generator().manual_seed(14))
-    h = _cpp.block_diagonal_scan_forward(A, x, None, None, False)
+    h = _cpp.block_diagonal_scan_forward(A, x, None, cu_seqlens=None, reverse=False)
     assert torch.isfinite(h).all()
     assert torch.count_nonzero(h[:, : T - 30]) == 0
     ref = block_diagonal_scan_reference(_wide(A), _wide(x))
@@ -296,13 +296,13 @@ def test_block_diagonal_nonfinite_is_causal():
     g = torch.Generator().manual_seed(15)
     T, t0 = 150, 90
     A, x = torch.randn(1, T, 2, 3, 3, generator=g) * 0.4, torch.randn(1, T, 2, 3, generator=g)
-    clean = _cpp.block_diagonal_scan_forward(A, x, None, None, False)
+    clean = _cpp.block_diagonal_scan_forward(A, x, None, cu_seqlens=None, reverse=False)
     A[0, t0, 1, 0, 0] = float("inf")
-    out = _cpp.block_diagonal_scan_forward(A, x, None, None, False)
+    out = _cpp.block_diagonal_scan_forward(A, x, None, cu_seqlens=None, reverse=False)
     assert torch.equal(out[:, :t0], clean[:, :t0]) and not torch.isfinite(out[0, t0, 1]).all()
     assert torch.equal(out[:, :, 0], clean[:, :, 0])
 
 
 def test_block_diagonal_rejects_large_blocks():
     with pytest.raises(ValueError, match="b <= 16"):
-        _cpp.block_diagonal_scan_forward(torch.eye(17), torch.randn(1, 2, 1, 17), None, None, False)
+        _cpp.block_diagonal_scan_forward(torch.eye(17), torch.randn(1, 2, 1, 17), None, cu_seqlens=None, reverse=False)

@@ -4,12 +4,15 @@ import pytest
 import torch
 
 import linrec
+import linrec._common
+from linrec import _cpp
 from linrec.diagonal import diagonal_scan_reference
 
 from conftest import (DEVICE, HAS_CUDA, TOL, assert_close_to_reference, assert_compiled_matches_eager, rel_rms,
                       run_with_grads, to64)
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "torch", "cpp"]
+WIDE_BACKENDS = ["triton", "torch"]  # float64 / complex128 too (the compiled CPU backend stops at fp32 / complex64)
 
 
 def _inputs(B, T, D, dtype, *, a_kind="mixed", seed=0, a_shape=None):
@@ -96,8 +99,8 @@ def test_varlen_equals_separate_sequences(backend, reverse):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("varlen", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
-def test_triton_segmented_sweep(reverse, varlen, dtype):
-    """Long sequences with few channels are split into segments run in parallel (3-step sweep)."""
+def test_triton_chunked_sweep(reverse, varlen, dtype):
+    """Long sequences with few channels are split into chunks run in parallel (3-step sweep)."""
     from linrec.kernels.diagonal import diagonal_scan_backward, diagonal_scan_forward
     from linrec.diagonal.chunked import diagonal_scan_chunked_backward
 
@@ -110,18 +113,18 @@ def test_triton_segmented_sweep(reverse, varlen, dtype):
     a64, x64, h064, g64 = (to64(t) for t in (a, x, h0, g))
     ref = diagonal_scan_reference(a64, x64, h064, cu_seqlens=cu, reverse=reverse)
     grads_ref = diagonal_scan_chunked_backward(a64, ref, g64, h064, cu_seqlens=cu, reverse=reverse)
-    for segments in (3, 7):
+    for chunks in (3, 7):
         dev = [t.to(DEVICE) for t in (a, x, h0, g)]
         cu_dev = cu.to(DEVICE) if cu is not None else None
-        h = diagonal_scan_forward(dev[0], dev[1], dev[2], cu_dev, reverse, num_segments=segments)
+        h = diagonal_scan_forward(dev[0], dev[1], dev[2], cu_seqlens=cu_dev, reverse=reverse, num_chunks=chunks)
         assert rel_rms(h.cpu(), ref) < 1e-5
-        grads = diagonal_scan_backward(dev[0], ref.to(dtype).to(DEVICE), dev[3], dev[2], cu_dev, reverse, dtype,
-                                       num_segments=segments)
+        grads = diagonal_scan_backward(dev[0], ref.to(dtype).to(DEVICE), dev[3], dev[2], cu_seqlens=cu_dev,
+                                       reverse=reverse, x_dtype=dtype, num_chunks=chunks)
         for got, want in zip(grads, grads_ref):
             assert rel_rms(got.cpu(), want) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WIDE_BACKENDS)
 def test_gradcheck_float64(backend):
     a, x = _inputs(2, 9, 3, torch.float32)
     args = [t.double().to(DEVICE).requires_grad_() for t in (a, x, torch.randn(2, 3))]
@@ -167,8 +170,23 @@ def test_noncontiguous_inputs_and_stride0_grads_and_no_mutation(backend):
 
 def test_auto_backend_picks_by_device():
     a, x = _inputs(1, 10, 4, torch.float32)
-    h = linrec.diagonal_scan(a, x)  # CPU tensors: the torch backend
-    torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"))
+    h = linrec.diagonal_scan(a, x)  # CPU tensors: the compiled CPU backend where it builds, else torch
+    want = "cpp" if _cpp.cpp_backend_unavailable_reason() is None else "torch"
+    torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend=want), rtol=0, atol=0)
+    # float64 is not the compiled backend's: auto runs the torch form.
+    torch.testing.assert_close(linrec.diagonal_scan(a.double(), x.double()),
+                               linrec.diagonal_scan(a.double(), x.double(), backend="torch"), rtol=0, atol=0)
+
+
+def test_auto_without_a_compiler_runs_torch_with_a_note(monkeypatch, capsys):
+    monkeypatch.setattr(_cpp, "cpp_backend_unavailable_reason", lambda: "no C++ compiler was found (stand-in)")
+    monkeypatch.setattr(linrec._common, "_cpu_fallback_noted", False)
+    a, x = _inputs(2, 30, 4, torch.float32)
+    for _ in range(2):
+        h = linrec.diagonal_scan(a, x)
+    torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"), rtol=0, atol=0)
+    err = capsys.readouterr().err
+    assert err.count("no C++ compiler was found (stand-in)") == 1 and "torch backend" in err
 
 
 def test_opcheck():

@@ -160,14 +160,19 @@ def _launches(run):
 needs_interpreter = pytest.mark.skipif(DEVICE != "cpu", reason="launch plans are observed under the interpreter")
 
 
-@needs_interpreter
-@pytest.mark.parametrize("model", [None, "h100", "h200"])
-def test_diagonal_launch_plan(model, monkeypatch):
+def _plan_for(model, monkeypatch):
+    """Launchers plan for GPU ``model`` (None: the interpreter's own plan); seeds the inputs."""
     if model:
         monkeypatch.setenv("LINREC_DEVICE_MODEL", model)
     else:
         monkeypatch.delenv("LINREC_DEVICE_MODEL", raising=False)
     torch.manual_seed(0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("model", [None, "h100", "h200"])
+def test_diagonal_launch_plan(model, monkeypatch):
+    _plan_for(model, monkeypatch)
     a, x = torch.rand(1, 600, 40) * 0.5 + 0.5, torch.randn(1, 600, 40)
     launches, h = _launches(lambda: linrec.diagonal_scan(a, x, backend="triton"))
     torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"), atol=1e-5, rtol=1e-5)
@@ -181,11 +186,7 @@ def test_diagonal_launch_plan(model, monkeypatch):
 @needs_interpreter
 @pytest.mark.parametrize("model", [None, "h100"])
 def test_block_diagonal_launch_plan(model, monkeypatch):
-    if model:
-        monkeypatch.setenv("LINREC_DEVICE_MODEL", model)
-    else:
-        monkeypatch.delenv("LINREC_DEVICE_MODEL", raising=False)
-    torch.manual_seed(0)
+    _plan_for(model, monkeypatch)
     A, x = torch.rand(1, 200, 8, 4, 4) * 0.4, torch.randn(1, 200, 8, 4)
     launches, h = _launches(lambda: linrec.block_diagonal_scan(A, x, backend="triton"))
     torch.testing.assert_close(h, linrec.block_diagonal_scan(A, x, backend="torch"), atol=1e-5, rtol=1e-5)

@@ -179,7 +179,7 @@ def probe_backend(run: Callable[[], Any], device: torch.device, backend: str, wh
     return None
 
 
-LINREC_BACKENDS = ("cuda", "triton", "torch", "reference")
+LINREC_BACKENDS = ("cuda", "triton", "cpp", "torch", "reference")
 
 
 def linrec_backend_impls(op: str, function: str, device: torch.device, probe: Callable[[str], Any],

@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 from typing import Callable, Optional, Sequence
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch", "reference")
 
 REAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
@@ -123,16 +124,20 @@ def resolve_backend(backend: str, device: torch.device, *, available: Sequence[s
     """Turns the user's ``backend`` into one that can run on ``device``.
 
     ``available`` lists the backends the family implements. ``"auto"`` takes the
-    fastest correct one: Triton on CUDA tensors, the chunked PyTorch form elsewhere.
+    fastest correct one: Triton on CUDA tensors; on the CPU the compiled ``cpp`` backend
+    where the family has one, else the chunked PyTorch form. Whether ``cpp`` can run (a C++
+    compiler, a build) is only known by trying, so for those families ``"auto"`` stays
+    ``"auto"`` here and the op body settles it (``settle_cpu_auto``): that runs eagerly even
+    under ``torch.compile``, which cannot trace a compiler probe.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda" and "triton" in available and triton_importable():
             return "triton"
-        return "torch"
+        return "auto" if device.type == "cpu" and "cpp" in available else "torch"
     if backend not in available:
-        runnable = [b for b in available if b in ("torch", "reference") or device.type == "cuda"]
+        runnable = [b for b in available if b in ("torch", "reference", "cpp") or device.type == "cuda"]
         raise ValueError(f"backend={backend!r} is not implemented for this op; available here: {runnable}")
     if backend == "triton":
         if not triton_importable():
@@ -142,10 +147,44 @@ def resolve_backend(backend: str, device: torch.device, *, available: Sequence[s
             raise ValueError(f"backend='triton' cannot run on {device.type} tensors: Triton kernels need a CUDA "
                              "device (or TRITON_INTERPRET=1 for the slow CPU interpreter); use backend='torch' "
                              "or 'reference' on the CPU")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend='cpp' runs on CPU tensors, got {device.type} tensors; "
+                         "backend='triton' or 'torch' would run")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got {device.type} tensors; "
                          "use backend='torch' or 'reference' on the CPU")
     return backend
+
+
+_cpu_fallback_noted = False
+
+
+def settle_cpu_auto(backend: str, cpp_supports: bool) -> str:
+    """Inside an op body: ``"auto"`` on the CPU becomes ``"cpp"`` where the compiled CPU backend
+    supports the call (dtype, block size) and builds, else ``"torch"``; any other backend is
+    returned as it is. The first call in a process may build the extension (a one-line
+    message, then cached). Without a C++ compiler, or when the build fails, the torch backend
+    runs and one line on stderr says why (once per process; not when LINREC_DISABLE_CPP is set).
+    """
+    global _cpu_fallback_noted
+    if backend != "auto":
+        return backend
+    if not cpp_supports:
+        return "torch"
+    from . import _cpp
+
+    reason = _cpp.cpp_backend_unavailable_reason()
+    if reason is None:
+        try:
+            _cpp.load_extension()
+            return "cpp"
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0]
+    if not _cpu_fallback_noted and not reason.startswith("LINREC_DISABLE_CPP"):
+        _cpu_fallback_noted = True
+        print(f"linrec: the compiled CPU backend is unavailable ({reason}); backend='auto' runs the torch "
+              "backend", file=sys.stderr)
+    return "torch"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

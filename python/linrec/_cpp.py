@@ -19,10 +19,10 @@ Launchers (all tensors on the CPU; dtypes: float32 | bfloat16 | float16 | comple
 diagonal scan, float32 | bfloat16 | float16 for the block-diagonal one, accumulation in fp32 /
 complex64):
 
-* ``diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse) -> h``
-* ``diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens, reverse) -> (grad_a, grad_x, grad_h0)``
-* ``block_diagonal_scan_forward(A, x, initial_state, cu_seqlens, reverse) -> h``
-* ``block_diagonal_scan_backward(A, h, grad_h, initial_state, cu_seqlens, reverse) -> (grad_A, grad_x, grad_h0)``
+* ``diagonal_scan_forward(a, x, initial_state, *, cu_seqlens, reverse) -> h``
+* ``diagonal_scan_backward(a, h, grad_h, initial_state, *, cu_seqlens, reverse) -> (grad_a, grad_x, grad_h0)``
+* ``block_diagonal_scan_forward(A, x, initial_state, *, cu_seqlens, reverse) -> h``
+* ``block_diagonal_scan_backward(A, h, grad_h, initial_state, *, cu_seqlens, reverse) -> (grad_A, grad_x, grad_h0)``
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from ._common import accumulation_dtype, sum_to_shape
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 BLOCK_DIAGONAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -169,10 +171,6 @@ def load_extension():
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex64 if dtype.is_complex else torch.float32
-
-
 def _check_cpu(**tensors: Optional[torch.Tensor]) -> None:
     for name, t in tensors.items():
         if t is not None and t.device.type != "cpu":
@@ -181,21 +179,14 @@ def _check_cpu(**tensors: Optional[torch.Tensor]) -> None:
 
 def _unit_last_stride(t: torch.Tensor, dims: int = 1) -> torch.Tensor:
     """``t`` if its last ``dims`` dimensions are laid out densely (row-major), else a contiguous copy."""
+    if t.numel() == 0:  # an empty tensor counts as contiguous whatever its strides: give it real ones
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
     expected = 1
     for i in range(1, dims + 1):
         if t.shape[-i] > 1 and t.stride(-i) != expected:
             return t.contiguous()
         expected *= t.shape[-i]
     return t
-
-
-def _sum_to(grad: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Sums ``grad`` (the argument padded to ``grad.dim()`` dimensions) down to ``shape`` and reshapes."""
-    padded = (1,) * (grad.dim() - len(shape)) + tuple(shape)
-    dims = tuple(i for i, n in enumerate(padded) if n == 1 and grad.shape[i] != 1)
-    if dims:
-        grad = grad.sum(dim=dims, keepdim=True)
-    return grad.reshape(tuple(shape))
 
 
 def _offsets(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -206,7 +197,7 @@ def _diagonal_coefficients(a: torch.Tensor, storage: torch.dtype, D: int) -> tor
     """a as the kernel reads it: 3-D (Ba, Ta, D), Ba/Ta of size 1 where a is broadcast, in the
     storage dtype or (when a has another dtype) the accumulation dtype, unit channel stride."""
     if a.dtype != storage:
-        a = a.to(_acc_dtype(storage))
+        a = a.to(accumulation_dtype(storage))
     while a.dim() < 3:
         a = a.unsqueeze(0)
     if a.shape[2] != D:  # broadcast along channels: spelled out (along D only)
@@ -220,7 +211,7 @@ def _check_dtype(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> N
         raise ValueError(f"the cpp backend takes {name} in {names}, got {str(t.dtype).replace('torch.', '')}")
 
 
-def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor],
+def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor], *,
                           cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
     """States of ``h_t = a_t * h_{t-1} + x_t`` (reverse: ``h_{t+1}``), one pass over time.
 
@@ -236,7 +227,7 @@ def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optio
     _check_cpu(a=a, x=x, initial_state=initial_state, cu_seqlens=cu_seqlens)
     _check_dtype("x", x, SUPPORTED_DTYPES)
     ext = load_extension()
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     x = _unit_last_stride(x)
     a3 = _diagonal_coefficients(a, x.dtype, x.shape[2])
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
@@ -244,7 +235,7 @@ def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optio
 
 
 def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
-                           initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                           initial_state: Optional[torch.Tensor], *, cu_seqlens: Optional[torch.Tensor],
                            reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the diagonal scan in one sweep (dL/dx, dL/da and dL/dh0 fused).
 
@@ -268,8 +259,8 @@ def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tenso
     _check_cpu(a=a, h=h, grad_h=grad_h, initial_state=initial_state, cu_seqlens=cu_seqlens)
     _check_dtype("h", h, SUPPORTED_DTYPES)
     ext = load_extension()
-    storage = h.dtype if grad_h.dtype == h.dtype else _acc_dtype(h.dtype)
-    acc = _acc_dtype(storage)
+    storage = h.dtype if grad_h.dtype == h.dtype else accumulation_dtype(h.dtype)
+    acc = accumulation_dtype(storage)
     B, T, D = h.shape
     h = _unit_last_stride(h.to(storage))
     grad_h = _unit_last_stride(grad_h.to(storage))
@@ -278,7 +269,7 @@ def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tenso
     h0 = None if initial_state is None else initial_state.to(acc).contiguous()
     grad_a, grad_x, grad_h0 = ext.diagonal_backward(a3, h, grad_h, h0, _offsets(cu_seqlens), bool(reverse),
                                                     accumulate)
-    return _sum_to(grad_a, a.shape), grad_x, grad_h0
+    return sum_to_shape(grad_a, a.shape), grad_x, grad_h0
 
 
 def _block_transitions(A: torch.Tensor, storage: torch.dtype, b: int) -> torch.Tensor:
@@ -300,7 +291,7 @@ def _check_block(x: torch.Tensor) -> None:
                          f"got b = {x.shape[-1]}")
 
 
-def block_diagonal_scan_forward(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor],
+def block_diagonal_scan_forward(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor], *,
                                 cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
     """States of ``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]``, one pass over time, b <= 16.
 
@@ -322,7 +313,7 @@ def block_diagonal_scan_forward(A: torch.Tensor, x: torch.Tensor, initial_state:
 
 
 def block_diagonal_scan_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
-                                 initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                                 initial_state: Optional[torch.Tensor], *, cu_seqlens: Optional[torch.Tensor],
                                  reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the block-diagonal scan in one sweep that reads every A_t once.
 
@@ -348,4 +339,4 @@ def block_diagonal_scan_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     grad_A, grad_x, grad_h0 = ext.block_diagonal_backward(A5, h, grad_h, h0, _offsets(cu_seqlens), bool(reverse),
                                                           accumulate)
-    return _sum_to(grad_A, A.shape), grad_x, grad_h0
+    return sum_to_shape(grad_A, A.shape), grad_x, grad_h0

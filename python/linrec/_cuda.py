@@ -14,8 +14,8 @@ Environment variables:
 * ``LINREC_CUDA_VERBOSE=1``: print the compiler's output while building.
 
 The launchers mirror those of the Triton kernels in ``linrec.kernels.diagonal``:
-``diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse)`` and
-``diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens, reverse, x_dtype)``.
+``diagonal_scan_forward(a, x, initial_state, *, cu_seqlens, reverse)`` and
+``diagonal_scan_backward(a, h, grad_h, initial_state, *, cu_seqlens, reverse, x_dtype)``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
+
+from ._common import accumulation_dtype, num_sequences
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 SOURCES = ("binding.cpp", "diagonal_scan_kernel.cu")
@@ -143,19 +145,15 @@ def load_extension():
     return _extension
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex64 if dtype.is_complex else torch.float32
-
-
 def _common_storage(*tensors: torch.Tensor) -> torch.dtype:
     """The kernel's storage dtype: the tensors' shared dtype, or the accumulation dtype when they differ."""
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) == 1:
         return dtypes.pop()
-    return _acc_dtype(tensors[0].dtype)
+    return accumulation_dtype(tensors[0].dtype)
 
 
-def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor],
+def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor], *,
                           cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
     """States of ``h_t = a_t * h_{t-1} + x_t`` with the CUDA kernel.
 
@@ -171,7 +169,7 @@ def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optio
     ext = load_extension()
     out_dtype = x.dtype
     storage = _common_storage(a, x)
-    acc = _acc_dtype(storage)
+    acc = accumulation_dtype(storage)
     x = x.to(storage).contiguous()
     a = a.to(storage).expand(x.shape)
     h0 = initial_state.to(acc).contiguous() if initial_state is not None else None
@@ -182,7 +180,7 @@ def diagonal_scan_forward(a: torch.Tensor, x: torch.Tensor, initial_state: Optio
 
 
 def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
-                           initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                           initial_state: Optional[torch.Tensor], *, cu_seqlens: Optional[torch.Tensor],
                            reverse: bool, x_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the diagonal scan in one sweep (the reverse scan with dL/da and dL/dh0 fused).
 
@@ -196,9 +194,9 @@ def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tenso
     """
     ext = load_extension()
     B, T, D = h.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     storage = _common_storage(a, h, grad_h)
-    acc = _acc_dtype(storage)
+    acc = accumulation_dtype(storage)
     h = h.to(storage).contiguous()
     grad_h = grad_h.to(storage).contiguous()
     a = a.to(storage).expand(h.shape)

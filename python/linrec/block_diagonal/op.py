@@ -17,9 +17,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import (REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens, check_cu_seqlens_values, check_same_device,
-                       check_shape, check_tensor, num_sequences, register_scan_autograd, resolve_backend,
-                       sum_to_shape)
+from .. import _cpp
+from .._common import (REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens, check_cu_seqlens_values,
+                       check_same_device, check_shape, check_tensor, num_sequences, register_scan_autograd,
+                       resolve_backend, settle_cpu_auto, sum_to_shape)
 from .chunked import block_diagonal_scan_chunked, block_diagonal_scan_chunked_backward, grad_A_from, shift_in_time
 from .reference import block_diagonal_scan_reference
 
@@ -32,20 +33,26 @@ from .reference import block_diagonal_scan_reference
 # ----------------------------------------------------------------------------------------------
 def _triton_forward(A, x, initial_state, *, cu_seqlens, reverse):
     from linrec.kernels.block_diagonal import block_diagonal_scan_forward
-    return block_diagonal_scan_forward(A, x, initial_state, cu_seqlens, reverse)
+    return block_diagonal_scan_forward(A, x, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
 
 
 def _triton_backward(A, h, grad_h, initial_state, *, cu_seqlens, reverse):
     from linrec.kernels.block_diagonal import block_diagonal_scan_backward
-    return block_diagonal_scan_backward(A, h, grad_h, initial_state, cu_seqlens, reverse)
+    return block_diagonal_scan_backward(A, h, grad_h, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
 
 
-FORWARD = {"triton": _triton_forward, "torch": block_diagonal_scan_chunked, "reference": block_diagonal_scan_reference}
+FORWARD = {"triton": _triton_forward, "cpp": _cpp.block_diagonal_scan_forward, "torch": block_diagonal_scan_chunked,
+           "reference": block_diagonal_scan_reference}
 # The reference's gradients come from the chunked backward (checked against autograd through the loop).
-BACKWARD = {"triton": _triton_backward, "torch": block_diagonal_scan_chunked_backward,
+BACKWARD = {"triton": _triton_backward, "cpp": _cpp.block_diagonal_scan_backward, "torch": block_diagonal_scan_chunked_backward,
             "reference": block_diagonal_scan_chunked_backward}
 AVAILABLE_BACKENDS = tuple(FORWARD)
 MAX_BLOCK = 64
+
+
+def _cpp_supports(x: Tensor) -> bool:
+    """Whether the compiled CPU backend takes x (B, T, G, b): its dtypes and b <= 16."""
+    return x.dtype in _cpp.BLOCK_DIAGONAL_DTYPES and x.shape[-1] <= _cpp.MAX_BLOCK
 
 
 def broadcast_grad_A(A_shape: torch.Size, h: Tensor, grad_x: Tensor, initial_state: Optional[Tensor], *,
@@ -69,6 +76,7 @@ def broadcast_grad_A(A_shape: torch.Size, h: Tensor, grad_x: Tensor, initial_sta
 def _block_diagonal_scan_op(A: Tensor, x: Tensor, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
                             reverse: bool, backend: str) -> Tensor:
     check_cu_seqlens_values(cu_seqlens, x.shape[1])
+    backend = settle_cpu_auto(backend, _cpp_supports(x))
     return FORWARD[backend](A, x, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
 
 
@@ -82,6 +90,7 @@ def _(A, x, initial_state, cu_seqlens, reverse, backend):
 def _block_diagonal_scan_backward_op(A: Tensor, initial_state: Optional[Tensor], h: Tensor, grad_h: Tensor,
                                      cu_seqlens: Optional[Tensor], reverse: bool, backend: str
                                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    backend = settle_cpu_auto(backend, _cpp_supports(h))
     grad_A, grad_x, grad_h0 = BACKWARD[backend](A, h, grad_h, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
     if grad_A is None:
         grad_A = broadcast_grad_A(A.shape, h, grad_x, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
@@ -151,4 +160,7 @@ def block_diagonal_scan(A: Tensor, x: Tensor, initial_state: Optional[Tensor] = 
         check_tensor("initial_state", initial_state, ndim=3, dtypes=REAL_DTYPES, shape_doc="(N, G, b)")
         check_shape("initial_state", initial_state, (N, G, b), "(N, G, b)")
     backend = resolve_backend(backend, x.device, available=AVAILABLE_BACKENDS)
+    if backend == "cpp" and not _cpp_supports(x):
+        raise ValueError(f"backend='cpp' supports float32, bfloat16 and float16 with blocks b <= {_cpp.MAX_BLOCK}, "
+                         f"got {str(x.dtype).replace('torch.', '')} with b = {b}; backend='torch' would run")
     return torch.ops.linrec.block_diagonal_scan(A, x, initial_state, cu_seqlens, reverse, backend)

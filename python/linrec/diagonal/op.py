@@ -17,9 +17,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _cpp
 from .._common import (COMPLEX_DTYPES, REAL_DTYPES, autocast_off, check_cu_seqlens, check_cu_seqlens_values,
                        check_same_device, check_shape, check_tensor, num_sequences, register_scan_autograd,
-                       resolve_backend, sum_to_shape)
+                       resolve_backend, settle_cpu_auto, sum_to_shape)
 from .chunked import diagonal_scan_chunked, diagonal_scan_chunked_backward
 from .reference import diagonal_scan_reference
 
@@ -31,30 +32,32 @@ from .reference import diagonal_scan_reference
 # ----------------------------------------------------------------------------------------------
 def _triton_forward(a, x, initial_state, *, cu_seqlens, reverse):
     from linrec.kernels.diagonal import diagonal_scan_forward
-    return diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse)
+    return diagonal_scan_forward(a, x, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
 
 
 def _triton_backward(a, h, grad_h, initial_state, *, cu_seqlens, reverse):
     from linrec.kernels.diagonal import diagonal_scan_backward
-    return diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens, reverse, h.dtype)
+    return diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens=cu_seqlens, reverse=reverse,
+                                  x_dtype=h.dtype)
 
 
 def _cuda_forward(a, x, initial_state, *, cu_seqlens, reverse):
     from .._cuda import diagonal_scan_forward
-    return diagonal_scan_forward(a, x, initial_state, cu_seqlens, reverse)
+    return diagonal_scan_forward(a, x, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
 
 
 def _cuda_backward(a, h, grad_h, initial_state, *, cu_seqlens, reverse):
     from .._cuda import diagonal_scan_backward
-    return diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens, reverse, h.dtype)
+    return diagonal_scan_backward(a, h, grad_h, initial_state, cu_seqlens=cu_seqlens, reverse=reverse,
+                                  x_dtype=h.dtype)
 
 
-FORWARD = {"triton": _triton_forward, "cuda": _cuda_forward, "torch": diagonal_scan_chunked,
-           "reference": diagonal_scan_reference}
+FORWARD = {"triton": _triton_forward, "cuda": _cuda_forward, "cpp": _cpp.diagonal_scan_forward,
+           "torch": diagonal_scan_chunked, "reference": diagonal_scan_reference}
 # The reference's gradients come from the chunked backward (the reference is the forward oracle;
 # the tests check every backward against autograd through the float64 reference loop).
-BACKWARD = {"triton": _triton_backward, "cuda": _cuda_backward, "torch": diagonal_scan_chunked_backward,
-            "reference": diagonal_scan_chunked_backward}
+BACKWARD = {"triton": _triton_backward, "cuda": _cuda_backward, "cpp": _cpp.diagonal_scan_backward,
+            "torch": diagonal_scan_chunked_backward, "reference": diagonal_scan_chunked_backward}
 AVAILABLE_BACKENDS = tuple(FORWARD)
 
 
@@ -63,6 +66,7 @@ AVAILABLE_BACKENDS = tuple(FORWARD)
 def _diagonal_scan_op(a: Tensor, x: Tensor, initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
                       reverse: bool, backend: str) -> Tensor:
     check_cu_seqlens_values(cu_seqlens, x.shape[1])
+    backend = settle_cpu_auto(backend, x.dtype in _cpp.SUPPORTED_DTYPES)
     return FORWARD[backend](a, x, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
 
 
@@ -76,6 +80,7 @@ def _(a, x, initial_state, cu_seqlens, reverse, backend):
 def _diagonal_scan_backward_op(a: Tensor, initial_state: Optional[Tensor], h: Tensor, grad_h: Tensor,
                                cu_seqlens: Optional[Tensor], reverse: bool, backend: str
                                ) -> Tuple[Tensor, Tensor, Tensor]:
+    backend = settle_cpu_auto(backend, h.dtype in _cpp.SUPPORTED_DTYPES)
     grad_a, grad_x, grad_h0 = BACKWARD[backend](a, h, grad_h, initial_state, cu_seqlens=cu_seqlens, reverse=reverse)
     h0_dtype = initial_state.dtype if initial_state is not None else h.dtype
     return sum_to_shape(grad_a, a.shape).to(a.dtype), grad_x.to(h.dtype), grad_h0.to(h0_dtype)
@@ -139,6 +144,9 @@ def diagonal_scan(a: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, 
             raise TypeError(f"initial_state must be {'complex' if x.is_complex() else 'real'} like x, "
                             f"got {initial_state.dtype}")
     backend = resolve_backend(backend, x.device, available=AVAILABLE_BACKENDS)
+    if backend == "cpp" and x.dtype not in _cpp.SUPPORTED_DTYPES:
+        raise ValueError(f"backend='cpp' supports float32, bfloat16, float16 and complex64, got "
+                         f"{str(x.dtype).replace('torch.', '')}; backend='torch' would run")
     if backend == "cuda":
         from .._cuda import SUPPORTED_DTYPES, cuda_backend_unavailable_reason
         reason = cuda_backend_unavailable_reason()
