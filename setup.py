@@ -27,8 +27,8 @@ setup(
     license="Apache-2.0",
     license_files=["LICENSE"],
     python_requires=">=3.10",
-    packages=["linrec", "linrec.diagonal", "linrec.block_diagonal", "linrec.householder", "linrec.nn", "linrec.kernels",
-              "linrec.csrc"],
+    packages=["linrec", "linrec.diagonal", "linrec.block_diagonal", "linrec.householder", "linrec.selective", "linrec.nn",
+              "linrec.kernels", "linrec.csrc"],
     package_dir={
         "linrec": "python/linrec",
         "linrec.kernels": "kernels",

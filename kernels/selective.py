@@ -67,9 +67,42 @@ def _bounds(cu_seqlens_ptr, seq, T, VARLEN):
 
 
 @triton.jit
-def _step_inputs(x_ptr, delta_ptr, B_ptr, t, batch, chans, chan_ok, ns, n_ok, A, bias, T, DIM,
-                 group_off_b, stride_bb, stride_bt, SOFTPLUS, NEG, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
-    """x_t, the pre-activation of dt, dt_t, exp(dt_t A), abar_t and B_t of one step."""
+def _program_setup(A_ptr, D_ptr, bias_ptr, cu_seqlens_ptr, pid_d, seq, T, DIM, NSTATE, CH_PER_GROUP,
+                   stride_bg, stride_cg, VARLEN, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a program of either kernel needs before its sweep: the sequence's bounds, its channels
+    and states with their masks, the offsets of its group in B and C, A, delta_bias and D for its
+    channels (zeros when absent), and the offsets of its tile in an (N_seq, D, N) state tensor."""
+    batch, start, end = _bounds(cu_seqlens_ptr, seq, T, VARLEN)
+    chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    chan_ok = chans < DIM
+    ns = tl.arange(0, BLOCK_N)
+    n_ok = ns < NSTATE
+    tile_ok = chan_ok[:, None] & n_ok[None, :]
+    group = (pid_d * BLOCK_D) // CH_PER_GROUP
+    group_off_b = group.to(tl.int64) * stride_bg
+    group_off_c = group.to(tl.int64) * stride_cg
+    A = tl.load(A_ptr + chans[:, None] * NSTATE + ns[None, :], mask=tile_ok, other=0.0).to(ACC)
+    bias = tl.zeros((BLOCK_D,), ACC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chans, mask=chan_ok, other=0.0).to(ACC)
+    Dv = tl.zeros((BLOCK_D,), ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + chans, mask=chan_ok, other=0.0).to(ACC)
+    state_off = (seq.to(tl.int64) * DIM + chans)[:, None] * NSTATE + ns[None, :]
+    return (batch, start, end, chans, chan_ok, ns, n_ok, tile_ok, group_off_b, group_off_c, A, bias, Dv,
+            state_off)
+
+
+@triton.jit
+def _step_inputs(x_ptr, delta_ptr, B_ptr, i, start, end, batch, chans, chan_ok, ns, n_ok, A, bias, T, DIM,
+                 group_off_b, stride_bb, stride_bt, REVERSE, SOFTPLUS, NEG, HAS_BIAS: tl.constexpr,
+                 ACC: tl.constexpr):
+    """Step i of the sweep (time t = start + i, or end - 1 - i in reverse): t, the offset of
+    (batch, t) in a (B, T, D) tensor, x_t, the pre-activation of dt, dt_t, exp(dt_t A), abar_t, B_t."""
+    t = start + i
+    if REVERSE:
+        t = end - 1 - i
     off = (batch * T + t) * DIM + chans
     xv = tl.load(x_ptr + off, mask=chan_ok, other=0.0).to(ACC)
     pre = tl.load(delta_ptr + off, mask=chan_ok, other=0.0).to(ACC)
@@ -83,7 +116,7 @@ def _step_inputs(x_ptr, delta_ptr, B_ptr, t, batch, chans, chan_ok, ns, n_ok, A,
     if NEG:
         abar = 2.0 * expo - 1.0
     bvec = tl.load(B_ptr + batch * stride_bb + t * stride_bt + group_off_b + ns, mask=n_ok, other=0.0).to(ACC)
-    return off, xv, pre, dt, expo, abar, bvec
+    return t, off, xv, pre, dt, expo, abar, bvec
 
 
 @triton.jit
@@ -105,24 +138,10 @@ def selective_scan_fwd_kernel(
 ):
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
-    batch, start, end = _bounds(cu_seqlens_ptr, seq, T, VARLEN)
+    (batch, start, end, chans, chan_ok, ns, n_ok, tile_ok, group_off_b, group_off_c, A, bias, Dv,
+     state_off) = _program_setup(A_ptr, D_ptr, bias_ptr, cu_seqlens_ptr, pid_d, seq, T, DIM, NSTATE, CH_PER_GROUP,
+                                 stride_bg, stride_cg, VARLEN, HAS_D, HAS_BIAS, ACC, BLOCK_D, BLOCK_N)
     length = end - start
-    chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    chan_ok = chans < DIM
-    ns = tl.arange(0, BLOCK_N)
-    n_ok = ns < NSTATE
-    tile_ok = chan_ok[:, None] & n_ok[None, :]
-    group = (pid_d * BLOCK_D) // CH_PER_GROUP
-    group_off_b = group.to(tl.int64) * stride_bg
-    group_off_c = group.to(tl.int64) * stride_cg
-    A = tl.load(A_ptr + chans[:, None] * NSTATE + ns[None, :], mask=tile_ok, other=0.0).to(ACC)
-    bias = tl.zeros((BLOCK_D,), ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans, mask=chan_ok, other=0.0).to(ACC)
-    Dv = tl.zeros((BLOCK_D,), ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + chans, mask=chan_ok, other=0.0).to(ACC)
-    state_off = (seq.to(tl.int64) * DIM + chans)[:, None] * NSTATE + ns[None, :]
     h = tl.zeros((BLOCK_D, BLOCK_N), ACC)
     if HAS_H0:
         h = tl.load(h0_ptr + state_off, mask=tile_ok, other=0.0).to(ACC)
@@ -132,12 +151,9 @@ def selective_scan_fwd_kernel(
             ck_off = ((seq.to(tl.int64) * NUM_CHUNKS + c // CHUNK_T) * DIM + chans)[:, None] * NSTATE + ns[None, :]
             tl.store(ckpt_ptr + ck_off, h, mask=tile_ok)
         for i in range(c, tl.minimum(c + CHUNK_T, length)):
-            t = start + i
-            if REVERSE:
-                t = end - 1 - i
-            off, xv, pre, dt, expo, abar, bvec = _step_inputs(
-                x_ptr, delta_ptr, B_ptr, t, batch, chans, chan_ok, ns, n_ok, A, bias, T, DIM,
-                group_off_b, stride_bb, stride_bt, SOFTPLUS, NEG, HAS_BIAS, ACC)
+            t, off, xv, pre, dt, expo, abar, bvec = _step_inputs(
+                x_ptr, delta_ptr, B_ptr, i, start, end, batch, chans, chan_ok, ns, n_ok, A, bias, T, DIM,
+                group_off_b, stride_bb, stride_bt, REVERSE, SOFTPLUS, NEG, HAS_BIAS, ACC)
             h = abar * h + (dt * xv)[:, None] * bvec[None, :]
             if not CKPT:
                 cvec = tl.load(C_ptr + batch * stride_cb + t * stride_ct + group_off_c + ns,
@@ -177,24 +193,10 @@ def selective_scan_bwd_kernel(
 ):
     pid_d = tl.program_id(0)
     seq = tl.program_id(1)
-    batch, start, end = _bounds(cu_seqlens_ptr, seq, T, VARLEN)
+    (batch, start, end, chans, chan_ok, ns, n_ok, tile_ok, group_off_b, group_off_c, A, bias, Dv,
+     state_off) = _program_setup(A_ptr, D_ptr, bias_ptr, cu_seqlens_ptr, pid_d, seq, T, DIM, NSTATE, CH_PER_GROUP,
+                                 stride_bg, stride_cg, VARLEN, HAS_D, HAS_BIAS, ACC, BLOCK_D, BLOCK_N)
     length = end - start
-    chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    chan_ok = chans < DIM
-    ns = tl.arange(0, BLOCK_N)
-    n_ok = ns < NSTATE
-    tile_ok = chan_ok[:, None] & n_ok[None, :]
-    group = (pid_d * BLOCK_D) // CH_PER_GROUP
-    group_off_b = group.to(tl.int64) * stride_bg
-    group_off_c = group.to(tl.int64) * stride_cg
-    A = tl.load(A_ptr + chans[:, None] * NSTATE + ns[None, :], mask=tile_ok, other=0.0).to(ACC)
-    bias = tl.zeros((BLOCK_D,), ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans, mask=chan_ok, other=0.0).to(ACC)
-    Dv = tl.zeros((BLOCK_D,), ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + chans, mask=chan_ok, other=0.0).to(ACC)
-    state_off = (seq.to(tl.int64) * DIM + chans)[:, None] * NSTATE + ns[None, :]
     program = seq.to(tl.int64) * tl.num_programs(0) + pid_d
     tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + ns[None, :]
     scratch = scratch_ptr + program * (CHUNK_T * BLOCK_D * BLOCK_N) + tile
@@ -216,24 +218,18 @@ def selective_scan_bwd_kernel(
         # Recompute the chunk's states into the scratch tile.
         h = h_start
         for i in range(cs, ce):
-            t = start + i
-            if REVERSE:
-                t = end - 1 - i
-            off, xv, pre, dt, expo, abar, bvec = _step_inputs(
-                x_ptr, delta_ptr, B_ptr, t, batch, chans, chan_ok, ns, n_ok, A, bias, T, DIM,
-                group_off_b, stride_bb, stride_bt, SOFTPLUS, NEG, HAS_BIAS, ACC)
+            t, off, xv, pre, dt, expo, abar, bvec = _step_inputs(
+                x_ptr, delta_ptr, B_ptr, i, start, end, batch, chans, chan_ok, ns, n_ok, A, bias, T, DIM,
+                group_off_b, stride_bb, stride_bt, REVERSE, SOFTPLUS, NEG, HAS_BIAS, ACC)
             h = abar * h + (dt * xv)[:, None] * bvec[None, :]
             tl.store(scratch + (i - cs) * (BLOCK_D * BLOCK_N), h)
         tl.debug_barrier()
         # Sweep the chunk backwards.
         for j in range(0, ce - cs):
             i = ce - 1 - j
-            t = start + i
-            if REVERSE:
-                t = end - 1 - i
-            off, xv, pre, dt, expo, abar, bvec = _step_inputs(
-                x_ptr, delta_ptr, B_ptr, t, batch, chans, chan_ok, ns, n_ok, A, bias, T, DIM,
-                group_off_b, stride_bb, stride_bt, SOFTPLUS, NEG, HAS_BIAS, ACC)
+            t, off, xv, pre, dt, expo, abar, bvec = _step_inputs(
+                x_ptr, delta_ptr, B_ptr, i, start, end, batch, chans, chan_ok, ns, n_ok, A, bias, T, DIM,
+                group_off_b, stride_bb, stride_bt, REVERSE, SOFTPLUS, NEG, HAS_BIAS, ACC)
             cvec = tl.load(C_ptr + batch * stride_cb + t * stride_ct + group_off_c + ns, mask=n_ok, other=0.0).to(ACC)
             h_i = tl.load(scratch + (i - cs) * (BLOCK_D * BLOCK_N))
             not_first = (tile * 0 + i) > cs
@@ -246,8 +242,8 @@ def selective_scan_bwd_kernel(
                 if HAS_D:
                     y_pre = y_pre + Dv * xv
                 sig = tl.sigmoid(zv)
-                tl.store(grad_z_ptr + off, (gy * y_pre * sig * (1.0 + zv * (1.0 - sig))).to(grad_z_ptr.dtype.element_ty),
-                         mask=chan_ok)
+                grad_z = gy * y_pre * sig * (1.0 + zv * (1.0 - sig))   # silu'(z) = sig (1 + z (1 - sig))
+                tl.store(grad_z_ptr + off, grad_z.to(grad_z_ptr.dtype.element_ty), mask=chan_ok)
                 gy = gy * zv * sig
             g = gy[:, None] * cvec[None, :] + m
             part_off = (part_base + t) * NSTATE + ns
@@ -281,13 +277,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _config(N: int, ch_per_group: int, grouped: bool, interpret: bool) -> dict:
     """BLOCK_N = N rounded up to a power of two; BLOCK_D channels so that a program's state tile
-    holds about 512 elements on a GPU (4 per thread at 4 warps), 16 x BLOCK_N under the interpreter.
-    With G > 1 groups BLOCK_D divides D / G, so a program's channels read one group of B and C."""
+    holds 256 elements on a GPU (one per thread at 8 warps), 16 x BLOCK_N under the interpreter.
+    With G > 1 groups BLOCK_D divides D / G, so a program's channels read one group of B and C.
+
+    ptxas -v (Triton 3.9) over every aot_specs() specialisation at this size: no spills on sm_90a,
+    at most 8 bytes (forward) on sm_80; 512-element tiles spilled 16-60 bytes on sm_90a at 4 warps
+    (8 at 8 warps), 4096-element ones up to 44 KB in the backward. Not yet timed on a GPU."""
     block_n = triton.next_power_of_2(max(N, 1))
     if interpret:
         cfg = dict(BLOCK_D=16, num_warps=1)
     else:
-        cfg = dict(BLOCK_D=max(1, min(64, 512 // block_n)), num_warps=4)
+        cfg = dict(BLOCK_D=max(1, min(64, 256 // block_n)), num_warps=8)
     cfg = config_override("selective", cfg, ("BLOCK_D", "num_warps"))
     block_d = triton.next_power_of_2(max(1, int(cfg["BLOCK_D"])))
     if grouped:

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linrec.nn.mamba import Mamba
+from linrec.nn import Mamba
 
 from conftest import DEVICE, assert_compiled_matches_eager, rel_rms
+from test_layers import grads_of, randn, run_in_pieces
 
 D_MODEL = 8
 TOL = 1e-5
@@ -17,27 +18,6 @@ def make(backend="auto", seed=0, **kw):
     torch.manual_seed(seed)
     kw.setdefault("d_state", 4)
     return Mamba(D_MODEL, backend=backend, **kw).to(DEVICE)
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def grads_of(layer, x, fn):
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    y = fn(x)
-    (y * randn(*y.shape, seed=7)).sum().backward()
-    return y.detach(), {n: p.grad.detach().clone() for n, p in layer.named_parameters()}, x.grad.detach()
-
-
-def in_pieces(layer, x, lengths):
-    state, ys, t = None, [], 0
-    for n in lengths:
-        y, state = layer(x[:, t:t + n], state=state, return_state=True)
-        ys.append(y)
-        t += n
-    return torch.cat(ys, dim=1)
 
 
 @pytest.mark.parametrize("neg", [False, True])
@@ -63,7 +43,7 @@ def test_decoding_equals_full_pass(neg, lengths):
     layer = make(negative_eigenvalues=neg)
     x = randn(2, 13, D_MODEL)
     y_full, g_full, gx_full = grads_of(layer, x, layer)
-    y_pcs, g_pcs, gx_pcs = grads_of(layer, x, lambda xx: in_pieces(layer, xx, lengths))
+    y_pcs, g_pcs, gx_pcs = grads_of(layer, x, lambda xx: run_in_pieces(layer, xx, lengths))
     assert rel_rms(y_pcs, y_full) < TOL and rel_rms(gx_pcs, gx_full) < TOL
     for name in g_full:
         assert rel_rms(g_pcs[name], g_full[name]) < TOL, name

@@ -14,6 +14,7 @@ Layers live in ``linrec.nn``, which ``import linrec`` also loads (as ``import to
 from .block_diagonal import block_diagonal_scan
 from .diagonal import diagonal_scan
 from .householder import householder_scan
+from .selective import selective_scan
 
 # Imported after the ops: the layers call ``linrec.<op>`` at run time, so by the time
 # ``linrec.nn`` runs its ``import linrec`` the ops above are already bound (no import cycle).
@@ -21,4 +22,4 @@ from . import nn  # noqa: E402  (isort: skip)
 
 __version__ = "0.1.0"
 
-__all__ = ["block_diagonal_scan", "diagonal_scan", "householder_scan", "nn"]
+__all__ = ["block_diagonal_scan", "diagonal_scan", "householder_scan", "selective_scan", "nn"]

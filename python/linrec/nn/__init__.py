@@ -16,6 +16,7 @@ from ._common import RMSNorm, ShortConv
 from .block_diagonal import BlockDiagonalRNN
 from .delta_product import DeltaProduct
 from .lru import LRU
+from .mamba import Mamba
 from .rglru import RGLRU
 
-__all__ = ["LRU", "RGLRU", "DeltaProduct", "BlockDiagonalRNN", "ShortConv", "RMSNorm"]
+__all__ = ["LRU", "RGLRU", "DeltaProduct", "BlockDiagonalRNN", "Mamba", "ShortConv", "RMSNorm"]
