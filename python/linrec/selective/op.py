@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from .._common import (REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens, check_cu_seqlens_values,
-                       check_same_device, check_shape, check_tensor, resolve_backend)
+                       check_same_device, check_shape, check_tensor, num_sequences, register_scan_autograd,
+                       resolve_backend)
 from .chunked import selective_scan_chunked, selective_scan_chunked_backward
 from .reference import selective_scan_reference
 
@@ -92,7 +93,7 @@ def _selective_scan_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 @_selective_scan_op.register_fake
 def _(x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, reverse,
       negative_eigenvalues, backend):
-    N_seq = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    N_seq = num_sequences(x.shape[0], cu_seqlens)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty((N_seq, x.shape[2], A.shape[1]), dtype=accumulation_dtype(x.dtype)))
 
@@ -101,10 +102,12 @@ def _(x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_soft
 @autocast_off
 def _selective_scan_backward_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                                 z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-                                cu_seqlens: Optional[Tensor], grad_y: Tensor, grad_final: Optional[Tensor],
+                                grad_y: Optional[Tensor], grad_final: Optional[Tensor], cu_seqlens: Optional[Tensor],
                                 delta_softplus: bool, reverse: bool, negative_eigenvalues: bool, backend: str
                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     inputs = (x, delta, A, B, C, D, z, delta_bias, initial_state)
+    if grad_y is None:  # only the final state is used
+        grad_y = torch.zeros_like(x)
     grads = BACKWARD[backend](x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse,
                               cu_seqlens, negative_eigenvalues, grad_y, grad_final)
     out = [x.new_empty((0,)) if t is None else g.to(t.dtype).contiguous() for g, t in zip(grads, inputs)]
@@ -112,30 +115,15 @@ def _selective_scan_backward_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
 
 
 @_selective_scan_backward_op.register_fake
-def _(x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, grad_y, grad_final, delta_softplus, reverse,
+def _(x, delta, A, B, C, D, z, delta_bias, initial_state, grad_y, grad_final, cu_seqlens, delta_softplus, reverse,
       negative_eigenvalues, backend):
     return tuple(x.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, delta, A, B, C, D, z, delta_bias, initial_state))
 
 
-def _setup_context(ctx, inputs, output):
-    (x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, reverse,
-     negative_eigenvalues, backend) = inputs
-    ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
-    ctx.flags = (delta_softplus, reverse, negative_eigenvalues, backend)
-    ctx.present = [t is not None for t in (x, delta, A, B, C, D, z, delta_bias, initial_state)]
-
-
-def _backward(ctx, grad_y, grad_final):
-    x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens = ctx.saved_tensors
-    if grad_y is None:
-        grad_y = torch.zeros_like(x)
-    grads = torch.ops.linrec.selective_scan_backward(x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
-                                                     grad_y, grad_final, *ctx.flags)
-    return tuple(g if present else None for g, present in zip(grads, ctx.present)) + (None,) * 5
-
-
-_selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+# The backward recomputes the states from the inputs: it saves the nine tensor inputs, nothing else.
+register_scan_autograd(_selective_scan_op, torch.ops.linrec.selective_scan_backward, differentiable=9,
+                       save_inputs=range(9))
 
 
 def _check_bc(name: str, t, Bsz: int, T: int, D: int, N: int) -> Tensor:
