@@ -20,12 +20,13 @@ BACKENDS = ["torch", "triton"]
 ALL_BACKENDS = ["reference", "torch", "triton"]
 # The diagonal and block-diagonal scans also have the compiled CPU backend.
 SCAN_BACKENDS = ["reference", "torch", "cpp", "triton"]
-OPS = ["diagonal", "block_diagonal", "householder"]
+OPS = ["diagonal", "block_diagonal", "householder", "selective"]
+WITHOUT_CPP = ("householder", "selective")
 
 
 def _op_backend_pairs(backends):
-    """(backend, op) pairs: every backend for the scans, all but cpp for householder_scan."""
-    return [(b, op) for op in OPS for b in backends if not (b == "cpp" and op == "householder")]
+    """(backend, op) pairs: every backend for the scans, all but cpp for the ops without one."""
+    return [(b, op) for op in OPS for b in backends if not (b == "cpp" and op in WITHOUT_CPP)]
 
 
 def _dev(*tensors):
@@ -216,10 +217,14 @@ def test_nonfinite_stays_in_its_packed_sequence(backend, op):
         args = [torch.randn(1, 150, 2, 3, 3, generator=g) * 0.4, torch.randn(1, 150, 2, 3, generator=g)]
         run = lambda A, x: linrec.block_diagonal_scan(A, x, cu_seqlens=cu.to(DEVICE), backend=backend)  # noqa: E731
         poison = lambda t: t[0].__setitem__((0, t0), float("nan"))  # noqa: E731
-    else:
+    elif op == "householder":
         args = list(_householder_inputs(1, 150, 2, 4, 3))
         run = lambda *t: linrec.householder_scan(*t, cu_seqlens=cu.to(DEVICE), backend=backend)[0]  # noqa: E731
         poison = lambda t: t[2].__setitem__((0, t0), float("nan"))  # noqa: E731
+    else:
+        args = list(_selective_inputs(1, 150, 3, 4))
+        run = lambda *t: linrec.selective_scan(*t, cu_seqlens=cu.to(DEVICE), backend=backend)[0]  # noqa: E731
+        poison = lambda t: t[3].__setitem__((0, t0), float("nan"))  # noqa: E731 (B_t)
     clean = run(*_dev(*args))
     poison(args)
     out = run(*_dev(*args))
@@ -256,6 +261,26 @@ def test_block_diagonal_nonfinite_is_causal(backend):
     torch.testing.assert_close(out[:, :, 0], clean[:, :, 0])
 
 
+def _selective_inputs(B, T, D, N, seed=0):
+    """x, delta, A, B, C of a selective scan (Mamba's ranges: delta > 0, A < 0)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, D, generator=g), torch.rand(B, T, D, generator=g) * 0.5, -torch.rand(D, N, generator=g),
+            torch.randn(B, T, N, generator=g), torch.randn(B, T, N, generator=g))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("which", ["x", "delta", "B", "C"])
+def test_selective_nonfinite_is_causal(backend, which):
+    T, t0 = 64, 40
+    inputs = list(_selective_inputs(1, T, 3, 4))
+    clean = linrec.selective_scan(*_dev(*inputs), backend=backend)[0]
+    pos = ["x", "delta", "A", "B", "C"].index(which)
+    inputs[pos][0, t0, 0] = float("nan")
+    out = linrec.selective_scan(*_dev(*inputs), backend=backend)[0]
+    channel = slice(None) if which in ("B", "C") else 0  # B_t, C_t reach every channel
+    _assert_causal(out[:, :, channel], clean[:, :, channel], t0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Autocast: fp32 inputs are computed in fp32 (the op bodies leave autocast); layers run.
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +293,7 @@ def _op_calls():
         "diagonal": (lambda b, *t: linrec.diagonal_scan(*t, backend=b), diag),
         "block_diagonal": (lambda b, *t: linrec.block_diagonal_scan(*t, backend=b), block),
         "householder": (lambda b, *t: linrec.householder_scan(*t, backend=b)[0], house),
+        "selective": (lambda b, *t: linrec.selective_scan(*t, backend=b)[0], _selective_inputs(2, 30, 4, 3)),
     }
 
 
@@ -320,7 +346,7 @@ BAD_OFFSETS = [([0, 5, 60], "end at"), ([1, 5, 71], "start at 0"), ([0, 50, 20, 
 
 
 @pytest.mark.parametrize("offsets, message", BAD_OFFSETS)
-@pytest.mark.parametrize("op", ["diagonal", "block_diagonal", "householder"])
+@pytest.mark.parametrize("op", OPS)
 def test_compiled_calls_check_offsets(offsets, message, op):
     T = 71
     if op == "diagonal":
@@ -329,9 +355,12 @@ def test_compiled_calls_check_offsets(offsets, message, op):
     elif op == "block_diagonal":
         args = (torch.rand(1, T, 1, 2, 2), torch.randn(1, T, 1, 2))
         fn = lambda A, x, cu: linrec.block_diagonal_scan(A, x, cu_seqlens=cu, backend="torch")  # noqa: E731
-    else:
+    elif op == "householder":
         args = _householder_inputs(1, T, 1, 4, 2)[:4]
         fn = lambda q, k, v, b, cu: linrec.householder_scan(q, k, v, b, cu_seqlens=cu, backend="torch")[0]  # noqa
+    else:
+        args = _selective_inputs(1, T, 2, 3)
+        fn = lambda *t: linrec.selective_scan(*t[:5], cu_seqlens=t[5], backend="torch")[0]  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match=message):
         compiled(*args, torch.tensor(offsets))
@@ -397,7 +426,27 @@ def test_single_step_and_empty_sequences(backend, op):
     assert torch.equal(got[2].grad[[0, 2, 4]], torch.zeros_like(got[2].grad[[0, 2, 4]]))
 
 
-@pytest.mark.parametrize("op", ["diagonal", "block_diagonal", "householder"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selective_single_step_and_empty_sequences(backend):
+    cu = torch.tensor([0, 0, 1, 1, 4, 4])
+    x, delta, A, Bm, C = _selective_inputs(1, 4, 3, 2, seed=5)
+    h0 = torch.randn(5, 3, 2)
+
+    def call(b):
+        return lambda *t: linrec.selective_scan(*t[:5], initial_state=t[5], output_final_state=True,
+                                                cu_seqlens=cu.to(t[0].device), backend=b)
+
+    got, out = _grads_match(lambda *t: call(backend)(*t)[0], (x, delta, A, Bm, C, h0))
+    want, ref = _grads_match(lambda *t: call("reference")(*t)[0], [_to64(t) for t in (x, delta, A, Bm, C, h0)])
+    assert rel_rms(out.cpu(), ref) < 1e-5
+    for got_t, want_t in zip(got, want):
+        assert rel_rms(got_t.grad.cpu(), want_t.grad) < 1e-5
+    # Empty sequences hand their initial state on as their final state, untouched.
+    final = call(backend)(*_dev(x, delta, A, Bm, C, h0))[1]
+    torch.testing.assert_close(final[[0, 2, 4]].cpu(), h0[[0, 2, 4]])
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_second_order_gradients_raise(op):
     """Documented as unsupported: a clear error, not a silently wrong second derivative."""
     call, inputs = _op_calls()[op]

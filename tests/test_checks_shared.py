@@ -30,7 +30,14 @@ def _block_diagonal(batch, device="cpu", **kwargs):
     return linrec.block_diagonal_scan(A, x.to(device), **kwargs)
 
 
-OPS = {"diagonal": _diagonal, "householder": _householder, "block_diagonal": _block_diagonal}
+def _selective(batch, device="cpu", **kwargs):
+    x, delta = torch.randn(batch, T, 4), torch.rand(batch, T, 4)
+    A, Bm, C = -torch.rand(4, 3), torch.randn(batch, T, 3), torch.randn(batch, T, 3)
+    return linrec.selective_scan(x.to(device), delta, A, Bm, C, **kwargs)
+
+
+OPS = {"diagonal": _diagonal, "householder": _householder, "block_diagonal": _block_diagonal,
+       "selective": _selective}
 
 
 @pytest.mark.parametrize("op", OPS)
