@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import linrec
-from linrec.nn import LRU, RGLRU, BlockDiagonalRNN, DeltaProduct, ShortConv
+from linrec.nn import LRU, RGLRU, BlockDiagonalRNN, DeltaProduct, Mamba, ShortConv
 from linrec.nn._common import RMSNorm
 
 from conftest import DEVICE, rel_rms
@@ -34,6 +34,9 @@ LAYERS = {
                                           backend=be), "block_diagonal_scan"),
     "fan_max_center": (lambda be: BlockDiagonalRNN(D_MODEL, block_size=3, num_blocks=2, p=1.2, column_norm="max",
                                                    center_columns=True, backend=be), "block_diagonal_scan"),
+    "mamba": (lambda be: Mamba(D_MODEL, d_state=4, expand=2, backend=be), "selective_scan"),
+    "mamba_neg": (lambda be: Mamba(D_MODEL, d_state=3, expand=1, negative_eigenvalues=True, backend=be),
+                  "selective_scan"),
 }
 NAMES = list(LAYERS)
 TOL = 1e-5  # fp32, docs/design.md §8 (Numerics)
