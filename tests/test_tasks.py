@@ -198,6 +198,9 @@ def test_mixer_specs_set_the_layer_options():
     assert (bd.column_norm, bd.center_columns, bd.p) == ("max", True, 1.2)
     assert (build_mixer("bd-fan", 32).column_norm, build_mixer("bd-fan", 32).center_columns) == ("clamp", False)
     assert build_mixer("dp1-neg-hard", 32).beta_stretch == 0.1 and build_mixer("dp1-neg", 32).beta_stretch == 0.0
+    mamba = build_mixer("mamba-neg-s8-noconv", 32)
+    assert mamba.negative_eigenvalues and mamba.d_state == 8 and mamba.d_conv == 0
+    assert not build_mixer("mamba", 32).negative_eigenvalues and build_mixer("mamba", 32).d_state == 16
     for spec in ("dp2-fast", "rglru-hard", "lru-neg", "bd-fan-noconv"):
         with pytest.raises(ValueError, match="do not apply"):
             build_mixer(spec, 32)

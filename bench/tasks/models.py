@@ -34,7 +34,9 @@ mixer spec: KIND[-FLAG...]
   dpN-neg          ... beta in [0, 2] (eigenvalues in [-1, 1]);  add -gate for the forget gate,
                    -hH for H heads (default 2), -hard for beta = clip(1.2 sigmoid - 0.1, 0, 1)
                    (x 2 with -neg), which reaches 0 and its maximum exactly (beta_stretch=0.1)
-  -noconv          (rglru, dpN) without the short causal convolution before the recurrence
+  mamba            Mamba (selective scan), eigenvalues in [0, 1]; mamba-neg: in [-1, 1] (Grazzi et
+                   al.); -sN state size (default 16)
+  -noconv          (rglru, dpN, mamba) without the short causal convolution before the recurrence
   bd-fan / bd-slice  BlockDiagonalRNN with that parameterization; -bK block size (default 8),
                    -pX the column norm of the clamp (default 1; Fan et al. use 1.2); -max divides
                    each block by its largest column norm instead of clamping each column, -center
@@ -42,11 +44,12 @@ mixer spec: KIND[-FLAG...]
 
 
 def parse_spec(spec: str) -> Tuple[str, set, dict]:
-    """``"dp2-neg-h4"`` -> (``"dp2"``, {``"neg"``}, {``"h"``: 4}); ``"bd-fan-p1.2"`` -> p = 1.2."""
+    """``"dp2-neg-h4"`` -> (``"dp2"``, {``"neg"``}, {``"h"``: 4}); ``"bd-fan-p1.2"`` -> p = 1.2;
+    ``"mamba-neg-s8"`` -> (``"mamba"``, {``"neg"``}, {``"s"``: 8})."""
     kind, *rest = spec.split("-")
     flags, numbers = set(), {}
     for item in rest:
-        if len(item) > 1 and item[0] in "hb" and item[1:].isdigit():
+        if len(item) > 1 and item[0] in "hbs" and item[1:].isdigit():
             numbers[item[0]] = int(item[1:])
         elif len(item) > 1 and item[0] == "p" and item[1:].replace(".", "", 1).isdigit():
             numbers["p"] = float(item[1:])
@@ -62,6 +65,7 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
     conv_size = 0 if "noconv" in flags else 4
     family = "dp" if kind.startswith("dp") else kind
     known = {"rglru": {"neg", "noconv"}, "lru": set(), "dp": {"neg", "gate", "hard", "noconv"},
+             "mamba": {"neg", "noconv"},
              "bd": {"fan", "slice", "max", "center"}}.get(family, set())
     if flags - known:
         raise ValueError(f"flags {sorted(flags - known)} do not apply to {kind!r} in mixer spec {spec!r}\n"
@@ -70,6 +74,8 @@ def build_mixer(spec: str, d_model: int) -> nn.Module:
         return lnn.RGLRU(d_model, allow_neg_eigval=neg, conv_size=conv_size)
     if kind == "lru":
         return lnn.LRU(d_model, d_state=d_model)
+    if kind == "mamba":
+        return lnn.Mamba(d_model, d_state=numbers.get("s", 16), d_conv=conv_size, negative_eigenvalues=neg)
     if kind.startswith("dp") and kind[2:].isdigit():
         heads = numbers.get("h", 2)
         if d_model % heads:
