@@ -496,7 +496,7 @@ def plan_summary(op: str, dtype: str, dims: Dict[str, int]) -> str:
         import linrec.kernels.diagonal as dg
         B, T, D = dims["B"], dims["T"], dims["D"]
         cfg = dg._config(DTYPES[dtype], model is None, D)
-        auto = getattr(dg, "_auto_num_chunks", None) or getattr(dg, "_auto_num_segments")
+        auto = dg._auto_num_chunks
         S = auto(B, D, T, None, cfg, model)
         programs = B * -(-D // cfg["BLOCK_D"])
         return f"{programs} programs x {S} time chunks" if S > 1 else f"{programs} programs, one pass"

@@ -115,7 +115,7 @@ def test_model_plans_as_a_gpu_with_those_properties(name, monkeypatch):
     """The plan a CUDA device with the model's properties gets (its properties faked) is the plan
     the model gives: tiles and warps (the GPU configs compiled ahead of time) and chunk counts."""
     import linrec.kernels.diagonal as dg
-    auto = getattr(dg, "_auto_num_chunks", None) or getattr(dg, "_auto_num_segments")  # time split of a sequence
+    auto = dg._auto_num_chunks  # time split of a sequence
     spec = DEVICE_MODELS[name]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _fake_cuda_properties(
         spec.sm_count, spec.smem_per_block, spec.smem_per_sm, spec.capability))
