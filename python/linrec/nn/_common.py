@@ -125,8 +125,8 @@ class ShortConv(nn.Module):
         """(N, C, W - 1): the last W - 1 inputs of each sequence, oldest first."""
         return (num_seqs, self.channels, self.kernel_size - 1)
 
-    def forward(self, x: Tensor, state: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None
-                ) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, state: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                group=None) -> Tuple[Tensor, Tensor]:
         """Convolves x over time.
 
         Args:
@@ -134,11 +134,18 @@ class ShortConv(nn.Module):
             state: (N, C, W - 1) in x's dtype (cast if not), or None for zeros; N = B, or the
                 number of packed sequences with ``cu_seqlens``.
             cu_seqlens: (N + 1,) int offsets of sequences packed along T (B = 1), or None.
+            group: a torch.distributed process group, or None. With a group, x is this rank's slice
+                of time (cu_seqlens: global offsets), the previous ranks' last W - 1 inputs arrive
+                through the group (``linrec.distributed.short_conv``) and new_state is the whole
+                sequences', on every rank.
 
         Returns:
             y: (B, T, C) in x's dtype.
             new_state: (N, C, W - 1), the last W - 1 inputs of each sequence (state included).
         """
+        if group is not None:
+            from ..distributed import short_conv
+            return short_conv(self, x, state, cu_seqlens, group)
         B, T, C = x.shape
         W = self.kernel_size
         N = num_sequences(x, cu_seqlens)

@@ -155,7 +155,7 @@ class BlockDiagonalRNN(nn.Module):
         return A / col_norm.clamp_min(1.0)
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False,
-                cu_seqlens: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                cu_seqlens: Optional[Tensor] = None, group=None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """Runs the layer over time.
 
         Args:
@@ -164,6 +164,9 @@ class BlockDiagonalRNN(nn.Module):
                 of packed sequences with ``cu_seqlens``.
             return_state: also return the new state.
             cu_seqlens: (N + 1,) int offsets of N sequences packed along T (B = 1), or None.
+            group: a torch.distributed process group for context parallelism, or None: x is this
+                rank's slice of time, cu_seqlens the global offsets, and the returned state is the
+                whole sequence's.
 
         Returns:
             y: (B, T, d_model) in x's dtype; with ``return_state`` also the new h (N, G, b) float32.
@@ -176,8 +179,13 @@ class BlockDiagonalRNN(nn.Module):
             state = state.float()
         A = self.transitions(x)                                                        # (B, T, G, b, b)
         inp = rearrange(self.in_proj(x).float(), "bt t (g i) -> bt t g i", g=G)        # (B, T, G, b)
-        h = linrec.block_diagonal_scan(A, inp, state, cu_seqlens=cu_seqlens, backend=self.backend)
+        if group is not None:
+            from linrec.distributed import _block_diagonal
+            h, final = _block_diagonal(A, inp, state, group, False, cu_seqlens, self.backend, return_state)
+        else:
+            h = linrec.block_diagonal_scan(A, inp, state, cu_seqlens=cu_seqlens, backend=self.backend)
+            final = final_states(h, cu_seqlens, state) if return_state else None
         y = self.out_proj(self.norm(rearrange(h, "bt t g i -> bt t (g i)")).to(x.dtype))
         if return_state:
-            return y, final_states(h, cu_seqlens, state)
+            return y, final
         return y

@@ -32,6 +32,7 @@ The scan is ``linrec.householder_scan`` with k of shape (B, T, n, H, K).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple, Union
 
@@ -125,7 +126,8 @@ class DeltaProduct(nn.Module):
         return -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
 
     def forward(self, x: Tensor, state: Optional[Tuple[ConvStates, Tensor]] = None, return_state: bool = False,
-                cu_seqlens: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tuple[ConvStates, Tensor]]]:
+                cu_seqlens: Optional[Tensor] = None, group=None
+                ) -> Union[Tensor, Tuple[Tensor, Tuple[ConvStates, Tensor]]]:
         """Runs the layer over time.
 
         Args:
@@ -135,6 +137,9 @@ class DeltaProduct(nn.Module):
             return_state: also return the new state.
             cu_seqlens: (N + 1,) int offsets of N sequences packed along T (B = 1), or None; the scan
                 and the convolutions restart at every boundary.
+            group: a torch.distributed process group for context parallelism, or None: x is this
+                rank's slice of time, cu_seqlens the global offsets, the convolutions' halos come
+                from the previous ranks, and the returned state is the whole sequence's.
 
         Returns:
             y: (B, T, d_model) in x's dtype; with ``return_state`` also the new ``(conv_states, S)``.
@@ -151,9 +156,9 @@ class DeltaProduct(nn.Module):
 
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.conv_size > 0:
-            q, cq = self.q_conv(q, conv_states[0], cu_seqlens)
-            k, ck = self.k_conv(k, conv_states[1], cu_seqlens)
-            v, cv = self.v_conv(v, conv_states[2], cu_seqlens)
+            q, cq = self.q_conv(q, conv_states[0], cu_seqlens, group=group)
+            k, ck = self.k_conv(k, conv_states[1], cu_seqlens, group=group)
+            v, cv = self.v_conv(v, conv_states[2], cu_seqlens, group=group)
             new_conv_states: ConvStates = (cq, ck, cv)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
@@ -164,9 +169,12 @@ class DeltaProduct(nn.Module):
         # In x's dtype like q and k (under autocast the projections come out in bf16).
         v = rearrange(v, "b t (n h d) -> b t n h d", n=n, h=H).to(x.dtype)
 
-        o, S = linrec.householder_scan(q, k, v, self.betas(x), self.log_gates(x), S0, scale=K ** -0.5,
-                                       output_final_state=return_state, cu_seqlens=cu_seqlens,
-                                       backend=self.backend)                     # o: (B, T, H, V)
+        scan = linrec.householder_scan
+        if group is not None:
+            from linrec.distributed import householder_scan as scan
+            scan = functools.partial(scan, group=group)
+        o, S = scan(q, k, v, self.betas(x), self.log_gates(x), S0, scale=K ** -0.5, output_final_state=return_state,
+                    cu_seqlens=cu_seqlens, backend=self.backend)                 # o: (B, T, H, V)
         g = rearrange(self.g_proj(x), "b t (h d) -> b t h d", h=H)
         o = self.o_norm(o) * F.silu(g.float()).to(o.dtype)
         y = self.o_proj(rearrange(o, "b t h d -> b t (h d)").to(x.dtype))

@@ -90,7 +90,7 @@ class LRU(nn.Module):
         return torch.zeros(num_seqs, self.d_state, dtype=torch.complex64, device=device)
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None, return_state: bool = False,
-                cu_seqlens: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                cu_seqlens: Optional[Tensor] = None, group=None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """Runs the LRU over time.
 
         Args:
@@ -99,6 +99,9 @@ class LRU(nn.Module):
                 number of packed sequences with ``cu_seqlens``.
             return_state: also return the final state.
             cu_seqlens: (N + 1,) int32/int64 offsets of N sequences packed along T (B = 1), or None.
+            group: a torch.distributed process group for context parallelism, or None: x is this
+                rank's slice of time, cu_seqlens the global offsets, state the state before the
+                whole sequence and the returned state the whole sequence's (on every rank).
 
         Returns:
             y: (B, T, d_model) in x's dtype; and, with ``return_state``, the new state
@@ -116,10 +119,15 @@ class LRU(nn.Module):
         # .float(): under autocast the products come out in bf16, which torch.complex rejects.
         Bu = torch.complex((u @ (self.B_re.float() * gamma[:, None]).t()).float(),
                            (u @ (self.B_im.float() * gamma[:, None]).t()).float())  # (B, T, d_state) complex64
-        h = linrec.diagonal_scan(lam, Bu, state, cu_seqlens=cu_seqlens, backend=self.backend)
+        if group is not None:
+            from linrec.distributed import _diagonal
+            h, final = _diagonal(lam, Bu, state, group, False, cu_seqlens, self.backend, return_state)
+        else:
+            h = linrec.diagonal_scan(lam, Bu, state, cu_seqlens=cu_seqlens, backend=self.backend)
+            final = final_states(h, cu_seqlens, state) if return_state else None
         # Re(C h) = C_re Re(h) - C_im Im(h)
         y = h.real @ self.C_re.float().t() - h.imag @ self.C_im.float().t() + self.D.float() * u
         y = y.to(x.dtype)
         if return_state:
-            return y, final_states(h, cu_seqlens, state)
+            return y, final
         return y

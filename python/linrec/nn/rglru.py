@@ -113,7 +113,7 @@ class RGLRU(nn.Module):
         return a, mult * i * x32
 
     def forward(self, x: Tensor, state: Optional[Tuple[Optional[Tensor], Tensor]] = None,
-                return_state: bool = False, cu_seqlens: Optional[Tensor] = None
+                return_state: bool = False, cu_seqlens: Optional[Tensor] = None, group=None
                 ) -> Union[Tensor, Tuple[Tensor, Tuple[Optional[Tensor], Tensor]]]:
         """Runs the Hawk block over time.
 
@@ -124,6 +124,9 @@ class RGLRU(nn.Module):
             return_state: also return the new state.
             cu_seqlens: (N + 1,) int offsets of N sequences packed along T (B = 1), or None. The scan
                 and the convolution both restart at every boundary.
+            group: a torch.distributed process group for context parallelism, or None: x is this
+                rank's slice of time, cu_seqlens the global offsets, the convolution's halo comes
+                from the previous ranks, and the returned state is the whole sequence's.
 
         Returns:
             y: (B, T, d_model) in x's dtype; with ``return_state`` also the new ``(conv_state, h)``.
@@ -137,10 +140,15 @@ class RGLRU(nn.Module):
         gate_branch, rec_branch = self.in_proj(x).chunk(2, dim=-1)      # (B, T, d_rnn) each
         new_conv_state = None
         if self.conv is not None:
-            rec_branch, new_conv_state = self.conv(rec_branch, conv_state, cu_seqlens)
+            rec_branch, new_conv_state = self.conv(rec_branch, conv_state, cu_seqlens, group=group)
         a, x_in = self.gates(rec_branch)
-        h = linrec.diagonal_scan(a, x_in, h0, cu_seqlens=cu_seqlens, backend=self.backend)  # (B, T, d_rnn) fp32
+        if group is not None:
+            from linrec.distributed import _diagonal
+            h, final = _diagonal(a, x_in, h0, group, False, cu_seqlens, self.backend, return_state)
+        else:
+            h = linrec.diagonal_scan(a, x_in, h0, cu_seqlens=cu_seqlens, backend=self.backend)  # (B, T, d_rnn) fp32
+            final = final_states(h, cu_seqlens, h0) if return_state else None
         y = self.out_proj((F.gelu(gate_branch.float()) * h).to(x.dtype))
         if return_state:
-            return y, (new_conv_state, final_states(h, cu_seqlens, h0))
+            return y, (new_conv_state, final)
         return y
