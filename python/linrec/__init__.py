@@ -22,4 +22,12 @@ from . import nn  # noqa: E402  (isort: skip)
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``linrec.distributed`` (context parallelism on torch.distributed) is imported on first use."""
+    if name == "distributed":
+        import importlib
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module 'linrec' has no attribute {name!r}")
+
 __all__ = ["block_diagonal_scan", "diagonal_scan", "householder_scan", "selective_scan", "nn"]

@@ -57,6 +57,10 @@ import linrec
 
 __all__ = ["diagonal_scan", "block_diagonal_scan", "householder_scan", "SliceLayout", "slice_layout"]
 
+# Bytes this process has put into collectives (all-gather: its own contribution; all-reduce: its
+# buffer), by kind; bench/distributed.py reads and resets it. Layout descriptors count as "layout".
+traffic = {"layout": 0, "summaries": 0, "backward": 0}
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64, torch.complex128)
 
 
@@ -68,8 +72,9 @@ def _comm_device(group, device: torch.device) -> torch.device:
     return torch.device("cpu") if dist.get_backend(group) == "gloo" else device
 
 
-def _all_gather_raw(t: Tensor, group) -> Tensor:
+def _all_gather_raw(t: Tensor, group, kind: str = "summaries") -> Tensor:
     """(world, *t.shape): every rank's t, in rank order. No autograd. Complex goes as real pairs."""
+    traffic[kind] += t.numel() * t.element_size()
     world = dist.get_world_size(group)
     device = t.device
     src = torch.view_as_real(t) if t.is_complex() else t
@@ -84,8 +89,9 @@ def _all_gather_raw(t: Tensor, group) -> Tensor:
     return torch.view_as_complex(out) if t.is_complex() else out
 
 
-def _all_reduce_raw(t: Tensor, group) -> Tensor:
+def _all_reduce_raw(t: Tensor, group, kind: str = "summaries") -> Tensor:
     """The sum over the group of every rank's t (a new tensor). No autograd."""
+    traffic[kind] += t.numel() * t.element_size()
     device = t.device
     src = torch.view_as_real(t) if t.is_complex() else t
     buf = src.to(_comm_device(group, device), copy=True).contiguous()
@@ -108,7 +114,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        g = _all_reduce_raw(grad, ctx.group)[dist.get_rank(ctx.group)]
+        g = _all_reduce_raw(grad, ctx.group, "backward")[dist.get_rank(ctx.group)]
         return (None, g) + (None,) * ctx.n_anchors
 
 
@@ -122,7 +128,7 @@ class _AllReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return None, _all_reduce_raw(grad, ctx.group)
+        return None, _all_reduce_raw(grad, ctx.group, "backward")
 
 
 class _Tie(torch.autograd.Function):
@@ -240,7 +246,7 @@ def _exchange_layout(op: str, group, device: torch.device, T_r: int, fields: Lis
     """
     rank, world = _rank_and_world(group)
     vec = [1 if error is not None else 0, T_r] + [int(v) for _, v in fields]
-    table = _all_gather_raw(torch.tensor(vec, dtype=torch.int64, device=device), group).tolist()
+    table = _all_gather_raw(torch.tensor(vec, dtype=torch.int64, device=device), group, "layout").tolist()
     bad = [j for j in range(world) if table[j][0]]
     if bad:
         if error is not None:
@@ -297,6 +303,16 @@ def _slice_time(t: Optional[Tensor], axis: int, T_r: int, lo: int, hi: int) -> O
     return t.narrow(axis, lo, hi - lo)
 
 
+def _check_backend(family: str, backend: str, x: Tensor) -> None:
+    """Raises where the single-device op would refuse ``backend`` for x's device (checked before any
+    collective, so that every rank hears of it). The shapes and dtypes are checked by a zero-length
+    call of the op with the reference backend, which launches no kernel."""
+    import importlib
+    from ._common import resolve_backend
+    op = importlib.import_module(f"linrec.{family}.op")
+    resolve_backend(backend, x.device, available=op.AVAILABLE_BACKENDS)
+
+
 def _dtype_code(t: Tensor) -> int:
     return _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1
 
@@ -351,7 +367,8 @@ def _diagonal(a, x, initial_state, group, reverse, cu_seqlens, backend, output_f
             a_axis = a.dim() - 2 if isinstance(a, Tensor) else -1
             local_cu = None if cu_seqlens is None else torch.zeros_like(cu_seqlens)
             linrec.diagonal_scan(_slice_time(a, a_axis, T_r, 0, 0), x[:, :0], initial_state, reverse=reverse,
-                                 cu_seqlens=local_cu, backend=backend)
+                                 cu_seqlens=local_cu, backend="reference")
+        _check_backend("diagonal", backend, x)
         return [("B", x.shape[0]), ("D", x.shape[2]), ("x dtype", _dtype_code(x)), ("reverse", int(reverse)),
                 ("initial_state given", int(initial_state is not None))]
 
@@ -381,7 +398,10 @@ def _diagonal(a, x, initial_state, group, reverse, cu_seqlens, backend, output_f
     E = _entering(layout, gathered, init, reverse, lambda m, h: m[0] * h + m[1])
     E = _Tie.apply(E, gathered)
     local_cu = None if cu_seqlens is None else layout.local_cu(cu_seqlens)
-    h = linrec.diagonal_scan(a, x, E, reverse=reverse, cu_seqlens=local_cu, backend=backend)
+    if T_r > 0:
+        h = linrec.diagonal_scan(a, x, E, reverse=reverse, cu_seqlens=local_cu, backend=backend)
+    else:  # an empty slice runs no kernel; its (empty) output still leads back to the exchange
+        h = _Tie.apply(x.new_zeros(x.shape), E)
     if not output_final_state:
         return h, None
     if reverse:
@@ -442,7 +462,8 @@ def _block_diagonal(A, x, initial_state, group, reverse, cu_seqlens, backend, ou
             A_axis = A.dim() - 4 if isinstance(A, Tensor) else -1
             local_cu = None if cu_seqlens is None else torch.zeros_like(cu_seqlens)
             linrec.block_diagonal_scan(_slice_time(A, A_axis, T_r, 0, 0), x[:, :0], initial_state,
-                                       reverse=reverse, cu_seqlens=local_cu, backend=backend)
+                                       reverse=reverse, cu_seqlens=local_cu, backend="reference")
+        _check_backend("block_diagonal", backend, x)
         return [("B", x.shape[0]), ("G", x.shape[2]), ("b", x.shape[3]), ("x dtype", _dtype_code(x)),
                 ("reverse", int(reverse)), ("initial_state given", int(initial_state is not None))]
 
@@ -474,7 +495,10 @@ def _block_diagonal(A, x, initial_state, group, reverse, cu_seqlens, backend, ou
                   lambda m, h: (m[..., :b] @ h.unsqueeze(-1)).squeeze(-1) + m[..., b])
     E = _Tie.apply(E, gathered)
     local_cu = None if cu_seqlens is None else layout.local_cu(cu_seqlens)
-    h = linrec.block_diagonal_scan(A, x, E, reverse=reverse, cu_seqlens=local_cu, backend=backend)
+    if T_r > 0:
+        h = linrec.block_diagonal_scan(A, x, E, reverse=reverse, cu_seqlens=local_cu, backend=backend)
+    else:  # an empty slice runs no kernel; its (empty) output still leads back to the exchange
+        h = _Tie.apply(x.new_zeros(x.shape), E)
     if not output_final_state:
         return h, None
     if reverse:
@@ -559,10 +583,11 @@ def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Op
             local_cu = None if cu_seqlens is None else torch.zeros_like(cu_seqlens)
             linrec.householder_scan(q[:, :0], k[:, :0], v[:, :0], beta[:, :0],
                                     None if log_gate is None else log_gate[:, :0], initial_state, scale=scale,
-                                    cu_seqlens=local_cu, backend=backend)
-            for name, t in (("k", k), ("v", v), ("beta", beta), ("log_gate", log_gate)):
-                if t is not None and t.shape[1] != T_r:
-                    raise ValueError(f"{name} must have q's time length {T_r}, got shape {tuple(t.shape)}")
+                                    cu_seqlens=local_cu, backend="reference")
+        _check_backend("householder", backend, q)
+        for name, t in (("k", k), ("v", v), ("beta", beta), ("log_gate", log_gate)):
+            if t is not None and t.shape[1] != T_r:
+                raise ValueError(f"{name} must have q's time length {T_r}, got shape {tuple(t.shape)}")
         n = k.shape[2] if k.dim() == 5 else 1
         return [("B", q.shape[0]), ("H", q.shape[2]), ("K", q.shape[3]), ("n", n), ("V", v.shape[-1]),
                 ("q dtype", _dtype_code(q)), ("log_gate given", int(log_gate is not None)),
@@ -588,9 +613,12 @@ def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Op
     E = _entering(layout, gathered, init, False, lambda m, S: m[..., :K] @ S + m[..., K:])
     E = _Tie.apply(E, gathered)
     local_cu = None if cu_seqlens is None else layout.local_cu(cu_seqlens)
-    o, local_final = linrec.householder_scan(q, k, v, beta, log_gate, E, scale=scale,
-                                             output_final_state=output_final_state, cu_seqlens=local_cu,
-                                             backend=backend)
+    if T_r > 0:
+        o, local_final = linrec.householder_scan(q, k, v, beta, log_gate, E, scale=scale,
+                                                 output_final_state=output_final_state, cu_seqlens=local_cu,
+                                                 backend=backend)
+    else:  # an empty slice runs no kernel; its (empty) output still leads back to the exchange
+        o, local_final = _Tie.apply(q.new_zeros((B, 0, H, V)), E), E
     if not output_final_state:
         return o, None
     final = _gather_final(layout, local_final, group)
