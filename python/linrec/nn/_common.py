@@ -25,7 +25,7 @@ def num_sequences(x: Tensor, cu_seqlens: Optional[Tensor]) -> int:
         return x.shape[0]
     if x.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the batch must be packed into B = 1, got input of shape {tuple(x.shape)}")
-    return cu_seqlens.numel() - 1
+    return cu_seqlens.shape[0] - 1
 
 
 def check_input(name: str, x: Tensor, d_model: int) -> None:
