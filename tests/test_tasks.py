@@ -23,7 +23,7 @@ from bench.tasks.lm import (BOS, check_decode, generate_decode, generate_recompu
 from bench.tasks.models import (SequenceModel, build_mixer, lengths_to_cu_seqlens,  # noqa: E402
                                 mask_to_cu_seqlens, pack_padded, unpack_to_padded)
 
-MIXERS = ["rglru", "rglru-neg", "lru", "dp2-neg", "dp1-gate", "bd-fan", "bd-slice"]
+MIXERS = ["rglru", "rglru-neg", "lru", "dp2-neg", "dp1-gate", "bd-fan", "bd-slice", "mamba-neg"]
 
 
 @pytest.fixture(autouse=True, scope="module")

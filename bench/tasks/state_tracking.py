@@ -78,6 +78,9 @@ SUITE: Dict[str, List[dict]] = {
         dict(task="parity", mixer="rglru-neg", steps=1000, batch_size=64),
         dict(task="parity", mixer="lru"),
         dict(task="parity", mixer="bd-fan", num_layers=1),
+        # parity with Mamba's selective scan: eigenvalues in [-1, 1] (Grazzi et al.) vs [0, 1]
+        dict(task="parity", mixer="mamba-neg", steps=600),
+        dict(task="parity", mixer="mamba", steps=600),
         # S3 word problem: DeltaProduct n = 2 with negative eigenvalues, against n = 1 and no negatives
         dict(task="s3", mixer="dp1-neg", num_layers=1),
         dict(task="s3", mixer="dp2", num_layers=1),
@@ -316,6 +319,8 @@ CLAIMS = [
       ("parity", "dp1-neg-hard", 1, True, "all"), ("parity", "dp1-hard", 1, False, "all")]),
     ("parity: RG-LRU with a_t in [-1, 1] solves it, with a_t in [0, 1] not",
      [("parity", "rglru-neg", 2, True, "all"), ("parity", "rglru", 2, False, "all")]),
+    ("parity: Mamba with eigenvalues in [-1, 1] solves it, with [0, 1] not (Grazzi et al.)",
+     [("parity", "mamba-neg", 2, True, "all"), ("parity", "mamba", 2, False, "all")]),
     ("S3: DeltaProduct n=2 with negative eigenvalues solves it (n=1, or no negative eigenvalues: not)",
      [("s3", "dp2-neg", 1, True, "all"), ("s3", "dp2", 1, False, "all"), ("s3", "dp1-neg", 1, False, "all")]),
     ("A5: a one-layer BlockDiagonalRNN solves it at short lengths",
