@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import block_diagonal, diagonal, householder
+from . import block_diagonal, diagonal, householder, selective
 from .common import (DTYPES, MODES, HelpFormatter, OpSpec, Skip, add_device_option, device_slug, environment,
                      evaluate_targets, format_table, measure_copy_bandwidth, pick_device, plot_sweeps, run_case,
                      write_csv)
@@ -34,6 +34,7 @@ OPS: Dict[str, OpSpec] = {
     "diagonal": diagonal.OP,
     "householder": householder.OP,
     "block-diagonal": block_diagonal.OP,
+    "selective": selective.OP,
 }
 # The presets, each with what it runs (every op module's ``sweeps(preset, device)`` knows them all).
 PRESETS = {

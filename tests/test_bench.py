@@ -134,7 +134,7 @@ def test_gpu_target_preset_covers_every_gpu_goal():
 
 # The longest implementation name of each op (the README's implementations table): the widest rows.
 LONGEST_IMPL = {"diagonal": "accelerated_scan.triton", "householder": "linrec.reference",
-                "block-diagonal": "linrec.reference"}
+                "block-diagonal": "linrec.reference", "selective": "expanded_diagonal"}
 
 
 def made_up_rows(op, preset):
