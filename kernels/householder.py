@@ -56,6 +56,100 @@ from . import config_override
 
 
 # ----------------------------------------------------------------------------------------------
+# Shared pieces.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mm(a, b, ref_ptr, PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b for operands stored in the inputs' dtype (q, k), accumulated in fp32.
+
+    LOWP (bf16 / fp16 inputs): the operands stay in the element type of ``ref_ptr`` (exact: they
+    are the inputs), the tensor cores' full rate; otherwise fp32 operands with input precision
+    PREC ("ieee": exact fp32 products for fp32 inputs). Under the interpreter (INTERP), whose
+    ``tl.dot`` on bf16 operands is wrong, the same values are multiplied as fp32 (products of
+    bf16 / fp16 values are exact in fp32: the GPU's arithmetic up to the order of accumulation).
+    """
+    if LOWP:
+        if INTERP:
+            a = a.to(ref_ptr.dtype.element_ty).to(tl.float32)
+            b = b.to(ref_ptr.dtype.element_ty).to(tl.float32)
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a.to(ref_ptr.dtype.element_ty), b.to(ref_ptr.dtype.element_ty))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _dot32(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 operands (input precision PREC: "ieee" for fp32 inputs, "tf32" for bf16 /
+    fp16 ones) and fp32 accumulation: every product with a computed operand (states, Tinv,
+    scores, d, dd, ...). Rounding those to bf16 instead was measured (the interpreter, every
+    product on its own, test_half_precision's case): each adds 1e-3 to 5e-3 of relative error to
+    o or a gradient, and together they exceed the 1e-2 bound (1.5e-2 for o, 1.8e-2 for dk)."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _split_nonfinite(x, rows, BL: tl.constexpr):
+    """For a (BL, BX) tile whose rows are sub-steps: (x with non-finite entries set to 0,
+    (BX,) index of the first row holding one in each column, BL where none).
+
+    Products with causally masked (lower-triangular) left operands would otherwise add
+    0 * NaN to earlier rows; ``_poison_from`` puts the NaN back where causality says."""
+    finite = tl.abs(x) < float("inf")
+    first_bad = tl.min(tl.where(finite, BL, rows[:, None]), axis=0)
+    return tl.where(finite, x, 0.0), first_bad
+
+
+@triton.jit
+def _poison_from(y, row_pos, first_bad):
+    """NaN in y[i, j] wherever row i (at sub-step ``row_pos[i]``) is at or past ``first_bad[j]``."""
+    return tl.where(row_pos[:, None] >= first_bad[None, :], float("nan"), y)
+
+
+@triton.jit
+def _unit_lower_inverse(A, BL: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)^{-1} for a strictly lower-triangular (BL, BL) fp32 tile A of finite entries
+    (BL = 16 * 2^j), with no serial chain longer than 15 steps.
+
+    1. The BL / 16 diagonal 16 x 16 blocks, held as one (NB, 16, 16) tile, are inverted
+       together by forward substitution: row s of each block's inverse is e_s - A[s, :s] T[:s, :]
+       (rows before s are final), 15 dependent steps for all blocks at once.
+    2. The inverses are merged by doubling. With T the block-diagonal inverse for blocks of
+       size m and N the part of A in the lower-left m x m quarter of each 2m x 2m diagonal
+       block, I + A_2m = (I + A_m)(I + T N) and (T N)^2 = 0 (N maps a block's first half to
+       its second half, T keeps the halves apart), so
+           (I + A_2m)^{-1} = (I - T N) T = T - T (N T),
+       i.e. the lower-left quarter -T22 N21 T11: two products per level, log2(BL / 16) levels.
+    No division anywhere: a hard reset (exp(G_i - G_m) = 0) gives exact zeros.
+    """
+    NB: tl.constexpr = BL // 16
+    r16 = tl.arange(0, 16)
+    blk = tl.arange(0, NB)
+    same_blk = blk[:, None, None, None] == blk[None, None, :, None]          # (NB, 1, NB, 1)
+    # The diagonal blocks: A viewed as (NB, 16, NB, 16), the two block indices equal.
+    Ad = tl.sum(tl.where(same_blk, tl.reshape(A, (NB, 16, NB, 16)), 0.0), axis=2)   # (NB, 16, 16)
+    eye = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)
+    Tb = eye[None, :, :] + tl.zeros((NB, 16, 16), tl.float32)
+    for s in range(1, 16):
+        at_s = r16[None, :, None] == s
+        a_s = tl.sum(tl.where(at_s, Ad, 0.0), axis=1)                       # (NB, 16): row s of each block
+        row = tl.sum(a_s[:, :, None] * Tb, axis=1)                           # (NB, 16): a_s @ T
+        Tb = tl.where(at_s, Tb - row[:, None, :], Tb)
+    # Back to a (BL, BL) block-diagonal tile.
+    T = tl.reshape(tl.where(same_blk, Tb[:, :, None, :], 0.0), (BL, BL))
+    rows = tl.arange(0, BL)
+    for lvl in tl.static_range(8):             # merged block size 16 << lvl, while below BL
+        if (16 << lvl) < BL:
+            rb = rows[:, None] // (16 << lvl)
+            cb = rows[None, :] // (16 << lvl)
+            lower_left = (rb // 2 == cb // 2) & (rb % 2 == 1) & (cb % 2 == 0)
+            N = tl.where(lower_left, A, 0.0)
+            T = T - tl.dot(T, tl.dot(N, T, input_precision=PREC), input_precision=PREC)
+    return T
+
+
+# ----------------------------------------------------------------------------------------------
 # Forward kernel 1: the chunk-local WY representation, all chunks in parallel.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -64,14 +158,15 @@ def _wy_fwd_kernel(
     v_ptr,        # (B*T*n, H, V) values
     beta_ptr,     # (B*T*n, H)
     lg_ptr,       # (B*T, H) log-gates, read when HAS_GATE
-    w_ptr,        # out (B*T*n, H, K) fp32
+    w_ptr,        # out (B*T*n, H, K) work dtype (fp32, or the bf16 / fp16 of the inputs)
     u_ptr,        # out (B*T*n, H, V) fp32
-    tinv_ptr,     # out (B*T*n, H, BL) fp32: rows of (I + A)^{-1}
+    tinv_ptr,     # out (B*T*n, H, BL) work dtype: rows of (I + A)^{-1}
     g_ptr,        # out (B*T*n, H) fp64: cumulative log-gate within the chunk
     cu_tok_ptr,   # (N + 1,) int64 token offsets of the sequences
     H, K, V,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     pid_nh = tl.program_id(1)
@@ -103,20 +198,22 @@ def _wy_fwd_kernel(
     for k0 in range(0, K, BK):
         cols_k = k0 + tl.arange(0, BK)
         kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :],
-                     mask=valid[:, None] & (cols_k[None, :] < K), other=0.0).to(tl.float32)
-        kkt += tl.dot(kk, tl.trans(kk), input_precision=PREC)
+                     mask=valid[:, None] & (cols_k[None, :] < K), other=0.0)
+        kkt += _mm(kk, tl.trans(kk), k_ptr, PREC, LOWP, INTERP)
     strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
     diff = tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))
     # Masks go through where, not a product: 0 * NaN would carry a later NaN back in time.
     A = tl.where(strict, beta[:, None] * tl.exp(diff) * kkt, 0.0)
 
-    # Tinv = (I + A)^{-1} by forward substitution: row i = e_i - A[i, :] Tinv, where the
-    # rows m < i of Tinv are already final and A[i, m] = 0 for m >= i.
-    tinv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
-    for i in range(1, BL):
-        a_i = tl.sum(tl.where(rows[:, None] == i, A, 0.0), axis=0)           # (BL,) row i of A
-        row = tl.sum(a_i[:, None] * tinv, axis=0)
-        tinv = tl.where(rows[:, None] == i, tinv - row[None, :], tinv)
+    # Non-finite values (NaN / inf in k, beta or the gates, or an overflow) are causal: row i
+    # of A holds sub-steps <= i only, and row i of (I + A)^{-1} depends on rows <= i of A. The
+    # inverse is taken of A with the rows from the first non-finite one on cleared, and those
+    # rows of the result are NaN (what substitution through them would give).
+    row_ok = tl.min(tl.where(tl.abs(A) < float("inf"), 1, 0), axis=1)
+    bad_row = tl.min(tl.where(row_ok == 1, BL, rows), axis=0)
+    A = tl.where(rows[:, None] < bad_row, A, 0.0)
+    tinv = _unit_lower_inverse(A, BL, PREC)
+    tinv = tl.where(rows[:, None] < bad_row, tinv, float("nan")).to(tinv_ptr.dtype.element_ty)
     tl.store(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], tinv, mask=valid[:, None])
 
     # w = Tinv diag(beta exp(G)) K and u = Tinv diag(beta) V, block by block.
@@ -127,37 +224,16 @@ def _wy_fwd_kernel(
         kmask = valid[:, None] & (cols_k[None, :] < K)
         kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
         rhs, first_bad = _split_nonfinite(kk * bg[:, None], rows, BL)
-        w = _poison_from(tl.dot(tinv, rhs, input_precision=PREC), rows, first_bad)
-        tl.store(w_ptr + k_off, w, mask=kmask)
+        w = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
+        tl.store(w_ptr + k_off, w.to(w_ptr.dtype.element_ty), mask=kmask)
     for v0 in range(0, V, BV):
         cols_v = v0 + tl.arange(0, BV)
         v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
         v_mask = valid[:, None] & (cols_v[None, :] < V)
         vv = tl.load(v_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)
         rhs, first_bad = _split_nonfinite(vv * beta[:, None], rows, BL)
-        u = _poison_from(tl.dot(tinv, rhs, input_precision=PREC), rows, first_bad)
-        tl.store(u_ptr + v_off, u, mask=v_mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared pieces.
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _split_nonfinite(x, rows, BL: tl.constexpr):
-    """For a (BL, BX) tile whose rows are sub-steps: (x with non-finite entries set to 0,
-    (BX,) index of the first row holding one in each column, BL where none).
-
-    Products with causally masked (lower-triangular) left operands would otherwise add
-    0 * NaN to earlier rows; ``_poison_from`` puts the NaN back where causality says."""
-    finite = tl.abs(x) < float("inf")
-    first_bad = tl.min(tl.where(finite, BL, rows[:, None]), axis=0)
-    return tl.where(finite, x, 0.0), first_bad
-
-
-@triton.jit
-def _poison_from(y, row_pos, first_bad):
-    """NaN in y[i, j] wherever row i (at sub-step ``row_pos[i]``) is at or past ``first_bad[j]``."""
-    return tl.where(row_pos[:, None] >= first_bad[None, :], float("nan"), y)
+        u = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
+        tl.store(u_ptr + v_off, u.to(u_ptr.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
@@ -217,7 +293,7 @@ def _seed_state(src_ptr, HAS_SRC: tl.constexpr, chunk_dst_ptr, empty_dst_ptr, n_
         if n_chunks > 0:
             tl.store(chunk_dst_ptr + s_off, S, mask=smask)
         else:
-            tl.store(empty_dst_ptr + s_off, S, mask=smask)
+            tl.store(empty_dst_ptr + s_off, S.to(empty_dst_ptr.dtype.element_ty), mask=smask)
 
 
 @triton.jit
@@ -243,17 +319,17 @@ def _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, 
 
 @triton.jit
 def _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL: tl.constexpr, BC: tl.constexpr,
-            BK: tl.constexpr, PREC: tl.constexpr):
+            BK: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.constexpr):
     """Q K^T of one chunk, (BC, BL) fp32, accumulated over blocks of BK key columns."""
     qk = tl.zeros((BC, BL), tl.float32)
     for k0 in range(0, K, BK):
         cols_k = k0 + tl.arange(0, BK)
         k_ok = cols_k < K
         kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
-                     other=0.0).to(tl.float32)
+                     other=0.0)
         q = tl.load(q_ptr + (tok[:, None] * H + head) * K + cols_k[None, :],
-                    mask=valid_tok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        qk += tl.dot(q, tl.trans(kk), input_precision=PREC)
+                    mask=valid_tok[:, None] & k_ok[None, :], other=0.0)
+        qk += _mm(q, tl.trans(kk), q_ptr, PREC, LOWP, INTERP)
     return qk
 
 
@@ -270,18 +346,19 @@ def _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL: tl.constex
 def _state_fwd_kernel(
     q_ptr,        # (B*T, H, K)
     k_ptr,        # (B*T*n, H, K)
-    w_ptr,        # (B*T*n, H, K) fp32
+    w_ptr,        # (B*T*n, H, K) work dtype
     u_ptr,        # (B*T*n, H, V) fp32
     g_ptr,        # (B*T*n, H) fp64
     h0_ptr,       # (N, H, K, V) initial states, read when HAS_H0
-    o_ptr,        # out (B*T, H, V), written when STORE_O
+    o_ptr,        # out (B*T, H, V) when STORE_O; else out (B*T*n, H, V) fp32: d, for the backward
     states_ptr,   # out (total chunks, H, K, V) fp32: the state entering every chunk
     final_ptr,    # out (N, H, K, V) fp32
     cu_tok_ptr,   # (N + 1,) int64 token offsets
     cu_chunk_ptr,  # (N + 1,) int64 chunk offsets (index of a sequence's first chunk)
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     tok_rows = tl.arange(0, BC)
@@ -299,8 +376,8 @@ def _state_fwd_kernel(
         G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
                                                             head, H, NFAC, BL)
         # d = u - w S0, and the inter-chunk part of the outputs exp(G_r) Q S0.
-        d = tl.load(u_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], mask=valid[:, None] & v_ok[None, :],
-                    other=0.0)
+        v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+        d = tl.load(u_ptr + v_off, mask=valid[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
         o = tl.zeros((BC, BV), tl.float32)
         for k0 in range(0, K, BK):
             cols_k = k0 + tl.arange(0, BK)
@@ -309,21 +386,24 @@ def _state_fwd_kernel(
             S = tl.load(states_ptr + here + s_off, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
             w = tl.load(w_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
                         other=0.0)
-            d -= tl.dot(w, S, input_precision=PREC)
+            d -= _dot32(w, S, PREC)
             if STORE_O:
                 q = tl.load(q_ptr + (tok[:, None] * H + head) * K + cols_k[None, :],
-                            mask=valid_tok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                o += tl.dot(q, S, input_precision=PREC)
+                            mask=valid_tok[:, None] & k_ok[None, :], other=0.0)
+                o += _dot32(q, S, PREC)
         if STORE_O:
-            qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC)
+            qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC, LOWP, INTERP)
             # Non-finite rows of d (sub-steps at or after a NaN/inf input) reach only the
             # tokens whose last sub-step r is at or past them.
             d_finite, first_bad = _split_nonfinite(d, tl.arange(0, BL), BL)
             scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
-            o = scale * (o * tl.exp(G_r.to(tl.float32))[:, None] + tl.dot(scores, d_finite, input_precision=PREC))
+            o = scale * (o * tl.exp(G_r.to(tl.float32))[:, None] + _dot32(scores, d_finite, PREC))
             o = _poison_from(o, tok_rows * NFAC + NFAC - 1, first_bad)
             tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
                      mask=valid_tok[:, None] & v_ok[None, :])
+        else:
+            # The backward's recomputation: d is what its chunk-local kernel needs from the state.
+            tl.store(o_ptr + v_off, d.to(o_ptr.dtype.element_ty), mask=valid[:, None] & v_ok[None, :])
         # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, written as the next chunk's entry state.
         gamma_L = tl.exp(G_L.to(tl.float32))
         for k0 in range(0, K, BK):
@@ -336,7 +416,7 @@ def _state_fwd_kernel(
                          other=0.0).to(tl.float32)
             # (exp(G_L - G) K)^T d, computed as (d^T (exp(G_L - G) K))^T: with d (a dot result) as
             # the second operand, Triton 3.6 fails to compile the tf32 product for sm_90.
-            S = gamma_L * S + tl.trans(tl.dot(tl.trans(d), kk * decay_last[:, None], input_precision=PREC))
+            S = gamma_L * S + tl.trans(_dot32(tl.trans(d), kk * decay_last[:, None], PREC))
             if c + 1 < n_chunks:
                 tl.store(states_ptr + here + H * K * V + s_off, S, mask=smask)
             else:
@@ -353,11 +433,13 @@ def _state_bwd_kernel(
     do_ptr,       # (B*T, H, V) gradient of o
     dfinal_ptr,   # (N, H, K, V) gradient of the final state, read when HAS_DFINAL
     dstates_ptr,  # out (total chunks, H, K, V) fp32: gradient of the state leaving every chunk
-    dh0_ptr,      # out (N, H, K, V) fp32: gradient of the initial state
+    dh0_ptr,      # out (N, H, K, V) gradient of the initial state (its dtype)
+    dd_ptr,       # out (B*T*n, H, V) fp32: dL/dd, for the chunk-local kernel
     cu_tok_ptr, cu_chunk_ptr,
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     tok_rows = tl.arange(0, BC)
@@ -377,11 +459,11 @@ def _state_bwd_kernel(
         G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
                                                             head, H, NFAC, BL)
         do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
-                     mask=valid_tok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC)
+                     mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
+        qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC, LOWP, INTERP)
         P = scale * decay_read * qk                                                  # (BC, BL)
         # dd = P^T dO + (exp(G_L - G) K) dS: the gradient of the chunk's corrected values d.
-        dd = tl.dot(tl.trans(P), do, input_precision=PREC)
+        dd = _dot32(tl.trans(P), do, PREC)
         for k0 in range(0, K, BK):
             cols_k = k0 + tl.arange(0, BK)
             k_ok = cols_k < K
@@ -389,7 +471,9 @@ def _state_bwd_kernel(
             dS = tl.load(dstates_ptr + here + s_off, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
             kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
                          other=0.0).to(tl.float32)
-            dd += tl.dot(kk * decay_last[:, None], dS, input_precision=PREC)
+            dd += _dot32(kk * decay_last[:, None], dS, PREC)
+        tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
+                 mask=valid[:, None] & v_ok[None, :])
         # dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd: the gradient leaving the previous chunk.
         gamma_L = tl.exp(G_L.to(tl.float32))
         qscale = scale * tl.exp(G_r.to(tl.float32))
@@ -403,40 +487,42 @@ def _state_bwd_kernel(
                         mask=valid_tok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             w = tl.load(w_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
                         other=0.0)
-            dS = (gamma_L * dS + tl.dot(tl.trans(q * qscale[:, None]), do, input_precision=PREC)
-                  - tl.dot(tl.trans(w), dd, input_precision=PREC))
+            dS = (gamma_L * dS + _dot32(tl.trans(q * qscale[:, None]), do, PREC)
+                  - _dot32(tl.trans(w), dd, PREC))
             if c > 0:
                 tl.store(dstates_ptr + here - H * K * V + s_off, dS, mask=smask)
             else:
-                tl.store(dh0_ptr + seq_state + s_off, dS, mask=smask)
+                tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Backward kernel 2: chunk-local gradients, all chunks in parallel.
 #
-# Pass A (over V blocks): d = u - w S0 and dd (both need all K), stored to scratch, and
-#   what needs only V: dv, the u-part of dA, dP = dO d^T, d beta from V.
-# Pass B (over K blocks, V blocks inside): dw, the S0 read-out and state-exit terms, then the
-#   w-part of dA, dq (complete) and a partial dk.
-# Pass C (over K blocks): the K K^T term of dk, which needs the complete dA.
+# d (from the backward's recomputed state pass) and dd (from the adjoint state pass) are read,
+# not recomputed, so this kernel holds no state-sized product but those of the chain rule:
+# Pass A (over V blocks): dv, d beta from V, dP = dO d^T and the whole of dA: with du = dd and
+#   dw = -dd S0^T, Tinv^T (du u^T + dw w^T) = Tinv^T dd (u - w S0)^T = (Tinv^T dd) d^T.
+# Pass B (over K blocks, V blocks inside): dw, the S0 read-out and state-exit terms, dq and dk
+#   complete (the K K^T term uses the dA of pass A), K K^T for d beta and the gates.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _local_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, tinv_ptr, g_ptr,
+    q_ptr, k_ptr, v_ptr, beta_ptr, tinv_ptr, g_ptr,
     do_ptr,       # (B*T, H, V)
     states_ptr,   # (total chunks, H, K, V) fp32: state entering each chunk
     dstates_ptr,  # (total chunks, H, K, V) fp32: gradient of the state leaving each chunk
-    d_ptr,        # scratch (B*T*n, H, V) fp32: d
-    dd_ptr,       # scratch (B*T*n, H, V) fp32: dL/dd
-    dq_ptr,       # out (B*T, H, K) fp32
-    dk_ptr,       # out (B*T*n, H, K) fp32
-    dv_ptr,       # out (B*T*n, H, V) fp32
-    dbeta_ptr,    # out (B*T*n, H) fp32
-    dlg_ptr,      # out (B*T, H) fp32, written when HAS_GATE
+    d_ptr,        # (B*T*n, H, V) fp32: d = u - w S0
+    dd_ptr,       # (B*T*n, H, V) fp32: dL/dd
+    dq_ptr,       # out (B*T, H, K) q's dtype
+    dk_ptr,       # out (B*T*n, H, K) k's dtype
+    dv_ptr,       # out (B*T*n, H, V) v's dtype
+    dbeta_ptr,    # out (B*T*n, H) beta's dtype
+    dlg_ptr,      # out (B*T, H) log_gate's dtype, written when HAS_GATE
     cu_tok_ptr, cu_chunk_ptr,
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     pid_nh = tl.program_id(1)
@@ -460,10 +546,10 @@ def _local_bwd_kernel(
     gamma = tl.where(valid, tl.exp(G.to(tl.float32)), 0.0)
     gamma_r = tl.exp(G_r.to(tl.float32))
     gamma_L = tl.exp(G_L.to(tl.float32))
-    qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC)
+    qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC, LOWP, INTERP)
     P = scale * decay_read * qk
 
-    dA = tl.zeros((BL, BL), tl.float32)      # accumulates Tinv^T du u^T, then Tinv^T dw w^T
+    dA = tl.zeros((BL, BL), tl.float32)      # Tinv^T dd d^T, negated and masked below
     dP = tl.zeros((BC, BL), tl.float32)      # gradient of the scores P: dO d^T
     dbeta = tl.zeros((BL,), tl.float32)
     dG = tl.zeros((BL,), tl.float32)         # gradient of G (the cumulative gate) per sub-step
@@ -471,45 +557,38 @@ def _local_bwd_kernel(
     dG_L = tl.sum(tl.zeros((BL,), tl.float32), axis=0)   # ... at the chunk's last sub-step
 
     # Pass A.
+    tinv_t = tl.trans(tinv)
     for v0 in range(0, V, BV):
         cols_v = v0 + tl.arange(0, BV)
         v_ok = cols_v < V
         vmask = valid[:, None] & v_ok[None, :]
         v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
-        u = tl.load(u_ptr + v_off, mask=vmask, other=0.0)
+        d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
+        dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
         do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
-                     mask=valid_tok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        d = u
-        dd = tl.dot(tl.trans(P), do, input_precision=PREC)
-        for k0 in range(0, K, BK):
-            cols_k = k0 + tl.arange(0, BK)
-            k_ok = cols_k < K
-            kmask = valid[:, None] & k_ok[None, :]
-            k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
-            smask = k_ok[:, None] & v_ok[None, :]
-            s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
-            S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0)
-            dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0)
-            w = tl.load(w_ptr + k_off, mask=kmask, other=0.0)
-            kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
-            d -= tl.dot(w, S0, input_precision=PREC)
-            dd += tl.dot(kk * decay_last[:, None], dS, input_precision=PREC)
-            dG_L += gamma_L * tl.sum(tl.sum(S0 * dS, axis=1), axis=0)
-        tl.store(d_ptr + v_off, d, mask=vmask)
-        tl.store(dd_ptr + v_off, dd, mask=vmask)
+                     mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
         # u = Tinv diag(beta) V
-        dxu = tl.dot(tl.trans(tinv), dd, input_precision=PREC)
+        dxu = _dot32(tinv_t, dd, PREC)
         vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
-        tl.store(dv_ptr + v_off, dxu * beta[:, None], mask=vmask)
+        tl.store(dv_ptr + v_off, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=vmask)
         dbeta += tl.sum(dxu * vv, axis=1)
-        dA += tl.dot(dxu, tl.trans(u), input_precision=PREC)
+        dA += _dot32(dxu, tl.trans(d), PREC)
         # o = scale exp(G_r) Q S0 + P d
-        dP += tl.dot(do, tl.trans(d), input_precision=PREC)
-    tl.debug_barrier()
+        dP += _dot32(do, tl.trans(d), PREC)
+
+    # Tinv = (I + A)^{-1}, w = Tinv X_w, u = Tinv X_u: dL/dA = -Tinv^T (dw X_w^T + du X_u^T) Tinv^T
+    # = -(Tinv^T dw) w^T - (Tinv^T du) u^T = -(Tinv^T dd) d^T (pass A), kept on the strict lower
+    # triangle, with A[i, m] = beta_i exp(G_i - G_m) k_i . k_m.
+    strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
+    decay_strict = tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
+    dA = tl.where(strict, -dA, 0.0)
+    dkkt = dA * beta[:, None] * decay_strict
+    dkkt_sym = dkkt + tl.trans(dkkt)
 
     # Pass B.
     bg = beta * gamma
     dqk = dP * scale * decay_read            # gradient of Q K^T through P
+    kkt = tl.zeros((BL, BL), tl.float32)
     for k0 in range(0, K, BK):
         cols_k = k0 + tl.arange(0, BK)
         k_ok = cols_k < K
@@ -517,9 +596,8 @@ def _local_bwd_kernel(
         qmask = valid_tok[:, None] & k_ok[None, :]
         k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
         q_off = (tok[:, None] * H + head) * K + cols_k[None, :]
-        kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + k_off, mask=kmask, other=0.0)
-        q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
+        kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0)
+        q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
         dw = tl.zeros((BL, BK), tl.float32)
         dqs = tl.zeros((BC, BK), tl.float32)
         dkd = tl.zeros((BL, BK), tl.float32)
@@ -535,49 +613,32 @@ def _local_bwd_kernel(
             d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
             dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
             do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
-                         mask=valid_tok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-            dw -= tl.dot(dd, tl.trans(S0), input_precision=PREC)        # d = u - w S0
-            dqs += tl.dot(do, tl.trans(S0), input_precision=PREC)       # o = scale exp(G_r) Q S0 + ...
-            dkd += tl.dot(d, tl.trans(dS), input_precision=PREC)        # S1 = ... + (exp(G_L - G) K)^T d
+                         mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
+            dw -= _dot32(dd, tl.trans(S0), PREC)       # d = u - w S0
+            dqs += _dot32(do, tl.trans(S0), PREC)      # o = scale exp(G_r) Q S0 + ...
+            dkd += _dot32(d, tl.trans(dS), PREC)       # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d
+            dG_L += gamma_L * tl.sum(tl.sum(S0 * dS, axis=1), axis=0)
+        kkf = kk.to(tl.float32)
         dqs = dqs * (scale * gamma_r)[:, None]
-        dG_r += tl.sum(dqs * q, axis=1)
+        dG_r += tl.sum(dqs * q.to(tl.float32), axis=1)
         dk = decay_last[:, None] * dkd
-        t = decay_last * tl.sum(kk * dkd, axis=1)
+        t = decay_last * tl.sum(kkf * dkd, axis=1)
         dG -= t
         dG_L += tl.sum(t, axis=0)
         # w = Tinv diag(beta exp(G)) K
-        dxw = tl.dot(tl.trans(tinv), dw, input_precision=PREC)
+        dxw = _dot32(tinv_t, dw, PREC)
         dk += bg[:, None] * dxw
-        t = tl.sum(dxw * kk, axis=1)
+        t = tl.sum(dxw * kkf, axis=1)
         dbeta += gamma * t
         dG += bg * t
-        dA += tl.dot(dxw, tl.trans(w), input_precision=PREC)
-        # P = scale exp(G_r - G_m) q_c . k_m
-        tl.store(dq_ptr + q_off, dqs + tl.dot(dqk, kk, input_precision=PREC), mask=qmask)
-        dk += tl.dot(tl.trans(dqk), q, input_precision=PREC)
-        tl.store(dk_ptr + k_off, dk, mask=kmask)
-    tl.debug_barrier()
+        # P = scale exp(G_r - G_m) q_c . k_m, and A through K K^T.
+        tl.store(dq_ptr + q_off, (dqs + _dot32(dqk, kk, PREC)).to(dq_ptr.dtype.element_ty), mask=qmask)
+        dk += _dot32(tl.trans(dqk), q, PREC) + _dot32(dkkt_sym, kk, PREC)
+        tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+        kkt += _mm(kk, tl.trans(kk), q_ptr, PREC, LOWP, INTERP)
 
-    # Tinv = (I + A)^{-1}: dA = -(Tinv^T du u^T + Tinv^T dw w^T) on the strict lower triangle,
-    # with A[i, m] = beta_i exp(G_i - G_m) k_i . k_m.
-    strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
-    decay_strict = tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
-    dA = tl.where(strict, -dA, 0.0)
-    dkkt = dA * beta[:, None] * decay_strict
-    dkkt_sym = dkkt + tl.trans(dkkt)
-    # Pass C: the K K^T term of dk, and d beta through K K^T.
-    kkt = tl.zeros((BL, BL), tl.float32)
-    for k0 in range(0, K, BK):
-        cols_k = k0 + tl.arange(0, BK)
-        k_ok = cols_k < K
-        kmask = valid[:, None] & k_ok[None, :]
-        k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
-        kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
-        kkt += tl.dot(kk, tl.trans(kk), input_precision=PREC)
-        dk = tl.load(dk_ptr + k_off, mask=kmask, other=0.0)
-        tl.store(dk_ptr + k_off, dk + tl.dot(dkkt_sym, kk, input_precision=PREC), mask=kmask)
     dbeta += tl.sum(dA * decay_strict * kkt, axis=1)
-    tl.store(dbeta_ptr + sub * H + head, dbeta, mask=valid)
+    tl.store(dbeta_ptr + sub * H + head, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
     if HAS_GATE:
         dAA = dA * beta[:, None] * decay_strict * kkt
         dG += tl.sum(dAA, axis=1) - tl.sum(dAA, axis=0)
@@ -594,7 +655,7 @@ def _local_bwd_kernel(
         dlg = tl.sum(tl.where(rows[None, :] >= rows[:, None], dG[None, :], 0.0), axis=1)
         first = (rows[None, :] == (tok_rows * NFAC)[:, None])
         dlg_tok = tl.sum(tl.where(first, dlg[None, :], 0.0), axis=1)
-        tl.store(dlg_ptr + tok * H + head, dlg_tok, mask=valid_tok)
+        tl.store(dlg_ptr + tok * H + head, dlg_tok.to(dlg_ptr.dtype.element_ty), mask=valid_tok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,7 +712,7 @@ def householder_scan_recurrent_forward(q, k, v, beta, log_gate, initial_state, *
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
     N = num_sequences(B, cu_seqlens)
-    cu_tok, _, _, _ = _offsets(B, T, n, 1, cu_seqlens, q.device)
+    cu_tok, _, _, _ = _offsets(B, T, 1, cu_seqlens, q.device)
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
     o = torch.empty((B, T, H, V), dtype=q.dtype, device=q.device)
     final = torch.empty((N, H, K, V), dtype=torch.float32, device=q.device)
@@ -681,6 +742,9 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
 
     The state kernels run one program per (sequence, head, V block); the chunk-parallel
     kernels loop over both K and V blocks, so any K and V fit the same registers.
+    PREC: input precision of fp32 products ("ieee" for fp32 inputs). LOWP: bf16 / fp16 inputs,
+    whose products take operands in the inputs' dtype. INTERP: the interpreter, whose ``tl.dot``
+    is wrong on bf16 operands (``_mm`` multiplies the rounded operands as fp32 there).
     """
     CT = max(1, SUBSTEPS_PER_CHUNK // n)
     BL = max(16, _next_pow2(CT * n))
@@ -688,32 +752,42 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     BK = max(16, min(32, _next_pow2(K)))
     BV = max(16, min(32, _next_pow2(V)))
     # GPU: 8 warps and 32-column K blocks keep the 64 x 64 fp32 tiles of these kernels mostly in
-    # registers. Bytes of spill stores + loads reported by ptxas -v, worst specialisation, sm_90a
-    # (`python tests/aot_compile.py linrec.kernels.householder 80 90 --spills`): with 4 warps and
-    # BK = 64 the chunk-local backward had 43 KB (214 KB for sm_80) and the other kernels 8-55 KB;
-    # with 8 warps and BK = 32, 16 KB for fp32 inputs (its exact fp32 products use FMA layouts),
-    # 3 KB for bf16 / fp16 (tf32), and 1-3 KB. (Interpreter: 1 warp, the same blocks.)
+    # registers (spills: `python tests/aot_compile.py linrec.kernels.householder 80 90 --spills`).
+    # (Interpreter: 1 warp, the same blocks.)
     num_warps = 1 if interpret else 8
-    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, num_warps=num_warps, PREC=prec),
+    half = dtype in (torch.bfloat16, torch.float16)
+    prec = "tf32" if half else "ieee"
+    return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, num_warps=num_warps, PREC=prec,
+                                               LOWP=half, INTERP=interpret),
                            ("BK", "BV", "num_warps"))
 
 
-def _offsets(B: int, T: int, n: int, CT: int, cu_seqlens: Optional[torch.Tensor], device) -> tuple:
-    """Token and chunk offsets of the N sequences, as int64 tensors, and the longest chunk count."""
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the saved WY factors w and Tinv: the inputs' bf16 / fp16, else fp32.
+
+    u, d and dd stay fp32: d = u - w S0 cancels (|u| and |w S0| can be much larger than |d|),
+    and storing u, d or dd as bf16 was measured (test_half_precision's case, interpreter) to
+    raise the error of o or of a gradient from about 4e-3 to 7e-3 each, past 1e-2 together."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _offsets(B: int, T: int, CT: int, cu_seqlens: Optional[torch.Tensor], device) -> tuple:
+    """Token and chunk offsets of the N sequences, computed on the device (no host synchronisation).
+
+    Returns (cu_tok, cu_chunk, max_chunks, total_chunks): int64 (N + 1,) device tensors, and host
+    bounds for the chunk grid and the chunk-state buffer: max_chunks = cdiv(T, CT) is at least any
+    sequence's chunk count (programs past a sequence's end return at once) and total_chunks at
+    least their sum (exact without cu_seqlens; with it, sum cdiv(L_i, CT) <= (T + N (CT - 1)) // CT).
+    """
+    per = -(-T // CT)
     if cu_seqlens is None:
-        lengths = [T] * B
-    else:
-        offs = cu_seqlens.tolist()
-        lengths = [e - s for s, e in zip(offs[:-1], offs[1:])]
-    chunks = [-(-L // CT) for L in lengths]
-    cu_tok = [0]
-    cu_chunk = [0]
-    for L, c in zip(lengths, chunks):
-        cu_tok.append(cu_tok[-1] + L)
-        cu_chunk.append(cu_chunk[-1] + c)
-    to = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return to(cu_tok), to(cu_chunk), max(chunks, default=0), cu_chunk[-1]
+        steps = torch.arange(B + 1, dtype=torch.int64, device=device)
+        return steps * T, steps * per, per, B * per
+    cu_tok = cu_seqlens.to(device=device, dtype=torch.int64)
+    chunks = torch.div(cu_tok[1:] - cu_tok[:-1] + (CT - 1), CT, rounding_mode="floor")
+    cu_chunk = torch.cat([cu_tok.new_zeros(1), torch.cumsum(chunks, 0)])
+    N = cu_seqlens.shape[0] - 1
+    return cu_tok, cu_chunk, per, min(T, (T + N * (CT - 1)) // CT)
 
 
 def _prepare(q, k, v, beta, log_gate, cu_seqlens):
@@ -722,26 +796,32 @@ def _prepare(q, k, v, beta, log_gate, cu_seqlens):
     interpret = q.device.type != "cuda"
     cfg = _config(n, K, V, q.dtype, interpret)
     N = num_sequences(B, cu_seqlens)
-    cu_tok, cu_chunk, max_chunks, total_chunks = _offsets(B, T, n, cfg["CT"], cu_seqlens, q.device)
+    cu_tok, cu_chunk, max_chunks, total_chunks = _offsets(B, T, cfg["CT"], cu_seqlens, q.device)
     tensors = dict(q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), beta=beta.contiguous(),
                    lg=log_gate.contiguous() if log_gate is not None else None)
     return cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, tensors
 
 
-def _wy_and_states(t, h0, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n, store_o, o_dtype):
+def _wy_and_states(t, h0, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n, store_o):
+    """The WY factors and the state pass. With store_o the outputs o are written; without (the
+    backward's recomputation) the corrected values d = u - w S0 of every chunk instead."""
     q, k, v, beta, lg = t["q"], t["k"], t["v"], t["beta"], t["lg"]
     B, T = q.shape[:2]
     dev = q.device
     f32 = torch.float32
-    w = torch.empty((B, T * n, H, K), dtype=f32, device=dev)
+    wdt = _work_dtype(q.dtype)
+    w = torch.empty((B, T * n, H, K), dtype=wdt, device=dev)
     u = torch.empty((B, T * n, H, V), dtype=f32, device=dev)
-    tinv = torch.empty((B, T * n, H, cfg["BL"]), dtype=f32, device=dev)
+    tinv = torch.empty((B, T * n, H, cfg["BL"]), dtype=wdt, device=dev)
     G = torch.empty((B, T * n, H), dtype=torch.float64, device=dev)
-    o = torch.empty((B, T, H, V), dtype=o_dtype, device=dev)
+    if store_o:
+        out = torch.empty((B, T, H, V), dtype=q.dtype, device=dev)
+    else:
+        out = torch.empty((B, T * n, H, V), dtype=f32, device=dev)
     states = torch.empty((max(total_chunks, 1), H, K, V), dtype=f32, device=dev)
     final = torch.empty((N, H, K, V), dtype=f32, device=dev)
     common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"],
-                  num_warps=cfg["num_warps"])
+                  LOWP=cfg["LOWP"], INTERP=cfg["INTERP"], num_warps=cfg["num_warps"])
     if max_chunks > 0 and N * H > 0:
         _wy_fwd_kernel[(max_chunks, N * H)](
             k, v, beta, lg if lg is not None else beta, w, u, tinv, G, cu_tok, H, K, V,
@@ -749,9 +829,9 @@ def _wy_and_states(t, h0, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, sc
     if N * H > 0:
         h0c = h0.contiguous() if h0 is not None else final
         _state_fwd_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](
-            q, k, w, u, G, h0c, o, states, final, cu_tok, cu_chunk, H, K, V, float(scale),
+            q, k, w, u, G, h0c, out, states, final, cu_tok, cu_chunk, H, K, V, float(scale),
             BC=cfg["BC"], HAS_H0=h0 is not None, STORE_O=store_o, **common)
-    return dict(w=w, u=u, tinv=tinv, G=G, o=o, states=states, final=final)
+    return dict(w=w, u=u, tinv=tinv, G=G, out=out, states=states, final=final)
 
 
 def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -771,77 +851,79 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     n, V = k.shape[2], v.shape[-1]
     cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
     out = _wy_and_states(t, initial_state, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n,
-                         True, q.dtype)
-    if T == 0:
-        out["o"].zero_()
+                         True)
     final = out["final"]
     if q.dtype == torch.float64:  # the contract's dtype; the kernels themselves accumulate in fp32
         final = final.double()
-    return out["o"], final
+    return out["out"], final
 
 
 def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                               log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
                               grad_o: torch.Tensor, grad_final: Optional[torch.Tensor], *,
                               cu_seqlens: Optional[torch.Tensor], scale: float):
-    """Chunked backward pass; recomputes the WY factors and chunk states, then two kernels.
+    """Chunked backward pass; recomputes the WY factors and chunk states (and d), then two kernels.
 
     Args: as ``householder_scan_forward``, plus grad_o: (B, T, H, V) and grad_final: (N, H, K, V) or None.
 
     Returns:
-        fp32 gradients (grad_q (B, T, H, K), grad_k (B, T, n, H, K), grad_v (B, T, n, H, V),
-        grad_beta (B, T, n, H), grad_log_gate (B, T, H) or None, grad_initial_state (N, H, K, V) or None).
+        the gradients, each in its input's dtype, written by the kernels (grad_q (B, T, H, K),
+        grad_k (B, T, n, H, K), grad_v (B, T, n, H, V), grad_beta (B, T, n, H),
+        grad_log_gate (B, T, H) or None, grad_initial_state (N, H, K, V) or None).
     """
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
     cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
     fw = _wy_and_states(t, initial_state, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n,
-                        False, q.dtype)
-    dev, f32 = q.device, torch.float32
+                        False)
+    dev = q.device
     grad_o = grad_o.contiguous()
     dstates = torch.empty_like(fw["states"])
-    d_scratch = torch.empty_like(fw["u"])
-    dd_scratch = torch.empty_like(fw["u"])
-    dh0 = torch.empty((N, H, K, V), dtype=f32, device=dev)
-    dq = torch.zeros((B, T, H, K), dtype=f32, device=dev)
-    dk = torch.zeros((B, T, n, H, K), dtype=f32, device=dev)
-    dv = torch.zeros((B, T, n, H, V), dtype=f32, device=dev)
-    dbeta = torch.zeros((B, T, n, H), dtype=f32, device=dev)
-    dlg = torch.zeros((B, T, H), dtype=f32, device=dev) if log_gate is not None else None
+    dd = torch.empty_like(fw["out"])
+    # Every token of every sequence is written by exactly one chunk program: no zero-fills.
+    dh0 = torch.empty((N, H, K, V), dtype=initial_state.dtype if initial_state is not None else torch.float32,
+                      device=dev)
+    dq = torch.empty((B, T, H, K), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, T, n, H, K), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, T, n, H, V), dtype=v.dtype, device=dev)
+    dbeta = torch.empty((B, T, n, H), dtype=beta.dtype, device=dev)
+    dlg = torch.empty((B, T, H), dtype=log_gate.dtype, device=dev) if log_gate is not None else None
     common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"],
-                  num_warps=cfg["num_warps"])
+                  LOWP=cfg["LOWP"], INTERP=cfg["INTERP"], num_warps=cfg["num_warps"])
     if N * H > 0:
         gf = grad_final.contiguous() if grad_final is not None else dh0
         _state_bwd_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](
-            t["q"], t["k"], fw["w"], fw["G"], grad_o, gf, dstates, dh0, cu_tok, cu_chunk, H, K, V, float(scale),
+            t["q"], t["k"], fw["w"], fw["G"], grad_o, gf, dstates, dh0, dd, cu_tok, cu_chunk, H, K, V, float(scale),
             HAS_DFINAL=grad_final is not None, **common)
     if max_chunks > 0 and N * H > 0:
         _local_bwd_kernel[(max_chunks, N * H)](
-            t["q"], t["k"], t["v"], t["beta"], fw["w"], fw["u"], fw["tinv"], fw["G"], grad_o, fw["states"], dstates,
-            d_scratch, dd_scratch, dq, dk, dv, dbeta, dlg if dlg is not None else dbeta, cu_tok, cu_chunk, H, K, V, float(scale),
+            t["q"], t["k"], t["v"], t["beta"], fw["tinv"], fw["G"], grad_o, fw["states"], dstates, fw["out"], dd,
+            dq, dk, dv, dbeta, dlg if dlg is not None else dbeta, cu_tok, cu_chunk, H, K, V, float(scale),
             HAS_GATE=log_gate is not None, **common)
     return dq, dk, dv, dbeta, dlg, (dh0 if initial_state is not None else None)
 
 
 # Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
 def _signatures(elem: str) -> dict:
-    """Triton signatures of the four kernels for inputs stored as ``elem`` (fp32 / bf16 / fp16)."""
+    """Triton signatures of the four kernels for inputs stored as ``elem`` (fp32 / bf16 / fp16); w,
+    Tinv and the gradients are stored in that dtype too (u, d, dd, states in fp32)."""
     x = f"*{elem}"
     return {
-        _wy_fwd_kernel: {"k_ptr": x, "v_ptr": x, "beta_ptr": x, "lg_ptr": x, "w_ptr": "*fp32", "u_ptr": "*fp32",
-                         "tinv_ptr": "*fp32", "g_ptr": "*fp64", "cu_tok_ptr": "*i64", "H": "i32", "K": "i32",
+        _wy_fwd_kernel: {"k_ptr": x, "v_ptr": x, "beta_ptr": x, "lg_ptr": x, "w_ptr": x, "u_ptr": "*fp32",
+                         "tinv_ptr": x, "g_ptr": "*fp64", "cu_tok_ptr": "*i64", "H": "i32", "K": "i32",
                          "V": "i32"},
-        _state_fwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": "*fp32", "u_ptr": "*fp32", "g_ptr": "*fp64",
+        _state_fwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": x, "u_ptr": "*fp32", "g_ptr": "*fp64",
                             "h0_ptr": "*fp32", "o_ptr": x, "states_ptr": "*fp32", "final_ptr": "*fp32",
                             "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
                             "scale": "fp32"},
-        _state_bwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": "*fp32", "g_ptr": "*fp64", "do_ptr": x,
-                            "dfinal_ptr": "*fp32", "dstates_ptr": "*fp32", "dh0_ptr": "*fp32", "cu_tok_ptr": "*i64",
-                            "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"},
-        _local_bwd_kernel: {"q_ptr": x, "k_ptr": x, "v_ptr": x, "beta_ptr": x, "w_ptr": "*fp32", "u_ptr": "*fp32",
-                            "tinv_ptr": "*fp32", "g_ptr": "*fp64", "do_ptr": x, "states_ptr": "*fp32",
-                            "dstates_ptr": "*fp32", "d_ptr": "*fp32", "dd_ptr": "*fp32", "dq_ptr": "*fp32",
-                            "dk_ptr": "*fp32", "dv_ptr": "*fp32", "dbeta_ptr": "*fp32", "dlg_ptr": "*fp32",
+        _state_bwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": x, "g_ptr": "*fp64", "do_ptr": x,
+                            "dfinal_ptr": "*fp32", "dstates_ptr": "*fp32", "dh0_ptr": "*fp32", "dd_ptr": "*fp32",
+                            "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
+                            "scale": "fp32"},
+        _local_bwd_kernel: {"q_ptr": x, "k_ptr": x, "v_ptr": x, "beta_ptr": x, "tinv_ptr": x, "g_ptr": "*fp64",
+                            "do_ptr": x, "states_ptr": "*fp32", "dstates_ptr": "*fp32", "d_ptr": "*fp32",
+                            "dd_ptr": "*fp32",
+                            "dq_ptr": x, "dk_ptr": x, "dv_ptr": x, "dbeta_ptr": x, "dlg_ptr": x,
                             "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
                             "scale": "fp32"},
     }
@@ -861,14 +943,15 @@ def aot_specs():
     plans = ((torch.float32, "fp32", 1, True), (torch.bfloat16, "bf16", 3, True), (torch.float16, "fp16", 2, False))
     for torch_dtype, elem, n, with_backward in plans:
         cfg = _config(n, 128, 128, torch_dtype, interpret=False)
-        common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"])
+        common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"],
+                      LOWP=cfg["LOWP"], INTERP=False)
         sigs = _signatures(elem)
         nw = cfg["num_warps"]
         for gate in (False, True):
             yield _wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, **common), nw
-        for store_o in (False, True):
-            yield (_state_fwd_kernel, sigs[_state_fwd_kernel],
-                   dict(HAS_H0=True, STORE_O=store_o, BC=cfg["BC"], **common), nw)
+        for store_o in (False, True):  # without the outputs it writes d (fp32) through o_ptr
+            sig = dict(sigs[_state_fwd_kernel], o_ptr=f"*{elem}" if store_o else "*fp32")
+            yield _state_fwd_kernel, sig, dict(HAS_H0=True, STORE_O=store_o, BC=cfg["BC"], **common), nw
         rec_sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "beta_ptr": f"*{elem}",
                    "lg_ptr": f"*{elem}", "h0_ptr": "*fp32", "o_ptr": f"*{elem}", "final_ptr": "*fp32",
                    "cu_tok_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"}

@@ -368,3 +368,46 @@ def _good(n=2):
 def test_bad_input(case, exc, match):
     with pytest.raises(exc, match=match):
         case(*_good())
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path internals: the chunk inverse by 16 x 16 blocks merged by products.
+# ---------------------------------------------------------------------------------------------
+try:  # a one-program Triton kernel: t = _unit_lower_inverse(a) for a (BL, BL) fp32 matrix
+    import triton
+    import triton.language as tl
+
+    from linrec.kernels.householder import _unit_lower_inverse
+
+    @triton.jit
+    def _invert_kernel(a_ptr, t_ptr, BL: tl.constexpr):
+        r = tl.arange(0, BL)
+        A = tl.load(a_ptr + r[:, None] * BL + r[None, :])
+        tl.store(t_ptr + r[:, None] * BL + r[None, :], _unit_lower_inverse(A, BL, "ieee"))
+except ImportError:  # no Triton: the Triton tests are skipped
+    _invert_kernel = None
+
+
+@pytest.mark.parametrize("BL", [64, 128])
+@pytest.mark.parametrize("kind", ["random", "resets", "householder"])
+def test_triton_blocked_unit_lower_inverse(BL, kind):
+    """_unit_lower_inverse(A) = (I + A)^{-1} for strictly lower A, against torch.linalg.inv in float64."""
+    if _invert_kernel is None:
+        pytest.skip("Triton is not installed")
+    g = torch.Generator().manual_seed(BL)
+    if kind == "householder":  # the chunk's A: beta_i k_i . k_m, unit keys, beta in [0, 2]
+        k = F.normalize(torch.randn(BL, 8, generator=g, dtype=torch.float64), dim=-1)
+        A = (torch.rand(BL, 1, generator=g, dtype=torch.float64) * 2) * (k @ k.T)
+    else:
+        A = torch.randn(BL, BL, generator=g, dtype=torch.float64) * 0.3
+    if kind == "resets":  # hard resets: A[i, m] = 0 whenever a reset lies in (m, i], across block borders
+        seg = torch.cumsum(torch.isin(torch.arange(BL), torch.tensor([5, 16, 17, 40, 63])), 0)
+        A = torch.where(seg[:, None] == seg[None, :], A, 0.0)
+    A = torch.tril(A, -1)
+    T = torch.empty(BL, BL, dtype=torch.float32, device=DEVICE)
+    _invert_kernel[(1,)](A.float().to(DEVICE), T, BL=BL)
+    want = torch.linalg.inv(torch.eye(BL, dtype=torch.float64) + A)
+    assert rel_rms(T.cpu().double(), want) < 1e-5
+    assert torch.equal(T.cpu().triu(1), torch.zeros(BL, BL))          # exactly lower triangular
+    if kind == "resets":                                                # exact zeros across a reset
+        assert torch.equal(T.cpu()[want == 0], torch.zeros_like(T.cpu()[want == 0]))
