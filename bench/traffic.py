@@ -498,8 +498,11 @@ def plan_summary(op: str, dtype: str, dims: Dict[str, int]) -> str:
         cfg = dg._config(DTYPES[dtype], model is None, D)
         auto = dg._auto_num_chunks
         S = auto(B, D, T, None, cfg, model)
+        if S > 1:  # one program per (chunk, sequence, channel block), joined by look-back in one launch
+            programs = B * -(-D // cfg.get("CHUNK_D", cfg["BLOCK_D"]))
+            return f"{programs * S} programs ({programs} x {S} time chunks), one pass"
         programs = B * -(-D // cfg["BLOCK_D"])
-        return f"{programs} programs x {S} time chunks" if S > 1 else f"{programs} programs, one pass"
+        return f"{programs} programs, one pass"
     if op == "block_diagonal":
         import linrec.kernels.block_diagonal as bd
         import triton

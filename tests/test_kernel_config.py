@@ -129,10 +129,12 @@ def test_model_plans_as_a_gpu_with_those_properties(name, monkeypatch):
         for N, D, T in ((8, 1024, 8192), (1, 64, 65536), (4, 4096, 2048), (2, 64, 100)):
             assert auto(N, D, T, None, cfg, modelled) == \
                 auto(N, D, T, None, cfg, on_gpu)
-    if name == "h100":  # the GPU goals' shapes: 128 fp32 programs < 4 x 132 -> 5 chunks, 64 bf16 -> 9
-        assert auto(8, 1024, 8192, None, dg._config(torch.float32, False), modelled) == 5
-        assert auto(8, 1024, 8192, None, dg._config(torch.bfloat16, False), modelled) == 9
-        assert auto(1, 64, 65536, None, dg._config(torch.float32, False), modelled) == 256
+    if name == "h100":  # the GPU goals' shapes: 128 fp32 (64 bf16) programs < 4 x 132 -> 128-step chunks
+        assert auto(8, 1024, 8192, None, dg._config(torch.float32, False), modelled) == 64
+        assert auto(8, 1024, 8192, None, dg._config(torch.bfloat16, False), modelled) == 64
+        assert auto(1, 64, 65536, None, dg._config(torch.float32, False), modelled) == 512
+        assert auto(1, 64, 65536, None, dg._config(torch.complex64, False), modelled) == 1024  # 64-step chunks
+        assert auto(64, 4096, 8192, None, dg._config(torch.float32, False), modelled) == 1  # 4096 programs walk
     assert auto(1, 64, 65536, None, dg._config(torch.float32, True), None) == 1
 
 
@@ -178,9 +180,10 @@ def test_diagonal_launch_plan(model, monkeypatch):
     torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"), atol=1e-5, rtol=1e-5)
     if model is None:  # the interpreter's plan: 16 x 16 tiles, one program per channel block, one pass
         assert [(grid, meta["BLOCK_T"], meta["BLOCK_D"]) for _, grid, meta in launches] == [((3, 1, 1), 16, 16)]
-    else:  # as on an H100/H200: 32 x 64 tiles, 8 warps; 1 program < 4 x 132, 600 // 256 = 2 chunks
-        assert [grid for _, grid, _ in launches] == [(1, 1, 2), (1, 1, 1), (1, 1, 2)]
-        assert all((meta["BLOCK_T"], meta["BLOCK_D"], meta["num_warps"]) == (32, 64, 8) for _, _, meta in launches)
+    else:  # as on an H100/H200: 1 program < 4 x 132, so one launch of cdiv(600, 128) = 5 one-tile chunks
+        # (128 x 64, 8 warps) joined by look-back
+        assert [(grid, meta["BLOCK_T"], meta["BLOCK_D"], meta["num_warps"], meta["LOOKBACK"])
+                for _, grid, meta in launches] == [((5, 1, 1), 128, 64, 8, True)]
 
 
 @needs_interpreter
@@ -215,7 +218,8 @@ def _diagonal_case(dtype, reverse, varlen, broadcast):
     (torch.float32, False, False, False), (torch.float32, True, True, False), (torch.complex64, False, False, False),
     (torch.complex64, True, False, True), (torch.bfloat16, False, True, False)])
 def test_diagonal_results_hold_under_the_gpu_plan(dtype, reverse, varlen, broadcast, monkeypatch):
-    """Chunked (2-3 chunks here), as the H100 plan runs it: forward and gradients match the torch backend."""
+    """Chunked (5 chunks of 128 steps joined by look-back), as the H100 plan runs it: forward and
+    gradients match the torch backend."""
     monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
     (a, x, h0), kw = _diagonal_case(dtype, reverse, varlen, broadcast)
     results = []
@@ -248,3 +252,56 @@ def test_block_diagonal_results_hold_under_the_gpu_plan(b, reverse, varlen, monk
             results.append((h, *torch.autograd.grad((h * weights).sum(), (A, x, h0))))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("reverse,varlen,a_shape", [
+    (False, False, "full"), (True, False, "full"), (False, True, "full"), (True, True, "(D,)"),
+    (False, False, "(D,)"), (False, False, "(1, T, D)")])
+def test_diagonal_forced_chunks_match_the_reference(dtype, reverse, varlen, a_shape):
+    """A forced multi-chunk plan (look-back between 16-step chunks) against the float64 reference:
+    states, dL/da (full-size in a's dtype, or per-program sums for an a broadcast over time),
+    dL/dx and dL/dh0; the same launch with one chunk per sequence agrees too."""
+    from linrec._common import sum_to_shape
+    from linrec.diagonal.chunked import diagonal_scan_chunked_backward
+    from linrec.diagonal.reference import diagonal_scan_reference
+    from linrec.kernels.diagonal import diagonal_scan_backward, diagonal_scan_forward
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 37, 37, 100, 101, 170]) if varlen else None
+    B, T, D = (1, 170, 5) if varlen else (2, 101, 5)
+    N = 5 if varlen else B
+    shape = {"full": (B, T, D), "(D,)": (D,), "(1, T, D)": (1, T, D)}[a_shape]
+    if dtype.is_complex:
+        a = torch.polar(0.6 + 0.4 * torch.rand(shape), torch.rand(shape))
+    else:
+        a = (0.6 + 0.4 * torch.rand(shape)).to(dtype)
+    x, h0, g = (torch.randn(*s, dtype=torch.complex64 if dtype.is_complex else torch.float32).to(dtype)
+                for s in ((B, T, D), (N, D), (B, T, D)))
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    a64, x64, h064, g64 = (t.to(wide) for t in (a, x, h0, g))
+    ref = diagonal_scan_reference(a64, x64, h064, cu_seqlens=cu, reverse=reverse)
+    want = diagonal_scan_chunked_backward(a64.expand(B, T, D), ref, g64, h064, cu_seqlens=cu, reverse=reverse)
+    want = (sum_to_shape(want[0], shape), *want[1:])
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    dev = [t.to(DEVICE) for t in (a, x, h0, g)]
+    cu_dev = cu.to(DEVICE) if cu is not None else None
+    results = {}
+    for chunks in (1, 7):  # 7: cdiv(max length, 7) -> 16-step chunks, 7 (varlen: 5) per sequence
+        with _fast_scan():
+            h = diagonal_scan_forward(dev[0], dev[1], dev[2], cu_seqlens=cu_dev, reverse=reverse, num_chunks=chunks)
+            grads = diagonal_scan_backward(dev[0], ref.to(dtype).to(DEVICE), dev[3], dev[2], cu_seqlens=cu_dev,
+                                           reverse=reverse, x_dtype=dtype, num_chunks=chunks)
+        grad_a = sum_to_shape(grads[0], shape)
+        if a_shape == "full":  # written by the kernel in a's dtype, no fp32 buffer
+            assert grads[0].dtype == a.dtype and grads[0].shape == (B, T, D)
+        elif a_shape == "(D,)":  # summed per program over time, never a (B, T, D) buffer
+            assert grads[0].shape[1] == 1
+        assert grads[1].dtype == dtype
+        got = (h, grad_a, grads[1], grads[2])
+        for value, expect in zip(got, (ref, *want)):
+            err = (value.cpu().to(wide) - expect).abs().max() / expect.abs().max()
+            assert err < tol, (chunks, err)
+        results[chunks] = got
+    for one, many in zip(results[1], results[7]):
+        torch.testing.assert_close(many, one, atol=tol, rtol=tol)
