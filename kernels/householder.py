@@ -14,28 +14,36 @@ hard reset does not wipe out the small gates after it), and::
     o    = scale (exp(G_r) Q S0 + (exp(G_r - G_m) Q K^T)_{m <= r} d)     r = the token's last sub-step
     S1   = exp(G_L) S0 + (exp(G_L - G) K)^T d                   state leaving the chunk
 
-Forward: ``_wy_fwd_kernel`` (all chunks in parallel: A, Tinv by forward
-substitution, w, u, G) then ``_state_fwd_kernel`` (per sequence, head and block
+Forward: ``_wy_fwd_kernel`` (all chunks in parallel: A; Tinv by 16 x 16 diagonal blocks,
+inverted together by forward substitution in 15 steps and merged by doubling with products,
+see ``_unit_lower_inverse``; w, u, G) then ``_state_fwd_kernel`` (per sequence, head and block
 of V columns, sequentially over chunks: chunk-entry states and the outputs).
 ``S1 = M S0 + c`` is affine in S0, so the state pass is one (BL x K) x (K x BV)
 product and one update per chunk. The fp32 state lives in the chunk-state buffer
 (which the backward needs anyway) and is streamed through in blocks of BK rows, so
 K = 256 needs no more registers or shared memory than K = 64. The backward
-recomputes ``_wy_fwd_kernel`` and the state pass (without outputs) first.
+recomputes ``_wy_fwd_kernel`` and the state pass first (the op's autograd saves only
+the inputs); that state pass writes d = u - w S0 instead of the outputs.
 
 Decoding: ``_recurrent_fwd_kernel`` applies the sub-steps one by one with the state
 in registers; the op uses it for forward passes of at most ``RECURRENT_MAX_T`` tokens.
 
 Backward, with dS the gradient of the state leaving a chunk:
 ``_state_bwd_kernel`` walks the chunks in reverse, ``dd = P^T dO + (exp(G_L - G) K) dS``
-and ``dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd`` (the adjoint of the same
-affine map), storing dS per chunk; ``_local_bwd_kernel`` then computes, for all
-chunks in parallel, the gradients of q, k, v, beta and log_gate from S0, dS and the
-recomputed WY factors (``dA = -(Tinv^T du u^T + Tinv^T dw w^T)`` restricted to the
-strictly lower triangle, and the rest by the chain rule through the formulas above).
+(stored for the next kernel) and ``dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd``
+(the adjoint of the same affine map), storing dS per chunk; ``_local_bwd_kernel`` then
+computes, for all chunks in parallel, the gradients of q, k, v, beta and log_gate from d,
+dd, S0, dS and Tinv (``dA = -(Tinv^T dd) d^T`` restricted to the strictly lower triangle,
+which is ``-(Tinv^T du u^T + Tinv^T dw w^T)`` with du = dd, dw = -dd S0^T and w S0 = u - d,
+and the rest by the chain rule through the formulas above).
 
-All products are ``tl.dot`` with fp32 operands and fp32 accumulation (IEEE fp32 for
-fp32 inputs, TF32 for bf16/fp16 inputs); states, Tinv and every intermediate are fp32.
+Precision: fp32 inputs multiply exactly ("ieee" fp32 products). For bf16 / fp16 inputs the
+products of two input tiles (K K^T, Q K^T) take bf16 / fp16 operands; every product with a
+computed operand (states, Tinv, scores, d, dd) takes fp32 operands as TF32 (bf16 operands
+there were measured past the 1e-2 accuracy bound, see ``_dot32``). Accumulation is fp32
+throughout; w and Tinv are stored in the inputs' dtype, u, d, dd and the chunk states in
+fp32, and the kernels write every gradient in its input's dtype.
+
 Only plain pointer arithmetic with masks is used (no block pointers), and offsets
 that can pass 2**31 are int64.
 """
@@ -274,13 +282,13 @@ def _chunk_span(tok0, eos, CT: tl.constexpr, NFAC: tl.constexpr, BL: tl.constexp
 
 
 @triton.jit
-def _seed_state(src_ptr, HAS_SRC: tl.constexpr, chunk_dst_ptr, empty_dst_ptr, n_chunks, cols_v, v_ok, K, V,
-                BK: tl.constexpr, BV: tl.constexpr):
+def _seed_state(src_ptr, HAS_SRC: tl.constexpr, chunk_dst_ptr, empty_dst_ptr, HAS_EMPTY_DST: tl.constexpr, n_chunks,
+                cols_v, v_ok, K, V, BK: tl.constexpr, BV: tl.constexpr):
     """Copies one (K, V) state (this program's V columns, fp32) to where a state pass starts.
 
     The source is ``src_ptr`` (zeros when not HAS_SRC); the destination is ``chunk_dst_ptr``
-    when the sequence has chunks, else ``empty_dst_ptr``: an empty sequence hands its initial
-    state (or gradient) straight on.
+    when the sequence has chunks, else ``empty_dst_ptr`` (when HAS_EMPTY_DST): an empty sequence
+    hands its initial state (or gradient) straight on.
     """
     for k0 in range(0, K, BK):
         cols_k = k0 + tl.arange(0, BK)
@@ -292,7 +300,7 @@ def _seed_state(src_ptr, HAS_SRC: tl.constexpr, chunk_dst_ptr, empty_dst_ptr, n_
             S = tl.zeros((BK, BV), tl.float32)
         if n_chunks > 0:
             tl.store(chunk_dst_ptr + s_off, S, mask=smask)
-        else:
+        elif HAS_EMPTY_DST:
             tl.store(empty_dst_ptr + s_off, S.to(empty_dst_ptr.dtype.element_ty), mask=smask)
 
 
@@ -367,7 +375,7 @@ def _state_fwd_kernel(
 
     # The entry state of chunk 0 (or the final state of an empty sequence).
     _seed_state(h0_ptr + seq_state, HAS_H0, states_ptr + (chunk_base * H + head) * K * V, final_ptr + seq_state,
-                n_chunks, cols_v, v_ok, K, V, BK, BV)
+                True, n_chunks, cols_v, v_ok, K, V, BK, BV)
 
     for c in range(0, n_chunks):
         tl.debug_barrier()
@@ -433,12 +441,12 @@ def _state_bwd_kernel(
     do_ptr,       # (B*T, H, V) gradient of o
     dfinal_ptr,   # (N, H, K, V) gradient of the final state, read when HAS_DFINAL
     dstates_ptr,  # out (total chunks, H, K, V) fp32: gradient of the state leaving every chunk
-    dh0_ptr,      # out (N, H, K, V) gradient of the initial state (its dtype)
+    dh0_ptr,      # out (N, H, K, V) gradient of the initial state (its dtype), written when HAS_H0
     dd_ptr,       # out (B*T*n, H, V) fp32: dL/dd, for the chunk-local kernel
     cu_tok_ptr, cu_chunk_ptr,
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    BV: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
@@ -449,7 +457,7 @@ def _state_bwd_kernel(
     # The gradient of the state leaving the last chunk is that of the final state (or, for an
     # empty sequence, the gradient of its initial state).
     _seed_state(dfinal_ptr + seq_state, HAS_DFINAL, dstates_ptr + ((chunk_base + n_chunks - 1) * H + head) * K * V,
-                dh0_ptr + seq_state, n_chunks, cols_v, v_ok, K, V, BK, BV)
+                dh0_ptr + seq_state, HAS_H0, n_chunks, cols_v, v_ok, K, V, BK, BV)
 
     for i in range(0, n_chunks):
         tl.debug_barrier()
@@ -491,7 +499,7 @@ def _state_bwd_kernel(
                   - _dot32(tl.trans(w), dd, PREC))
             if c > 0:
                 tl.store(dstates_ptr + here - H * K * V + s_off, dS, mask=smask)
-            else:
+            elif HAS_H0:
                 tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
 
 
@@ -881,8 +889,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dstates = torch.empty_like(fw["states"])
     dd = torch.empty_like(fw["out"])
     # Every token of every sequence is written by exactly one chunk program: no zero-fills.
-    dh0 = torch.empty((N, H, K, V), dtype=initial_state.dtype if initial_state is not None else torch.float32,
-                      device=dev)
+    dh0 = torch.empty_like(initial_state, memory_format=torch.contiguous_format) if initial_state is not None else None
     dq = torch.empty((B, T, H, K), dtype=q.dtype, device=dev)
     dk = torch.empty((B, T, n, H, K), dtype=k.dtype, device=dev)
     dv = torch.empty((B, T, n, H, V), dtype=v.dtype, device=dev)
@@ -891,16 +898,16 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"],
                   LOWP=cfg["LOWP"], INTERP=cfg["INTERP"], num_warps=cfg["num_warps"])
     if N * H > 0:
-        gf = grad_final.contiguous() if grad_final is not None else dh0
+        gf = grad_final.contiguous() if grad_final is not None else dstates      # (placeholders: not read)
         _state_bwd_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](
-            t["q"], t["k"], fw["w"], fw["G"], grad_o, gf, dstates, dh0, dd, cu_tok, cu_chunk, H, K, V, float(scale),
-            HAS_DFINAL=grad_final is not None, **common)
+            t["q"], t["k"], fw["w"], fw["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd, cu_tok,
+            cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None, **common)
     if max_chunks > 0 and N * H > 0:
         _local_bwd_kernel[(max_chunks, N * H)](
             t["q"], t["k"], t["v"], t["beta"], fw["tinv"], fw["G"], grad_o, fw["states"], dstates, fw["out"], dd,
             dq, dk, dv, dbeta, dlg if dlg is not None else dbeta, cu_tok, cu_chunk, H, K, V, float(scale),
             HAS_GATE=log_gate is not None, **common)
-    return dq, dk, dv, dbeta, dlg, (dh0 if initial_state is not None else None)
+    return dq, dk, dv, dbeta, dlg, dh0
 
 
 # Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
@@ -959,6 +966,8 @@ def aot_specs():
         if not with_backward:
             continue
         for has_dfinal in (False, True):
-            yield _state_bwd_kernel, sigs[_state_bwd_kernel], dict(HAS_DFINAL=has_dfinal, BC=cfg["BC"], **common), nw
+            for has_h0 in (False, True):
+                yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
+                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, BC=cfg["BC"], **common), nw)
         for gate in (False, True):
             yield _local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **common), nw
