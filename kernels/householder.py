@@ -19,11 +19,11 @@ inverted together by forward substitution in 15 steps and merged by doubling wit
 see ``_unit_lower_inverse``; w, u, G) then ``_state_fwd_kernel`` (per sequence, head and block
 of V columns, sequentially over chunks: chunk-entry states and the outputs).
 ``S1 = M S0 + c`` is affine in S0, so the state pass is one (BL x K) x (K x BV)
-product and one update per chunk. The fp32 state lives in the chunk-state buffer
-(which the backward needs anyway) and is streamed through in blocks of BK rows, so
-K = 256 needs no more registers or shared memory than K = 64. The backward
-recomputes ``_wy_fwd_kernel`` and the state pass first (the op's autograd saves only
-the inputs); that state pass writes d = u - w S0 instead of the outputs.
+product and one update per chunk. The fp32 state stays in registers across the chunk
+loop (a (K / BK, BK, BV) tile: the K-long products are batched over K blocks), so the
+forward writes no chunk states at all. The backward recomputes ``_wy_fwd_kernel`` and
+the state pass first (the op's autograd saves only the inputs); that state pass writes
+the chunk-entry states and d = u - w S0 instead of the outputs.
 
 Decoding: ``_recurrent_fwd_kernel`` applies the sub-steps one by one with the state
 in registers; the op uses it for forward passes of at most ``RECURRENT_MAX_T`` tokens.
@@ -282,29 +282,6 @@ def _chunk_span(tok0, eos, CT: tl.constexpr, NFAC: tl.constexpr, BL: tl.constexp
 
 
 @triton.jit
-def _seed_state(src_ptr, HAS_SRC: tl.constexpr, chunk_dst_ptr, empty_dst_ptr, HAS_EMPTY_DST: tl.constexpr, n_chunks,
-                cols_v, v_ok, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    """Copies one (K, V) state (this program's V columns, fp32) to where a state pass starts.
-
-    The source is ``src_ptr`` (zeros when not HAS_SRC); the destination is ``chunk_dst_ptr``
-    when the sequence has chunks, else ``empty_dst_ptr`` (when HAS_EMPTY_DST): an empty sequence
-    hands its initial state (or gradient) straight on.
-    """
-    for k0 in range(0, K, BK):
-        cols_k = k0 + tl.arange(0, BK)
-        s_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
-        smask = (cols_k[:, None] < K) & v_ok[None, :]
-        if HAS_SRC:
-            S = tl.load(src_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
-        else:
-            S = tl.zeros((BK, BV), tl.float32)
-        if n_chunks > 0:
-            tl.store(chunk_dst_ptr + s_off, S, mask=smask)
-        elif HAS_EMPTY_DST:
-            tl.store(empty_dst_ptr + s_off, S.to(empty_dst_ptr.dtype.element_ty), mask=smask)
-
-
-@triton.jit
 def _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, NFAC: tl.constexpr,
                   BL: tl.constexpr):
     """Loads G and returns (G, G_L, G_r, decay_last, decay_read) for one chunk.
@@ -342,13 +319,39 @@ def _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL: tl.constex
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward kernel 2: the state pass over chunks, with the outputs.
-#
-# The state is kept in the ``states`` buffer (fp32, one (K, V) slice per chunk, which the
-# backward needs anyway) rather than in registers, and is read and written in blocks of
-# BK rows: K up to 256 then costs no more registers or shared memory than K = BK. Between
-# writing a chunk's exit state and reading it back as the next chunk's entry state the
-# program synchronises its threads (``tl.debug_barrier``, a CTA-wide barrier).
+# The state kernels: one program per (sequence, head, block of BV state columns) holds its
+# (K, BV) fp32 slice of the state (or of its gradient) in registers across the chunk loop and
+# per chunk reads only the chunk's tiles. The slice is a (NKB, BK, BV) tile, K in NKB = BKF / BK
+# blocks, and the K-long products are batched products over the blocks summed over the batch:
+# each product's reduction is then at most 64 long, which keeps the exact fp32 ("ieee") products,
+# done with FMAs, in registers.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _kblocks(ptr, rows, rows_ok, head, H, K, NKB: tl.constexpr, BK: tl.constexpr):
+    """The (rows, K) tile of a (..., H, K) tensor, as (NKB, len(rows), BK): block b holds
+    columns b * BK .. b * BK + BK - 1 (zeros past K and in masked rows)."""
+    cols = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, None, :]
+    return tl.load(ptr + (rows[None, :, None] * H + head) * K + cols, mask=rows_ok[None, :, None] & (cols < K),
+                   other=0.0)
+
+
+@triton.jit
+def _bdot(a, b, PREC: tl.constexpr):
+    """Batched a @ b with fp32 operands (input precision PREC) and fp32 accumulation."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _state_slice(cols_v, v_ok, K, V, NKB: tl.constexpr, BK: tl.constexpr):
+    """Offsets (int64) and mask of this program's (NKB, BK, BV) slice of a (K, V) state."""
+    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    return (rows_k * V + cols_v[None, None, :]).to(tl.int64), (rows_k < K) & v_ok[None, None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel 2: the state pass over chunks, with the outputs. The forward writes the
+# outputs and the final state only; the backward's recomputation (STORE_O false) writes
+# instead the state entering every chunk and d = u - w S0, which its chunk-local kernel reads.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _state_fwd_kernel(
@@ -359,81 +362,63 @@ def _state_fwd_kernel(
     g_ptr,        # (B*T*n, H) fp64
     h0_ptr,       # (N, H, K, V) initial states, read when HAS_H0
     o_ptr,        # out (B*T, H, V) when STORE_O; else out (B*T*n, H, V) fp32: d, for the backward
-    states_ptr,   # out (total chunks, H, K, V) fp32: the state entering every chunk
+    states_ptr,   # out (total chunks, H, K, V) fp32, when not STORE_O: the state entering every chunk
     final_ptr,    # out (N, H, K, V) fp32
     cu_tok_ptr,   # (N + 1,) int64 token offsets
     cu_chunk_ptr,  # (N + 1,) int64 chunk offsets (index of a sequence's first chunk)
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
-    INTERP: tl.constexpr,
+    NKB: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr, INTERP: tl.constexpr, STAGES: tl.constexpr,
 ):
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     tok_rows = tl.arange(0, BC)
     cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
     v_ok = cols_v < V
+    s_off, smask = _state_slice(cols_v, v_ok, K, V, NKB, BK)
+    if HAS_H0:
+        S = tl.load(h0_ptr + seq_state + s_off, mask=smask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((NKB, BK, BV), tl.float32)
 
-    # The entry state of chunk 0 (or the final state of an empty sequence).
-    _seed_state(h0_ptr + seq_state, HAS_H0, states_ptr + (chunk_base * H + head) * K * V, final_ptr + seq_state,
-                True, n_chunks, cols_v, v_ok, K, V, BK, BV)
-
-    for c in range(0, n_chunks):
-        tl.debug_barrier()
+    # STAGES: how many chunks' tiles the compiler may have in flight (software pipelining of the
+    # chunk loop); fp32 tiles take 1 (three stages of w, u and k need 189 KB of shared memory).
+    for c in tl.range(0, n_chunks, num_stages=STAGES):
         sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
-        here = ((chunk_base + c) * H + head) * K * V
         G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
                                                             head, H, NFAC, BL)
-        # d = u - w S0, and the inter-chunk part of the outputs exp(G_r) Q S0.
+        if not STORE_O:
+            tl.store(states_ptr + ((chunk_base + c) * H + head) * K * V + s_off, S, mask=smask)
         v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
-        d = tl.load(u_ptr + v_off, mask=valid[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        o = tl.zeros((BC, BV), tl.float32)
-        for k0 in range(0, K, BK):
-            cols_k = k0 + tl.arange(0, BK)
-            k_ok = cols_k < K
-            s_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
-            S = tl.load(states_ptr + here + s_off, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
-                        other=0.0)
-            d -= _dot32(w, S, PREC)
-            if STORE_O:
-                q = tl.load(q_ptr + (tok[:, None] * H + head) * K + cols_k[None, :],
-                            mask=valid_tok[:, None] & k_ok[None, :], other=0.0)
-                o += _dot32(q, S, PREC)
+        vmask = valid[:, None] & v_ok[None, :]
+        # d = u - w S0
+        w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
+        d = tl.load(u_ptr + v_off, mask=vmask, other=0.0).to(tl.float32) - tl.sum(_bdot(w, S, PREC), axis=0)
         if STORE_O:
+            # o = scale (exp(G_r) Q S0 + P d). Non-finite rows of d (sub-steps at or after a
+            # NaN/inf input) reach only the tokens whose last sub-step r is at or past them.
+            q = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
             qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC, LOWP, INTERP)
-            # Non-finite rows of d (sub-steps at or after a NaN/inf input) reach only the
-            # tokens whose last sub-step r is at or past them.
             d_finite, first_bad = _split_nonfinite(d, tl.arange(0, BL), BL)
             scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
-            o = scale * (o * tl.exp(G_r.to(tl.float32))[:, None] + _dot32(scores, d_finite, PREC))
+            o = scale * (tl.sum(_bdot(q, S, PREC), axis=0) * tl.exp(G_r.to(tl.float32))[:, None]
+                         + _dot32(scores, d_finite, PREC))
             o = _poison_from(o, tok_rows * NFAC + NFAC - 1, first_bad)
             tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
                      mask=valid_tok[:, None] & v_ok[None, :])
         else:
-            # The backward's recomputation: d is what its chunk-local kernel needs from the state.
-            tl.store(o_ptr + v_off, d.to(o_ptr.dtype.element_ty), mask=valid[:, None] & v_ok[None, :])
-        # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, written as the next chunk's entry state.
-        gamma_L = tl.exp(G_L.to(tl.float32))
-        for k0 in range(0, K, BK):
-            cols_k = k0 + tl.arange(0, BK)
-            k_ok = cols_k < K
-            s_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
-            smask = k_ok[:, None] & v_ok[None, :]
-            S = tl.load(states_ptr + here + s_off, mask=smask, other=0.0)
-            kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
-                         other=0.0).to(tl.float32)
-            # (exp(G_L - G) K)^T d, computed as (d^T (exp(G_L - G) K))^T: with d (a dot result) as
-            # the second operand, Triton 3.6 fails to compile the tf32 product for sm_90.
-            S = gamma_L * S + tl.trans(_dot32(tl.trans(d), kk * decay_last[:, None], PREC))
-            if c + 1 < n_chunks:
-                tl.store(states_ptr + here + H * K * V + s_off, S, mask=smask)
-            else:
-                tl.store(final_ptr + seq_state + s_off, S, mask=smask)
+            tl.store(o_ptr + v_off, d.to(o_ptr.dtype.element_ty), mask=vmask)
+        # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, computed as (d^T (exp(G_L - G) K))^T: with d (a
+        # dot result) as the second operand, Triton 3.6 fails to compile the tf32 product for sm_90.
+        kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK).to(tl.float32) * decay_last[None, :, None]
+        dT = tl.broadcast_to(tl.trans(d)[None, :, :], (NKB, BV, BL))
+        S = tl.exp(G_L.to(tl.float32)) * S + tl.permute(_bdot(dT, kk, PREC), (0, 2, 1))
+    tl.store(final_ptr + seq_state + s_off, S, mask=smask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward kernel 1: the adjoint state pass, chunks in reverse (gradient state kept in the
-# ``dstates`` buffer, blocks of BK rows, like the forward pass).
+# Backward kernel 1: the adjoint state pass, chunks in reverse, the gradient state dS held
+# like the state in the forward pass; writes dS per chunk and dd.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _state_bwd_kernel(
@@ -446,24 +431,24 @@ def _state_bwd_kernel(
     cu_tok_ptr, cu_chunk_ptr,
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
-    INTERP: tl.constexpr,
+    NKB: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr, INTERP: tl.constexpr,
 ):
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     tok_rows = tl.arange(0, BC)
     cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
     v_ok = cols_v < V
-
-    # The gradient of the state leaving the last chunk is that of the final state (or, for an
-    # empty sequence, the gradient of its initial state).
-    _seed_state(dfinal_ptr + seq_state, HAS_DFINAL, dstates_ptr + ((chunk_base + n_chunks - 1) * H + head) * K * V,
-                dh0_ptr + seq_state, HAS_H0, n_chunks, cols_v, v_ok, K, V, BK, BV)
+    s_off, smask = _state_slice(cols_v, v_ok, K, V, NKB, BK)
+    # The gradient of the state leaving the last chunk is that of the final state.
+    if HAS_DFINAL:
+        dS = tl.load(dfinal_ptr + seq_state + s_off, mask=smask, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros((NKB, BK, BV), tl.float32)
 
     for i in range(0, n_chunks):
-        tl.debug_barrier()
         c = n_chunks - 1 - i
+        tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off, dS, mask=smask)
         sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
-        here = ((chunk_base + c) * H + head) * K * V
         G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
                                                             head, H, NFAC, BL)
         do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
@@ -471,36 +456,19 @@ def _state_bwd_kernel(
         qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC, LOWP, INTERP)
         P = scale * decay_read * qk                                                  # (BC, BL)
         # dd = P^T dO + (exp(G_L - G) K) dS: the gradient of the chunk's corrected values d.
-        dd = _dot32(tl.trans(P), do, PREC)
-        for k0 in range(0, K, BK):
-            cols_k = k0 + tl.arange(0, BK)
-            k_ok = cols_k < K
-            s_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
-            dS = tl.load(dstates_ptr + here + s_off, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
-            kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
-                         other=0.0).to(tl.float32)
-            dd += _dot32(kk * decay_last[:, None], dS, PREC)
+        kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK).to(tl.float32) * decay_last[None, :, None]
+        dd = _dot32(tl.trans(P), do, PREC) + tl.sum(_bdot(kk, dS, PREC), axis=0)
         tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
                  mask=valid[:, None] & v_ok[None, :])
         # dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd: the gradient leaving the previous chunk.
-        gamma_L = tl.exp(G_L.to(tl.float32))
-        qscale = scale * tl.exp(G_r.to(tl.float32))
-        for k0 in range(0, K, BK):
-            cols_k = k0 + tl.arange(0, BK)
-            k_ok = cols_k < K
-            s_off = (cols_k[:, None] * V + cols_v[None, :]).to(tl.int64)
-            smask = k_ok[:, None] & v_ok[None, :]
-            dS = tl.load(dstates_ptr + here + s_off, mask=smask, other=0.0)
-            q = tl.load(q_ptr + (tok[:, None] * H + head) * K + cols_k[None, :],
-                        mask=valid_tok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
-                        other=0.0)
-            dS = (gamma_L * dS + _dot32(tl.trans(q * qscale[:, None]), do, PREC)
-                  - _dot32(tl.trans(w), dd, PREC))
-            if c > 0:
-                tl.store(dstates_ptr + here - H * K * V + s_off, dS, mask=smask)
-            elif HAS_H0:
-                tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
+        qs = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK).to(tl.float32) \
+            * (scale * tl.exp(G_r.to(tl.float32)))[None, :, None]
+        w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
+        dS = (tl.exp(G_L.to(tl.float32)) * dS
+              + _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(do.to(tl.float32)[None, :, :], (NKB, BC, BV)), PREC)
+              - _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, BL, BV)), PREC))
+    if HAS_H0:
+        tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,8 +716,8 @@ def _next_pow2(x: int) -> int:
 def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Block sizes: BL = 64 sub-steps per chunk (C = 64 // n tokens), K in blocks of BK, V in blocks of BV.
 
-    The state kernels run one program per (sequence, head, V block); the chunk-parallel
-    kernels loop over both K and V blocks, so any K and V fit the same registers.
+    The state kernels run one program per (sequence, head, V block of BVS columns) with all K rows
+    (BKF) of their state slice; the chunk-parallel kernels loop over K and V blocks (BK, BV).
     PREC: input precision of fp32 products ("ieee" for fp32 inputs). LOWP: bf16 / fp16 inputs,
     whose products take operands in the inputs' dtype. INTERP: the interpreter, whose ``tl.dot``
     is wrong on bf16 operands (``_mm`` multiplies the rounded operands as fp32 there).
@@ -759,15 +727,30 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     BC = max(16, _next_pow2(CT))
     BK = max(16, min(32, _next_pow2(K)))
     BV = max(16, min(32, _next_pow2(V)))
+    # The state kernels hold all K rows of their (K, BVS) state slice in registers: BKF >= K.
+    # Narrower V blocks for K > 128, and for fp32 inputs, whose exact products are FMA loops
+    # holding whole operand rows in registers (ptxas spills at sm_90a, fp32, K = 128: BVS = 32
+    # 5-18 KB per thread, BVS = 16 0.5-2 KB; bf16 / fp16 with BVS = 32: 0-72 bytes).
+    BKF = max(16, _next_pow2(K))
+    half = dtype in (torch.bfloat16, torch.float16)
+    BVS = BV if BKF <= 128 and half else 16
     # GPU: 8 warps and 32-column K blocks keep the 64 x 64 fp32 tiles of these kernels mostly in
     # registers (spills: `python tests/aot_compile.py linrec.kernels.householder 80 90 --spills`).
     # (Interpreter: 1 warp, the same blocks.)
     num_warps = 1 if interpret else 8
-    half = dtype in (torch.bfloat16, torch.float16)
     prec = "tf32" if half else "ieee"
-    return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, num_warps=num_warps, PREC=prec,
-                                               LOWP=half, INTERP=interpret),
-                           ("BK", "BV", "num_warps"))
+    return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BVS=BVS,
+                                               num_warps=num_warps, STAGES=3 if half else 1, PREC=prec, LOWP=half,
+                                               INTERP=interpret),
+                           ("BK", "BV", "BVS", "num_warps", "STAGES"))
+
+
+def _launch_args(n: int, cfg: dict) -> tuple:
+    """Keyword arguments of the chunk-parallel kernels and of the state kernels."""
+    shared = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], PREC=cfg["PREC"], LOWP=cfg["LOWP"], INTERP=cfg["INTERP"],
+                  num_warps=cfg["num_warps"])
+    return (dict(BK=cfg["BK"], BV=cfg["BV"], **shared),
+            dict(BC=cfg["BC"], BK=cfg["BK"], NKB=cfg["BKF"] // cfg["BK"], BV=cfg["BVS"], **shared))
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -826,19 +809,19 @@ def _wy_and_states(t, h0, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, sc
         out = torch.empty((B, T, H, V), dtype=q.dtype, device=dev)
     else:
         out = torch.empty((B, T * n, H, V), dtype=f32, device=dev)
-    states = torch.empty((max(total_chunks, 1), H, K, V), dtype=f32, device=dev)
+    # The chunk-entry states only for the backward (the forward keeps the state in registers).
+    states = None if store_o else torch.empty((max(total_chunks, 1), H, K, V), dtype=f32, device=dev)
     final = torch.empty((N, H, K, V), dtype=f32, device=dev)
-    common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"],
-                  LOWP=cfg["LOWP"], INTERP=cfg["INTERP"], num_warps=cfg["num_warps"])
+    chunk_args, state_args = _launch_args(n, cfg)
     if max_chunks > 0 and N * H > 0:
         _wy_fwd_kernel[(max_chunks, N * H)](
             k, v, beta, lg if lg is not None else beta, w, u, tinv, G, cu_tok, H, K, V,
-            HAS_GATE=lg is not None, **common)
+            HAS_GATE=lg is not None, **chunk_args)
     if N * H > 0:
-        h0c = h0.contiguous() if h0 is not None else final
-        _state_fwd_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](
-            q, k, w, u, G, h0c, out, states, final, cu_tok, cu_chunk, H, K, V, float(scale),
-            BC=cfg["BC"], HAS_H0=h0 is not None, STORE_O=store_o, **common)
+        h0c = h0.contiguous() if h0 is not None else final                    # (placeholders: not read)
+        _state_fwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
+            q, k, w, u, G, h0c, out, states if states is not None else final, final, cu_tok, cu_chunk, H, K, V,
+            float(scale), HAS_H0=h0 is not None, STORE_O=store_o, STAGES=cfg["STAGES"], **state_args)
     return dict(w=w, u=u, tinv=tinv, G=G, out=out, states=states, final=final)
 
 
@@ -895,18 +878,17 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dv = torch.empty((B, T, n, H, V), dtype=v.dtype, device=dev)
     dbeta = torch.empty((B, T, n, H), dtype=beta.dtype, device=dev)
     dlg = torch.empty((B, T, H), dtype=log_gate.dtype, device=dev) if log_gate is not None else None
-    common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"],
-                  LOWP=cfg["LOWP"], INTERP=cfg["INTERP"], num_warps=cfg["num_warps"])
+    chunk_args, state_args = _launch_args(n, cfg)
     if N * H > 0:
         gf = grad_final.contiguous() if grad_final is not None else dstates      # (placeholders: not read)
-        _state_bwd_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](
+        _state_bwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
             t["q"], t["k"], fw["w"], fw["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd, cu_tok,
-            cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None, **common)
+            cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None, **state_args)
     if max_chunks > 0 and N * H > 0:
         _local_bwd_kernel[(max_chunks, N * H)](
             t["q"], t["k"], t["v"], t["beta"], fw["tinv"], fw["G"], grad_o, fw["states"], dstates, fw["out"], dd,
             dq, dk, dv, dbeta, dlg if dlg is not None else dbeta, cu_tok, cu_chunk, H, K, V, float(scale),
-            HAS_GATE=log_gate is not None, **common)
+            HAS_GATE=log_gate is not None, BC=cfg["BC"], **chunk_args)
     return dq, dk, dv, dbeta, dlg, dh0
 
 
@@ -950,15 +932,15 @@ def aot_specs():
     plans = ((torch.float32, "fp32", 1, True), (torch.bfloat16, "bf16", 3, True), (torch.float16, "fp16", 2, False))
     for torch_dtype, elem, n, with_backward in plans:
         cfg = _config(n, 128, 128, torch_dtype, interpret=False)
-        common = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BK=cfg["BK"], BV=cfg["BV"], PREC=cfg["PREC"],
-                      LOWP=cfg["LOWP"], INTERP=False)
+        chunk_args, state_args = _launch_args(n, cfg)
+        nw = chunk_args.pop("num_warps")
+        del state_args["num_warps"]
         sigs = _signatures(elem)
-        nw = cfg["num_warps"]
         for gate in (False, True):
-            yield _wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, **common), nw
+            yield _wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, **chunk_args), nw
         for store_o in (False, True):  # without the outputs it writes d (fp32) through o_ptr
             sig = dict(sigs[_state_fwd_kernel], o_ptr=f"*{elem}" if store_o else "*fp32")
-            yield _state_fwd_kernel, sig, dict(HAS_H0=True, STORE_O=store_o, BC=cfg["BC"], **common), nw
+            yield _state_fwd_kernel, sig, dict(HAS_H0=True, STORE_O=store_o, STAGES=cfg["STAGES"], **state_args), nw
         rec_sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "beta_ptr": f"*{elem}",
                    "lg_ptr": f"*{elem}", "h0_ptr": "*fp32", "o_ptr": f"*{elem}", "final_ptr": "*fp32",
                    "cu_tok_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"}
@@ -968,6 +950,6 @@ def aot_specs():
         for has_dfinal in (False, True):
             for has_h0 in (False, True):
                 yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
-                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, BC=cfg["BC"], **common), nw)
+                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, **state_args), nw)
         for gate in (False, True):
-            yield _local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **common), nw
+            yield _local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw

@@ -411,3 +411,26 @@ def test_triton_blocked_unit_lower_inverse(BL, kind):
     assert torch.equal(T.cpu().triu(1), torch.zeros(BL, BL))          # exactly lower triangular
     if kind == "resets":                                                # exact zeros across a reset
         assert torch.equal(T.cpu()[want == 0], torch.zeros_like(T.cpu()[want == 0]))
+
+
+def test_triton_launch_offsets_and_gradient_dtypes():
+    """Offsets computed on the device match the host's; the backward writes every gradient in its input's dtype."""
+    from linrec.kernels import householder as hk
+
+    lengths = [5, 0, 130, 64, 1]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
+    T, CT = sum(lengths), 64
+    cu_tok, cu_chunk, max_chunks, total = hk._offsets(1, T, CT, cu, DEVICE)
+    chunks = [-(-n // CT) for n in lengths]
+    assert cu_tok.tolist() == cu.tolist()
+    assert cu_chunk.tolist() == [0] + torch.tensor(chunks).cumsum(0).tolist()
+    assert max_chunks >= max(chunks) and total >= sum(chunks)
+    cu_tok, cu_chunk, max_chunks, total = hk._offsets(3, 100, CT, None, DEVICE)
+    assert cu_tok.tolist() == [0, 100, 200, 300] and cu_chunk.tolist() == [0, 2, 4, 6] and (max_chunks, total) == (2, 6)
+
+    q, k, v, beta, log_gate, h0 = (t.to(DEVICE) for t in _inputs(1, 20, 2, 16, 16, 1, dtype=torch.bfloat16))
+    do = torch.randn(1, 20, 2, 16, device=DEVICE).to(torch.bfloat16)
+    grads = hk.householder_scan_backward(q, k, v, beta, log_gate, h0, do, None, cu_seqlens=None, scale=0.25)
+    for g, t in zip(grads, (q, k, v, beta, log_gate, h0)):
+        assert g.dtype == t.dtype and g.shape == t.shape and torch.isfinite(g.float()).all()
+    assert hk.householder_scan_backward(q, k, v, beta, None, None, do, None, cu_seqlens=None, scale=0.25)[5] is None
