@@ -116,6 +116,15 @@ def _poison_from(y, row_pos, first_bad):
 
 
 @triton.jit
+def _pick(x, axis: tl.constexpr, index: tl.constexpr):
+    """x[..., index, ...] along ``axis``, a dimension of size 2 (a masked sum: no gather)."""
+    if axis == 1:
+        return tl.sum(tl.where(tl.arange(0, 2)[None, :, None, None] == index, x, 0.0), axis=1)
+    else:
+        return tl.sum(tl.where(tl.arange(0, 2)[None, None, :, None] == index, x, 0.0), axis=2)
+
+
+@triton.jit
 def _unit_lower_inverse(A, BL: tl.constexpr, PREC: tl.constexpr):
     """(I + A)^{-1} for a strictly lower-triangular (BL, BL) fp32 tile A of finite entries
     (BL = 16 * 2^j), with no serial chain longer than 15 steps.
@@ -123,12 +132,11 @@ def _unit_lower_inverse(A, BL: tl.constexpr, PREC: tl.constexpr):
     1. The BL / 16 diagonal 16 x 16 blocks, held as one (NB, 16, 16) tile, are inverted
        together by forward substitution: row s of each block's inverse is e_s - A[s, :s] T[:s, :]
        (rows before s are final), 15 dependent steps for all blocks at once.
-    2. The inverses are merged by doubling. With T the block-diagonal inverse for blocks of
-       size m and N the part of A in the lower-left m x m quarter of each 2m x 2m diagonal
-       block, I + A_2m = (I + A_m)(I + T N) and (T N)^2 = 0 (N maps a block's first half to
-       its second half, T keeps the halves apart), so
-           (I + A_2m)^{-1} = (I - T N) T = T - T (N T),
-       i.e. the lower-left quarter -T22 N21 T11: two products per level, log2(BL / 16) levels.
+    2. Pairs of neighbouring diagonal blocks of size m are merged into blocks of size 2m, all
+       pairs at once, until one block remains. For a 2m block [[A11, 0], [A21, A22]] with
+       T11 = (I + A11)^{-1} and T22 = (I + A22)^{-1},
+           (I + A)^{-1} = [[T11, 0], [-T22 A21 T11, T22]],
+       two batched (m x m) products per level: 16^3 and 32^3 multiply-adds per pair, not 64^3.
     No division anywhere: a hard reset (exp(G_i - G_m) = 0) gives exact zeros.
     """
     NB: tl.constexpr = BL // 16
@@ -138,23 +146,37 @@ def _unit_lower_inverse(A, BL: tl.constexpr, PREC: tl.constexpr):
     # The diagonal blocks: A viewed as (NB, 16, NB, 16), the two block indices equal.
     Ad = tl.sum(tl.where(same_blk, tl.reshape(A, (NB, 16, NB, 16)), 0.0), axis=2)   # (NB, 16, 16)
     eye = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)
-    Tb = eye[None, :, :] + tl.zeros((NB, 16, 16), tl.float32)
+    T = eye[None, :, :] + tl.zeros((NB, 16, 16), tl.float32)
     for s in range(1, 16):
         at_s = r16[None, :, None] == s
         a_s = tl.sum(tl.where(at_s, Ad, 0.0), axis=1)                       # (NB, 16): row s of each block
-        row = tl.sum(a_s[:, :, None] * Tb, axis=1)                           # (NB, 16): a_s @ T
-        Tb = tl.where(at_s, Tb - row[:, None, :], Tb)
-    # Back to a (BL, BL) block-diagonal tile.
-    T = tl.reshape(tl.where(same_blk, Tb[:, :, None, :], 0.0), (BL, BL))
-    rows = tl.arange(0, BL)
-    for lvl in tl.static_range(8):             # merged block size 16 << lvl, while below BL
+        row = tl.sum(a_s[:, :, None] * T, axis=1)                            # (NB, 16): a_s @ T
+        T = tl.where(at_s, T - row[:, None, :], T)
+    for lvl in tl.static_range(8):
         if (16 << lvl) < BL:
-            rb = rows[:, None] // (16 << lvl)
-            cb = rows[None, :] // (16 << lvl)
-            lower_left = (rb // 2 == cb // 2) & (rb % 2 == 1) & (cb % 2 == 0)
-            N = tl.where(lower_left, A, 0.0)
-            T = T - tl.dot(T, tl.dot(N, T, input_precision=PREC), input_precision=PREC)
-    return T
+            # T: (P * 2, m, m), the inverses of the diagonal blocks of size m = 16 << lvl.
+            T4 = tl.reshape(T, (BL // (32 << lvl), 2, 16 << lvl, 16 << lvl))
+            T11 = _pick(T4, 1, 0)                                            # (P, m, m)
+            T22 = _pick(T4, 1, 1)
+            # A21 of every 2m diagonal block: A restricted to the diagonal 2m blocks, then its
+            # lower-left m x m quarter.
+            pair = tl.arange(0, BL // (32 << lvl))
+            A2 = tl.sum(tl.where(pair[:, None, None, None] == pair[None, None, :, None],
+                                 tl.reshape(A, (BL // (32 << lvl), 32 << lvl, BL // (32 << lvl), 32 << lvl)), 0.0),
+                        axis=2)                                              # (P, 2m, 2m)
+            A21 = _pick(tl.reshape(_pick(tl.reshape(A2, (BL // (32 << lvl), 2, 16 << lvl, 32 << lvl)), 1, 1),
+                                   (BL // (32 << lvl), 16 << lvl, 2, 16 << lvl)), 2, 0)     # (P, m, m)
+            T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
+            # Assemble [[T11, 0], [T21, T22]] as (P, 2m, 2m).
+            half = tl.arange(0, 2)[None, None, :, None]
+            top = tl.reshape(tl.where(half == 0, T11[:, :, None, :], 0.0),
+                             (BL // (32 << lvl), 16 << lvl, 32 << lvl))
+            bottom = tl.reshape(tl.where(half == 0, T21[:, :, None, :], T22[:, :, None, :]),
+                                (BL // (32 << lvl), 16 << lvl, 32 << lvl))
+            T = tl.reshape(tl.where(tl.arange(0, 2)[None, :, None, None] == 0, top[:, None, :, :],
+                                    bottom[:, None, :, :]),
+                           (BL // (32 << lvl), 32 << lvl, 32 << lvl))
+    return tl.reshape(T, (BL, BL))
 
 
 # ----------------------------------------------------------------------------------------------
