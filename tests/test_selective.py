@@ -75,12 +75,11 @@ def _check(backend, inputs, tol, **flags):
         assert err < tol, f"grad of {name} error {err}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("T", [1, 7, 100, 1029])
+# The fp32 reference at T = 1029 is not a case: it would be the oracle's own loop in fp32.
+@pytest.mark.parametrize("backend, T", [(b, T) for b in BACKENDS for T in (1, 7, 100, 1029)
+                                        if not (b == "reference" and T > 100)])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_fp32_matches_reference(backend, T, reverse):
-    if backend == "reference" and T > 100:
-        pytest.skip("the fp32 reference loop is the oracle's own code")
     inputs = _inputs(2 if T < 1000 else 1, T, 8, 4)  # one sequence at T = 1029: the interpreter is slow
     _check(backend, inputs, TOL[torch.float32], reverse=reverse)
 
