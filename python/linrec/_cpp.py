@@ -66,6 +66,8 @@ def cpp_backend_unavailable_reason() -> Optional[str]:
     """
     if _env_flag("LINREC_DISABLE_CPP"):
         return "LINREC_DISABLE_CPP is set"
+    if _extension is not None:  # built or loaded already: skip the compiler and ninja probes (a subprocess)
+        return None
     if _compiler() is None:
         return f"no C++ compiler was found ({os.environ.get('CXX', 'c++')} is not on PATH; set CXX)"
     from torch.utils.cpp_extension import is_ninja_available
