@@ -21,6 +21,7 @@ elements); backward reads a, h, dh and writes da, dx (5N); forward+backward is t
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -117,6 +118,10 @@ def _build_associative_scan(inputs, point, mode):
     return fn, [inputs["a"], inputs["x"]]
 
 
+#: Environment switch for peer kernels known to access memory out of bounds at some points.
+UNSAFE_PEER_POINTS = "LINREC_BENCH_UNSAFE_PEER_POINTS"
+
+
 def _build_accelerated_scan(module_name: str):
     def build(inputs, point, mode):
         mod, why = optional_import(module_name)
@@ -125,6 +130,13 @@ def _build_accelerated_scan(module_name: str):
         T = point.dims["T"]
         if T & (T - 1) or T < 32:
             raise Skip(f"{module_name} needs T a power of two >= 32, got {T}")
+        if (module_name == "accelerated_scan.warp" and inputs["x"].dtype == torch.bfloat16 and T >= 4096
+                and os.environ.get(UNSAFE_PEER_POINTS) != "1"):
+            # warp.cuh's AlignedTuple<bf16, 4> is 16-byte aligned around 8 bytes of data: for
+            # T >= 4096 the kernel reads and writes twice the span, out of bounds, which can take
+            # the whole process down. gpu.sh runs these points last, in their own process.
+            raise Skip(f"{module_name} bf16 at T >= 4096 accesses memory out of bounds; "
+                       f"set {UNSAFE_PEER_POINTS}=1 to run it (bench/gpu.sh does, in a process of its own)")
         # Layout (B, D, T), contiguous: converted once, outside the timed region.
         gates = inputs["a"].transpose(1, 2).contiguous()
         tokens = inputs["x"].transpose(1, 2).contiguous()
