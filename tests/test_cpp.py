@@ -12,6 +12,7 @@ import torch
 from linrec import _cpp
 from linrec.block_diagonal import block_diagonal_scan_reference
 from linrec.diagonal import diagonal_scan_reference
+from linrec.householder import householder_scan_reference
 
 from conftest import rel_rms
 
@@ -306,3 +307,128 @@ def test_block_diagonal_nonfinite_is_causal():
 def test_block_diagonal_rejects_large_blocks():
     with pytest.raises(ValueError, match="b <= 16"):
         _cpp.block_diagonal_scan_forward(torch.eye(17), torch.randn(1, 2, 1, 17), None, cu_seqlens=None, reverse=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Householder (step by step: the decoding path)
+# ---------------------------------------------------------------------------------------------
+def _householder_inputs(B, T, n, H, K, V, dtype, g, *, gate=True, h0_rows=None, unit_keys=True):
+    """q, k, v in dtype (keys unit-norm unless unit_keys is False), beta in [0, 2] (negative
+    eigenvalues included), log-gates in [-1, 0] (float32), an fp32 initial state of h0_rows rows."""
+    q = torch.randn(B, T, H, K, generator=g)
+    k = torch.randn(B, T, n, H, K, generator=g)
+    if unit_keys:
+        k = k / k.norm(dim=-1, keepdim=True)
+    v = torch.randn(B, T, n, H, V, generator=g)
+    beta = 2.0 * torch.rand(B, T, n, H, generator=g)
+    log_gate = -torch.rand(B, T, H, generator=g) if gate else None
+    h0 = None if h0_rows is None else torch.randn(h0_rows, H, K, V, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype), beta, log_gate, h0
+
+
+def _check_householder(q, k, v, beta, log_gate, h0, cu=None, scale=0.3, with_grad_final=True, tol=None):
+    """Outputs, final state and all six gradients of the cpp launchers against autograd through
+    the float64 sequential reference."""
+    tol = tol or TOL[q.dtype]
+    g = torch.Generator().manual_seed(21)
+    o, final = _cpp.householder_scan_forward(q, k, v, beta, log_gate, h0, cu_seqlens=cu, scale=scale)
+    assert o.dtype == q.dtype and o.shape == q.shape[:3] + (v.shape[-1],)
+    assert final.dtype == torch.float32
+    inputs = [_wide(t) for t in (q, k, v, beta, log_gate, h0)]
+    leaves = [t.requires_grad_() for t in inputs if t is not None]
+    wq, wk, wv, wbeta, wgate, wh0 = inputs  # the reference takes the n axis spelled out
+    if k.dim() == 4:
+        wk, wv, wbeta = wk.unsqueeze(2), wv.unsqueeze(2), wbeta.unsqueeze(2)
+    ref_o, ref_final = householder_scan_reference(wq, wk, wv, wbeta, wgate, wh0, cu_seqlens=cu, scale=scale)
+    assert rel_rms(o, ref_o) < tol
+    assert rel_rms(final, ref_final) < tol
+    grad_o = torch.randn(o.shape, generator=g).to(q.dtype)
+    grad_final = torch.randn(final.shape, generator=g) if with_grad_final else None
+    loss = (ref_o * _wide(grad_o)).sum() + ((ref_final * _wide(grad_final)).sum() if with_grad_final else 0)
+    loss.backward()
+    grads = _cpp.householder_scan_backward(q, k, v, beta, log_gate, h0, grad_o, grad_final, cu_seqlens=cu,
+                                           scale=scale)
+    assert len(grads) == 6
+    for name, grad, t, ref in zip(("q", "k", "v", "beta", "log_gate", "initial_state"), grads,
+                                  (q, k, v, beta, log_gate, h0), inputs):
+        if t is None:
+            assert grad is None, name
+            continue
+        assert grad.shape == t.shape and grad.dtype == t.dtype, name
+        assert rel_rms(grad, ref.grad) < tol, (name, rel_rms(grad, ref.grad))
+    return o, final
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("gate, with_h0", [(True, True), (False, False), (True, False)])
+def test_householder_matches_reference(T, n, gate, with_h0):
+    g = torch.Generator().manual_seed(20 + T + 10 * n)
+    B, H, K, V = 2, 3, 20, 19  # K, V not multiples of the vector width: partial vectors every row
+    q, k, v, beta, log_gate, h0 = _householder_inputs(B, T, n, H, K, V, torch.float32, g, gate=gate,
+                                                      h0_rows=B if with_h0 else None)
+    _check_householder(q, k, v, beta, log_gate, h0, with_grad_final=with_h0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_householder_reduced_precision(dtype):
+    g = torch.Generator().manual_seed(22)
+    q, k, v, beta, log_gate, h0 = _householder_inputs(2, 6, 2, 2, 32, 48, dtype, g, h0_rows=2)
+    _check_householder(q, k, v, beta.to(dtype), log_gate.to(dtype), h0, scale=32 ** -0.5)
+
+
+def test_householder_n1_four_dimensional_inputs_and_unnormalised_keys():
+    """k / v as (B, T, H, K) / (B, T, H, V) and beta (B, T, H) (n = 1): gradients in those shapes."""
+    g = torch.Generator().manual_seed(23)
+    q, k, v, beta, log_gate, h0 = _householder_inputs(3, 4, 1, 2, 16, 16, torch.float32, g, h0_rows=3,
+                                                      unit_keys=False)
+    k, v, beta = 0.5 * k[:, :, 0], v[:, :, 0], 0.5 * beta[:, :, 0]
+    _check_householder(q, k, v, beta, log_gate, h0)
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_householder_packed_sequences_with_empty_ones(with_h0):
+    g = torch.Generator().manual_seed(24)
+    cu = torch.tensor([0, 3, 3, 4, 8, 8], dtype=torch.int32)
+    q, k, v, beta, log_gate, h0 = _householder_inputs(1, 8, 2, 2, 24, 8, torch.float32, g,
+                                                      h0_rows=5 if with_h0 else None)
+    o, final = _check_householder(q, k, v, beta, log_gate, h0, cu=cu)
+    if not with_h0:  # empty sequences: the initial state (zeros) is the final state
+        assert torch.count_nonzero(final[1]) == 0 and torch.count_nonzero(final[4]) == 0
+
+
+def test_householder_long_sequences_replay_segments():
+    """T = 70 > one backward segment: the states are replayed from checkpoints (threads 1 and 2)."""
+    g = torch.Generator().manual_seed(25)
+    q, k, v, beta, log_gate, h0 = _householder_inputs(2, 70, 2, 2, 8, 12, torch.float32, g, h0_rows=2)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            _check_householder(q, k, v, beta, log_gate, h0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_householder_hard_reset_gate():
+    """log_gate = -inf (a saturated gate) resets the state: finite outputs, zero gate gradient there,
+    nothing before the reset reaching the outputs after it."""
+    g = torch.Generator().manual_seed(26)
+    q, k, v, beta, log_gate, h0 = _householder_inputs(1, 6, 1, 2, 8, 8, torch.float32, g, h0_rows=1)
+    log_gate[:, 3] = float("-inf")
+    o, final = _cpp.householder_scan_forward(q, k, v, beta, log_gate, h0, cu_seqlens=None, scale=1.0)
+    h0_other = h0 + 1.0
+    o2, final2 = _cpp.householder_scan_forward(q, k, v, beta, log_gate, h0_other, cu_seqlens=None, scale=1.0)
+    assert torch.isfinite(o).all() and torch.equal(o[:, 3:], o2[:, 3:]) and torch.equal(final, final2)
+    grads = _cpp.householder_scan_backward(q, k, v, beta, log_gate, h0, torch.ones_like(o), None, cu_seqlens=None,
+                                           scale=1.0)
+    assert all(torch.isfinite(t).all() for t in grads)
+    assert torch.count_nonzero(grads[4][:, 3]) == 0
+    assert torch.count_nonzero(grads[5]) > 0  # the steps before the reset still see h0
+
+
+def test_householder_supports():
+    q = torch.randn(1, 8, 2, 16)
+    assert _cpp.householder_supports(q, None, torch.randn(1, 8, 2))
+    assert not _cpp.householder_supports(torch.randn(1, 9, 2, 16))
+    assert not _cpp.householder_supports(q.double())

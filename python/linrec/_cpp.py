@@ -23,6 +23,11 @@ complex64):
 * ``diagonal_scan_backward(a, h, grad_h, initial_state, *, cu_seqlens, reverse) -> (grad_a, grad_x, grad_h0)``
 * ``block_diagonal_scan_forward(A, x, initial_state, *, cu_seqlens, reverse) -> h``
 * ``block_diagonal_scan_backward(A, h, grad_h, initial_state, *, cu_seqlens, reverse) -> (grad_A, grad_x, grad_h0)``
+* ``householder_scan_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale) -> (o, final_state)``
+* ``householder_scan_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale)
+  -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)`` (the signatures of the
+  Householder backends' FORWARD / BACKWARD tables in ``linrec.householder.op``), and
+  ``householder_supports(q, ...)``: whether backend='auto' should run them for a call.
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._common import accumulation_dtype, sum_to_shape
+from ._common import HOUSEHOLDER_RECURRENT_MAX_T, accumulation_dtype, sum_to_shape
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 BLOCK_DIAGONAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK = 16  # largest block size b of the block-diagonal kernels
-SOURCES = ("binding.cpp", "diagonal.cpp", "block_diagonal.cpp")
+SOURCES = ("binding.cpp", "diagonal.cpp", "block_diagonal.cpp", "householder.cpp")
+HOUSEHOLDER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _extension = None
 _build_error: Optional[BaseException] = None
@@ -342,3 +348,93 @@ def block_diagonal_scan_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch
     grad_A, grad_x, grad_h0 = ext.block_diagonal_backward(A5, h, grad_h, h0, _offsets(cu_seqlens), bool(reverse),
                                                           accumulate)
     return sum_to_shape(grad_A, A.shape), grad_x, grad_h0
+
+
+# ----------------------------------------------------------------------------------------------
+# Householder-product scan, step by step (csrc/cpu/householder.cpp)
+# ----------------------------------------------------------------------------------------------
+
+def householder_supports(q: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the cpp Householder kernels should run this call under backend='auto': CPU tensors,
+    q in float32 | bfloat16 | float16, at most ``HOUSEHOLDER_RECURRENT_MAX_T`` tokens (decoding,
+    where a step-by-step scan beats the chunked form), and the extension available (builds nothing).
+
+    Args:
+        q: (B, T, H, K); tensors: the call's other tensors (k, v, beta, log_gate, initial_state,
+        cu_seqlens, ...; None allowed), checked to be on the CPU.
+    """
+    if q.device.type != "cpu" or q.dtype not in HOUSEHOLDER_DTYPES or q.shape[1] > HOUSEHOLDER_RECURRENT_MAX_T:
+        return False
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        return False
+    return cpp_backend_unavailable_reason() is None
+
+
+def _householder_inputs(q, k, v, beta, log_gate, initial_state):
+    """The layouts householder.cpp reads: q, k, v contiguous in q's dtype (k, v with the n axis),
+    beta, log_gate, initial_state contiguous float32."""
+    _check_cpu(q=q, k=k, v=v, beta=beta, log_gate=log_gate, initial_state=initial_state)
+    _check_dtype("q", q, HOUSEHOLDER_DTYPES)
+    if k.dim() == 4:
+        k = k.unsqueeze(2)
+    if v.dim() == 4:
+        v = v.unsqueeze(2)
+    if beta.dim() == 3:
+        beta = beta.unsqueeze(2)
+    f32 = torch.float32
+    return (q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(), beta.to(f32).contiguous(),
+            None if log_gate is None else log_gate.to(f32).contiguous(),
+            None if initial_state is None else initial_state.to(f32).contiguous())
+
+
+def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                             log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], *,
+                             cu_seqlens: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Householder-product scan one token and one factor at a time (any T; meant for decoding).
+
+    Per token: ``S <- exp(log_gate_t) S``, then for every factor j ``S <- S + beta_j k_j (v_j - S^T k_j)^T``,
+    and ``o_t = scale S^T q_t``; accumulated in fp32, parallel over (sequence, head).
+
+    Args:
+        q: (B, T, H, K) float32 | bfloat16 | float16; k: (B, T, n, H, K); v: (B, T, n, H, V) (4-D
+        k / v / 3-D beta mean n = 1); beta: (B, T, n, H), log_gate: (B, T, H) or None, any float
+        dtype; initial_state: (N, H, K, V) or None; cu_seqlens: (N + 1,) offsets with B = 1, or None;
+        scale: the read-out scale.
+
+    Returns:
+        o: (B, T, H, V) in q's dtype; final_state: (N, H, K, V) float32.
+    """
+    ext = load_extension()
+    q, k, v, beta, log_gate, initial_state = _householder_inputs(q, k, v, beta, log_gate, initial_state)
+    o, final = ext.householder_forward(q, k, v, beta, log_gate, initial_state, _offsets(cu_seqlens), float(scale))
+    return o, final
+
+
+def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                              log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+                              grad_o: torch.Tensor, grad_final: Optional[torch.Tensor], *,
+                              cu_seqlens: Optional[torch.Tensor], scale: float
+                              ) -> List[Optional[torch.Tensor]]:
+    """Gradients of ``householder_scan_forward``: the states before every factor are recomputed
+    (from checkpoints every ~sqrt(T) tokens; one segment when decoding), then one backward sweep.
+
+    Args: as the forward, plus grad_o (B, T, H, V) and grad_final (N, H, K, V) or None (zeros).
+
+    Returns:
+        [grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state]: each in its input's
+        shape and dtype (k, v, beta in the shape they were given: 4-D / 3-D for n = 1), None for an
+        absent log_gate or initial_state. Accumulated in fp32.
+    """
+    ext = load_extension()
+    shapes = (k.shape, v.shape, beta.shape)
+    dtypes = (beta.dtype, None if log_gate is None else log_gate.dtype,
+              None if initial_state is None else initial_state.dtype)
+    q, k, v, beta, log_gate, initial_state = _householder_inputs(q, k, v, beta, log_gate, initial_state)
+    _check_cpu(grad_o=grad_o, grad_final=grad_final)
+    grad_o = grad_o.to(torch.float32).contiguous()
+    grad_final = None if grad_final is None else grad_final.to(torch.float32).contiguous()
+    dq, dk, dv, dbeta, dg, dh0 = ext.householder_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final,
+                                                          _offsets(cu_seqlens), float(scale))
+    return [dq, dk.reshape(shapes[0]), dv.reshape(shapes[1]), dbeta.reshape(shapes[2]).to(dtypes[0]),
+            None if log_gate is None else dg.to(dtypes[1]),
+            None if initial_state is None else dh0.to(dtypes[2])]
