@@ -430,5 +430,7 @@ def test_householder_hard_reset_gate():
 def test_householder_supports():
     q = torch.randn(1, 8, 2, 16)
     assert _cpp.householder_supports(q, None, torch.randn(1, 8, 2))
-    assert not _cpp.householder_supports(torch.randn(1, 9, 2, 16))
+    assert _cpp.householder_supports(torch.randn(1, 4096, 2, 64))      # small heads at any length
+    assert not _cpp.householder_supports(torch.randn(1, 9, 2, 65))     # large heads beyond decoding
+    assert _cpp.householder_supports(torch.randn(1, 8, 2, 256))
     assert not _cpp.householder_supports(q.double())
