@@ -566,5 +566,12 @@ def aot_specs():
                                               IS_COMPLEX=dtype_name == "complex64", ACC=tl.float32,
                                               BLOCK_T=cfg["CHUNK_T"] if lookback else cfg["BLOCK_T"],
                                               BLOCK_D=cfg["CHUNK_D"] if lookback else cfg["BLOCK_D"])
+                            # a's channel stride is 1 (full-size or broadcast over time; the
+                            # JIT specialises an integer 1 to a constant), and at the GPU goals'
+                            # shapes (D = 64 .. 1024, T = 2^13 ..) the sizes and row strides are
+                            # multiples of 16.
+                            constexprs["stride_ad"] = 1
+                            options = {"divisible_by_16": [name for name in sig if sig[name].startswith("*")]
+                                       + ["T", "D", "CHUNK_LEN", "stride_ab", "stride_at"]}
                             yield (diagonal_scan_kernel, sig, constexprs,
-                                   cfg["chunk_warps"] if lookback else cfg["num_warps"])
+                                   cfg["chunk_warps"] if lookback else cfg["num_warps"], options)
