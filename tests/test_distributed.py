@@ -85,6 +85,16 @@ def test_ops_match_single_device(world):
         assert rep["worst"] <= 1.0, rep  # every error / its tolerance
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_selective_and_reverse_final_states(world):
+    reports = _spawn("selective", world)
+    checked = reports[0]["checked"]
+    assert checked >= 100, checked   # outputs, final states and the gradients of all nine inputs, per case
+    for rep in reports:
+        assert rep["checked"] == checked
+        assert rep["worst"] <= 1.0, rep
+
+
 def test_bad_input_raises_on_every_rank():
     reports = _spawn("bad", 2)
     for rep in reports:
@@ -95,14 +105,14 @@ def test_bad_input_raises_on_every_rank():
 def test_layers_with_and_without_group(world):
     reports = _spawn("layers", world)
     for rep in reports:
-        assert rep["layers"] == ["LRU", "RGLRU", "DeltaProduct", "BlockDiagonalRNN"], rep
+        assert rep["layers"] == ["LRU", "RGLRU", "DeltaProduct", "BlockDiagonalRNN", "Mamba"], rep
         assert rep["worst"] <= 1.0, rep
 
 
 def test_ddp_and_fsdp2_step_equals_single_process():
     reports = _spawn("data_parallel", 2)
     for rep in reports:
-        assert rep["ddp"] == rep["fsdp"] == 4, rep
+        assert rep["ddp"] == rep["fsdp"] == 5, rep
         assert rep["worst"] <= 1.0, rep
 
 
@@ -303,8 +313,111 @@ def _scenario_ops(rank, world, backend="torch", quick=False):
     return {"checked": chk.checked, "worst": chk.worst}
 
 
+def _first_states(h, cu, h0):
+    """A reverse scan's final states from its states h (B, T, *S): h[:, 0], or per packed sequence
+    its first position's state (h0[n] for an empty sequence)."""
+    import torch
+    if cu is None:
+        return h[:, 0]
+    c = cu.tolist()
+    return torch.stack([h0[n].to(h.dtype) if c[n] == c[n + 1] else h[0, c[n]] for n in range(len(c) - 1)])
+
+
+def _scenario_selective(rank, world):
+    """The selective scan (forward, reverse, negative eigenvalues, grouped B / C, varlen spanning
+    ranks, an empty slice, bf16) and the final states of reverse diagonal / block-diagonal scans."""
+    import torch
+    import torch.distributed as dist
+    import linrec
+    import linrec.distributed as lrd
+    chk = _Checker()
+    lengths = LENGTHS[world]
+    T = sum(lengths)
+    cu = torch.tensor(CU)
+    Nq = len(CU) - 1
+    be = "torch"
+    torch.manual_seed(1)
+    Bsz, D, N = 2, 4, 3
+    x = torch.randn(Bsz, T, D)
+    delta = torch.randn(Bsz, T, D) * 0.5
+    A = -torch.rand(D, N) * 2 - 0.1
+    Bm, Cm = torch.randn(Bsz, T, N), torch.randn(Bsz, T, N)
+    Bg, Cg = torch.randn(Bsz, T, 2, N), torch.randn(Bsz, T, 2, N)                # G = 2 groups of channels
+    Dskip, z, bias = torch.randn(D), torch.randn(Bsz, T, D), torch.randn(D) * 0.3
+    h0 = torch.randn(Bsz, D, N)
+    axes = [1, 1, None, 1, 1, None, 1, None, None]          # x, delta, A, B, C, D, z, delta_bias, initial_state
+
+    def case(name, inputs, lens=lengths, tol=TOL["float32"], **kw):
+        def single(x, delta, A, B, C, D, z, bias, h):
+            return linrec.selective_scan(x, delta, A, B, C, D, z, delta_bias=bias, initial_state=h, backend=be, **kw)
+
+        def distributed(x, delta, A, B, C, D, z, bias, h):
+            return lrd.selective_scan(x, delta, A, B, C, D, z, delta_bias=bias, initial_state=h, backend=be, **kw)
+        _compare_op(chk, f"selective {name}", single, distributed, inputs, axes, None, lens, rank, world, tol)
+
+    full = [x, delta, A, Bm, Cm, Dskip, z, bias, h0]
+    for reverse in (False, True):
+        for neg in (False, True):
+            case(f"reverse={reverse} neg={neg}", full, delta_softplus=True, output_final_state=True,
+                 reverse=reverse, negative_eigenvalues=neg)
+    case("grouped B, C, no D / z / bias / h0", [x, delta.abs(), A, Bg, Cg, None, None, None, None],
+         output_final_state=True)
+    packed = [x[:1], delta[:1], A, Bm[:1], Cm[:1], Dskip, z[:1], bias, torch.randn(Nq, D, N)]
+    for reverse in (False, True):
+        case(f"varlen reverse={reverse}", packed, delta_softplus=True, output_final_state=True, reverse=reverse,
+             negative_eigenvalues=reverse, cu_seqlens=cu)
+    empty_last = [T] + [0] * (world - 1)                     # every rank but rank 0 holds nothing
+    case("all of time on rank 0", full, lens=empty_last, delta_softplus=True, output_final_state=True)
+    case("bf16", [t if t is None or i in (2, 8) else t.to(torch.bfloat16) for i, t in enumerate(full)],
+         tol=TOL["bfloat16"], delta_softplus=True, output_final_state=True)
+
+    # The final state of a reverse scan (the state at t = 0), as the layers' private entry points return it.
+    group = dist.group.WORLD
+    a = torch.rand(Bsz, T, D) * 1.6 - 0.8
+    xd = torch.randn(Bsz, T, D)
+    Ab, xb = torch.randn(Bsz, T, 2, 3, 3) * 0.5, torch.randn(Bsz, T, 2, 3)
+    for packed_case in (False, True):
+        c = cu if packed_case else None
+        rows = slice(0, 1) if packed_case else slice(None)
+        hd = torch.randn(Nq if packed_case else Bsz, D)
+        _compare_op(chk, f"diagonal reverse final packed={packed_case}",
+                    lambda a, x, h: (lambda o: (o, _first_states(o, c, h)))(
+                        linrec.diagonal_scan(a, x, h, reverse=True, cu_seqlens=c, backend=be)),
+                    lambda a, x, h: lrd._diagonal(a, x, h, group, True, c, be, True),
+                    [a[rows], xd[rows], hd], [1, 1, None], None, lengths, rank, world, TOL["float32"])
+        hb = torch.randn(Nq if packed_case else Bsz, 2, 3)
+        _compare_op(chk, f"block reverse final packed={packed_case}",
+                    lambda A, x, h: (lambda o: (o, _first_states(o, c, h)))(
+                        linrec.block_diagonal_scan(A, x, h, reverse=True, cu_seqlens=c, backend=be)),
+                    lambda A, x, h: lrd._block_diagonal(A, x, h, group, True, c, be, True),
+                    [Ab[rows], xb[rows], hb], [1, 1, None], None, lengths, rank, world, TOL["float32"])
+    chk.finish()
+    return {"checked": chk.checked, "worst": chk.worst}
+
+
 def _scenario_triton(rank, world):
-    return _scenario_ops(rank, world, backend="triton", quick=True)
+    import torch
+    import linrec
+    import linrec.distributed as lrd
+    report = _scenario_ops(rank, world, backend="triton", quick=True)
+    # The selective scan's Triton kernels: forward, reverse with negative eigenvalues (the summary's
+    # product then comes from the kernels too), final states.
+    chk = _Checker()
+    lengths = LENGTHS[world]
+    T = sum(lengths)
+    torch.manual_seed(2)
+    D, N = 4, 8
+    inputs = [torch.randn(1, T, D), torch.randn(1, T, D) * 0.5, -torch.rand(D, N) - 0.1, torch.randn(1, T, N),
+              torch.randn(1, T, N), torch.randn(D), torch.randn(1, D, N)]
+    for reverse in (False, True):
+        kw = dict(delta_softplus=True, output_final_state=True, reverse=reverse, negative_eigenvalues=reverse,
+                  backend="triton")
+        _compare_op(chk, f"selective triton reverse={reverse}",
+                    lambda x, dl, A, B, C, Dk, h: linrec.selective_scan(x, dl, A, B, C, Dk, initial_state=h, **kw),
+                    lambda x, dl, A, B, C, Dk, h: lrd.selective_scan(x, dl, A, B, C, Dk, initial_state=h, **kw),
+                    inputs, [1, 1, None, 1, 1, None, None], None, lengths, rank, world, TOL["float32"])
+    chk.finish()
+    return {"checked": report["checked"] + chk.checked, "worst": max(report["worst"], chk.worst)}
 
 
 def _scenario_bad(rank, world):
@@ -334,6 +447,12 @@ def _scenario_bad(rank, world):
     Ab = torch.randn(2, T, 2, 3, 3)
     cases.append(("block b differs", lambda: lrd.block_diagonal_scan(Ab[..., :2, :2], xb[..., :2]) if rank == 1
                   else lrd.block_diagonal_scan(Ab, xb)))
+    xs, dl = torch.randn(1, T, 3), torch.rand(1, T, 3)
+    As, Bs = -torch.rand(3, 2), torch.randn(1, T, 2)
+    cases.append(("selective N differs", lambda: lrd.selective_scan(xs, dl, As[:, :1], Bs[..., :1], Bs[..., :1])
+                  if rank == 1 else lrd.selective_scan(xs, dl, As, Bs, Bs)))
+    cases.append(("selective z on one rank", lambda: lrd.selective_scan(xs, dl, As, Bs, Bs, z=xs if rank else None)))
+    cases.append(("selective delta length", lambda: lrd.selective_scan(xs, dl[:, :T - rank], As, Bs, Bs)))
     raised = 0
     for name, fn in cases:
         try:
@@ -358,6 +477,7 @@ def _layer_models(seed):
         lnn.RGLRU(8, 8, conv_size=4, backend="torch"),
         lnn.DeltaProduct(8, num_heads=2, num_householder=2, conv_size=3, backend="torch"),
         lnn.BlockDiagonalRNN(8, block_size=2, num_blocks=3, backend="torch"),
+        lnn.Mamba(8, d_state=4, d_conv=3, expand=2, negative_eigenvalues=True, backend="torch"),
     ]
 
 

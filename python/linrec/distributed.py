@@ -55,7 +55,8 @@ from torch import Tensor
 
 import linrec
 
-__all__ = ["diagonal_scan", "block_diagonal_scan", "householder_scan", "SliceLayout", "slice_layout"]
+__all__ = ["diagonal_scan", "block_diagonal_scan", "householder_scan", "selective_scan", "SliceLayout",
+           "slice_layout"]
 
 # Bytes this process has put into collectives (all-gather: its own contribution; all-reduce: its
 # buffer), by kind; bench/distributed.py reads and resets it. Layout descriptors count as "layout".
@@ -208,17 +209,19 @@ class SliceLayout:
         vals = [min(max(c - self.start, 0), self.length) for c in self.cu]
         return torch.tensor(vals, dtype=like.dtype, device=like.device)
 
-    def owners(self) -> List[int]:
-        """For every sequence, the rank holding its last position (rank 0 for an empty sequence)."""
+    def owners(self, reverse: bool = False) -> List[int]:
+        """For every sequence, the rank whose scan ends it: the rank holding its last position (its
+        first with ``reverse``, where the scan ends at t = 0); rank 0 for an empty sequence."""
         if self.cu is None:
             nonempty = [j for j in range(self.world) if self.lengths[j] > 0]
-            return [nonempty[-1] if nonempty else 0] * self.num_seqs
+            return [(nonempty[0] if reverse else nonempty[-1]) if nonempty else 0] * self.num_seqs
         out = []
         for n in range(self.num_seqs):
             if self.cu[n + 1] == self.cu[n]:
                 out.append(0)
             else:
-                out.append(bisect.bisect_right(self.starts, self.cu[n + 1] - 1) - 1)
+                pos = self.cu[n] if reverse else self.cu[n + 1] - 1
+                out.append(bisect.bisect_right(self.starts, pos) - 1)
                 while self.lengths[out[-1]] == 0:  # empty slices share their start with the next one
                     out[-1] -= 1
         return out
@@ -342,14 +345,36 @@ def _entering(layout: SliceLayout, summaries: Tensor, init: Tensor, reverse: boo
     return E
 
 
-def _gather_final(layout: SliceLayout, local_final: Tensor, group) -> Tensor:
-    """The whole sequence's final state on every rank from the ranks that hold each sequence's end.
+def _gather_final(layout: SliceLayout, local_final: Tensor, group, reverse: bool = False) -> Tensor:
+    """The whole sequence's final state on every rank from the ranks that hold each sequence's end
+    (``reverse``: its start, where a reverse scan ends).
 
     local_final: (N, ...) the final states of this rank's local scan. Returns (N, ...).
     """
-    mine = torch.tensor([o == layout.rank for o in layout.owners()], device=local_final.device)
+    mine = torch.tensor([o == layout.rank for o in layout.owners(reverse)], device=local_final.device)
     contribution = torch.where(mine.view((-1,) + (1,) * (local_final.dim() - 1)), local_final, 0)
     return _AllReduce.apply(group, contribution)
+
+
+def _local_final_states(h: Tensor, local_cu: Optional[Tensor], E: Tensor, reverse: bool) -> Tensor:
+    """Where this rank's scan leaves every sequence: the state at its last local position (its first
+    with ``reverse``: a reverse scan ends at t = 0), or the entering state E for a sequence with no
+    position on this rank.
+
+    h: (B, T_r, *S) the local scan's states; local_cu: (N + 1,) local offsets or None; E: (N, *S).
+    Returns (N, *S) in h's dtype.
+    """
+    from .nn._common import final_states
+    if not reverse:
+        return final_states(h, local_cu, E)
+    N = E.shape[0]
+    if h.shape[1] == 0:
+        return E.to(h.dtype)
+    if local_cu is None:
+        return h[:, 0]
+    starts = local_cu[:-1].long()
+    empty = (local_cu[1:].long() == starts).view((N,) + (1,) * (h.dim() - 2))
+    return torch.where(empty, E.to(h.dtype), h[0, starts.clamp_max(h.shape[1] - 1)])
 
 
 def _exchange(group, summary: Tensor, anchors: Sequence[Optional[Tensor]]) -> Tensor:
@@ -404,10 +429,7 @@ def _diagonal(a, x, initial_state, group, reverse, cu_seqlens, backend, output_f
         h = _Tie.apply(x.new_zeros(x.shape), E)
     if not output_final_state:
         return h, None
-    if reverse:
-        raise NotImplementedError("the final state of a reverse scan is h[:, 0] of the first rank")
-    from .nn._common import final_states
-    final = _gather_final(layout, final_states(h, local_cu, E).to(acc), group)
+    final = _gather_final(layout, _local_final_states(h, local_cu, E, reverse).to(acc), group, reverse)
     return _Tie.apply(h, final), final
 
 
@@ -501,10 +523,7 @@ def _block_diagonal(A, x, initial_state, group, reverse, cu_seqlens, backend, ou
         h = _Tie.apply(x.new_zeros(x.shape), E)
     if not output_final_state:
         return h, None
-    if reverse:
-        raise NotImplementedError("the final state of a reverse scan is h[:, 0] of the first rank")
-    from .nn._common import final_states
-    final = _gather_final(layout, final_states(h, local_cu, E).to(acc), group)
+    final = _gather_final(layout, _local_final_states(h, local_cu, E, reverse).to(acc), group, reverse)
     return _Tie.apply(h, final), final
 
 
@@ -623,6 +642,139 @@ def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Op
         return o, None
     final = _gather_final(layout, local_final, group)
     return _Tie.apply(o, final), final
+
+
+# ----------------------------------------------------------------------------------------------
+# Selective (Mamba)
+# ----------------------------------------------------------------------------------------------
+def _selective_summary(x, delta, A, B, C, delta_bias, delta_softplus, reverse, negative_eigenvalues, lo, hi,
+                       backend) -> Tensor:
+    """The affine map ``h_out = P * h_in + s`` of the piece [lo, hi) of the slice (elementwise per (d, n)).
+
+    x, delta: (B', T_r, D); A: (D, N); B, C: (B', T_r, N) or (B', T_r, G, N); delta_bias: (D,) or None.
+    s is the piece's end state from a zero state (the single-device op's final state); P the
+    product of its transitions abar_t = exp(dt_t A) over the piece. Without negative eigenvalues
+    that product is exp(A sum_t dt_t), computed in closed form from the summed step sizes; with
+    them abar_t = 2 exp(dt_t A) - 1 has no such form, and P comes from the same op call: a second
+    copy of the rows with x = 0 and the initial state 1 ends in P (the batch doubled, not T).
+    Returns (2, B', D, N) in the accumulation dtype: [P, s].
+    """
+    sl = slice(lo, hi)
+    x_p, delta_p, B_p, C_p = x[:, sl], delta[:, sl], B[:, sl], C[:, sl]
+    rows, _, Dch = x_p.shape
+    acc = _acc(x.dtype)
+    kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, output_final_state=True, reverse=reverse,
+              negative_eigenvalues=negative_eigenvalues, backend=backend)
+    if not negative_eigenvalues:
+        _, s = linrec.selective_scan(x_p, delta_p, A, B_p, C_p, **kw)                  # (B', D, N)
+        dt = delta_p.to(acc) if delta_bias is None else delta_p.to(acc) + delta_bias.to(acc)
+        if delta_softplus:
+            dt = F.softplus(dt)
+        P = torch.exp(dt.sum(dim=1).unsqueeze(-1) * A.to(acc))                        # (B', D, N)
+        return torch.stack([P, s])
+    N = A.shape[1]
+    init = torch.cat([x_p.new_zeros((rows, Dch, N), dtype=acc), x_p.new_ones((rows, Dch, N), dtype=acc)])
+    _, final = linrec.selective_scan(torch.cat([x_p, torch.zeros_like(x_p)]), torch.cat([delta_p, delta_p]), A,
+                                     torch.cat([B_p, B_p]), torch.cat([C_p, C_p]), initial_state=init, **kw)
+    return torch.stack([final[rows:], final[:rows]])                                 # [P, s]
+
+
+def _selective(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, output_final_state, reverse,
+               cu_seqlens, negative_eigenvalues, backend, group):
+    T_r = x.shape[1] if isinstance(x, Tensor) and x.dim() == 3 else 0
+
+    def validate():
+        with torch.no_grad():  # the single-device checks, on a zero-length slice (costs nothing)
+            local_cu = None if cu_seqlens is None else torch.zeros_like(cu_seqlens)
+            cut = lambda t: t[:, :0] if isinstance(t, Tensor) and t.dim() >= 2 else t   # noqa: E731
+            linrec.selective_scan(cut(x), cut(delta), A, cut(B), cut(C), D, cut(z), delta_bias=delta_bias,
+                                  delta_softplus=delta_softplus, initial_state=initial_state,
+                                  output_final_state=output_final_state, reverse=reverse, cu_seqlens=local_cu,
+                                  negative_eigenvalues=negative_eigenvalues, backend="reference")
+        _check_backend("selective", backend, x)
+        for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
+            if t is not None and t.shape[1] != T_r:
+                raise ValueError(f"{name} must have x's time length {T_r}, got shape {tuple(t.shape)}")
+        G = B.shape[2] if B.dim() == 4 else 0
+        return [("B", x.shape[0]), ("D", x.shape[2]), ("N", A.shape[1]), ("G", G), ("x dtype", _dtype_code(x)),
+                ("reverse", int(reverse)), ("negative_eigenvalues", int(negative_eigenvalues)),
+                ("delta_softplus", int(delta_softplus)), ("D given", int(D is not None)),
+                ("z given", int(z is not None)), ("delta_bias given", int(delta_bias is not None)),
+                ("initial_state given", int(initial_state is not None)),
+                ("output_final_state", int(bool(output_final_state)))]
+
+    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
+    layout = _prepare("selective_scan", group, device, T_r, validate, cu_seqlens,
+                      lambda: x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1, 16)
+    Bsz, _, Dch = x.shape
+    N = A.shape[1]
+    acc = _acc(x.dtype)
+    rows = Bsz if cu_seqlens is None else 1
+    if T_r > 0:
+        _, lo, hi = layout.boundary(layout.rank, reverse)
+        summary = _selective_summary(x, delta, A, B, C, delta_bias, delta_softplus, reverse, negative_eigenvalues,
+                                     lo, hi, backend)                                  # (2, B', D, N)
+    else:  # the identity map
+        summary = torch.stack([x.new_ones((rows, Dch, N), dtype=acc), x.new_zeros((rows, Dch, N), dtype=acc)])
+    gathered = _exchange(group, summary, (x, delta, A, B, C, delta_bias, initial_state))  # (world, 2, B', D, N)
+    init = (initial_state.to(acc) if initial_state is not None
+            else x.new_zeros((layout.num_seqs, Dch, N), dtype=acc))
+    E = _entering(layout, gathered, init, reverse, lambda m, h: m[0] * h + m[1])
+    E = _Tie.apply(E, gathered)
+    local_cu = None if cu_seqlens is None else layout.local_cu(cu_seqlens)
+    if T_r > 0:
+        y, local_final = linrec.selective_scan(x, delta, A, B, C, D, z, delta_bias=delta_bias,
+                                               delta_softplus=delta_softplus, initial_state=E,
+                                               output_final_state=output_final_state, reverse=reverse,
+                                               cu_seqlens=local_cu, negative_eigenvalues=negative_eigenvalues,
+                                               backend=backend)
+    else:  # an empty slice runs no kernel; its (empty) output still leads back to the exchange
+        y, local_final = _Tie.apply(x.new_zeros(x.shape), E), E
+    if not output_final_state:
+        return y, None
+    final = _gather_final(layout, local_final, group, reverse)
+    return _Tie.apply(y, final), final
+
+
+def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, *, group=None, delta_bias: Optional[Tensor] = None,
+                   delta_softplus: bool = False, initial_state: Optional[Tensor] = None,
+                   output_final_state: bool = False, reverse: bool = False, cu_seqlens: Optional[Tensor] = None,
+                   negative_eigenvalues: bool = False, backend: str = "auto") -> Tuple[Tensor, Optional[Tensor]]:
+    """``linrec.selective_scan`` (Mamba's S6) with time split over the ranks of ``group``.
+
+    Each rank scans the boundary piece of its slice from a zero state, giving the piece's affine
+    map ``h_out = P * h_in + s`` per (sequence, d, n) (P the product of the transitions: exp(A
+    sum dt), or with ``negative_eigenvalues`` the product of 2 exp(dt A) - 1); the maps are
+    all-gathered, every rank composes its predecessors' (``reverse``: successors') into the state
+    entering its slice, and rescans the slice from there.
+
+    Args:
+        x, delta: (B, T_r, D), this rank's slice of time (T_r may differ across ranks, and may be 0).
+        A: (D, N), the same on every rank.
+        B, C: (B, T_r, N) or (B, T_r, G, N), this rank's slice.
+        D: (D,) or None; delta_bias: (D,) or None: the same on every rank.
+        z: (B, T_r, D) or None, this rank's slice.
+        initial_state: (N_seq, D, N) or None, the state before the whole sequence (``reverse``:
+            after it), the same on every rank.
+        group: the process group (default: the default group); rank r holds the r-th slice.
+        output_final_state: also return every sequence's final state (the state after its last
+            step; with ``reverse`` after its first position, t = 0), the same on every rank.
+        delta_softplus, reverse, negative_eigenvalues, backend: as in ``linrec.selective_scan``.
+        cu_seqlens: (N_seq + 1,) global offsets of sequences packed along the concatenated time
+            axis (B = 1), the same on every rank; sequences may span any number of slices.
+
+    Returns:
+        y: (B, T_r, D) in x's dtype, this rank's slice of the single-device output;
+        final_state: (N_seq, D, N) float32 (float64 for float64 x), the same on every rank, or None.
+
+    Exchanged per rank: 2 B' D N accumulation-dtype numbers (P and s of the slice's boundary
+    piece; B' = B, or 1 with cu_seqlens) gathered from every rank, a descriptor of 18 int64, and
+    with ``output_final_state`` an all-reduce of N_seq D N numbers; the backward all-reduces the
+    gradients of the same tensors.
+    """
+    return _selective(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, output_final_state,
+                      reverse, cu_seqlens, negative_eigenvalues, backend, group)
 
 
 # ----------------------------------------------------------------------------------------------

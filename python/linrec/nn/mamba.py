@@ -24,6 +24,7 @@ bias of dt_proj, whose weight is uniform in +-dt_rank^-0.5; D = 1; the convoluti
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple, Union
 
@@ -90,7 +91,7 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def forward(self, x: Tensor, state: Optional[Tuple[Optional[Tensor], Tensor]] = None,
-                return_state: bool = False, cu_seqlens: Optional[Tensor] = None
+                return_state: bool = False, cu_seqlens: Optional[Tensor] = None, group=None
                 ) -> Union[Tensor, Tuple[Tensor, Tuple[Optional[Tensor], Tensor]]]:
         """Runs the Mamba block over time.
 
@@ -101,6 +102,10 @@ class Mamba(nn.Module):
             return_state: also return the new state.
             cu_seqlens: (N + 1,) int offsets of N sequences packed along T (B = 1), or None. The scan
                 and the convolution both restart at every boundary.
+            group: a torch.distributed process group for context parallelism, or None: x is this
+                rank's slice of time, cu_seqlens the global offsets, the convolution's halo comes
+                from the previous ranks, the scan is ``linrec.distributed.selective_scan``, and the
+                returned state is the whole sequence's (on every rank).
 
         Returns:
             y: (B, T, d_model) in out_proj's output dtype (x's, or autocast's);
@@ -115,14 +120,18 @@ class Mamba(nn.Module):
         xs, z = self.in_proj(x).chunk(2, dim=-1)                                 # (B, T, d_inner) each
         new_conv_state = None
         if self.conv is not None:
-            xs, new_conv_state = self.conv(xs, conv_state, cu_seqlens)
+            xs, new_conv_state = self.conv(xs, conv_state, cu_seqlens, group=group)
         dt_low, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt_low, self.dt_proj.weight)                            # (B, T, d_inner); bias in the scan
         A = -torch.exp(self.A_log.float())                                       # (d_inner, d_state)
-        y, h = selective_scan(xs, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
-                              delta_softplus=True, initial_state=h0, output_final_state=return_state,
-                              cu_seqlens=cu_seqlens, negative_eigenvalues=self.negative_eigenvalues,
-                              backend=self.backend)
+        scan = selective_scan
+        if group is not None:  # context parallelism: this rank's slice of time, the state entering it exchanged
+            import linrec.distributed as lrd
+            scan = functools.partial(lrd.selective_scan, group=group)
+        y, h = scan(xs, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+                    delta_softplus=True, initial_state=h0, output_final_state=return_state,
+                    cu_seqlens=cu_seqlens, negative_eigenvalues=self.negative_eigenvalues,
+                    backend=self.backend)
         out = self.out_proj(y)
         if return_state:
             return out, (new_conv_state, h)
