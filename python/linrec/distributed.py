@@ -1,10 +1,11 @@
-"""Context (sequence) parallelism: the three scans with time split over the ranks of a process group.
+"""Context (sequence) parallelism: the four scans with time split over the ranks of a process group.
 
 Rank r of ``group`` holds the r-th contiguous slice of the time axis (slices may differ in length,
 and may be empty). Every tensor with a time axis is the rank's slice; ``initial_state`` (the state
 before the whole sequence) and ``cu_seqlens`` (global offsets over the concatenated time axis) are
 the same on every rank. Each op returns the rank's slice of what the single-device op returns on
-the concatenation (``householder_scan``'s ``final_state``: the whole sequence's, on every rank).
+the concatenation (``householder_scan``'s and ``selective_scan``'s ``final_state``: the whole
+sequence's, on every rank; for a reverse scan the state at t = 0, as the single-device op returns).
 
 How (docs/design.md section 7, the two-level scan, with ranks as the pieces):
 
@@ -20,15 +21,21 @@ How (docs/design.md section 7, the two-level scan, with ranks as the pieces):
    zero; block-diagonal, P the ordered product of the b x b blocks (a pairwise product tree) and
    s; Householder, per head, the K x K transition M and the K x V end state s, both from one call
    of the single-device op (chunked WY form, any backend) on ``v`` widened by K zero columns from
-   the initial state ``[I_K | 0]``: its final state is ``[M | s]``.
+   the initial state ``[I_K | 0]``: its final state is ``[M | s]``; selective (Mamba), per
+   (d, n), P = exp(A sum_t dt_t) in closed form (with negative eigenvalues, the product of
+   2 exp(dt_t A) - 1, from the same op call on a second copy of the rows with x = 0 and state 1)
+   and s the op's final state from zero.
 3. **Exchange.** One all-gather of the summaries: (world, 2, B', D), (world, B', G, b, b + 1) or
-   (world, B', H, K, K + V) with B' = B, or 1 with ``cu_seqlens`` -- O(world x state) bytes per
+   (world, B', H, K, K + V), (world, 2, B', D, N) with B' = B, or 1 with ``cu_seqlens`` -- O(world x state) bytes per
    rank, independent of T and of the number of packed sequences.
 4. **Compose.** Each rank folds its predecessors' maps (successors' for ``reverse``) into the
    initial state of the sequences they belong to, giving the state entering every sequence's
    piece on this rank (a sequence that starts inside the slice keeps its own initial state).
 5. **Scan.** The single-device op runs on the slice with that entering state and the slice's
    local offsets ``clip(cu_seqlens - start, 0, T_r)``.
+6. **Final state** (when asked for). The rank whose scan ends a sequence (holds its last
+   position; ``reverse``: its first) contributes its local final state, the others zeros; one
+   all-reduce gives every rank every sequence's final state.
 
 Gradients: the exchange is an autograd function whose backward all-reduces the gradient of the
 gathered summaries and keeps the rank's own row (the reverse exchange), so every gradient of
@@ -40,7 +47,11 @@ for the loss: the group's loss is the sum of the ranks' losses, and a ``final_st
 several ranks' losses gets the sum of those gradients. Backward runs collectives: every rank must
 backpropagate through its output if one does (as any rank does that trains with the others).
 
-Only ``torch.distributed`` moves data (gloo on CPU tensors, NCCL on CUDA tensors).
+Only ``torch.distributed`` moves data (gloo on CPU tensors, NCCL on CUDA tensors), and only
+through collectives NCCL runs on device tensors: ``all_gather_into_tensor`` (fallback: the list
+form of ``all_gather``) and ``all_reduce`` with SUM, on int64 / fp32 / fp64 / bf16 / fp16 tensors
+(complex ones travel as real pairs). No object collective, no point-to-point, no barrier; the
+layout descriptor is gathered as a device tensor and read back to the host (one small sync).
 """
 
 from __future__ import annotations
