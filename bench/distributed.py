@@ -178,6 +178,10 @@ def main(argv=None):
     from bench.common import device_slug, environment
     env = environment(torch.device("cpu"))
     env["device"] = env["device"].split(" (")[0] + f" ({os.cpu_count()} cores, 1 thread per process)"
+    load_before = os.getloadavg()[0]
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split("\n")
+    dirty = [line[3:] for line in dirty if line.strip()]
     command = "python -m bench.distributed " + " ".join(argv)
     head = (f"T = {args.T}; shapes {SHAPES}; fp32, torch backend, gloo on the CPU\n"
             f"device: {env['device']}  torch {env['torch']}  git {env['git_sha']}  {env['utc_time']}")
@@ -209,6 +213,10 @@ def main(argv=None):
                      f"Command: `{command}`\n\n"
                      f"Device: {env['device']}; torch {env['torch']}; triton {env['triton']}; "
                      f"git {env['git_sha']}; {env['utc_time']}\n\n"
+                     f"Load average (1 min) before / after the run: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+                     f"on {os.cpu_count()} cores (above the core count, the times include waiting for a core).\n\n"
+                     + (f"Uncommitted changes in tracked files at the time: {', '.join(dirty)}.\n\n" if dirty else "")
+                     +
                      f"T = {args.T} (T / world per rank), shapes {SHAPES}, fp32, torch backend, median of "
                      f"{args.repeat} forward + backward runs. Bytes: what one rank put into collectives for "
                      "one forward + backward (measured by ``linrec.distributed.traffic``; formula in "
