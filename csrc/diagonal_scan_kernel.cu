@@ -192,6 +192,21 @@ __device__ __forceinline__ Pack<S> load_pack(const S* row, int64_t c0, int64_t d
   }
 }
 
+// Vector stores. A struct assignment such as *reinterpret_cast<uint4*>(p) = v is split by the
+// compiler into four scalar 4-byte st.global (it stores the struct field by field); inline PTX
+// states the vector store outright. The caller guarantees the alignment (16 or 8 bytes).
+__device__ __forceinline__ void store_global_v4(void* ptr, const uint4& v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+__device__ __forceinline__ void store_global_v2(void* ptr, const uint2& v) {
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(ptr), "r"(v.x), "r"(v.y) : "memory");
+}
+__device__ __forceinline__ void store_global_vec(void* ptr, const uint4& v) { store_global_v4(ptr, v); }
+__device__ __forceinline__ void store_global_vec(void* ptr, const uint2& v) { store_global_v2(ptr, v); }
+
+// Stores channels c0 .. c0 + kSize - 1 of a row: one 16-byte (fp32, complex64) or 8-byte
+// (bf16, fp16) vector store when kVectorized, element by element otherwise.
 template <typename S, bool kVectorized>
 __device__ __forceinline__ void store_pack(S* row, int64_t c0, int64_t dim, const Pack<S>& p) {
   if constexpr (kVectorized) {
@@ -199,7 +214,7 @@ __device__ __forceinline__ void store_pack(S* row, int64_t c0, int64_t dim, cons
     using Raw = typename PackTraits<S>::Raw;
     Raw raw;
     memcpy(&raw, &p, sizeof(p));
-    *reinterpret_cast<Raw*>(row + c0) = raw;
+    store_global_vec(row + c0, raw);
   } else {
 #pragma unroll
     for (int v = 0; v < Pack<S>::kSize; ++v) {
@@ -219,13 +234,28 @@ __device__ __forceinline__ void store_acc(Acc* row, int64_t c0, int64_t dim, con
     uint4 words[kWords];
     memcpy(words, vals, sizeof(words));
 #pragma unroll
-    for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(row + c0)[w] = words[w];
+    for (int w = 0; w < kWords; ++w) store_global_v4(reinterpret_cast<uint4*>(row + c0) + w, words[w]);
   } else {
 #pragma unroll
     for (int v = 0; v < kV; ++v) {
       if (c0 + v < dim) row[c0 + v] = vals[v];
     }
   }
+}
+
+// The look-back's flags under the PTX memory model. A publisher's lanes store the payload and
+// meet at __syncwarp (a barrier: their stores happen before whatever lane 0 does next); lane 0
+// then writes the flag with release semantics, so a reader that reads the flag with an acquire
+// load (every lane its own) sees the whole payload. An acquire read by lane 0 alone, handed to
+// the other lanes by __shfl_sync, would order nothing for them: a shuffle is not a memory
+// operation, and a fence after it orders nothing against a store the lane never observed.
+__device__ __forceinline__ int load_flag_acquire(const int* flag) {
+  int value;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(value) : "l"(flag) : "memory");
+  return value;
+}
+__device__ __forceinline__ void store_flag_release(int* flag, int value) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(flag), "r"(value) : "memory");
 }
 
 // Index of the packed sequence that holds time step t: the largest n < N with cu[n] <= t
@@ -286,9 +316,8 @@ __device__ __forceinline__ void look_back(const Workspace& ws, int lane, int64_t
         agg[lane * V + v] = tot_A[v];
         agg[CW + lane * V + v] = tot_X[v];
       }
-      __threadfence();
       __syncwarp(mask);
-      if (lane == 0) atomicExch(ws.flags + status, kAggregateReady);
+      if (lane == 0) store_flag_release(ws.flags + status, kAggregateReady);
     }
 
     // Walk back: R is the map of the chunks between the one looked at and this one.
@@ -299,14 +328,13 @@ __device__ __forceinline__ void look_back(const Workspace& ws, int lane, int64_t
       R_X[v] = acc_zero<Acc>();
     }
     for (int64_t j = status - 1;; --j) {  // chunk 0 always publishes a prefix: j stays in range
-      int flag = kNotReady;
-      if (lane == 0) {
-        const volatile int* vflags = ws.flags;
-        while ((flag = vflags[j]) == kNotReady) __nanosleep(64);
-      }
-      flag = __shfl_sync(mask, flag, 0);
-      __threadfence();
-      if (flag == kPrefixReady) {
+      // Every lane acquires the flag itself (see load_flag_acquire). Lanes may see different
+      // values (a chunk's flag goes 1 -> 2); a lane that saw the prefix also sees the aggregate,
+      // published before it, so the warp takes the prefix only when every lane saw it and
+      // otherwise composes the aggregate, and stays converged.
+      int flag;
+      while ((flag = load_flag_acquire(ws.flags + j)) == kNotReady) __nanosleep(64);
+      if (__all_sync(mask, flag == kPrefixReady)) {
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           carry[v] = mad(R_A[v], load_published(prefixes + j * CW + lane * V + v), R_X[v]);
@@ -327,9 +355,8 @@ __device__ __forceinline__ void look_back(const Workspace& ws, int lane, int64_t
   if (has_successor) {  // publish this chunk's end state for the chunks after it
 #pragma unroll
     for (int v = 0; v < V; ++v) prefixes[status * CW + lane * V + v] = mad(tot_A[v], carry[v], tot_X[v]);
-    __threadfence();
     __syncwarp(mask);
-    if (lane == 0) atomicExch(ws.flags + status, kPrefixReady);
+    if (lane == 0) store_flag_release(ws.flags + status, kPrefixReady);
   }
 }
 
@@ -556,7 +583,7 @@ diagonal_scan_kernel(const DiagonalScanParams p, const Workspace ws) {
           for (int v = 0; v < V; ++v) h_prev[v] = Tr::to_acc(hp.e[v]);
         } else {
           const int64_t n = seq_of(t);
-          const Pack<S> a_first = load_pack<S, false>(a_b + t * p.a_stride_t, c0, D, p.a_stride_d);
+          const Pack<S> a_first = load_pack<S, kVectorized>(a_b + t * p.a_stride_t, c0, D, p.a_stride_d);
 #pragma unroll
           for (int v = 0; v < V; ++v) {
             const bool ok = c0 + v < D;

@@ -84,6 +84,128 @@ def test_nvcc_compiles_without_spills(ptxas_reports, src, arch):
     assert "error" not in log.lower(), log
 
 
+# Entry functions of diagonal_scan_kernel.cu: diagonal_scan_kernel<S, kBackward, kVectorized>.
+_ENTRY = re.compile(r"diagonal_scan_kernelI(?P<dtype>f|13__nv_bfloat16|6__half|NS0_6cfloatE)Lb(?P<backward>[01])"
+                    r"ELb(?P<vectorized>[01])E")
+_DTYPE_OF = {"f": "fp32", "13__nv_bfloat16": "bf16", "6__half": "fp16", "NS0_6cfloatE": "complex64"}
+# Per thread and chunk, kSteps = 4 time steps of one vector of channels (16 bytes for fp32 and
+# complex64, 8 bytes for bf16 and fp16).
+_STEPS = 4
+# Threads per block (8 data warps and the look-back warp) and blocks per SM the kernel is built for.
+_BLOCK_THREADS, _BLOCKS_PER_SM = 288, 2
+
+
+def _split_entries(text: str, marker: str) -> dict:
+    """{(dtype, backward, vectorized): body} of every diagonal_scan_kernel entry in a PTX or SASS dump."""
+    entries = {}
+    for part in text.split(marker)[1:]:
+        match = _ENTRY.search(part.split("\n", 1)[0])
+        if match:
+            key = (_DTYPE_OF[match["dtype"]], match["backward"] == "1", match["vectorized"] == "1")
+            entries[key] = part
+    return entries
+
+
+@pytest.fixture(scope="module")
+def ptx_sm90a(tmp_path_factory):
+    """The PTX of diagonal_scan_kernel.cu for sm_90a, split by entry function."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    out = tmp_path_factory.mktemp("ptx") / "diagonal_scan_kernel.ptx"
+    flags = [f for f in _cuda.nvcc_flags([]) if f != "-lineinfo"]
+    result = subprocess.run([NVCC, *flags, "-arch=sm_90a", "-I", str(CSRC), "-ptx",
+                             str(CSRC / "diagonal_scan_kernel.cu"), "-o", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = _split_entries(out.read_text(), ".entry ")
+    assert len(entries) == 16, sorted(entries)
+    return entries
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("dtype", ["fp32", "complex64", "bf16", "fp16"])
+def test_cuda_diagonal_vector_loads_and_stores(ptx_sm90a, dtype, backward):
+    """The vectorised kernel moves a, x (dL/dh), h and dL/da in vectors: 128-bit for fp32 and
+    complex64, 64-bit for bf16 and fp16 (dL/da, fp32, in 128-bit words); every state (dL/dx) store
+    and every dL/da store of the time walk is one vector store, none a scalar st.global of them."""
+    ptx = ptx_sm90a[(dtype, backward, True)]
+    wide = "v4" if dtype in ("fp32", "complex64") else "v2"
+    stores = re.findall(r"\bst\.global\.(v\d)\.b32\b", ptx)
+    loads = re.findall(r"\bld\.global\.nc\.(v\d)\.u32\b", ptx)
+    # Forward: kSteps state stores; backward: kSteps dL/dx stores and kSteps dL/da stores of
+    # 16-byte words (4 fp32 or 2 complex64 gradients of V channels: 1 word; bf16's 4 fp32: 1 word).
+    assert stores.count(wide) >= _STEPS, stores
+    if backward:
+        assert stores.count("v4") >= (_STEPS if wide == "v4" else 0) + _STEPS, stores
+    # Forward: a and x each step; backward: a, dL/dh and h.
+    assert loads.count(wide) >= (3 if backward else 2) * _STEPS, loads
+    # The data's scalar fallbacks are in the unvectorised entry only: 16-bit scalars never here.
+    assert not re.search(r"\b(st|ld)\.global(\.nc)?\.[ubs]16\b", ptx)
+
+
+@pytest.mark.parametrize("vectorized", [False, True])
+@pytest.mark.parametrize("dtype", ["fp32", "complex64", "bf16", "fp16"])
+def test_cuda_look_back_flags_are_acquire_and_release(ptx_sm90a, dtype, vectorized):
+    """Decoupled look-back under the PTX memory model: each lane reads a predecessor's flag with
+    its own ld.acquire.gpu (no flag handed between lanes by a shuffle), the warp agrees by a vote,
+    and flags are written with st.release.gpu after the payload."""
+    for backward in (False, True):
+        ptx = ptx_sm90a[(dtype, backward, vectorized)]
+        assert re.search(r"\bld\.acquire\.gpu\.global\.b32\b", ptx)
+        assert len(re.findall(r"\bst\.release\.gpu\.global\.b32\b", ptx)) >= 2  # aggregate, prefix
+        assert "shfl.sync.idx" not in ptx  # the scan itself shuffles only upwards
+        assert "vote.sync.all" in ptx
+        assert not re.search(r"\bld\.volatile\.global", ptx)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_diagonal_two_blocks_per_sm(ptxas_reports, arch):
+    """Registers of every entry let two blocks of 288 threads share an SM (look-back latency hidden
+    by the other block): registers x 288 x 2 <= 65536, as __launch_bounds__ asks."""
+    rc, log, _ = ptxas_reports[("diagonal_scan_kernel.cu", arch)]
+    assert rc == 0, log
+    registers = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
+    assert len(registers) >= 16, log
+    assert all(-(-r // 8) * 8 * _BLOCK_THREADS * _BLOCKS_PER_SM <= 65536 for r in registers), registers
+
+
+def _cuobjdump():
+    """cuobjdump: the CUDA toolkit's, or the copy Triton ships."""
+    found = shutil.which("cuobjdump")
+    if found is None and NVCC is not None:
+        candidate = Path(NVCC).resolve().parent / "cuobjdump"
+        found = str(candidate) if candidate.is_file() else None
+    if found is None:
+        try:
+            import triton.backends.nvidia as nvidia_backend
+            candidate = Path(nvidia_backend.__file__).parent / "bin" / "cuobjdump"
+            found = str(candidate) if candidate.is_file() else None
+        except ImportError:
+            found = None
+    return found
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_diagonal_sass_has_vector_stores(ptxas_reports, arch):
+    """The machine code keeps the vector stores ptxas was given: STG.E.128 (fp32, complex64) or
+    STG.E.64 (bf16, fp16) for every state store of the vectorised entries."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's) to disassemble with")
+    rc, log, obj = ptxas_reports[("diagonal_scan_kernel.cu", arch)]
+    assert rc == 0, log
+    sass = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300, check=True).stdout
+    entries = _split_entries(sass, "Function : ")
+    assert len(entries) == 16, sorted(entries)
+    for (dtype, backward, vectorized), code in entries.items():
+        if not vectorized:
+            continue
+        wide = "STG.E.128" if dtype in ("fp32", "complex64") else "STG.E.64"
+        assert len(re.findall(re.escape(wide) + r"\b", code)) >= _STEPS, (dtype, backward)
+        if backward:
+            assert len(re.findall(r"STG\.E\.128\b", code)) >= _STEPS * (2 if wide == "STG.E.128" else 1)
+
+
 # --- loader and dispatch without a usable CUDA backend ---------------------------------------------
 
 @pytest.mark.skipif(HAS_CUDA, reason="the error is for machines without CUDA")
