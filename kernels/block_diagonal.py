@@ -1,39 +1,55 @@
-"""Triton kernels for the block-diagonal scan ``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]``.
+"""Triton kernels for the block-diagonal scan ``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]``, in one launch.
 
-One program owns BLOCK_G blocks g of one sequence and walks time one step at a
-time, holding the states h (BLOCK_G, BLOCK_B) in registers in fp32. Each step
-loads the (BLOCK_G, BLOCK_B, BLOCK_B) tile of transitions and computes the
-matrix-vector products as a broadcast multiply and a sum over the column axis.
-The loads of steps t + 1 and t + 2 are issued before the arithmetic of step t (a
-two-step software prefetch), so their latency overlaps the dependent chain through h.
+One program owns BLOCK_G blocks g of one sequence and walks time one step at a time, holding the
+states h (BLOCK_G, BLOCK_B) in registers in fp32. Each step loads the (BLOCK_G, BLOCK_B, BLOCK_B)
+tile of transitions and computes the matrix-vector products as a broadcast multiply and a sum over
+the column axis. The loads of steps s + 1 and s + 2 are issued before the arithmetic of step s (a
+two-step software prefetch), so their latency overlaps the dependent chain through h. The block
+size is a constexpr (``BS``; 0 means "b is not a power of two, read it from ``block_size``"), so
+for b = 1, 2, 4, 8, 16, ... the tile offsets are compile-time constants and the loads vectorise.
 
-Two launch shapes:
+Two ways to get the state entering a program's share of the sweep, in the same single launch:
 
-* sequential (many sequences x block groups): one sweep per program over the
-  whole sequence; A and x are read exactly once and h written once.
-* chunked (few programs, long T): the sweep is cut into chunks of C steps and
-  run in three launches: (pass 1) every chunk from a zero state, keeping its end
-  state ``s_k`` and the product ``P_k`` of its matrices (a broadcast product for
-  b < 16, ``tl.dot`` for b >= 16); (carry kernel) ``c_{k+1} = P_k c_k + s_k``
-  sequentially over the chunks; (pass 0) every chunk again from its carry. This
-  reads A twice but exposes n_chunks times more parallelism.
+* **walk** (``lookback = 0``): one program per (sequence, block group) walks its whole sequence;
+  used when there are enough such programs to fill the GPU (>= 4 per SM).
+* **decoupled look-back** (``lookback = 1``): each sequence is cut into chunks of ``chunk_len``
+  steps, one program per (chunk, sequence, block group). A program takes a ticket from an atomic
+  counter and owns the chunk the ticket names; tickets are chunk-major, so every predecessor of a
+  chunk (the earlier chunks of its sequence and block group) holds a lower ticket. A chunk's
+  summary is the affine map ``h -> P h + s`` of its steps: ``P`` the b x b product of its
+  transitions (saturated, see ``_saturate``) and ``s`` its end state from a zero start.
 
-Reverse scans walk time downwards. The backward pass runs the same kernel with
-``backward=1``: with ``g_t = dL/dx_t``, a forward-in-time scan has
+  - *Fast path*: if the predecessor's inclusive state (the true state at its end) is already
+    published, the program reads it and walks its chunk once.
+  - *Otherwise* the program walks its chunk once for ``(P, s)`` (walk 1), publishes them with a
+    flag (value 1), and looks back: each published inclusive state ends the look-back; each
+    published aggregate is composed into the running map and the look-back moves one chunk
+    further; an unpublished flag is re-read. It then walks the chunk again from the entering state
+    (walk 2), writing h. Walk 2 re-reads the chunk's A and x, which walk 1 of the same program has
+    just brought into L2 (about chunk_len x 1 KB per program): DRAM sees one pass, L2 two.
+
+  Every program but the last chunk's then publishes its inclusive state (flag value 2).
+  **No deadlock**: a program waits only on lower tickets, and a ticket is taken only by a program
+  already running, so the lowest unfinished ticket waits on nothing unfinished. **Memory
+  ordering**: payload stores, ``tl.debug_barrier()`` (every thread's stores happen before the flag
+  write), then a *release* exchange of the flag; readers take the flag with an *acquire* atomic
+  and read the payload with ``.cg`` loads (L2, never a stale L1 line). Varlen sequences are cut
+  into chunks each on its own (a chunk never crosses a sequence start); chunks past a sequence's
+  end do nothing. Under the interpreter programs run one at a time in ticket order, so every
+  predecessor has finished and the fast path always runs; ``force_aggregates = 1`` (tests) turns
+  the fast path off and makes every look-back compose aggregates back to chunk 0.
+
+Reverse scans walk time downwards. The backward pass runs the same kernel with ``BACKWARD``: with
+``g_t = dL/dx_t``, a forward-in-time scan has
 
     g_t = dL/dh_t + A_{t+1}^T g_{t+1},   dL/dA_t = g_t h_{t-1}^T,   dL/dh_0 = A_1^T g_1,
 
-i.e. the scan in the opposite direction on the *next* step's *transposed* block.
-Transposition is free (the launcher swaps the row and column strides), the
-shift is an index offset, and when A is not broadcast the outer product
-``dL/dA_t`` is written in the same sweep (``write_da``), so the backward reads
-A, h and dL/dh once. A broadcast A (e.g. time-invariant (G, b, b)) gets its
-gradient summed outside the kernel, without materialising (B, T, G, b, b).
-
-Direction, packing, backward and chunking are runtime flags: they only change
-scalar index arithmetic and uniform branches, and keeping them out of the
-constexprs keeps the compiled specialisations to one per (dtype, block size,
-pass) (see ``aot_specs``).
+i.e. the scan in the opposite direction on the *next* step's *transposed* block: the tile is
+loaded as stored and the products contract over its row axis instead of its column axis. When A
+is full-size (``A_CONTIG``: contiguous (B, T, G, b, b)) the outer product ``dL/dA_t`` is written in
+walk 2 in A's dtype, so the backward reads A, h and dL/dh once; a broadcast A (e.g. time-invariant
+(G, b, b), any strides with a contiguous b x b block) gets its gradient summed by the op, without
+materialising (B, T, G, b, b).
 """
 
 from __future__ import annotations
@@ -59,60 +75,124 @@ def _both(mask, cond):
 
 
 @triton.jit
+def _saturate(product):
+    """Entries of a transition product clamped to a finite range (NaN stays NaN).
+
+    A product that overflows (growth over a chunk) would meet a zero state as inf * 0 = NaN,
+    where the sequential loop is exact (0); saturated, it gives the loop's zeros. Where the true
+    product is out of range, so is the state."""
+    if product.dtype == tl.float64:
+        bound = 1e300
+    else:
+        bound = 3.0e38
+    return tl.clamp(product, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _matvec(M, v, TRANS: tl.constexpr):
+    """``M v`` (``M^T v`` with TRANS) per block: M (BLOCK_G, BLOCK_B, BLOCK_B), v (BLOCK_G, BLOCK_B)."""
+    if TRANS:
+        return tl.sum(M * v[:, :, None], axis=1)
+    else:
+        return tl.sum(M * v[:, None, :], axis=2)
+
+
+@triton.jit
+def _matmat(M, P, TRANS: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """``M P`` (``M^T P`` with TRANS) per block, saturated: M, P (BLOCK_G, BLOCK_B, BLOCK_B) in ACC.
+
+    USE_DOT (one block per program, b >= 16): tensor cores, three TF32 products (3xTF32) for fp32
+    accuracy; below that a broadcast multiply and a sum over the contracted axis."""
+    if USE_DOT:
+        M2 = tl.reshape(M, (BLOCK_B, BLOCK_B))
+        if TRANS:
+            M2 = tl.trans(M2)
+        P2 = tl.reshape(P, (BLOCK_B, BLOCK_B))
+        if ACC == tl.float64:
+            R2 = tl.dot(M2, P2, input_precision="ieee")
+        else:
+            R2 = tl.dot(M2, P2, input_precision="tf32x3")
+        R = tl.reshape(R2, (1, BLOCK_B, BLOCK_B))
+    else:
+        if TRANS:  # R[g, j, l] = sum_i M[g, i, j] P[g, i, l]
+            R = tl.sum(M[:, :, :, None] * P[:, :, None, :], axis=1)
+        else:      # R[g, i, l] = sum_j M[g, i, j] P[g, j, l]
+            R = tl.sum(M[:, :, :, None] * P[:, None, :, :], axis=2)
+    return _saturate(R)
+
+
+@triton.jit
 def _step_time(step, start, end, scan_down):
     """Time index of sweep step ``step``: upwards from ``start`` or downwards from ``end - 1``."""
     return tl.where(scan_down, end - 1 - step, start + step)
 
 
 @triton.jit
-def _load_step(A_ptr, x_ptr, a_off, vec_off, tile_mask, vec_mask, step, step_hi, start, end, scan_down,
-               coef_shift, stride_at, row_base, step_elems):
-    """Loads sweep step ``step``'s matrix tile and input tile, in storage dtype (zeros past ``step_hi``).
+def _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask, step, step_hi,
+               start, end, scan_down, coef_shift):
+    """Sweep step ``step``'s transition tile and input tile, in storage dtype (zeros past ``step_hi``).
 
-    The matrix of the step at time t is A_t (forward) or A^T of the forward step after t
-    (backward, ``coef_shift`` = +-1; zero past the sequence end).
-    """
+    The transition of the step at time t is A_t (forward) or, transposed by the caller, A of the
+    forward step after t (backward, ``coef_shift`` = +-1; zero past the sequence end).
+    ``a_seq_ptr`` / ``x_seq_ptr`` point at time 0 of the sequence's batch row; ``a_step`` /
+    ``x_step`` are the elements per time step."""
     t = _step_time(step, start, end, scan_down)
     live = step < step_hi
     t_coef = t + coef_shift
     coef_ok = live & (t_coef >= start) & (t_coef < end)
-    M = tl.load(A_ptr + a_off + t_coef * stride_at, mask=_both(tile_mask, coef_ok), other=0.0)
-    xv = tl.load(x_ptr + (row_base + t) * step_elems + vec_off, mask=_both(vec_mask, live), other=0.0)
+    M = tl.load(a_seq_ptr + t_coef * a_step + a_tile, mask=_both(tile_mask, coef_ok), other=0.0)
+    xv = tl.load(x_seq_ptr + t * x_step + vec_off, mask=_both(vec_mask, live), other=0.0)
     return M, xv
 
 
 @triton.jit
+def _set_flag(flag_ptr, value, go):
+    """Sets a chunk's flag (when ``go``) after its payload: the barrier makes every thread's
+    payload stores happen before the one thread that writes the flag goes on, and the release
+    makes them visible to any program that reads the flag with acquire semantics."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, value, mask=go, sem="release")
+
+
+# The flags stay out of the JIT's value specialisation (1 would become a constant), so the GPU
+# compiles exactly the specialisations aot_specs lists.
+@triton.jit(do_not_specialize=["reverse", "varlen", "has_h0", "lookback", "force_aggregates"])
 def block_diagonal_scan_kernel(
-    A_ptr,            # transitions, strides below (0 along broadcast dims); x's dtype
+    A_ptr,            # transitions in x's dtype: A_CONTIG: (B, T, G, b, b) contiguous; else strides below
     x_ptr,            # forward: inputs x; backward: dL/dh.      (B, T, G, b) contiguous
-    h0_ptr,           # initial states (N, G, b) contiguous (zeros when the caller gave none)
+    h0_ptr,           # initial states (N, G, b) contiguous, read when has_h0
     out_ptr,          # forward: states h; backward: g = dL/dx.  (B, T, G, b) contiguous
     h_ptr,            # backward only: forward states h          (B, T, G, b) contiguous
-    grad_A_ptr,       # backward + write_da: dL/dA, (B, T, G, b, b) contiguous, accumulation dtype
+    grad_A_ptr,       # backward + A_CONTIG: dL/dA, (B, T, G, b, b) contiguous, A's dtype
     grad_h0_ptr,      # backward only: dL/dh0 (N, G, b) contiguous, accumulation dtype
     cu_seqlens_ptr,   # (N + 1,) packed-sequence offsets, read when varlen != 0
-    carry_ptr,        # chunked: (N, n_chunks, G, b) accumulation dtype; pass 0 reads each chunk's carry-in,
-                      # pass 1 writes each chunk's local end state
-    prod_ptr,         # chunked pass 1: (N, n_chunks, G, b, b) accumulation dtype, each chunk's matrix product
-    T, G, BS,         # time steps per batch row, blocks, block size b
-    reverse, varlen, backward, write_da, chunked,  # runtime flags (0 / 1); write_da needs backward
-    chunk_len,        # chunked: sweep steps per chunk
-    stride_ab, stride_at, stride_ag, stride_ai, stride_aj,  # A's strides; row/col swapped by the launcher
-    PASS: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr,
+    ws_ptr,           # look-back, accumulation dtype, per (chunk, sequence): aggregate products P (S, N, G, b, b),
+                      # then aggregate end states s (S, N, G, b), then inclusive states (S, N, G, b)
+    sync_ptr,         # look-back: zeroed int32, a flag per program (S, N, n_groups), then the ticket counter
+    T, G, N, block_size,  # time steps per batch row, blocks, sequences, block size b
+    chunk_len,        # sweep steps per program (look-back: per chunk; walk: >= every sequence's length)
+    reverse, varlen, has_h0, lookback, force_aggregates,  # runtime flags (0 / 1)
+    stride_ab, stride_at, stride_ag,  # A's strides when not A_CONTIG (0 along broadcast dims)
+    BACKWARD: tl.constexpr, A_CONTIG: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_B: tl.constexpr, BS: tl.constexpr, USE_DOT: tl.constexpr,
 ):
-    """One program: BLOCK_G blocks of one sequence, over the whole sweep or (chunked) one chunk of it.
-
-    PASS 0 runs the recurrence and writes the states (and in the backward dL/dA, dL/dh0).
-    PASS 1 (chunked only) runs its chunk from a zero state and writes the chunk's end
-    state and the product of its matrices, for ``block_diagonal_carry_kernel``.
-    The flags are runtime values (uniform branches), so that one compiled kernel
-    per (dtype, block size, pass) serves every call.
-    """
-    # Grid: (block groups x sequences, chunks); sequences on axis 0 have no 65535 limit.
+    """One program: BLOCK_G blocks of one sequence, over its whole sweep (walk) or one chunk of it
+    (look-back). BS: the block size b when it is a power of two (== BLOCK_B), else 0 (then b is
+    ``block_size`` and BLOCK_B the next power of two)."""
     n_groups = tl.cdiv(G, BLOCK_G)
-    pid_g = tl.program_id(0) % n_groups
-    seq = tl.program_id(0) // n_groups
-    chunk = tl.program_id(1)
+    n_programs = tl.num_programs(0)
+    if lookback != 0:
+        # Programs own chunks in the order they take tickets, chunk-major: (chunk, sequence, block group).
+        ticket = tl.atomic_add(sync_ptr + n_programs, 1)
+    else:
+        ticket = tl.program_id(0)
+    pid_g = ticket % n_groups
+    seq = (ticket // n_groups) % N
+    chunk = ticket // (n_groups * N)
+    if BS == 0:
+        bs = block_size
+    else:
+        bs = BS
     if varlen != 0:  # packed sequences share batch row 0
         batch = (seq * 0).to(tl.int64)
         start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -124,151 +204,165 @@ def block_diagonal_scan_kernel(
     length = end - start
     # The sweep walks time downwards for a reverse forward pass and for the
     # backward of a forward-in-time pass.
-    scan_down = reverse != backward
+    scan_down = reverse != BACKWARD
     fwd_step = 1 - 2 * reverse  # time step of the forward recurrence
     # The matrix of sweep step t is A_t (forward) or A^T of the forward step after t
     # (backward; zero past the sequence end): its time index is t + coef_shift.
-    coef_shift = fwd_step * backward
-    # Sweep steps [step_lo, step_hi) of this program (one chunk, or all of them).
+    if BACKWARD:
+        coef_shift = fwd_step
+    else:
+        coef_shift = fwd_step * 0
+    # This program's sweep steps [step_lo, step_hi), counted in scan order; the last chunk
+    # that holds steps (chunk 0 for an empty sequence). Chunks past it have nothing to do.
     step_lo = tl.minimum(chunk.to(tl.int64) * chunk_len, length)
     step_hi = tl.minimum(step_lo + chunk_len, length)
+    last_chunk = tl.maximum((length + chunk_len - 1) // chunk_len, 1) - 1
 
     blocks = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     rows = tl.arange(0, BLOCK_B)
     g_ok = blocks < G
-    r_ok = rows < BS
-    vec_mask = g_ok[:, None] & r_ok[None, :]                        # (BLOCK_G, BLOCK_B)
-    tile_mask = vec_mask[:, :, None] & r_ok[None, None, :]          # (BLOCK_G, BLOCK_B, BLOCK_B)
-    vec_off = blocks.to(tl.int64)[:, None] * BS + rows[None, :]     # offset inside one time step
-    tile_off = vec_off[:, :, None] * BS + rows[None, None, :]       # offset of a contiguous b x b tile
-    a_off = (batch * stride_ab + blocks.to(tl.int64)[:, None, None] * stride_ag
-             + rows[None, :, None] * stride_ai + rows[None, None, :] * stride_aj)
-    step_elems = G.to(tl.int64) * BS                                # elements of x per time step
-    row_base = batch * T                                            # global time index of t = 0
-    chunk_row = seq.to(tl.int64) * tl.num_programs(1) + chunk       # (sequence, chunk) row of carry/prod
-
-    # Carry into the first step: h0 (forward), 0 (backward: nothing flows in past the
-    # end), the carry computed for this chunk (chunked pass 0), or 0 (pass 1: local state).
-    h0 = tl.load(h0_ptr + seq.to(tl.int64) * step_elems + vec_off, mask=vec_mask, other=0.0).to(ACC)
-    if PASS == 0:
-        chunk_carry = tl.load(carry_ptr + chunk_row * step_elems + vec_off, mask=_both(vec_mask, chunked != 0),
-                              other=0.0).to(ACC)
-        carry = tl.where(chunked != 0, chunk_carry, tl.where(backward != 0, 0.0, h0))
+    if BS == BLOCK_B:  # every row is a real row: masks constant along the block's axes (vector loads)
+        vec_mask = tl.broadcast_to(g_ok[:, None], (BLOCK_G, BLOCK_B))
+        tile_mask = tl.broadcast_to(g_ok[:, None, None], (BLOCK_G, BLOCK_B, BLOCK_B))
     else:
-        carry = tl.zeros((BLOCK_G, BLOCK_B), ACC)
-    if PASS == 1:  # running product of the chunk's matrices, from the identity
-        eye = (rows[:, None] == rows[None, :]).to(ACC)
-        if USE_DOT:  # one block per program: a 2-D tile for tl.dot
-            prod = eye
-        else:
-            prod = tl.zeros((BLOCK_G, BLOCK_B, BLOCK_B), ACC) + eye[None, :, :]
+        r_ok = rows < bs
+        vec_mask = g_ok[:, None] & r_ok[None, :]                       # (BLOCK_G, BLOCK_B)
+        tile_mask = vec_mask[:, :, None] & r_ok[None, None, :]         # (BLOCK_G, BLOCK_B, BLOCK_B)
+    vec_off = blocks[:, None] * bs + rows[None, :]                     # offset inside one time step
+    tile_off = vec_off[:, :, None] * bs + rows[None, None, :]          # a contiguous b x b tile per block
+    x_step = G.to(tl.int64) * bs                                       # elements of x per time step
+    row_base = batch * T                                               # global time index of t = 0
+    x_seq_ptr = x_ptr + row_base * x_step
+    if A_CONTIG:
+        a_step = x_step * bs
+        a_seq_ptr = A_ptr + row_base * a_step
+        a_tile = tile_off
+    else:  # strided (broadcast) A, each b x b block contiguous
+        a_step = stride_at
+        a_seq_ptr = A_ptr + batch * stride_ab
+        a_tile = (blocks.to(tl.int64)[:, None, None] * stride_ag + rows[None, :, None] * bs
+                  + rows[None, None, :])
+    eye = tl.broadcast_to((rows[:, None] == rows[None, :]).to(ACC)[None, :, :], (BLOCK_G, BLOCK_B, BLOCK_B))
+    # Look-back bookkeeping: this chunk's row of the workspace, its flag, and the flag stride per chunk.
+    n_rows = n_programs // n_groups                                    # chunks x sequences
+    ws_P = ws_ptr
+    ws_s = ws_P + n_rows * x_step * bs
+    ws_inc = ws_s + n_rows * x_step
+    flag_base = sync_ptr + seq * n_groups + pid_g                      # + chunk * flag_stride
+    flag_stride = N * n_groups
+    ws_row = chunk.to(tl.int64) * N + seq
 
-    # Software prefetch, two steps deep: the loads of steps s + 1 and s + 2 are in
-    # flight while step s computes. Prefetched tiles stay in the storage dtype and are
-    # converted only when used, so the conversion does not wait on a fresh load.
-    M_1, x_1 = _load_step(A_ptr, x_ptr, a_off, vec_off, tile_mask, vec_mask, step_lo, step_hi, start, end,
-                          scan_down, coef_shift, stride_at, row_base, step_elems)
-    M_2, x_2 = _load_step(A_ptr, x_ptr, a_off, vec_off, tile_mask, vec_mask, step_lo + 1, step_hi, start, end,
-                          scan_down, coef_shift, stride_at, row_base, step_elems)
+    # Carry into the first step: h0 (forward chunk 0 or walk), 0 (backward: nothing flows in past the end).
+    carry = tl.zeros((BLOCK_G, BLOCK_B), ACC)
+    if not BACKWARD:
+        carry = tl.load(h0_ptr + seq.to(tl.int64) * x_step + vec_off,
+                        mask=_both(vec_mask, (has_h0 != 0) & (chunk == 0)), other=0.0).to(ACC)
 
+    looking = (lookback != 0) & (chunk > 0) & (chunk <= last_chunk)
+    # Fast path: the predecessor's inclusive state is already published.
+    pred_status = tl.atomic_add(flag_base + (chunk - 1) * flag_stride, 0, mask=looking, sem="acquire")
+    pred_ready = looking & (pred_status == 2) & (force_aggregates == 0)
+    carry = tl.where(pred_ready,
+                     tl.load(ws_inc + (ws_row - N) * x_step + vec_off, mask=_both(vec_mask, pred_ready), other=0.0,
+                             cache_modifier=".cg"),
+                     carry)
+    if looking & (pred_ready == 0):
+        # Walk 1: the chunk's map h -> P h + s, from the identity and a zero state.
+        P = eye
+        s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
+        M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
+                              step_lo, step_hi, start, end, scan_down, coef_shift)
+        M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
+                              step_lo + 1, step_hi, start, end, scan_down, coef_shift)
+        for step in range(step_lo, step_hi):
+            M_raw, x_raw = M_1, x_1
+            M_1, x_1 = M_2, x_2
+            M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
+                                  step + 2, step_hi, start, end, scan_down, coef_shift)
+            M = M_raw.to(ACC)
+            s = _matvec(M, s, BACKWARD) + x_raw.to(ACC)
+            P = _matmat(M, P, BACKWARD, USE_DOT, ACC, BLOCK_B)
+        # Published for successors that look back before this chunk knows its entering state
+        # (the last chunk has no successor).
+        pub_agg = chunk < last_chunk
+        tl.store(ws_P + ws_row * x_step * bs + tile_off, P, mask=_both(tile_mask, pub_agg))
+        tl.store(ws_s + ws_row * x_step + vec_off, s, mask=_both(vec_mask, pub_agg))
+        _set_flag(flag_base + chunk * flag_stride, 1, pub_agg)
+        # Look back: the entering state is (acc) applied to the inclusive state of the nearest
+        # predecessor j that has published one, acc the composed maps of the aggregates passed.
+        acc_P = eye
+        acc_s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
+        j = chunk - 1
+        while looking:
+            status = tl.atomic_add(flag_base + j * flag_stride, 0, sem="acquire")
+            # force_aggregates: inclusive states only from chunk 0 (which publishes no aggregate).
+            has_inclusive = (status == 2) & ((force_aggregates == 0) | (j == 0))
+            has_aggregate = (status >= 1) & (has_inclusive == 0)
+            row_j = j.to(tl.int64) * N + seq
+            inc = tl.load(ws_inc + row_j * x_step + vec_off, mask=_both(vec_mask, has_inclusive), other=0.0,
+                          cache_modifier=".cg")
+            P_j = tl.load(ws_P + row_j * x_step * bs + tile_off, mask=_both(tile_mask, has_aggregate), other=0.0,
+                          cache_modifier=".cg")
+            s_j = tl.load(ws_s + row_j * x_step + vec_off, mask=_both(vec_mask, has_aggregate), other=0.0,
+                          cache_modifier=".cg")
+            # Found: the entering state is acc applied to the predecessor's true end state.
+            carry = tl.where(has_inclusive, _matvec(acc_P, inc, False) + acc_s, carry)
+            # An aggregate: acc <- acc o (P_j, s_j) = (acc_P P_j, acc_P s_j + acc_s), one chunk further.
+            acc_s = tl.where(has_aggregate, _matvec(acc_P, s_j, False) + acc_s, acc_s)
+            acc_P = tl.where(has_aggregate, _matmat(acc_P, P_j, False, USE_DOT, ACC, BLOCK_B), acc_P)
+            j = j - has_aggregate.to(tl.int32)
+            looking = has_inclusive == 0
+
+    # Walk 2 (the only walk in walk mode and on the fast path): the states from the entering one.
+    if BACKWARD:
+        h0_prev = tl.load(h0_ptr + seq.to(tl.int64) * x_step + vec_off, mask=_both(vec_mask, has_h0 != 0),
+                          other=0.0).to(ACC)
+    M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
+                          step_lo, step_hi, start, end, scan_down, coef_shift)
+    M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
+                          step_lo + 1, step_hi, start, end, scan_down, coef_shift)
     for step in range(step_lo, step_hi):
         M_raw, x_raw = M_1, x_1
         M_1, x_1 = M_2, x_2
-        M_2, x_2 = _load_step(A_ptr, x_ptr, a_off, vec_off, tile_mask, vec_mask, step + 2, step_hi, start, end,
-                              scan_down, coef_shift, stride_at, row_base, step_elems)
-        M = M_raw.to(ACC)
-        xv = x_raw.to(ACC)
+        M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
+                              step + 2, step_hi, start, end, scan_down, coef_shift)
         t = _step_time(step, start, end, scan_down)
+        # h[g, i] <- sum_j M[g, i, j] h[g, j] + x[g, i]   (backward: g[g, j] <- sum_i M[g, i, j] g[g, i] + dh[g, j])
+        carry = _matvec(M_raw.to(ACC), carry, BACKWARD) + x_raw.to(ACC)
+        tl.store(out_ptr + (row_base + t) * x_step + vec_off, carry.to(out_ptr.dtype.element_ty), mask=vec_mask)
+        if BACKWARD and A_CONTIG:
+            # dL/dA_t = g_t h_{t - fwd_step}^T, with h0 (or zeros) before the first forward step.
+            t_prev = t - fwd_step
+            prev_in = (t_prev >= start) & (t_prev < end)
+            hp = tl.load(h_ptr + (row_base + t_prev) * x_step + vec_off, mask=_both(vec_mask, prev_in),
+                         other=0.0).to(ACC)
+            hp = tl.where(prev_in, hp, h0_prev)
+            tl.store(grad_A_ptr + (row_base + t) * a_step + tile_off,
+                     (carry[:, :, None] * hp[:, None, :]).to(grad_A_ptr.dtype.element_ty), mask=tile_mask)
 
-        # h[g, i] <- sum_j M[g, i, j] h[g, j] + x[g, i]
-        carry = tl.sum(M * carry[:, None, :], axis=2) + xv
-        if PASS == 1:
-            # prod <- M @ prod: tensor cores for b >= 16, a broadcast product below.
-            if USE_DOT:
-                # fp32: three TF32 tensor-core products (3xTF32) keep fp32 accuracy.
-                if ACC == tl.float64:
-                    prod = tl.dot(tl.reshape(M, (BLOCK_B, BLOCK_B)), prod, input_precision="ieee")
-                else:
-                    prod = tl.dot(tl.reshape(M, (BLOCK_B, BLOCK_B)), prod, input_precision="tf32x3")
-            else:
-                prod = tl.sum(M[:, :, :, None] * prod[:, None, :, :], axis=2)
-        else:
-            off = (row_base + t) * step_elems + vec_off
-            tl.store(out_ptr + off, carry.to(out_ptr.dtype.element_ty), mask=vec_mask)
-            if write_da != 0:
-                # dL/dA_t = g_t h_{t - fwd_step}^T, with h0 before the first forward step.
-                t_prev = t - fwd_step
-                prev_in = (t_prev >= start) & (t_prev < end)
-                hp = tl.load(h_ptr + (row_base + t_prev) * step_elems + vec_off,
-                             mask=_both(vec_mask, prev_in), other=0.0).to(ACC)
-                hp = tl.where(prev_in, hp, h0)
-                da_off = (row_base + t) * step_elems * BS + tile_off
-                tl.store(grad_A_ptr + da_off, carry[:, :, None] * hp[:, None, :], mask=tile_mask)
+    # The true state at this chunk's end, for the successors.
+    pub_inc = (lookback != 0) & (chunk < last_chunk)
+    tl.store(ws_inc + ws_row * x_step + vec_off, carry, mask=_both(vec_mask, pub_inc))
+    _set_flag(flag_base + chunk * flag_stride, 2, pub_inc)
 
-    if PASS == 1:
-        tl.store(carry_ptr + chunk_row * step_elems + vec_off, carry, mask=vec_mask)
-        if USE_DOT:
-            prod3 = tl.reshape(prod, (1, BLOCK_B, BLOCK_B))
-        else:
-            prod3 = prod
-        tl.store(prod_ptr + chunk_row * step_elems * BS + tile_off, prod3, mask=tile_mask)
-    elif backward != 0:
+    if BACKWARD:
         # dL/dh0 = A_first^T g_first, "first" the first forward step (zero for empty sequences),
         # written by the program whose sweep ends there.
-        last_chunk = tl.maximum((length + chunk_len - 1) // chunk_len - 1, 0)
-        is_last = chunk == last_chunk
         t_first = tl.where(reverse != 0, end - 1, start)
-        M_first = tl.load(A_ptr + a_off + t_first * stride_at, mask=_both(tile_mask, length > 0),
+        M_first = tl.load(a_seq_ptr + t_first * a_step + a_tile, mask=_both(tile_mask, length > 0),
                           other=0.0).to(ACC)
-        grad_h0 = tl.sum(M_first * carry[:, None, :], axis=2)
-        tl.store(grad_h0_ptr + seq.to(tl.int64) * step_elems + vec_off, grad_h0, mask=_both(vec_mask, is_last))
-
-
-@triton.jit
-def block_diagonal_carry_kernel(
-    carry_ptr,        # in: (N, n_chunks, G, b) chunk end states from zero; out: each chunk's carry-in (in place)
-    prod_ptr,         # (N, n_chunks, G, b, b) each chunk's matrix product
-    h0_ptr,           # (N, G, b) the carry into chunk 0 (zeros for the backward)
-    n_chunks, G, BS,
-    ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    """Carries across chunks, sequentially: ``c_0 = h0``, ``c_{k+1} = P_k c_k + s_k``.
-
-    Overwrites each chunk's local end state ``s_k`` with its carry-in ``c_k``.
-    """
-    n_groups = tl.cdiv(G, BLOCK_G)
-    pid_g = tl.program_id(0) % n_groups
-    seq = tl.program_id(0) // n_groups
-    blocks = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    rows = tl.arange(0, BLOCK_B)
-    vec_mask = (blocks < G)[:, None] & (rows < BS)[None, :]
-    tile_mask = vec_mask[:, :, None] & (rows < BS)[None, None, :]
-    vec_off = blocks.to(tl.int64)[:, None] * BS + rows[None, :]
-    tile_off = vec_off[:, :, None] * BS + rows[None, None, :]
-    step_elems = G.to(tl.int64) * BS
-    c = tl.load(h0_ptr + seq.to(tl.int64) * step_elems + vec_off, mask=vec_mask, other=0.0).to(ACC)
-    base = seq.to(tl.int64) * n_chunks
-    # (s_k, P_k) do not depend on the carry: keep the next chunk's loads in flight.
-    s_next = tl.load(carry_ptr + base * step_elems + vec_off, mask=_both(vec_mask, n_chunks > 0), other=0.0)
-    P_next = tl.load(prod_ptr + base * step_elems * BS + tile_off, mask=_both(tile_mask, n_chunks > 0), other=0.0)
-    for k in range(0, n_chunks):
-        s = s_next
-        P = P_next
-        row = base + k
-        more = k + 1 < n_chunks
-        s_next = tl.load(carry_ptr + (row + 1) * step_elems + vec_off, mask=_both(vec_mask, more), other=0.0)
-        P_next = tl.load(prod_ptr + (row + 1) * step_elems * BS + tile_off, mask=_both(tile_mask, more), other=0.0)
-        tl.store(carry_ptr + row * step_elems + vec_off, c, mask=vec_mask)
-        c = tl.sum(P * c[:, None, :], axis=2) + s
+        grad_h0 = _matvec(M_first, carry, True)
+        tl.store(grad_h0_ptr + seq.to(tl.int64) * x_step + vec_off, grad_h0,
+                 mask=_both(vec_mask, chunk == last_chunk))
 
 
 def _config(b: int, interpret: bool) -> dict:
     """Tile sizes for block size b.
 
-    BLOCK_B is b rounded up to a power of two. On the GPU a program holds about
-    256 transition entries for small b (several blocks per program), and one
-    block for b >= 16 (whose chunk products then use tl.dot), with warps scaled
-    to the tile (1 warp up to b = 16, 4 at b = 32, 8 at b = 64). The interpreter prefers few, large programs (its cost is per operation).
+    BLOCK_B is b rounded up to a power of two. On the GPU a program holds about 256 transition
+    entries for small b (several blocks per program), and one block for b >= 16 (whose chunk
+    products then use tl.dot), with warps scaled to the tile (1 warp up to b = 16, 4 at b = 32,
+    8 at b = 64). The interpreter prefers few, large programs (its cost is per operation).
     """
     BLOCK_B = triton.next_power_of_2(b)
     tile = BLOCK_B * BLOCK_B
@@ -284,173 +378,212 @@ def _config(b: int, interpret: bool) -> dict:
     return config_override("block_diagonal", cfg, ("BLOCK_G", "num_warps"))
 
 
-# Chunking (time-parallelism) on the GPU: when fewer than MIN_PROGRAMS (sequence,
-# block group) programs exist, time is cut into chunks so that about
-# TARGET_PROGRAMS programs run; chunks are at least MIN_CHUNK steps.
-MIN_PROGRAMS = 1024
-TARGET_PROGRAMS = 4096
-MIN_CHUNK = 64
+# Time-parallelism on the GPU: when fewer than WALK_PROGRAMS_PER_SM x SMs (sequence, block group)
+# programs exist, each sequence is cut into chunks joined by look-back, so that about
+# TARGET_PROGRAMS_PER_SM x SMs programs run; chunks hold MIN_CHUNK to MAX_CHUNK steps. Each chunk
+# writes its inclusive state (and on a GPU, when its predecessor is not done yet, its b x b product
+# and end state) to the workspace: about 1 / chunk_len of the bytes of A, x and h.
+WALK_PROGRAMS_PER_SM = 4
+TARGET_PROGRAMS_PER_SM = 8
+MIN_CHUNK = 32
+MAX_CHUNK = 128
 
 
-def _auto_chunk_len(programs: int, max_len: int, interpret: bool) -> int:
-    """Chunk length for the time-parallel path, or 0 for one sequential sweep per program."""
-    if interpret or programs >= MIN_PROGRAMS or max_len < 2 * MIN_CHUNK:
+def _auto_chunk_len(programs: int, max_len: int, interpret: bool, model=None) -> int:
+    """Steps per look-back chunk for ``programs`` (sequence, block group) programs and sequences of
+    at most ``max_len`` steps, or 0 for one walk per program. ``interpret``: the interpreter's own
+    plan (no chunks); ``model``: the ``DeviceModel`` planned for (default: ``device_model()``)."""
+    model = model if model is not None else (None if interpret else device_model())
+    if interpret or model is None:
         return 0
-    n_wanted = triton.cdiv(TARGET_PROGRAMS, programs)
-    return max(MIN_CHUNK, triton.cdiv(max_len, n_wanted))
+    if programs >= WALK_PROGRAMS_PER_SM * model.sm_count or max_len < 2 * MIN_CHUNK:
+        return 0
+    n_wanted = triton.cdiv(TARGET_PROGRAMS_PER_SM * model.sm_count, programs)
+    return min(MAX_CHUNK, max(MIN_CHUNK, triton.cdiv(max_len, n_wanted)))
 
 
-def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, chunk_len=None):
-    """Runs the forward (backward=False) or backward sweep; see the kernel for the arguments.
+def _plan(N: int, max_len: int, G: int, b: int, model, chunk_len: Optional[int] = None):
+    """(cfg, BLOCK_G, block groups, chunks per sequence S, steps per chunk) of a launch; S = 1 walks.
 
-    ``chunk_len``: None picks automatically; 0 forces one sequential sweep per program;
-    C > 0 forces the chunked path (chunk products, carries, then the chunks again from their carries).
+    ``chunk_len``: None plans for ``model`` (None: the interpreter's plan); 0 forces walks; C > 0
+    forces look-back chunks of C steps."""
+    cfg = _config(b, model is None)
+    BLOCK_G = min(cfg["BLOCK_G"], triton.next_power_of_2(G))
+    n_groups = triton.cdiv(G, BLOCK_G)
+    if chunk_len is None:
+        chunk_len = _auto_chunk_len(n_groups * N, max_len, model is None, model)
+    S = triton.cdiv(max_len, chunk_len) if chunk_len > 0 else 1
+    if S <= 1:
+        return cfg, BLOCK_G, n_groups, 1, max(max_len, 1)
+    return cfg, BLOCK_G, n_groups, S, chunk_len
+
+
+def plan_description(B: int, T: int, G: int, b: int, model) -> str:
+    """The launch plan for x of shape (B, T, G, b) (no varlen) on ``model`` (a ``DeviceModel``;
+    None: the interpreter's plan), in words, e.g. "1024 programs (8 x 128 time chunks), one pass"."""
+    cfg, BLOCK_G, n_groups, S, _ = _plan(B, T, G, b, model)
+    programs = B * n_groups
+    if S > 1:
+        return f"{programs * S} programs ({programs} x {S} time chunks), one pass"
+    return f"{programs} programs, one pass"
+
+
+def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, chunk_len=None,
+            force_aggregates=False):
+    """Runs the forward (backward=False) or backward sweep in one launch; see the kernel for the arguments.
+
+    ``A``: full-size and contiguous (``grad_A`` is written when given), or broadcast with each b x b
+    block contiguous. ``chunk_len``: see ``_plan``. ``force_aggregates``: look-backs compose
+    aggregates back to chunk 0 (tests: the path a GPU takes when predecessors are still running).
     """
     B, T, G, b = x.shape
     N = num_sequences(B, cu_seqlens)
     if N == 0 or G == 0 or T == 0:
         return
-    # The interpreter's own plan unless a GPU is planned for (the CUDA device or LINREC_DEVICE_MODEL).
-    interpret = device_model(x.device) is None
-    cfg = _config(b, interpret)
-    acc = accumulation_dtype(x.dtype)
-    A5 = A.expand(B, T, G, b, b)  # stride 0 along broadcast dimensions, nothing copied
-    s_b, s_t, s_g, s_i, s_j = A5.stride()
-    if backward:  # the backward recurrence multiplies by A^T
-        s_i, s_j = s_j, s_i
-    BLOCK_G = min(cfg["BLOCK_G"], triton.next_power_of_2(G))
-    n_groups = triton.cdiv(G, BLOCK_G)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)  # T < 2**31; one pointer type for every launch
-    max_len = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-    if chunk_len is None:
-        chunk_len = _auto_chunk_len(n_groups * N, max_len, interpret)
-    n_chunks = triton.cdiv(max_len, chunk_len) if chunk_len > 0 else 1
-    chunked = n_chunks > 1
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    else:
+        max_len = T
+    # The interpreter's own plan unless a GPU is planned for (the CUDA device or LINREC_DEVICE_MODEL).
+    cfg, BLOCK_G, n_groups, S, steps = _plan(N, max_len, G, b, device_model(x.device), chunk_len)
+    lookback = S > 1
+    acc = accumulation_dtype(x.dtype)
+    A_contig = tuple(A.shape) == (B, T, G, b, b)
+    if A_contig:
+        s_b = s_t = s_g = 0
+    else:
+        s_b, s_t, s_g = A.expand(B, T, G, b, b).stride()[:3]
+    programs = n_groups * N * S
     # Unused pointers get dummies of the dtype the kernel is compiled for (see aot_specs).
-    dummy, acc_dummy = out, torch.empty(1, dtype=acc, device=x.device)
-    cu_dummy = torch.zeros(2, dtype=torch.int32, device=x.device)
-    if chunked:
-        carry = torch.empty((N, n_chunks, G, b), dtype=acc, device=x.device)
-        prod = torch.empty((N, n_chunks, G, b, b), dtype=acc, device=x.device)
+    dummy = out
+    acc_dummy = grad_h0 if grad_h0 is not None else torch.empty(1, dtype=acc, device=x.device)
+    if lookback:
+        ws = torch.empty(S * N * G * b * (b + 2), dtype=acc, device=x.device)
+        sync = torch.zeros(programs + 1, dtype=torch.int32, device=x.device)
     else:
-        carry = prod = acc_dummy
-        chunk_len = max(max_len, 1)
-
-    def sweep(pass_):
-        block_diagonal_scan_kernel[(n_groups * N, n_chunks)](
-            A5, x, h0, out,
-            h if h is not None else dummy,
-            grad_A if grad_A is not None else acc_dummy,
-            grad_h0 if grad_h0 is not None else acc_dummy,
-            cu_seqlens if cu_seqlens is not None else cu_dummy,
-            carry, prod,
-            T, G, b, int(reverse), int(cu_seqlens is not None), int(backward),
-            int(grad_A is not None and pass_ == 0), int(chunked), chunk_len,
-            s_b, s_t, s_g, s_i, s_j,
-            PASS=pass_, ACC=tl_accumulation_dtype(x.dtype), BLOCK_G=BLOCK_G, BLOCK_B=cfg["BLOCK_B"], USE_DOT=cfg["USE_DOT"],
-            num_warps=cfg["num_warps"],
-        )
-
-    if chunked:
-        sweep(1)  # every chunk from zero: end states and matrix products
-        carry_in = torch.zeros_like(h0) if backward else h0
-        block_diagonal_carry_kernel[(n_groups * N,)](
-            carry, prod, carry_in, n_chunks, G, b,
-            ACC=tl_accumulation_dtype(x.dtype), BLOCK_G=BLOCK_G, BLOCK_B=cfg["BLOCK_B"], num_warps=cfg["num_warps"],
-        )
-    sweep(0)
+        ws = acc_dummy
+        sync = cu_seqlens if cu_seqlens is not None else torch.empty(1, dtype=torch.int32, device=x.device)
+    BLOCK_B = cfg["BLOCK_B"]
+    block_diagonal_scan_kernel[(programs,)](
+        A, x, h0 if h0 is not None else dummy, out,
+        h if h is not None else dummy,
+        grad_A if grad_A is not None else A,
+        acc_dummy,
+        cu_seqlens if cu_seqlens is not None else sync,
+        ws, sync,
+        T, G, N, b, steps,
+        int(reverse), int(cu_seqlens is not None), int(h0 is not None), int(lookback), int(force_aggregates),
+        s_b, s_t, s_g,
+        BACKWARD=backward, A_CONTIG=A_contig, ACC=tl_accumulation_dtype(x.dtype), BLOCK_G=BLOCK_G,
+        BLOCK_B=BLOCK_B, BS=b if b == BLOCK_B else 0, USE_DOT=cfg["USE_DOT"],
+        num_warps=cfg["num_warps"],
+    )
 
 
-def _storage(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor], N: int):
-    """A in x's dtype (strides kept), and h0 as a contiguous (N, G, b) tensor in x's dtype (zeros if None)."""
+def _storage(A: torch.Tensor, x: torch.Tensor):
+    """A in x's dtype: contiguous when full-size (B, T, G, b, b), else its broadcast strides kept,
+    with each b x b block made contiguous (copied only when it is not)."""
     A = A if A.dtype == x.dtype else A.to(x.dtype)
-    _, _, G, b = x.shape
-    if initial_state is None:
-        h0 = torch.zeros((N, G, b), dtype=x.dtype, device=x.device)
-    else:
-        h0 = initial_state.to(x.dtype).contiguous()
-    return A, h0
+    B, T, G, b = x.shape
+    if tuple(A.shape) == (B, T, G, b, b):
+        return A.contiguous()
+    if b > 1 and A.stride()[-2:] != (b, 1):
+        A = A.contiguous()
+    return A
 
 
 def block_diagonal_scan_forward(A: torch.Tensor, x: torch.Tensor, initial_state: Optional[torch.Tensor], *,
                                 cu_seqlens: Optional[torch.Tensor], reverse: bool,
-                                chunk_len: Optional[int] = None) -> torch.Tensor:
-    """States of ``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]``.
+                                chunk_len: Optional[int] = None, force_aggregates: bool = False) -> torch.Tensor:
+    """States of ``h_t[g] = A_t[g] @ h_{t-1}[g] + x_t[g]``, in one launch and one pass over A and x.
 
     Args:
-        A: broadcastable to (B, T, G, b, b), real (strides kept: broadcasting is free).
+        A: broadcastable to (B, T, G, b, b), real (a broadcast A is not copied).
         x: (B, T, G, b) float32 | bfloat16 | float16 | float64.
-        initial_state: (N, G, b) or None. cu_seqlens: (N + 1,) int32/int64 with B = 1, or None.
-        chunk_len: None (automatic), 0 (sequential sweeps) or C > 0 (time-parallel chunks of C steps).
+        initial_state: (N, G, b) or None (zeros). cu_seqlens: (N + 1,) int32/int64 with B = 1, or None.
+        chunk_len: None (planned for the device), 0 (one walk per sequence and block group) or C > 0
+            (look-back chunks of C steps). force_aggregates: see ``_launch`` (tests).
 
     Returns:
         h: (B, T, G, b) in x's dtype.
     """
     x = x.contiguous()
-    N = num_sequences(x.shape[0], cu_seqlens)
-    A, h0 = _storage(A, x, initial_state, N)
+    A = _storage(A, x)
+    h0 = initial_state.to(x.dtype).contiguous() if initial_state is not None else None
     out = torch.empty_like(x)
-    _launch(A, x, h0, out, None, None, None, cu_seqlens, reverse, backward=False, chunk_len=chunk_len)
+    _launch(A, x, h0, out, None, None, None, cu_seqlens, reverse, backward=False, chunk_len=chunk_len,
+            force_aggregates=force_aggregates)
     return out
 
 
 def block_diagonal_scan_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
                                  initial_state: Optional[torch.Tensor], *, cu_seqlens: Optional[torch.Tensor],
-                                 reverse: bool, chunk_len: Optional[int] = None
-                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the block-diagonal scan in one sweep.
+                                 reverse: bool, chunk_len: Optional[int] = None, force_aggregates: bool = False
+                                 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Gradients of the block-diagonal scan in one launch (one pass over A, h and dL/dh).
 
     Args:
         A: as forward; h: (B, T, G, b) forward states; grad_h: (B, T, G, b) dL/dh (any strides);
-        initial_state: (N, G, b) or None; chunk_len: as in the forward.
+        initial_state: (N, G, b) or None; chunk_len, force_aggregates: as in the forward.
 
     Returns:
-        grad_A: (B, T, G, b, b) in the accumulation dtype (fp32; fp64 for fp64) when A is full-size,
-        None when A is broadcast (the op forms that gradient),
-        grad_x: (B, T, G, b) in h's dtype, grad_initial_state: (N, G, b) in the accumulation dtype.
+        grad_A: (B, T, G, b, b) in A's dtype when A is full-size, None when A is broadcast (the op
+        forms that gradient), grad_x: (B, T, G, b) in h's dtype, grad_initial_state: (N, G, b) in the
+        accumulation dtype (fp32; fp64 for fp64).
     """
     B, T, G, b = h.shape
     N = num_sequences(B, cu_seqlens)
     acc = accumulation_dtype(h.dtype)
     h = h.contiguous()
     grad_h = grad_h.to(h.dtype).contiguous()
-    A_store, h0 = _storage(A, h, initial_state, N)
-    grad_x = torch.empty_like(h)
-    grad_h0 = torch.zeros((N, G, b), dtype=acc, device=h.device)
     full_A = tuple(A.shape) == (B, T, G, b, b)
-    grad_A = torch.empty((B, T, G, b, b), dtype=acc, device=h.device) if full_A else None
+    A_store = _storage(A, h)
+    h0 = initial_state.to(h.dtype).contiguous() if initial_state is not None else None
+    grad_x = torch.empty_like(h)
+    runs = N > 0 and G > 0 and T > 0
+    grad_h0 = (torch.empty if runs else torch.zeros)((N, G, b), dtype=acc, device=h.device)
+    grad_A = torch.empty((B, T, G, b, b), dtype=A.dtype, device=h.device) if full_A else None
     _launch(A_store, grad_h, h0, grad_x, h, grad_A, grad_h0, cu_seqlens, reverse, backward=True,
-            chunk_len=chunk_len)
+            chunk_len=chunk_len, force_aggregates=force_aggregates)
     # A broadcast A gets None: the op sums dL/dA over the broadcast dimensions by one einsum.
     return grad_A, grad_x, grad_h0
 
 
 # Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
+AOT_DTYPES = ("fp32", "bf16", "fp16")
+AOT_BLOCK_SIZES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)  # 3, 5, 9, 17, 33 stand for the non-powers of two
+
+
 def aot_specs():
     """Yields (kernel, signature, constexprs, num_warps) for every launch the GPU launcher makes.
 
-    Per storage dtype and block size: the scan kernel's pass 0 (sequential sweeps and
-    the chunked fix-up, forward and backward) and pass 1 (chunk products), and the
-    carry kernel. Every flag is a runtime argument, so these cover every call.
+    Per storage dtype and block size: forward and backward, each with a full-size contiguous A
+    (the backward writing dL/dA) and a broadcast A. Direction, packing, the initial state and walk
+    or look-back are runtime flags, so these cover every call. A block size that is not a power
+    of two compiles as BS = 0 with the block size a runtime argument: one specialisation per
+    BLOCK_B (b = 3 -> 4, 5..7 -> 8, 9..15 -> 16, 17..31 -> 32, 33..63 -> 64), listed here through
+    b = 3, 5, 9, 17, 33.
     """
-    for elem in ("fp32", "bf16", "fp16"):
-        for b in (1, 2, 4, 8, 16, 32, 64):
+    seen = set()
+    for elem in AOT_DTYPES:
+        for b in AOT_BLOCK_SIZES:
             cfg = _config(b, interpret=False)
-            for pass_ in (0, 1):
-                sig = {
-                    "A_ptr": f"*{elem}", "x_ptr": f"*{elem}", "h0_ptr": f"*{elem}", "out_ptr": f"*{elem}",
-                    "h_ptr": f"*{elem}", "grad_A_ptr": "*fp32", "grad_h0_ptr": "*fp32", "cu_seqlens_ptr": "*i32",
-                    "carry_ptr": "*fp32", "prod_ptr": "*fp32",
-                    "T": "i32", "G": "i32", "BS": "i32", "reverse": "i32", "varlen": "i32", "backward": "i32",
-                    "write_da": "i32", "chunked": "i32", "chunk_len": "i32",
-                    "stride_ab": "i64", "stride_at": "i64", "stride_ag": "i64", "stride_ai": "i64",
-                    "stride_aj": "i64",
-                }
-                constexprs = dict(PASS=pass_, ACC=tl.float32, BLOCK_G=cfg["BLOCK_G"], BLOCK_B=cfg["BLOCK_B"],
-                                  USE_DOT=cfg["USE_DOT"])
-                yield block_diagonal_scan_kernel, sig, constexprs, cfg["num_warps"]
-            sig = {"carry_ptr": "*fp32", "prod_ptr": "*fp32", "h0_ptr": f"*{elem}", "n_chunks": "i32", "G": "i32",
-                   "BS": "i32"}
-            constexprs = dict(ACC=tl.float32, BLOCK_G=cfg["BLOCK_G"], BLOCK_B=cfg["BLOCK_B"])
-            yield block_diagonal_carry_kernel, sig, constexprs, cfg["num_warps"]
+            BS = b if b == cfg["BLOCK_B"] else 0
+            for backward in (False, True):
+                for a_contig in (True, False):
+                    key = (elem, cfg["BLOCK_B"], BS, backward, a_contig)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    sig = {
+                        "A_ptr": f"*{elem}", "x_ptr": f"*{elem}", "h0_ptr": f"*{elem}", "out_ptr": f"*{elem}",
+                        "h_ptr": f"*{elem}", "grad_A_ptr": f"*{elem}", "grad_h0_ptr": "*fp32",
+                        "cu_seqlens_ptr": "*i32", "ws_ptr": "*fp32", "sync_ptr": "*i32",
+                        "T": "i32", "G": "i32", "N": "i32", "block_size": "i32", "chunk_len": "i32",
+                        "reverse": "i32", "varlen": "i32", "has_h0": "i32", "lookback": "i32",
+                        "force_aggregates": "i32", "stride_ab": "i64", "stride_at": "i64", "stride_ag": "i64",
+                    }
+                    constexprs = dict(BACKWARD=backward, A_CONTIG=a_contig, ACC=tl.float32, BLOCK_G=cfg["BLOCK_G"],
+                                      BLOCK_B=cfg["BLOCK_B"], BS=BS, USE_DOT=cfg["USE_DOT"])
+                    yield block_diagonal_scan_kernel, sig, constexprs, cfg["num_warps"]

@@ -192,9 +192,13 @@ def test_torch_backend_float64_matches_reference_exactly():
 @pytest.mark.parametrize("b, A_kind", [(1, "full"), (3, "full"), (3, "shared"), (16, "full"), (64, "shared")])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_triton_chunked_path(b, A_kind, reverse, varlen):
-    # The GPU launcher cuts long sequences into chunks (products, carries, fix-up) when there
-    # are few (sequence, block) programs; force that path here with tiny chunks.
+def test_triton_lookback_chunks(b, A_kind, reverse, varlen):
+    # The GPU launcher cuts long sequences into chunks joined by decoupled look-back in the same
+    # launch when there are few (sequence, block group) programs; force that path here with tiny
+    # chunks. Under the interpreter every predecessor has finished, so a chunk reads its
+    # predecessor's inclusive state (fast path); force_aggregates makes each chunk walk twice and
+    # compose its predecessors' b x b products and end states back to chunk 0, as on a GPU whose
+    # predecessors are still running.
     from linrec.block_diagonal.chunked import block_diagonal_scan_chunked_backward
     from linrec.kernels.block_diagonal import block_diagonal_scan_backward, block_diagonal_scan_forward
 
@@ -206,17 +210,20 @@ def test_triton_chunked_path(b, A_kind, reverse, varlen):
     h0, grad_h = torch.randn(N, G, b), torch.randn(B, T, G, b)
     dev = [t.to(DEVICE) for t in (A, x, h0, grad_h)]
     cu_dev = cu.to(DEVICE) if cu is not None else None
-    h = block_diagonal_scan_forward(dev[0], dev[1], dev[2], cu_seqlens=cu_dev, reverse=reverse, chunk_len=4)
-    grads = _complete(dev[0], h, dev[2], cu_dev, reverse,
-                      block_diagonal_scan_backward(dev[0], h, dev[3], dev[2], cu_seqlens=cu_dev, reverse=reverse,
-                                                   chunk_len=4))
     h_ref = block_diagonal_scan_reference(A.double(), x.double(), h0.double(), cu_seqlens=cu, reverse=reverse)
     grads_ref = _complete(A.double(), h_ref, h0.double(), cu, reverse, block_diagonal_scan_chunked_backward(
         A.double(), h_ref, grad_h.double(), h0.double(), cu_seqlens=cu, reverse=reverse))
-    assert rel_rms(h.cpu(), h_ref) < 1e-5
-    for got, want in zip(grads, grads_ref):
-        assert got.shape == want.shape
-        assert rel_rms(got.cpu(), want) < 1e-5
+    for force_aggregates in (False, True):
+        kw = dict(cu_seqlens=cu_dev, reverse=reverse, chunk_len=4, force_aggregates=force_aggregates)
+        h = block_diagonal_scan_forward(dev[0], dev[1], dev[2], **kw)
+        raw = block_diagonal_scan_backward(dev[0], h, dev[3], dev[2], **kw)
+        if A_kind == "full":  # written by the kernel in A's dtype
+            assert raw[0] is not None and raw[0].dtype == A.dtype
+        grads = _complete(dev[0], h, dev[2], cu_dev, reverse, raw)
+        assert rel_rms(h.cpu(), h_ref) < 1e-5, force_aggregates
+        for got, want in zip(grads, grads_ref):
+            assert got.shape == want.shape
+            assert rel_rms(got.cpu(), want) < 1e-5, force_aggregates
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -368,3 +375,29 @@ def test_bad_input(case, exc, match):
     with pytest.raises(exc, match=match):
         case(A, x)
 
+
+
+@pytest.mark.parametrize("b", [2, 16])
+@pytest.mark.parametrize("scale, reset_at", [(1000.0, None), (1e6, 5), (10.0, 50)])
+def test_triton_lookback_growth_then_reset(b, scale, reset_at):
+    # Chunk products of growing blocks overflow fp32 (1000^32 per 32-step chunk); saturated, they
+    # meet the zero states as the sequential loop does (exact zeros, no inf * 0 = NaN), with the
+    # look-back composing every aggregate (force_aggregates) and with the fast path.
+    from linrec.kernels.block_diagonal import block_diagonal_scan_forward
+
+    T, G = 96, 2
+    A = (torch.eye(b) * scale).expand(1, T, G, b, b).contiguous()
+    x = torch.zeros(1, T, G, b)
+    if reset_at is not None:
+        A[:, reset_at] = 0.0
+        A[:, reset_at + 1:] = torch.eye(b) * 0.5
+        x[:, -30:] = torch.randn(1, 30, G, b, generator=torch.Generator().manual_seed(0))
+    ref = block_diagonal_scan_reference(A.double(), x.double())
+    for force_aggregates in (False, True):
+        h = block_diagonal_scan_forward(A.to(DEVICE), x.to(DEVICE), None, cu_seqlens=None, reverse=False,
+                                        chunk_len=32, force_aggregates=force_aggregates).cpu()
+        assert torch.isfinite(h).all()
+        if reset_at is None:
+            assert torch.equal(h, torch.zeros_like(h))
+        else:
+            assert rel_rms(h, ref) < 1e-5

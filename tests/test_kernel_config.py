@@ -193,12 +193,46 @@ def test_block_diagonal_launch_plan(model, monkeypatch):
     A, x = torch.rand(1, 200, 8, 4, 4) * 0.4, torch.randn(1, 200, 8, 4)
     launches, h = _launches(lambda: linrec.block_diagonal_scan(A, x, backend="triton"))
     torch.testing.assert_close(h, linrec.block_diagonal_scan(A, x, backend="torch"), atol=1e-5, rtol=1e-5)
-    plan = [(name, grid, meta.get("BLOCK_G"), meta.get("num_warps")) for name, grid, meta in launches]
+    plan = [(name, grid, meta.get("BLOCK_G"), meta.get("BS"), meta.get("num_warps")) for name, grid, meta in launches]
     if model is None:  # the interpreter's plan: all 8 blocks in one program, one sequential sweep
-        assert plan == [("block_diagonal_scan_kernel", (1, 1, 1), 8, 1)]
-    else:  # as on an H100: 16 blocks of 4 x 4 per program (here 8), 1 program < 1024 -> 64-step chunks
-        assert plan == [("block_diagonal_scan_kernel", (1, 4, 1), 8, 1), ("block_diagonal_carry_kernel", (1, 1, 1), 8, 1),
-                        ("block_diagonal_scan_kernel", (1, 4, 1), 8, 1)]
+        assert plan == [("block_diagonal_scan_kernel", (1, 1, 1), 8, 4, 1)]
+    else:  # as on an H100: 16 blocks of 4 x 4 per program (here 8); 1 program < 4 x 132 -> cdiv(200, 32) = 7
+        # chunks of 32 steps, one program each, joined by look-back in the same launch (no carry kernel)
+        assert plan == [("block_diagonal_scan_kernel", (7, 1, 1), 8, 4, 1)]
+
+
+@pytest.mark.parametrize("b", [1, 2, 4, 8, 16])
+def test_block_diagonal_target_plans_fill_the_gpu(b):
+    """At the GPU targets (B = 8, T = 4096, G * b = 256) the H100 plan is one launch of look-back
+    chunks with at least one program per SM; the words bench.traffic prints say so."""
+    from linrec.kernels import DEVICE_MODELS
+    from linrec.kernels.block_diagonal import _plan, plan_description
+
+    model = DEVICE_MODELS["h100"]
+    G = 256 // b
+    cfg, BLOCK_G, n_groups, S, steps = _plan(8, 4096, G, b, model)
+    programs = 8 * n_groups * S
+    assert programs >= model.sm_count and S > 1 and S * steps >= 4096
+    assert plan_description(8, 4096, G, b, model) == f"{programs} programs ({8 * n_groups} x {S} time chunks), one pass"
+    # The interpreter's own plan walks every sequence in one program per block group.
+    walk = plan_description(8, 4096, G, b, None)
+    assert walk.endswith(" programs, one pass") and "chunks" not in walk
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["fwd", "bwd"])
+@pytest.mark.parametrize("b", [1, 4, 16])
+def test_block_diagonal_lookback_plan_measures_its_minimum(mode, b, monkeypatch):
+    """The H100 plan at a small shape: one launch of look-back chunks; A and x (backward: A, h and
+    dL/dh) read once, h (dL/dx, dL/dA) written once; the published inclusive states, the flags and
+    the ticket add under 5%."""
+    monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
+    bench_traffic = _traffic_module()
+    row = bench_traffic.run_case(bench_traffic.Case("block_diagonal", mode, "fp32", dict(B=1, T=128, G=32 // b, b=b)))
+    chunks = 128 // 32  # 32-step chunks; b = 16: one block per program, so 2 block groups
+    assert row["launches"] == 1 and row["programs"] == chunks * (2 if b == 16 else 1), row["grids"]
+    assert row["min_bytes"] < row["measured_bytes"] < 1.05 * row["min_bytes"], row["detail"]
+    assert "ws_ptr" in row["detail"]  # the chunks' inclusive states
 
 
 def _diagonal_case(dtype, reverse, varlen, broadcast):
