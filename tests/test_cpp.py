@@ -277,6 +277,22 @@ def test_block_diagonal_packed_sequences_with_empty_ones(time_invariant, reverse
         _check_block(A, x[:, :1], None, cu=torch.tensor([0, 1]), reverse=reverse)
 
 
+@pytest.mark.parametrize("A_shape", [(2, 30, 9, 4, 4), (9, 4, 4), (4, 4), (1, 30, 9, 4, 4), (2, 1, 1, 4, 4)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_block_diagonal_four_groups_at_a_time(A_shape, reverse, with_h0):
+    """b = 4 fp32 with G = 9: two register quads of groups and one group left over, for a full A
+    (streaming stores of dL/dA) and A broadcast over batch, time and groups (dL/dA summed, the four
+    groups of a quad adding into one block when A is shared by all groups); packed sequences too."""
+    g = torch.Generator().manual_seed(16)
+    A = _transitions(A_shape, torch.float32, g)
+    x = torch.randn(2, 30, 9, 4, generator=g)
+    _check_block(A, x, torch.randn(2, 9, 4, generator=g) if with_h0 else None, reverse=reverse)
+    if A_shape[0] != 2:
+        cu = torch.tensor([0, 7, 7, 20, 30])
+        _check_block(A, x[:1], torch.randn(4, 9, 4, generator=g) if with_h0 else None, cu=cu, reverse=reverse)
+
+
 @pytest.mark.parametrize("scale, reset_at", [(1000.0, None), (1000.0, 60), (1e6, 5)])
 def test_block_diagonal_growth_then_reset(scale, reset_at):
     T, G, b = 120, 2, 2

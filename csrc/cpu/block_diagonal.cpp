@@ -3,8 +3,11 @@
 //
 // One task per (sequence, block of groups) walks its sequence once in time: per step and group a
 // b x b matrix-vector product in fp32 with A_t[g] read once, the group's state in a local array.
-// The block size is a template parameter for b = 2, 4, 8 (fully unrolled products) and a runtime
-// value otherwise.
+// The block size is a template parameter for b = 1, 2, 4, 8, 16 (fully unrolled products) and a
+// runtime value otherwise. With AVX-512, b = 4 in fp32 takes four groups at a time in 512-bit
+// registers (one register is a 4 x 4 block, or the states of four groups): the products of a
+// block with its group's state broadcast, then row sums by two pairwise shuffle-add levels and
+// one permutation (see quad_matvec / quad_matvec_transposed below).
 //
 // Backward (forward-in-time scan; mirrored for reverse), with u_t = A_t^T g_t:
 //   g_t = dL/dh_t + u_{t+1},  dL/dA_t = g_t h_{t-1}^T,  dL/dh0 = u at the first step,
@@ -14,8 +17,74 @@
 
 #include "common.h"
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+#include <immintrin.h>
+#define LINREC_BLOCK4_AVX512 1
+#else
+#define LINREC_BLOCK4_AVX512 0
+#endif
+
 namespace linrec_cpu {
 namespace {
+
+#if LINREC_BLOCK4_AVX512
+// Four groups of b = 4 at once. A register of states holds lane 4 i + c = h_i[c] (group i of the
+// four); a register of one group's block holds lane 4 r + c = A[r][c] (row-major, as stored).
+
+// The state of group i of the four in every 128-bit lane: lane 4 r + c = h_i[c].
+template <int I> inline __m512 lanes_of_group(__m512 H) { return _mm512_shuffle_f32x4(H, H, I * 0x55); }
+
+// Lane 4 r + c = g_i[r]: group i's entries each repeated along a row.
+template <int I> inline __m512 rows_of_group(__m512 G) {
+  const __m512i idx = _mm512_setr_epi32(4 * I, 4 * I, 4 * I, 4 * I, 4 * I + 1, 4 * I + 1, 4 * I + 1, 4 * I + 1,
+                                        4 * I + 2, 4 * I + 2, 4 * I + 2, 4 * I + 2, 4 * I + 3, 4 * I + 3, 4 * I + 3,
+                                        4 * I + 3);
+  return _mm512_permutexvar_ps(idx, G);
+}
+
+// (A_i h_i) for the four groups, lane 4 i + r. P_i = A_i * h_i broadcast (lane 4 r + c =
+// A_i[r][c] h_i[c]); two levels of per-128-bit-lane pairwise sums (shuffle 0x88 takes elements
+// 0, 2 of each operand, 0xDD elements 1, 3) leave lane 4 r + i = sum_c P_i[r][c]; a permutation
+// transposes that to lane 4 i + r.
+inline __m512 quad_matvec(const float* A, int64_t sg, __m512 H) {
+  const __m512 P0 = _mm512_mul_ps(_mm512_loadu_ps(A), lanes_of_group<0>(H));
+  const __m512 P1 = _mm512_mul_ps(_mm512_loadu_ps(A + sg), lanes_of_group<1>(H));
+  const __m512 P2 = _mm512_mul_ps(_mm512_loadu_ps(A + 2 * sg), lanes_of_group<2>(H));
+  const __m512 P3 = _mm512_mul_ps(_mm512_loadu_ps(A + 3 * sg), lanes_of_group<3>(H));
+  const __m512 Q01 = _mm512_add_ps(_mm512_shuffle_ps(P0, P1, 0x88), _mm512_shuffle_ps(P0, P1, 0xDD));
+  const __m512 Q23 = _mm512_add_ps(_mm512_shuffle_ps(P2, P3, 0x88), _mm512_shuffle_ps(P2, P3, 0xDD));
+  const __m512 R = _mm512_add_ps(_mm512_shuffle_ps(Q01, Q23, 0x88), _mm512_shuffle_ps(Q01, Q23, 0xDD));
+  const __m512i transpose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(transpose, R);
+}
+
+// (A_i^T g_i) for the four groups, lane 4 i + c, given P_i = A_i * rows_of_group<i>(G) (lane
+// 4 r + c = A_i[r][c] g_i[r]): the column sums are sums of the four 128-bit blocks of each P_i,
+// taken pairwise by 128-bit block shuffles (0x88: blocks 0, 2 of each operand; 0xDD: 1, 3).
+inline __m512 quad_column_sums(__m512 P0, __m512 P1, __m512 P2, __m512 P3) {
+  const __m512 S01 = _mm512_add_ps(_mm512_shuffle_f32x4(P0, P1, 0x88), _mm512_shuffle_f32x4(P0, P1, 0xDD));
+  const __m512 S23 = _mm512_add_ps(_mm512_shuffle_f32x4(P2, P3, 0x88), _mm512_shuffle_f32x4(P2, P3, 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(S01, S23, 0x88), _mm512_shuffle_f32x4(S01, S23, 0xDD));
+}
+#endif
+
+#if LINREC_BLOCK4_AVX512
+// Store of one output register: non-temporal (no read of the line before it is overwritten, no
+// cache pollution: every output element is written once) where the address is 64-byte aligned.
+inline void store_out(float* p, __m512 v) {
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    _mm512_stream_ps(p, v);
+  } else {
+    _mm512_storeu_ps(p, v);
+  }
+}
+#endif
+
+// Whether the four-groups-at-a-time AVX-512 path runs for this instantiation.
+template <int BS, typename S, typename SA>
+constexpr bool use_quads() {
+  return LINREC_BLOCK4_AVX512 && BS == 4 && std::is_same_v<S, float> && std::is_same_v<SA, float>;
+}
 
 constexpr int64_t kMaxBlock = 16;
 // Floats of state per task at most (4 KiB): groups per task = kStateFloats / b at most.
@@ -55,7 +124,18 @@ void forward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, const
         const SA* Ap = A + sq.row * A_sb + t * A_st + g0 * A_sg;
         const S* xp = x + sq.row * x_sb + t * x_st + g0 * b;
         S* op = out + ((sq.row * T + t) * G + g0) * b;
-        for (int64_t g = 0; g < gn; ++g) {
+        int64_t g = 0;
+#if LINREC_BLOCK4_AVX512
+        if constexpr (use_quads<BS, S, SA>()) {
+          for (; g + 4 <= gn; g += 4) {
+            const __m512 hn = _mm512_add_ps(quad_matvec(Ap + g * A_sg, A_sg, _mm512_loadu_ps(state + g * 4)),
+                                            _mm512_loadu_ps(xp + g * 4));
+            _mm512_storeu_ps(state + g * 4, hn);
+            store_out(op + g * 4, hn);
+          }
+        }
+#endif
+        for (; g < gn; ++g) {
           const SA* Ag = Ap + g * A_sg;
           float* hs = state + g * b;
           float hv[kMaxBlock], hn[kMaxBlock];
@@ -70,6 +150,9 @@ void forward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, const
         }
       }
     }
+#if LINREC_BLOCK4_AVX512
+    if constexpr (use_quads<BS, S, SA>()) _mm_sfence();  // order the streaming stores
+#endif
   });
 }
 
@@ -100,7 +183,46 @@ void backward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, cons
       const float* h0p = (first_step && h0 != nullptr) ? h0 + (sq.state * G + g0) * b : nullptr;
       S* gxp = gx + ((sq.row * T + t) * G + g0) * b;
       float* gap = ga_base + sq.row * ga_sb + t * ga_st + g0 * ga_sg;
-      for (int64_t g = 0; g < gn; ++g) {
+      int64_t g = 0;
+#if LINREC_BLOCK4_AVX512
+      if constexpr (use_quads<BS, S, SA>()) {
+        const bool have_prev = hp != nullptr || h0p != nullptr;
+        for (; g + 4 <= gn; g += 4) {
+          // g_t = dL/dh_t + u_{t+1} for four groups; dL/dx_t = g_t.
+          const __m512 Gv = _mm512_add_ps(_mm512_loadu_ps(ghp + g * 4), _mm512_loadu_ps(u + g * 4));
+          store_out(gxp + g * 4, Gv);
+          const __m512 Hp = hp != nullptr ? _mm512_loadu_ps(hp + g * 4)
+                                          : (h0p != nullptr ? _mm512_loadu_ps(h0p + g * 4) : _mm512_setzero_ps());
+          const __m512 R0 = rows_of_group<0>(Gv), R1 = rows_of_group<1>(Gv);
+          const __m512 R2 = rows_of_group<2>(Gv), R3 = rows_of_group<3>(Gv);
+          // dL/dA_t = g_t h_{t-1}^T: lane 4 r + c = g[r] h[c], one register per group.
+          const __m512 O0 = _mm512_mul_ps(R0, lanes_of_group<0>(Hp)), O1 = _mm512_mul_ps(R1, lanes_of_group<1>(Hp));
+          const __m512 O2 = _mm512_mul_ps(R2, lanes_of_group<2>(Hp)), O3 = _mm512_mul_ps(R3, lanes_of_group<3>(Hp));
+          float* gaa = gap + g * ga_sg;
+          if (accumulate) {
+            if (have_prev) {  // groups in order: with a group-broadcast A (ga_sg = 0) they add up
+              _mm512_storeu_ps(gaa, _mm512_add_ps(_mm512_loadu_ps(gaa), O0));
+              _mm512_storeu_ps(gaa + ga_sg, _mm512_add_ps(_mm512_loadu_ps(gaa + ga_sg), O1));
+              _mm512_storeu_ps(gaa + 2 * ga_sg, _mm512_add_ps(_mm512_loadu_ps(gaa + 2 * ga_sg), O2));
+              _mm512_storeu_ps(gaa + 3 * ga_sg, _mm512_add_ps(_mm512_loadu_ps(gaa + 3 * ga_sg), O3));
+            }
+          } else {  // Hp = 0 without a previous state: exact zeros
+            store_out(gaa, O0);
+            store_out(gaa + ga_sg, O1);
+            store_out(gaa + 2 * ga_sg, O2);
+            store_out(gaa + 3 * ga_sg, O3);
+          }
+          // u_t = A_t^T g_t.
+          const SA* Ag = Ap + g * A_sg;
+          const __m512 U = quad_column_sums(_mm512_mul_ps(_mm512_loadu_ps(Ag), R0),
+                                            _mm512_mul_ps(_mm512_loadu_ps(Ag + A_sg), R1),
+                                            _mm512_mul_ps(_mm512_loadu_ps(Ag + 2 * A_sg), R2),
+                                            _mm512_mul_ps(_mm512_loadu_ps(Ag + 3 * A_sg), R3));
+          _mm512_storeu_ps(u + g * 4, U);
+        }
+      }
+#endif
+      for (; g < gn; ++g) {
         // Local copies (no aliasing between the state, the outputs and the inputs), so that
         // the fixed-size loops below stay in registers and vectorise.
         float* ug = u + g * b;
@@ -145,6 +267,9 @@ void backward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, cons
     at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
       float u[kStateFloats + kMaxBlock];
       for (int64_t task = begin; task < end; ++task) run_task(task, ga, u);
+#if LINREC_BLOCK4_AVX512
+      if constexpr (use_quads<BS, S, SA>()) _mm_sfence();  // order the streaming stores
+#endif
     });
   } else {
     at::parallel_for(0, partitions, 1, [&](int64_t begin, int64_t end) {
@@ -152,6 +277,9 @@ void backward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, cons
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t task = p; task < ntasks; task += partitions) run_task(task, ga + p * ga_slab, u);
       }
+#if LINREC_BLOCK4_AVX512
+      if constexpr (use_quads<BS, S, SA>()) _mm_sfence();  // order the streaming stores
+#endif
     });
   }
 }
@@ -190,7 +318,7 @@ at::Tensor forward_typed(const at::Tensor& A, const at::Tensor& x, const c10::op
   const int64_t B = x.size(0), T = x.size(1), G = x.size(2), b = x.size(3);
   const auto seqs = make_seqs(B, T, cu);
   const float* h0p = state_ptr(h0, static_cast<int64_t>(seqs.size()), G, b);
-  at::Tensor out = at::empty({B, T, G, b}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output({B, T, G, b}, x.options());
   if (out.numel() == 0) return out;
   const BlockShape shp = group_blocks(G, b, static_cast<int64_t>(seqs.size()));
   auto run = [&](auto bs) {
@@ -200,9 +328,11 @@ at::Tensor forward_typed(const at::Tensor& A, const at::Tensor& x, const c10::op
                               h0p, reinterpret_cast<S*>(out.data_ptr()), T, b, seqs, shp, reverse);
   };
   switch (b) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
     case 2: run(std::integral_constant<int, 2>{}); break;
     case 4: run(std::integral_constant<int, 4>{}); break;
     case 8: run(std::integral_constant<int, 8>{}); break;
+    case 16: run(std::integral_constant<int, 16>{}); break;
     default: run(std::integral_constant<int, 0>{}); break;
   }
   return out;
@@ -217,7 +347,7 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& A, const at::Tensor& h,
   const int64_t N = static_cast<int64_t>(seqs.size());
   const float* h0p = state_ptr(h0, N, G, b);
   const int64_t Ba = A.size(0), Ta = A.size(1), Ga = A.size(2);
-  at::Tensor gx = at::empty({B, T, G, b}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor gx = empty_output({B, T, G, b}, h.options());
   at::Tensor gh0 = at::zeros({N, G, b}, h.options().dtype(at::kFloat));
   const BlockShape shp = group_blocks(G, b, N);
   const int64_t ntasks = N * shp.nblk;
@@ -231,7 +361,7 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& A, const at::Tensor& h,
     ga_sg = Ga == 1 ? 0 : b * b;
   } else {
     TORCH_CHECK(Ba == B && Ta == T && Ga == G, "dL/dA without partial sums needs A of the full shape");
-    ga = at::empty({B, T, G, b, b}, h.options().dtype(at::kFloat));
+    ga = empty_output({B, T, G, b, b}, h.options().dtype(at::kFloat));
     ga_sb = T * G * b * b;
     ga_st = G * b * b;
     ga_sg = b * b;
@@ -247,9 +377,11 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& A, const at::Tensor& h,
                                  b, seqs, shp, reverse);
     };
     switch (b) {
+      case 1: run(std::integral_constant<int, 1>{}); break;
       case 2: run(std::integral_constant<int, 2>{}); break;
       case 4: run(std::integral_constant<int, 4>{}); break;
       case 8: run(std::integral_constant<int, 8>{}); break;
+      case 16: run(std::integral_constant<int, 16>{}); break;
       default: run(std::integral_constant<int, 0>{}); break;
     }
   }
