@@ -224,7 +224,7 @@ at::Tensor forward_typed(const at::Tensor& a, const at::Tensor& x, const c10::op
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const auto seqs = make_seqs(B, T, cu);
   const auto* h0p = state_ptr<S>(h0, static_cast<int64_t>(seqs.size()), D);
-  at::Tensor out = at::empty({B, T, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output({B, T, D}, x.options());
   if (out.numel() == 0) return out;
   forward_kernel<S, SA>(reinterpret_cast<const SA*>(a.data_ptr()), bstride(a, 0), bstride(a, 1),
                         reinterpret_cast<const S*>(x.data_ptr()), bstride(x, 0), bstride(x, 1), h0p,
@@ -243,13 +243,13 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& a, const at::Tensor& h,
   const auto* h0p = state_ptr<S>(h0, N, D);
   const at::ScalarType acc = std::is_same_v<S, cfloat> ? at::kComplexFloat : at::kFloat;
   const int64_t Ba = a.size(0), Ta = a.size(1);
-  at::Tensor gx = at::empty({B, T, D}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor gx = empty_output({B, T, D}, h.options());
   at::Tensor gh0 = at::zeros({N, D}, h.options().dtype(acc));
   const DiagShape shp = diag_blocks<S>(D, N);
   const int64_t ntasks = N * shp.nblk;
   if (!accumulate) {
     TORCH_CHECK(Ba == B && Ta == T, "dL/da without partial sums needs a of the full shape");
-    at::Tensor ga = at::empty({B, T, D}, a.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor ga = empty_output({B, T, D}, a.options());
     if (ga.numel() > 0) {
       backward_kernel<S, SA, SA>(reinterpret_cast<const SA*>(a.data_ptr()), bstride(a, 0), bstride(a, 1),
                                  reinterpret_cast<const S*>(h.data_ptr()), bstride(h, 0), bstride(h, 1),

@@ -327,8 +327,8 @@ std::vector<at::Tensor> householder_forward(const at::Tensor& q, const at::Tenso
                                             double scale) {
   const auto seqs = make_seqs(q.size(0), q.size(1), cu);
   const Dims d = check_inputs(q, k, v, beta, log_gate, h0, seqs);
-  at::Tensor o = at::empty({d.B, d.T, d.H, d.V}, q.options());
-  at::Tensor final_state = at::empty({d.N, d.H, d.K, d.V}, q.options().dtype(at::kFloat));
+  at::Tensor o = empty_output({d.B, d.T, d.H, d.V}, q.options());
+  at::Tensor final_state = empty_output({d.N, d.H, d.K, d.V}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "householder_forward", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       forward_typed<scalar_t>(make_problem<scalar_t>(d, scale, q, k, v, beta, log_gate, h0), seqs,
@@ -358,10 +358,11 @@ std::vector<at::Tensor> householder_backward(const at::Tensor& q, const at::Tens
                     grad_final->sizes() == at::IntArrayRef({d.N, d.H, d.K, d.V}),
                 "grad_final must be a contiguous (N, H, K, V) float32 tensor");
   }
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = empty_output(q.sizes(), q.options()), dk = empty_output(k.sizes(), k.options());
+  at::Tensor dv = empty_output(v.sizes(), v.options());
   at::Tensor dbeta = at::empty_like(beta);
   at::Tensor dg = log_gate.has_value() ? at::empty_like(*log_gate) : at::empty({0}, beta.options());
-  at::Tensor dh0 = at::empty({d.N, d.H, d.K, d.V}, beta.options());
+  at::Tensor dh0 = empty_output({d.N, d.H, d.K, d.V}, beta.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "householder_backward", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       backward_typed<scalar_t>(make_problem<scalar_t>(d, scale, q, k, v, beta, log_gate, h0), seqs,
