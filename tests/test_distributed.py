@@ -40,7 +40,9 @@ def _free_port() -> int:
 def _spawn(scenario: str, world: int, timeout: float = TIMEOUT_S) -> list:
     """Runs ``scenario`` on ``world`` processes; returns every rank's JSON report, or fails with their output."""
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TRITON_INTERPRET="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if scenario != "nccl":  # the CPU scenarios run Triton under its interpreter; NCCL runs it on the GPU
+        env["TRITON_INTERPRET"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         logs = [open(os.path.join(tmp, f"rank{r}.log"), "w+") for r in range(world)]
         procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), scenario, str(r), str(world), str(port),
@@ -116,6 +118,18 @@ def test_ddp_and_fsdp2_step_equals_single_process():
         assert rep["worst"] <= 1.0, rep
 
 
+def test_nccl_on_cuda():
+    """The ops through NCCL on CUDA tensors (backend="auto": Triton / CUDA kernels), on as many
+    GPUs as there are up to 2; one GPU still runs every collective through a one-rank NCCL group."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (NCCL)")
+    world = min(torch.cuda.device_count(), 2)
+    reports = _spawn("nccl", world)
+    for rep in reports:
+        assert rep["checked"] >= 60 and rep["worst"] <= 1.0, rep
+
+
 def test_triton_interpreter_backend():
     pytest.importorskip("triton")
     reports = _spawn("triton", 2)
@@ -153,7 +167,7 @@ def _slices(T, world, rank, lengths):
     return start, start + lengths[rank]
 
 
-LENGTHS = {2: [7, 6], 4: [4, 0, 3, 6]}           # T = 13: not divisible, an empty slice, spans of 3 ranks
+LENGTHS = {1: [13], 2: [7, 6], 4: [4, 0, 3, 6]}           # T = 13: not divisible, an empty slice, spans of 3 ranks
 CU = [0, 2, 2, 10, 13]                             # an empty sequence; [2, 10) spans ranks 0, 2, 3 of 4
 
 
@@ -173,12 +187,14 @@ def _compare_op(chk, name, single, dist_fn, inputs, time_axis, replicated, lengt
             for t in inputs]
     out = single(*full)
     o, fin = out if isinstance(out, tuple) else (out, None)
-    g = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) if not o.is_complex() else \
-        torch.randn(o.shape, generator=gen, dtype=torch.complex128).to(o.dtype)
+    g = torch.randn(o.shape, generator=gen, dtype=torch.float64, device="cpu").to(o.device, o.dtype) \
+        if not o.is_complex() else \
+        torch.randn(o.shape, generator=gen, dtype=torch.complex128, device="cpu").to(o.device, o.dtype)
     loss = (o.float() * g.float()).sum() if not o.is_complex() else (o * g.conj()).real.sum()
     ws = None
     if fin is not None:
-        ws = [torch.randn(fin.shape, generator=gen, dtype=torch.float32) for _ in range(world)]
+        ws = [torch.randn(fin.shape, generator=gen, dtype=torch.float32, device="cpu").to(fin.device)
+              for _ in range(world)]
         loss = loss + (fin * sum(ws)).sum()
     loss.backward()
 
@@ -311,6 +327,13 @@ def _scenario_ops(rank, world, backend="torch", quick=False):
                     lengths, rank, world, TOL["complex64"])
     chk.finish()
     return {"checked": chk.checked, "worst": chk.worst}
+
+
+def _scenario_nccl(rank, world):
+    """The ops scenario (every family, fp32 and bf16) on CUDA tensors through an NCCL group."""
+    import torch
+    torch.set_default_device(f"cuda:{rank}")
+    return _scenario_ops(rank, world, backend="auto")
 
 
 def _first_states(h, cu, h0):
@@ -594,7 +617,9 @@ def _worker_main(argv):
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    if scenario == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if scenario == "nccl" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         result = globals()[f"_scenario_{scenario}"](rank, world)
