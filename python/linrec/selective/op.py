@@ -3,15 +3,19 @@
 Two custom ops carry the work so that ``torch.compile`` traces through them:
 
 * ``linrec::selective_scan`` (x, delta, A, B, C, D?, z?, delta_bias?, initial_state?, cu_seqlens?,
-  delta_softplus, reverse, negative_eigenvalues, backend) -> (y, final_state)
-* ``linrec::selective_scan_backward`` (the same inputs, grad_y, grad_final?) -> one gradient per
+  delta_softplus, reverse, negative_eigenvalues, backend) -> (y, final_state, checkpoints), the last
+  the state entering every 256 steps of every sequence for the Triton backward (1/256 of the
+  expanded state), an empty tensor from the other backends
+* ``linrec::selective_scan_backward`` (the same inputs, checkpoints?, grad_y, grad_final?,
+  grad_checkpoints? (ignored)) -> one gradient per
   tensor input (x, delta, A, B, C, D, z, delta_bias, initial_state); absent optional inputs get
   empty tensors, which the autograd wrapper turns into None.
 
 The ops always see B and C as (B, T, G, N); the public function adds the G = 1 axis to 3-D ones
 (autograd drops it from the gradients again through ``unsqueeze``). The final state is always
 computed (it costs one (N_seq, D, N) store) and returned only when asked for. The backward
-recomputes the states (nothing of size (B, T, D, N) is saved): the forward saves only its inputs.
+recomputes the states (nothing of size (B, T, D, N) is saved): the forward saves its inputs and
+the checkpoints.
 
 Backends are table entries, ``FORWARD[name]`` and ``BACKWARD[name]``: the Triton kernels of
 ``linrec.kernels.selective``, the chunked torch form, and the sequential reference (whose backward
@@ -38,27 +42,50 @@ MAX_TRITON_STATE = 256
 
 def _triton_forward(*args):
     from linrec.kernels.selective import selective_scan_forward
-    return selective_scan_forward(*args)
+    return selective_scan_forward(*args, save_checkpoints=True)
 
 
-def _triton_backward(*args):
+def _triton_backward(*args, checkpoints=None):
     from linrec.kernels.selective import selective_scan_backward
-    return selective_scan_backward(*args)
+    return selective_scan_backward(*args, checkpoints=checkpoints)
+
+
+def _without_checkpoints(forward: Callable) -> Callable:
+    def run(*args):
+        y, final = forward(*args)
+        return y, final, None
+    return run
+
+
+def _ignoring_checkpoints(backward: Callable) -> Callable:
+    def run(*args, checkpoints=None):
+        return backward(*args)
+    return run
 
 
 # name -> f(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, cu_seqlens,
-#           negative_eigenvalues) -> (y, final_state)
+#           negative_eigenvalues) -> (y, final_state, checkpoints for the backward or None)
 FORWARD: Dict[str, Callable] = {
-    "reference": selective_scan_reference,
-    "torch": selective_scan_chunked,
+    "reference": _without_checkpoints(selective_scan_reference),
+    "torch": _without_checkpoints(selective_scan_chunked),
     "triton": _triton_forward,
 }
-# name -> f(same arguments, grad_y, grad_final) -> [grad per tensor input, None for absent ones]
+# name -> f(same arguments, grad_y, grad_final, checkpoints=...) -> [grad per tensor input, None for absent ones]
 BACKWARD: Dict[str, Callable] = {
-    "reference": selective_scan_chunked_backward,
-    "torch": selective_scan_chunked_backward,
+    "reference": _ignoring_checkpoints(selective_scan_chunked_backward),
+    "torch": _ignoring_checkpoints(selective_scan_chunked_backward),
     "triton": _triton_backward,
 }
+
+
+def _checkpoint_shape(x: Tensor, A: Tensor, cu_seqlens: Optional[Tensor], backend: str) -> Tuple[int, ...]:
+    """Shape of the forward's checkpoints output: (rows, D, N) for Triton (see
+    ``linrec.kernels.selective.checkpoint_rows``), (0,) for the other backends (they save none)."""
+    if backend != "triton":
+        return (0,)
+    from linrec.kernels.selective import checkpoint_rows
+    N_seq = num_sequences(x.shape[0], cu_seqlens)
+    return (checkpoint_rows(x.shape[0], x.shape[1], N_seq, cu_seqlens is not None), x.shape[2], A.shape[1])
 AVAILABLE_BACKENDS = tuple(FORWARD)
 
 
@@ -80,50 +107,58 @@ def _unaliased(outputs: List[Tensor], inputs) -> List[Tensor]:
 def _selective_scan_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                        cu_seqlens: Optional[Tensor], delta_softplus: bool, reverse: bool,
-                       negative_eigenvalues: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                       negative_eigenvalues: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     check_cu_seqlens_values(cu_seqlens, x.shape[1])
-    y, final = FORWARD[backend](x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse,
-                                cu_seqlens, negative_eigenvalues)
+    y, final, checkpoints = FORWARD[backend](x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                             reverse, cu_seqlens, negative_eigenvalues)
     acc = accumulation_dtype(x.dtype)
-    y, final = _unaliased([y.contiguous(), final.to(acc).contiguous()],
-                          (x, delta, A, B, C, D, z, delta_bias, initial_state))
-    return y, final
+    if checkpoints is None:
+        checkpoints = x.new_empty((0,), dtype=acc)
+    y, final, checkpoints = _unaliased([y.contiguous(), final.to(acc).contiguous(), checkpoints],
+                                       (x, delta, A, B, C, D, z, delta_bias, initial_state))
+    return y, final, checkpoints
 
 
 @_selective_scan_op.register_fake
 def _(x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, reverse,
       negative_eigenvalues, backend):
     N_seq = num_sequences(x.shape[0], cu_seqlens)
+    acc = accumulation_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty((N_seq, x.shape[2], A.shape[1]), dtype=accumulation_dtype(x.dtype)))
+            x.new_empty((N_seq, x.shape[2], A.shape[1]), dtype=acc),
+            x.new_empty(_checkpoint_shape(x, A, cu_seqlens, backend), dtype=acc))
 
 
 @torch.library.custom_op("linrec::selective_scan_backward", mutates_args=())
 @autocast_off
 def _selective_scan_backward_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                                 z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-                                grad_y: Optional[Tensor], grad_final: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                                checkpoints: Optional[Tensor], grad_y: Optional[Tensor], grad_final: Optional[Tensor],
+                                grad_checkpoints: Optional[Tensor], cu_seqlens: Optional[Tensor],
                                 delta_softplus: bool, reverse: bool, negative_eigenvalues: bool, backend: str
                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     inputs = (x, delta, A, B, C, D, z, delta_bias, initial_state)
     if grad_y is None:  # only the final state is used
         grad_y = torch.zeros_like(x)
+    if checkpoints is not None and checkpoints.numel() == 0:
+        checkpoints = None
     grads = BACKWARD[backend](x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse,
-                              cu_seqlens, negative_eigenvalues, grad_y, grad_final)
+                              cu_seqlens, negative_eigenvalues, grad_y, grad_final, checkpoints=checkpoints)
     out = [x.new_empty((0,)) if t is None else g.to(t.dtype).contiguous() for g, t in zip(grads, inputs)]
     return tuple(_unaliased(out, inputs + (grad_y, grad_final)))
 
 
 @_selective_scan_backward_op.register_fake
-def _(x, delta, A, B, C, D, z, delta_bias, initial_state, grad_y, grad_final, cu_seqlens, delta_softplus, reverse,
-      negative_eigenvalues, backend):
+def _(x, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, grad_y, grad_final, grad_checkpoints, cu_seqlens,
+      delta_softplus, reverse, negative_eigenvalues, backend):
     return tuple(x.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, delta, A, B, C, D, z, delta_bias, initial_state))
 
 
-# The backward recomputes the states from the inputs: it saves the nine tensor inputs, nothing else.
+# The backward recomputes the states from the inputs and the checkpoints (the Triton forward's state
+# entering every 256 steps; an empty tensor from the other backends): it saves those, nothing else.
 register_scan_autograd(_selective_scan_op, torch.ops.linrec.selective_scan_backward, differentiable=9,
-                       save_inputs=range(9))
+                       save_inputs=range(9), save_outputs=(2,))
 
 
 def _check_bc(name: str, t, Bsz: int, T: int, D: int, N: int) -> Tensor:
@@ -215,6 +250,6 @@ def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if backend == "triton" and N > MAX_TRITON_STATE:
         raise ValueError(f"backend='triton' takes a state size N <= {MAX_TRITON_STATE} (A's shape (D, N)), "
                          f"got N = {N}; backend='torch' would run")
-    y, final = torch.ops.linrec.selective_scan(x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
-                                               delta_softplus, reverse, negative_eigenvalues, backend)
+    y, final, _ = torch.ops.linrec.selective_scan(x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
+                                                  delta_softplus, reverse, negative_eigenvalues, backend)
     return y, (final if output_final_state else None)
