@@ -184,20 +184,25 @@ def _unit_lower_inverse(A, BL: tl.constexpr, PREC: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _wy_fwd_kernel(
-    k_ptr,        # (B*T*n, H, K) keys, contiguous, any float dtype
-    v_ptr,        # (B*T*n, H, V) values
+    q_ptr,        # (B*T, H, K) queries, contiguous, any float dtype
+    k_ptr,        # (B*T*n, H, K) keys
     beta_ptr,     # (B*T*n, H)
     lg_ptr,       # (B*T, H) log-gates, read when HAS_GATE
     w_ptr,        # out (B*T*n, H, K) work dtype (fp32, or the bf16 / fp16 of the inputs)
-    u_ptr,        # out (B*T*n, H, V) fp32
     tinv_ptr,     # out (B*T*n, H, BL) work dtype: rows of (I + A)^{-1}
+    qk_ptr,       # out (B*T, H, BL) fp32: Q K^T, row c holding q_c . k_m for the sub-steps m <= c's last
     g_ptr,        # out (B*T*n, H) fp64: cumulative log-gate within the chunk
     cu_tok_ptr,   # (N + 1,) int64 token offsets of the sequences
     H, K, V,
-    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
     INTERP: tl.constexpr,
 ):
+    """One program per (chunk, sequence * head): A, Tinv = (I + A)^{-1}, w = Tinv diag(beta exp(G)) K,
+    the causal part of Q K^T and G. Everything here is independent of the carried state; u =
+    Tinv diag(beta) V is left to the state passes (per V block, at no extra FLOPs), so that it
+    is never written to memory. Q K^T is computed once per chunk here rather than once per V block
+    in each state pass."""
     chunk = tl.program_id(0)
     pid_nh = tl.program_id(1)
     seq = pid_nh // H
@@ -224,12 +229,23 @@ def _wy_fwd_kernel(
 
     # A[i, m] = beta_i exp(G_i - G_m) k_i . k_m for m < i (both valid), else 0; K K^T is
     # accumulated over blocks of BK key columns.
+    # Q K^T likewise (token rows c, sub-step columns m), kept where m <= r_c, the token's last
+    # sub-step: the state passes and the chunk-local backward read it from here.
+    tok_rows = tl.arange(0, BC)
+    valid_tok = tok_rows < n_sub // NFAC
+    tok = (tok0 + tok_rows).to(tl.int64)
     kkt = tl.zeros((BL, BL), tl.float32)
+    qk = tl.zeros((BC, BL), tl.float32)
     for k0 in range(0, K, BK):
         cols_k = k0 + tl.arange(0, BK)
-        kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :],
-                     mask=valid[:, None] & (cols_k[None, :] < K), other=0.0)
+        k_ok = cols_k[None, :] < K
+        kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok, other=0.0)
+        q = tl.load(q_ptr + (tok[:, None] * H + head) * K + cols_k[None, :], mask=valid_tok[:, None] & k_ok,
+                    other=0.0)
         kkt += _mm(kk, tl.trans(kk), k_ptr, PREC, LOWP, INTERP)
+        qk += _mm(q, tl.trans(kk), q_ptr, PREC, LOWP, INTERP)
+    read = (rows[None, :] <= (tok_rows * NFAC + NFAC - 1)[:, None]) & valid[None, :] & valid_tok[:, None]
+    tl.store(qk_ptr + (tok[:, None] * H + head) * BL + rows[None, :], qk, mask=read)
     strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
     diff = tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))
     # Masks go through where, not a product: 0 * NaN would carry a later NaN back in time.
@@ -246,7 +262,7 @@ def _wy_fwd_kernel(
     tinv = tl.where(rows[:, None] < bad_row, tinv, float("nan")).to(tinv_ptr.dtype.element_ty)
     tl.store(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], tinv, mask=valid[:, None])
 
-    # w = Tinv diag(beta exp(G)) K and u = Tinv diag(beta) V, block by block.
+    # w = Tinv diag(beta exp(G)) K, block by block.
     bg = beta * tl.exp(G.to(tl.float32))
     for k0 in range(0, K, BK):
         cols_k = k0 + tl.arange(0, BK)
@@ -256,14 +272,6 @@ def _wy_fwd_kernel(
         rhs, first_bad = _split_nonfinite(kk * bg[:, None], rows, BL)
         w = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
         tl.store(w_ptr + k_off, w.to(w_ptr.dtype.element_ty), mask=kmask)
-    for v0 in range(0, V, BV):
-        cols_v = v0 + tl.arange(0, BV)
-        v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
-        v_mask = valid[:, None] & (cols_v[None, :] < V)
-        vv = tl.load(v_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)
-        rhs, first_bad = _split_nonfinite(vv * beta[:, None], rows, BL)
-        u = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
-        tl.store(u_ptr + v_off, u.to(u_ptr.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
@@ -325,19 +333,13 @@ def _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, 
 
 
 @triton.jit
-def _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL: tl.constexpr, BC: tl.constexpr,
-            BK: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.constexpr):
-    """Q K^T of one chunk, (BC, BL) fp32, accumulated over blocks of BK key columns."""
-    qk = tl.zeros((BC, BL), tl.float32)
-    for k0 in range(0, K, BK):
-        cols_k = k0 + tl.arange(0, BK)
-        k_ok = cols_k < K
-        kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok[None, :],
-                     other=0.0)
-        q = tl.load(q_ptr + (tok[:, None] * H + head) * K + cols_k[None, :],
-                    mask=valid_tok[:, None] & k_ok[None, :], other=0.0)
-        qk += _mm(q, tl.trans(kk), q_ptr, PREC, LOWP, INTERP)
-    return qk
+def _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
+    """The chunk's Q K^T as ``_wy_fwd_kernel`` stored it: (BC, BL) fp32, row c holding q_c . k_m for
+    the valid sub-steps m <= r_c (the token's last sub-step), zeros elsewhere."""
+    rows = tl.arange(0, BL)
+    r = tl.arange(0, BC) * NFAC + NFAC - 1
+    read = (rows[None, :] <= r[:, None]) & valid[None, :] & valid_tok[:, None]
+    return tl.load(qk_ptr + (tok[:, None] * H + head) * BL + rows[None, :], mask=read, other=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,13 +381,16 @@ def _state_slice(cols_v, v_ok, K, V, NKB: tl.constexpr, BK: tl.constexpr):
 def _state_fwd_kernel(
     q_ptr,        # (B*T, H, K)
     k_ptr,        # (B*T*n, H, K)
+    v_ptr,        # (B*T*n, H, V)
+    beta_ptr,     # (B*T*n, H)
     w_ptr,        # (B*T*n, H, K) work dtype
-    u_ptr,        # (B*T*n, H, V) fp32
+    tinv_ptr,     # (B*T*n, H, BL) work dtype
+    qk_ptr,       # (B*T, H, BL) fp32: the causal part of Q K^T, read when STORE_O
     g_ptr,        # (B*T*n, H) fp64
     h0_ptr,       # (N, H, K, V) initial states, read when HAS_H0
     o_ptr,        # out (B*T, H, V) when STORE_O; else out (B*T*n, H, V) fp32: d, for the backward
     states_ptr,   # out (total chunks, H, K, V) fp32, when not STORE_O: the state entering every chunk
-    final_ptr,    # out (N, H, K, V) fp32
+    final_ptr,    # out (N, H, K, V) fp32, written when STORE_O (the backward does not need it)
     cu_tok_ptr,   # (N + 1,) int64 token offsets
     cu_chunk_ptr,  # (N + 1,) int64 chunk offsets (index of a sequence's first chunk)
     H, K, V, scale,
@@ -410,18 +415,26 @@ def _state_fwd_kernel(
         G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
                                                             head, H, NFAC, BL)
         if not STORE_O:
-            tl.store(states_ptr + ((chunk_base + c) * H + head) * K * V + s_off, S, mask=smask)
+            tl.store(states_ptr + ((chunk_base + c) * H + head) * K * V + s_off, S.to(states_ptr.dtype.element_ty),
+                     mask=smask)
         v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
         vmask = valid[:, None] & v_ok[None, :]
-        # d = u - w S0
+        # u = Tinv diag(beta) V for this program's V columns (the rows of the chunk-local WY
+        # factor u, never stored), then d = u - w S0.
+        rows = tl.arange(0, BL)
+        tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
+        beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+        rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)
+        u = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad_u)
         w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
-        d = tl.load(u_ptr + v_off, mask=vmask, other=0.0).to(tl.float32) - tl.sum(_bdot(w, S, PREC), axis=0)
+        d = u - tl.sum(_bdot(w, S, PREC), axis=0)
         if STORE_O:
             # o = scale (exp(G_r) Q S0 + P d). Non-finite rows of d (sub-steps at or after a
             # NaN/inf input) reach only the tokens whose last sub-step r is at or past them.
             q = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
-            qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC, LOWP, INTERP)
-            d_finite, first_bad = _split_nonfinite(d, tl.arange(0, BL), BL)
+            qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
+            d_finite, first_bad = _split_nonfinite(d, rows, BL)
             scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
             o = scale * (tl.sum(_bdot(q, S, PREC), axis=0) * tl.exp(G_r.to(tl.float32))[:, None]
                          + _dot32(scores, d_finite, PREC))
@@ -435,7 +448,8 @@ def _state_fwd_kernel(
         kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK).to(tl.float32) * decay_last[None, :, None]
         dT = tl.broadcast_to(tl.trans(d)[None, :, :], (NKB, BV, BL))
         S = tl.exp(G_L.to(tl.float32)) * S + tl.permute(_bdot(dT, kk, PREC), (0, 2, 1))
-    tl.store(final_ptr + seq_state + s_off, S, mask=smask)
+    if STORE_O:
+        tl.store(final_ptr + seq_state + s_off, S, mask=smask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +458,9 @@ def _state_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _state_bwd_kernel(
-    q_ptr, k_ptr, w_ptr, g_ptr,
+    q_ptr, k_ptr, w_ptr,
+    qk_ptr,       # (B*T, H, BL) fp32: the causal part of Q K^T (from _wy_fwd_kernel)
+    g_ptr,
     do_ptr,       # (B*T, H, V) gradient of o
     dfinal_ptr,   # (N, H, K, V) gradient of the final state, read when HAS_DFINAL
     dstates_ptr,  # out (total chunks, H, K, V) fp32: gradient of the state leaving every chunk
@@ -454,7 +470,7 @@ def _state_bwd_kernel(
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     NKB: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr, INTERP: tl.constexpr,
+    LOWP: tl.constexpr, INTERP: tl.constexpr, STAGES: tl.constexpr,
 ):
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     tok_rows = tl.arange(0, BC)
@@ -467,15 +483,17 @@ def _state_bwd_kernel(
     else:
         dS = tl.zeros((NKB, BK, BV), tl.float32)
 
-    for i in range(0, n_chunks):
+    # STAGES as in the forward state pass (fp32: 1, the chunk's fp32 tiles would not fit in shared memory twice).
+    for i in tl.range(0, n_chunks, num_stages=STAGES):
         c = n_chunks - 1 - i
-        tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off, dS, mask=smask)
+        tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off, dS.to(dstates_ptr.dtype.element_ty),
+                 mask=smask)
         sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
         G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
                                                             head, H, NFAC, BL)
         do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
                      mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
-        qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC, LOWP, INTERP)
+        qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
         P = scale * decay_read * qk                                                  # (BC, BL)
         # dd = P^T dO + (exp(G_L - G) K) dS: the gradient of the chunk's corrected values d.
         kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK).to(tl.float32) * decay_last[None, :, None]
@@ -505,7 +523,9 @@ def _state_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _local_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, tinv_ptr, g_ptr,
+    q_ptr, k_ptr, v_ptr, beta_ptr, tinv_ptr,
+    qk_ptr,       # (B*T, H, BL) fp32: the causal part of Q K^T (from _wy_fwd_kernel)
+    g_ptr,
     do_ptr,       # (B*T, H, V)
     states_ptr,   # (total chunks, H, K, V) fp32: state entering each chunk
     dstates_ptr,  # (total chunks, H, K, V) fp32: gradient of the state leaving each chunk
@@ -544,7 +564,7 @@ def _local_bwd_kernel(
     gamma = tl.where(valid, tl.exp(G.to(tl.float32)), 0.0)
     gamma_r = tl.exp(G_r.to(tl.float32))
     gamma_L = tl.exp(G_L.to(tl.float32))
-    qk = _scores(q_ptr, k_ptr, sub, tok, valid, valid_tok, head, H, K, BL, BC, BK, PREC, LOWP, INTERP)
+    qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
     P = scale * decay_read * qk
 
     dA = tl.zeros((BL, BL), tl.float32)      # Tinv^T dd d^T, negated and masked below
@@ -606,8 +626,8 @@ def _local_bwd_kernel(
             v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
             smask = k_ok[:, None] & v_ok[None, :]
             s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
-            S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0)
-            dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0)
+            S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
+            dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
             d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
             dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
             do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
@@ -784,6 +804,13 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the chunk-entry states and their gradients, which the backward's state passes
+    hand to the chunk-local kernel: the inputs' bf16 / fp16 (the states are carried in fp32 inside
+    the state passes; only the copies read by the chunk-local gradients are rounded), fp32 else."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _offsets(B: int, T: int, CT: int, cu_seqlens: Optional[torch.Tensor], device) -> tuple:
     """Token and chunk offsets of the N sequences, computed on the device (no host synchronisation).
 
@@ -815,41 +842,55 @@ def _prepare(q, k, v, beta, log_gate, cu_seqlens):
     return cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, tensors
 
 
-def _wy_and_states(t, h0, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n, store_o):
-    """The WY factors and the state pass. With store_o the outputs o are written; without (the
-    backward's recomputation) the corrected values d = u - w S0 of every chunk instead."""
-    q, k, v, beta, lg = t["q"], t["k"], t["v"], t["beta"], t["lg"]
+def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n):
+    """Runs ``_wy_fwd_kernel``: the state-independent chunk factors, as a dict of tensors
+    w (B, T * n, H, K) and Tinv (B, T * n, H, BL) in the work dtype, qk (B, T, H, BL) fp32 (the
+    causal part of Q K^T) and G (B, T * n, H) fp64. The forward hands them to the backward."""
+    q, k, beta, lg = t["q"], t["k"], t["beta"], t["lg"]
+    B, T = q.shape[:2]
+    dev = q.device
+    wdt = _work_dtype(q.dtype)
+    w = torch.empty((B, T * n, H, K), dtype=wdt, device=dev)
+    tinv = torch.empty((B, T * n, H, cfg["BL"]), dtype=wdt, device=dev)
+    qk = torch.empty((B, T, H, cfg["BL"]), dtype=torch.float32, device=dev)
+    G = torch.empty((B, T * n, H), dtype=torch.float64, device=dev)
+    chunk_args, _ = _launch_args(n, cfg)
+    if max_chunks > 0 and N * H > 0:
+        _wy_fwd_kernel[(max_chunks, N * H)](
+            q, k, beta, lg if lg is not None else beta, w, tinv, qk, G, cu_tok, H, K, V,
+            HAS_GATE=lg is not None, BC=cfg["BC"], **chunk_args)
+    return dict(w=w, tinv=tinv, qk=qk, G=G)
+
+
+def _state_pass(t, f, h0, cfg, N, cu_tok, cu_chunk, total_chunks, scale, H, K, V, n, store_o):
+    """The state pass over the chunk factors ``f``. With store_o the outputs o and the final states are
+    written; without (the backward's recomputation) the state entering every chunk and the corrected
+    values d = u - w S0 of every sub-step instead. Returns (out, states, final)."""
+    q, k, v, beta = t["q"], t["k"], t["v"], t["beta"]
     B, T = q.shape[:2]
     dev = q.device
     f32 = torch.float32
-    wdt = _work_dtype(q.dtype)
-    w = torch.empty((B, T * n, H, K), dtype=wdt, device=dev)
-    u = torch.empty((B, T * n, H, V), dtype=f32, device=dev)
-    tinv = torch.empty((B, T * n, H, cfg["BL"]), dtype=wdt, device=dev)
-    G = torch.empty((B, T * n, H), dtype=torch.float64, device=dev)
     if store_o:
         out = torch.empty((B, T, H, V), dtype=q.dtype, device=dev)
+        final = torch.empty((N, H, K, V), dtype=f32, device=dev)
+        states = None
     else:
         out = torch.empty((B, T * n, H, V), dtype=f32, device=dev)
-    # The chunk-entry states only for the backward (the forward keeps the state in registers).
-    states = None if store_o else torch.empty((max(total_chunks, 1), H, K, V), dtype=f32, device=dev)
-    final = torch.empty((N, H, K, V), dtype=f32, device=dev)
-    chunk_args, state_args = _launch_args(n, cfg)
-    if max_chunks > 0 and N * H > 0:
-        _wy_fwd_kernel[(max_chunks, N * H)](
-            k, v, beta, lg if lg is not None else beta, w, u, tinv, G, cu_tok, H, K, V,
-            HAS_GATE=lg is not None, **chunk_args)
+        final = None
+        states = torch.empty((max(total_chunks, 1), H, K, V), dtype=_state_dtype(q.dtype), device=dev)
+    _, state_args = _launch_args(n, cfg)
     if N * H > 0:
-        h0c = h0.contiguous() if h0 is not None else final                    # (placeholders: not read)
+        spare = final if store_o else states                                   # (placeholders: not read)
+        h0c = h0.contiguous() if h0 is not None else spare
         _state_fwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
-            q, k, w, u, G, h0c, out, states if states is not None else final, final, cu_tok, cu_chunk, H, K, V,
+            q, k, v, beta, f["w"], f["tinv"], f["qk"], f["G"], h0c, out, spare, spare, cu_tok, cu_chunk, H, K, V,
             float(scale), HAS_H0=h0 is not None, STORE_O=store_o, STAGES=cfg["STAGES"], **state_args)
-    return dict(w=w, u=u, tinv=tinv, G=G, out=out, states=states, final=final)
+    return out, states, final
 
 
 def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                              log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], *,
-                             cu_seqlens: Optional[torch.Tensor], scale: float):
+                             cu_seqlens: Optional[torch.Tensor], scale: float, return_saved: bool = False):
     """Chunked forward pass.
 
     Args:
@@ -858,26 +899,31 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         cu_seqlens: (N + 1,) int offsets with B = 1, or None; scale: float. Any strides.
 
     Returns:
-        o: (B, T, H, V) in q's dtype; final_state: (N, H, K, V) fp32 (float64 for float64 q).
+        o: (B, T, H, V) in q's dtype; final_state: (N, H, K, V) fp32 (float64 for float64 q);
+        with return_saved also ``saved``, the state-independent chunk factors for
+        ``householder_scan_backward`` (w (B, T * n, H, K) and Tinv (B, T * n, H, BL) in the work dtype,
+        Q K^T (B, T, H, BL) fp32, G (B, T * n, H) fp64), so that it need not recompute them.
     """
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
     cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
-    out = _wy_and_states(t, initial_state, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n,
-                         True)
-    final = out["final"]
+    f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n)
+    o, _, final = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, scale, H, K, V, n, True)
     if q.dtype == torch.float64:  # the contract's dtype; the kernels themselves accumulate in fp32
         final = final.double()
-    return out["out"], final
+    if return_saved:
+        return o, final, (f["w"], f["tinv"], f["qk"], f["G"])
+    return o, final
 
 
 def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                               log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
                               grad_o: torch.Tensor, grad_final: Optional[torch.Tensor], *,
-                              cu_seqlens: Optional[torch.Tensor], scale: float):
-    """Chunked backward pass; recomputes the WY factors and chunk states (and d), then two kernels.
+                              cu_seqlens: Optional[torch.Tensor], scale: float, saved: Optional[tuple] = None):
+    """Chunked backward pass; recomputes the chunk states (and d), then two kernels.
 
-    Args: as ``householder_scan_forward``, plus grad_o: (B, T, H, V) and grad_final: (N, H, K, V) or None.
+    Args: as ``householder_scan_forward``, plus grad_o: (B, T, H, V), grad_final: (N, H, K, V) or None,
+    and saved: the chunk factors the forward returned with ``return_saved`` (recomputed when None).
 
     Returns:
         the gradients, each in its input's dtype, written by the kernels (grad_q (B, T, H, K),
@@ -887,28 +933,36 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
     cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
-    fw = _wy_and_states(t, initial_state, cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, scale, H, K, V, n,
-                        False)
+    if saved is None:
+        f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n)
+    else:
+        f = dict(zip(("w", "tinv", "qk", "G"), saved))
+    d, states, _ = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, scale, H, K, V, n,
+                               False)
     dev = q.device
     grad_o = grad_o.contiguous()
-    dstates = torch.empty_like(fw["states"])
-    dd = torch.empty_like(fw["out"])
+    dstates = torch.empty_like(states)
+    dd = torch.empty_like(d)
     # Every token of every sequence is written by exactly one chunk program: no zero-fills.
     dh0 = torch.empty_like(initial_state, memory_format=torch.contiguous_format) if initial_state is not None else None
+    chunk_args, state_args = _launch_args(n, cfg)
+    if N * H > 0:
+        gf = grad_final.contiguous() if grad_final is not None else dstates      # (placeholders: not read)
+        _state_bwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
+            t["q"], t["k"], f["w"], f["qk"], f["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd,
+            cu_tok, cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None,
+            STAGES=cfg["STAGES"], **state_args)
+    # w is not read by the chunk-local kernel: freed (when recomputed here) before its outputs are
+    # allocated, which lowers the backward's peak memory by w.
+    del f["w"]
     dq = torch.empty((B, T, H, K), dtype=q.dtype, device=dev)
     dk = torch.empty((B, T, n, H, K), dtype=k.dtype, device=dev)
     dv = torch.empty((B, T, n, H, V), dtype=v.dtype, device=dev)
     dbeta = torch.empty((B, T, n, H), dtype=beta.dtype, device=dev)
     dlg = torch.empty((B, T, H), dtype=log_gate.dtype, device=dev) if log_gate is not None else None
-    chunk_args, state_args = _launch_args(n, cfg)
-    if N * H > 0:
-        gf = grad_final.contiguous() if grad_final is not None else dstates      # (placeholders: not read)
-        _state_bwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
-            t["q"], t["k"], fw["w"], fw["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd, cu_tok,
-            cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None, **state_args)
     if max_chunks > 0 and N * H > 0:
         _local_bwd_kernel[(max_chunks, N * H)](
-            t["q"], t["k"], t["v"], t["beta"], fw["tinv"], fw["G"], grad_o, fw["states"], dstates, fw["out"], dd,
+            t["q"], t["k"], t["v"], t["beta"], f["tinv"], f["qk"], f["G"], grad_o, states, dstates, d, dd,
             dq, dk, dv, dbeta, dlg if dlg is not None else dbeta, cu_tok, cu_chunk, H, K, V, float(scale),
             HAS_GATE=log_gate is not None, BC=cfg["BC"], **chunk_args)
     return dq, dk, dv, dbeta, dlg, dh0
@@ -920,19 +974,21 @@ def _signatures(elem: str) -> dict:
     Tinv and the gradients are stored in that dtype too (u, d, dd, states in fp32)."""
     x = f"*{elem}"
     return {
-        _wy_fwd_kernel: {"k_ptr": x, "v_ptr": x, "beta_ptr": x, "lg_ptr": x, "w_ptr": x, "u_ptr": "*fp32",
-                         "tinv_ptr": x, "g_ptr": "*fp64", "cu_tok_ptr": "*i64", "H": "i32", "K": "i32",
+        _wy_fwd_kernel: {"q_ptr": x, "k_ptr": x, "beta_ptr": x, "lg_ptr": x, "w_ptr": x, "tinv_ptr": x,
+                         "qk_ptr": "*fp32", "g_ptr": "*fp64", "cu_tok_ptr": "*i64", "H": "i32", "K": "i32",
                          "V": "i32"},
-        _state_fwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": x, "u_ptr": "*fp32", "g_ptr": "*fp64",
-                            "h0_ptr": "*fp32", "o_ptr": x, "states_ptr": "*fp32", "final_ptr": "*fp32",
+        _state_fwd_kernel: {"q_ptr": x, "k_ptr": x, "v_ptr": x, "beta_ptr": x, "w_ptr": x, "tinv_ptr": x,
+                            "qk_ptr": "*fp32", "g_ptr": "*fp64",
+                            "h0_ptr": "*fp32", "o_ptr": x, "states_ptr": x, "final_ptr": "*fp32",
                             "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
                             "scale": "fp32"},
-        _state_bwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": x, "g_ptr": "*fp64", "do_ptr": x,
-                            "dfinal_ptr": "*fp32", "dstates_ptr": "*fp32", "dh0_ptr": "*fp32", "dd_ptr": "*fp32",
+        _state_bwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": x, "qk_ptr": "*fp32", "g_ptr": "*fp64", "do_ptr": x,
+                            "dfinal_ptr": "*fp32", "dstates_ptr": x, "dh0_ptr": "*fp32", "dd_ptr": "*fp32",
                             "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
                             "scale": "fp32"},
-        _local_bwd_kernel: {"q_ptr": x, "k_ptr": x, "v_ptr": x, "beta_ptr": x, "tinv_ptr": x, "g_ptr": "*fp64",
-                            "do_ptr": x, "states_ptr": "*fp32", "dstates_ptr": "*fp32", "d_ptr": "*fp32",
+        _local_bwd_kernel: {"q_ptr": x, "k_ptr": x, "v_ptr": x, "beta_ptr": x, "tinv_ptr": x, "qk_ptr": "*fp32",
+                            "g_ptr": "*fp64",
+                            "do_ptr": x, "states_ptr": x, "dstates_ptr": x, "d_ptr": "*fp32",
                             "dd_ptr": "*fp32",
                             "dq_ptr": x, "dk_ptr": x, "dv_ptr": x, "dbeta_ptr": x, "dlg_ptr": x,
                             "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
@@ -959,9 +1015,10 @@ def aot_specs():
         del state_args["num_warps"]
         sigs = _signatures(elem)
         for gate in (False, True):
-            yield _wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, **chunk_args), nw
+            yield _wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw
         for store_o in (False, True):  # without the outputs it writes d (fp32) through o_ptr
-            sig = dict(sigs[_state_fwd_kernel], o_ptr=f"*{elem}" if store_o else "*fp32")
+            sig = dict(sigs[_state_fwd_kernel], o_ptr=f"*{elem}" if store_o else "*fp32",
+                       states_ptr="*fp32" if store_o else f"*{elem}")   # (with o: the final state, not written)
             yield _state_fwd_kernel, sig, dict(HAS_H0=True, STORE_O=store_o, STAGES=cfg["STAGES"], **state_args), nw
         rec_sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "beta_ptr": f"*{elem}",
                    "lg_ptr": f"*{elem}", "h0_ptr": "*fp32", "o_ptr": f"*{elem}", "final_ptr": "*fp32",
@@ -972,6 +1029,6 @@ def aot_specs():
         for has_dfinal in (False, True):
             for has_h0 in (False, True):
                 yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
-                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, **state_args), nw)
+                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["STAGES"], **state_args), nw)
         for gate in (False, True):
             yield _local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw
