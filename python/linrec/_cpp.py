@@ -363,10 +363,11 @@ HOUSEHOLDER_SEQUENTIAL_MAX_K = 64
 
 
 def householder_supports(q: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
-    """Whether backend='auto' should run the cpp Householder kernels for a call: CPU tensors, q in
-    float32 | bfloat16 | float16, and either at most ``HOUSEHOLDER_RECURRENT_MAX_T`` tokens
-    (decoding) or K <= ``HOUSEHOLDER_SEQUENTIAL_MAX_K`` (where the sequential scan beats the chunked
-    form at any T); the extension available (builds nothing).
+    """Whether the cpp Householder kernels take a call and should run it under backend='auto':
+    CPU tensors, q in float32 | bfloat16 | float16, and either at most ``HOUSEHOLDER_RECURRENT_MAX_T``
+    tokens (decoding) or K <= ``HOUSEHOLDER_SEQUENTIAL_MAX_K`` (where the sequential scan beats the
+    chunked form at any T). Whether the extension builds is ``settle_cpu_auto``'s question (it
+    falls back to torch with a one-line note), not this predicate's.
 
     Args:
         q: (B, T, H, K); tensors: the call's other tensors (k, v, beta, log_gate, initial_state,
@@ -376,9 +377,7 @@ def householder_supports(q: torch.Tensor, *tensors: Optional[torch.Tensor]) -> b
         return False
     if q.shape[1] > HOUSEHOLDER_RECURRENT_MAX_T and q.shape[-1] > HOUSEHOLDER_SEQUENTIAL_MAX_K:
         return False
-    if any(t is not None and t.device.type != "cpu" for t in tensors):
-        return False
-    return cpp_backend_unavailable_reason() is None
+    return all(t is None or t.device.type == "cpu" for t in tensors)
 
 
 def _householder_inputs(q, k, v, beta, log_gate, initial_state):
@@ -424,12 +423,14 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                               log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
                               grad_o: torch.Tensor, grad_final: Optional[torch.Tensor], *,
-                              cu_seqlens: Optional[torch.Tensor], scale: float
-                              ) -> List[Optional[torch.Tensor]]:
+                              cu_seqlens: Optional[torch.Tensor], scale: float,
+                              saved: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
     """Gradients of ``householder_scan_forward``: the states before every factor are recomputed
     (from checkpoints every ~sqrt(T) tokens; one segment when decoding), then one backward sweep.
 
-    Args: as the forward, plus grad_o (B, T, H, V) and grad_final (N, H, K, V) or None (zeros).
+    Args: as the forward, plus grad_o (B, T, H, V) and grad_final (N, H, K, V) or None (zeros);
+    saved: what a forward kept for the backward (the op's keyword for every backend): unused, this
+    backward recomputes the states.
 
     Returns:
         [grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state]: each in its input's
