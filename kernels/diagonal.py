@@ -369,22 +369,27 @@ def _config(dtype: torch.dtype, interpret: bool, D: int = 64) -> dict:
         block_d = min(16, triton.next_power_of_2(max(D, 1)))
         cfg = dict(BLOCK_T=16, BLOCK_D=block_d, num_warps=1, CHUNK_T=64, CHUNK_D=block_d, chunk_warps=1)
     elif dtype in (torch.bfloat16, torch.float16):
-        cfg = dict(BLOCK_T=16, BLOCK_D=128, num_warps=8, CHUNK_T=128, CHUNK_D=64, chunk_warps=8)
+        cfg = dict(BLOCK_T=32, BLOCK_D=64, num_warps=8, CHUNK_T=128, CHUNK_D=16, chunk_warps=4)
     elif dtype.is_complex:
-        cfg = dict(BLOCK_T=32, BLOCK_D=64, num_warps=8, CHUNK_T=64, CHUNK_D=64, chunk_warps=8)
+        cfg = dict(BLOCK_T=32, BLOCK_D=64, num_warps=8, CHUNK_T=64, CHUNK_D=16, chunk_warps=4)
     else:
-        cfg = dict(BLOCK_T=32, BLOCK_D=64, num_warps=8, CHUNK_T=128, CHUNK_D=64, chunk_warps=8)
+        cfg = dict(BLOCK_T=32, BLOCK_D=64, num_warps=8, CHUNK_T=128, CHUNK_D=16, chunk_warps=4)
     # GPU walk: 8 tile elements per thread. Registers per thread from ptxas -v for sm_90a (forward /
     # backward, fp32 | bf16): 142 / 255 | 147 / 255 with 520 bytes of spills at the previous
     # 4 warps (32 x 64 | 32 x 128 tiles); 58 / 97 | 48 / 99 at 8 warps.
     # Look-back chunks: 128 steps (64 for complex64), so that the per-chunk workspace (three fp32
     # vectors written, one or more read) stays within about 1-2% of the bytes of a, x and h. The
-    # tile (a, x, then A, X across the look-back) stays in registers: sm_90a, ptxas -v of the AOT
-    # specialisations (strides not specialised): 128 x 64 fp32 / bf16 at 8 warps spill 24 (forward)
-    # to ~90 (backward) bytes, 64 x 64 complex64 none; 16 warps spilled more (128 registers a thread),
-    # and 128 x 128 bf16 tiles 1.4-3.2 KB.
-    # Not yet timed on a GPU: the old setting is LINREC_DIAGONAL_CONFIG="BLOCK_T=32,num_warps=4".
-    return config_override("diagonal", cfg, ("BLOCK_T", "BLOCK_D", "num_warps", "CHUNK_T", "CHUNK_D", "chunk_warps"))
+    # tile (a, x, then A, X across the look-back) stays in registers. CI's static budget (two
+    # programs per SM, no spills; tests/aot_compile.py --budget) decides its shape: 128 x 64 tiles
+    # at 8 warps took 182-255 registers (one program per SM) and spilled 24-152 bytes; 128 x 32 at 8
+    # warps, 128-180; 128 x 16 at 8 warps still 128-147 with spills (the backward's look-back, dL/da
+    # and dL/dh0 code, not the tile, sets the floor). So: 128 x 16 tiles (16 elements a thread) at
+    # 4 warps, with ptxas allowed 255 registers (``chunk_maxnreg``: ptxas otherwise caps itself at
+    # 128 and spills): 108-195 registers x 128 threads, two programs per SM, no spills. The
+    # channel count per chunk does not change the workspace's share of the traffic (per channel).
+    cfg["chunk_maxnreg"] = 255
+    return config_override("diagonal", cfg, ("BLOCK_T", "BLOCK_D", "num_warps", "CHUNK_T", "CHUNK_D", "chunk_warps",
+                                             "chunk_maxnreg"))
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -461,6 +466,7 @@ def _sweep(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward, pla
         IS_COMPLEX=x.is_complex(), ACC=tl_accumulation_dtype(x.dtype),
         BLOCK_T=chunk_len if lookback else cfg["BLOCK_T"], BLOCK_D=block_d,
         num_warps=cfg["chunk_warps"] if lookback else cfg["num_warps"],
+        **({"maxnreg": cfg["chunk_maxnreg"]} if lookback else {}),
     )
 
 
@@ -533,6 +539,35 @@ def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tenso
     return grad_a, grad_x, grad_h0
 
 
+# Streaming kernels held to CI's static budget at sm_90a (tests/aot_compile.py --budget): no spills,
+# two programs per SM by registers, vector loads and stores of x's element type in the tile loop
+# (forward: a and x loaded, h stored; backward: a, dL/dh and h loaded, dL/dx stored).
+STATIC_BUDGET = {
+    "diagonal_scan_kernel": {"programs_per_sm": 2, "vector_of": "x_ptr", "min_vector_loads": 2,
+                             "min_vector_stores": 1},
+}
+
+
+def _under_static_budget(dtype_name: str, reverse: bool, backward: bool, varlen: bool, lookback: bool,
+                         grad_a_sum: bool) -> bool:
+    """Whether CI holds this specialisation to STATIC_BUDGET. Two are left out, for stated reasons:
+
+    * complex64: real and imaginary parts are loaded and stored as two stride-2 streams, so every
+      access is a scalar 32-bit one (and the walk takes 144-200 registers at 8 warps). Vector
+      accesses need the tile loaded as (BLOCK_T, 2 BLOCK_D) reals and split (``tl.split``): not done.
+    * fp32 walk, backward of a reverse scan, packed sequences off: ptxas of Triton 3.9 (the CPU
+      machines') picks 64 registers by its own heuristic and spills 24 bytes (no tile size
+      changes that: 16 x 64 and 32 x 128 tiles spill too, 4 warps moves the spill to the packed
+      variant); the GPU machines' Triton 3.6 compiles it without spills, and is checked.
+    """
+    if dtype_name == "complex64":
+        return False
+    if (dtype_name == "fp32" and backward and reverse and not varlen and not lookback and not grad_a_sum
+            and not triton.__version__.startswith("3.6")):
+        return False
+    return True
+
+
 # Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
 def aot_specs():
     """Yields (kernel, signature, constexprs, num_warps) for every launch the GPU launcher makes:
@@ -573,5 +608,9 @@ def aot_specs():
                             constexprs["stride_ad"] = 1
                             options = {"divisible_by_16": [name for name in sig if sig[name].startswith("*")]
                                        + ["T", "D", "CHUNK_LEN", "stride_ab", "stride_at"]}
+                            if lookback:
+                                options["compile_options"] = {"maxnreg": cfg["chunk_maxnreg"]}
+                            options["budget"] = _under_static_budget(dtype_name, reverse, backward, varlen,
+                                                                     lookback, grad_a_sum)
                             yield (diagonal_scan_kernel, sig, constexprs,
                                    cfg["chunk_warps"] if lookback else cfg["num_warps"], options)

@@ -13,7 +13,8 @@ A module's ``aot_specs()`` yields ``(kernel, signature, constexprs, num_warps)``
 ``(kernel, signature, constexprs, num_warps, options)``; ``options`` (a dict) may hold
 ``divisible_by_16``: names of the arguments the GPU launch plan passes divisible by 16 (pointers
 16-byte aligned, as every torch allocation is; integers such as a channel count of 1024), which
-Triton's JIT would specialise on at launch and which let loads and stores vectorise; and
+Triton's JIT would specialise on at launch and which let loads and stores vectorise;
+``compile_options``: further launch options the launcher passes (e.g. ``{"maxnreg": 255}``); and
 ``budget``: False to leave that specialisation out of the static budget below.
 
 ``--spills`` also runs ``ptxas -v`` on every PTX and prints, per kernel and target, the most
@@ -87,7 +88,8 @@ def spill_bytes(ptx: str, arch: int) -> int:
 
 
 _GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global\.(?:[a-z0-9]+\.)*?(?:v(\d)\.)?[bfsu](\d+)\b")
-_ASYNC_COPY = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared\.global\b.*,\s*(\d+)\s*;")
+# cp.async.cg.shared.global [dst], [src], 0x10[, src-size];  (Triton's pipelined loads)
+_ASYNC_COPY = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
 def loop_global_accesses(ptx: str) -> dict:
@@ -116,7 +118,7 @@ def loop_global_accesses(ptx: str) -> dict:
             counts[key] = counts.get(key, 0) + 1
         copy = _ASYNC_COPY.search(stripped)
         if copy is not None:
-            key = ("ld", 8 * int(copy.group(1)))
+            key = ("ld", 8 * int(copy.group(1), 0))
             counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -180,7 +182,8 @@ def compile_module(module_name: str, archs, spills: dict = None, budget: list = 
                  for name in options.get("divisible_by_16", ())}
         for arch in archs:
             source = ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": num_warps, **options.get("compile_options", {})})
             if "cubin" not in compiled.asm:
                 raise RuntimeError(f"{kernel.__name__} {constexprs} produced no cubin for sm_{arch}")
             if compiled.metadata.shared > SHARED_MEMORY_LIMIT[arch]:

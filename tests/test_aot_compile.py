@@ -156,8 +156,9 @@ def test_loop_global_accesses_reads_llvm_loop_blocks():
         "$L__BB0_4:                              // %body",
         "                                        //   in Loop: Header=BB0_2 Depth=1",
         "\tst.global.b16 [ %rd4 + 0 ], { %rs1 };",
+        "\tcp.async.cg.shared.global [ %r9 + 0 ], [ %rd6 + 0 ], 0x10, %r10;",  # a pipelined 16-byte load
     ])
-    assert loop_global_accesses(ptx) == {("ld", 128): 1, ("ld", 32): 2, ("st", 64): 1, ("st", 16): 1}
+    assert loop_global_accesses(ptx) == {("ld", 128): 2, ("ld", 32): 2, ("st", 64): 1, ("st", 16): 1}
     assert required_vector_bits("fp32") == 128 and required_vector_bits("bf16") == 64
 
 

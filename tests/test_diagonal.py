@@ -124,6 +124,33 @@ def test_triton_chunked_sweep(reverse, varlen, dtype):
             assert rel_rms(got.cpu(), want) < 1e-5
 
 
+@pytest.mark.parametrize("model", [None, "h100"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+def test_triton_empty_time_axis_with_initial_state(dtype, reverse, model, monkeypatch):
+    """T = 0 with an initial state (a reported interpreter failure, 'mask has unsupported dtype'):
+    h is empty, and so are dL/da and dL/dx; dL/dh0 is zero (no step reads h0). Under the
+    interpreter's own plan and the plan an H100 would launch (one-tile look-back chunks)."""
+    if model is not None:
+        if DEVICE != "cpu":
+            pytest.skip("the device model is an interpreter plan")
+        monkeypatch.setenv("LINREC_DEVICE_MODEL", model)
+    B, D = 2, 24
+    a, x = _inputs(B, 0, D, dtype)
+    h0 = torch.randn(B, D).to(dtype)
+    a, x, h0 = (t.to(DEVICE).requires_grad_(True) for t in (a, x, h0))
+    h = linrec.diagonal_scan(a, x, initial_state=h0, reverse=reverse, backend="triton")
+    assert h.shape == (B, 0, D) and h.dtype == dtype
+    grad_a, grad_x, grad_h0 = torch.autograd.grad(h, (a, x, h0), torch.ones_like(h))
+    assert grad_a.shape == (B, 0, D) and grad_x.shape == (B, 0, D)
+    assert grad_h0.shape == (B, D) and grad_h0.dtype == dtype
+    assert torch.count_nonzero(grad_h0) == 0
+    # Packed: every sequence empty.
+    cu = torch.tensor([0, 0, 0], device=DEVICE)
+    h = linrec.diagonal_scan(a[:1], x[:1], initial_state=h0, cu_seqlens=cu, reverse=reverse, backend="triton")
+    assert h.shape == (1, 0, D)
+
+
 @pytest.mark.parametrize("backend", WIDE_BACKENDS)
 def test_gradcheck_float64(backend):
     a, x = _inputs(2, 9, 3, torch.float32)
