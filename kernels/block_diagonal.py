@@ -128,20 +128,27 @@ def _step_time(step, start, end, scan_down):
 
 
 @triton.jit
-def _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask, step, step_hi,
-               start, end, scan_down, coef_shift):
-    """Sweep step ``step``'s transition tile and input tile, in storage dtype (zeros past ``step_hi``).
+def _load_step(a_seq_ptr, x_seq_ptr, a_off, a_step, x_off, x_step, a_mask, x_mask, step, step_hi,
+               start, end, scan_down, coef_shift,
+               BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, FLAT_A: tl.constexpr, FLAT_X: tl.constexpr):
+    """Sweep step ``step``'s transition tile (BLOCK_G, BLOCK_B, BLOCK_B) and input tile (BLOCK_G,
+    BLOCK_B), in storage dtype (zeros past ``step_hi``).
 
     The transition of the step at time t is A_t (forward) or, transposed by the caller, A of the
     forward step after t (backward, ``coef_shift`` = +-1; zero past the sequence end).
     ``a_seq_ptr`` / ``x_seq_ptr`` point at time 0 of the sequence's batch row; ``a_step`` /
-    ``x_step`` are the elements per time step."""
+    ``x_step`` are the elements per time step. FLAT_A / FLAT_X: the offsets and masks are one
+    contiguous run (1-D), loaded as such and reshaped (b = 2: a block's row is only 8 bytes)."""
     t = _step_time(step, start, end, scan_down)
     live = step < step_hi
     t_coef = t + coef_shift
     coef_ok = live & (t_coef >= start) & (t_coef < end)
-    M = tl.load(a_seq_ptr + t_coef * a_step + a_tile, mask=_both(tile_mask, coef_ok), other=0.0)
-    xv = tl.load(x_seq_ptr + t * x_step + vec_off, mask=_both(vec_mask, live), other=0.0)
+    M = tl.load(a_seq_ptr + t_coef * a_step + a_off, mask=_both(a_mask, coef_ok), other=0.0)
+    xv = tl.load(x_seq_ptr + t * x_step + x_off, mask=_both(x_mask, live), other=0.0)
+    if FLAT_A:
+        M = tl.reshape(M, (BLOCK_G, BLOCK_B, BLOCK_B))
+    if FLAT_X:
+        xv = tl.reshape(xv, (BLOCK_G, BLOCK_B))
     return M, xv
 
 
@@ -156,7 +163,7 @@ def _set_flag(flag_ptr, value, go):
 
 # The flags stay out of the JIT's value specialisation (1 would become a constant), so the GPU
 # compiles exactly the specialisations aot_specs lists.
-@triton.jit(do_not_specialize=["reverse", "varlen", "has_h0", "lookback", "force_aggregates"])
+@triton.jit(do_not_specialize=["block_size", "reverse", "varlen", "has_h0", "lookback", "force_aggregates"])
 def block_diagonal_scan_kernel(
     A_ptr,            # transitions in x's dtype: A_CONTIG: (B, T, G, b, b) contiguous; else strides below
     x_ptr,            # forward: inputs x; backward: dL/dh.      (B, T, G, b) contiguous
@@ -174,11 +181,12 @@ def block_diagonal_scan_kernel(
     reverse, varlen, has_h0, lookback, force_aggregates,  # runtime flags (0 / 1)
     stride_ab, stride_at, stride_ag,  # A's strides when not A_CONTIG (0 along broadcast dims)
     BACKWARD: tl.constexpr, A_CONTIG: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_B: tl.constexpr, BS: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BS: tl.constexpr, USE_DOT: tl.constexpr, OUT_ROWS: tl.constexpr,
 ):
     """One program: BLOCK_G blocks of one sequence, over its whole sweep (walk) or one chunk of it
     (look-back). BS: the block size b when it is a power of two (== BLOCK_B), else 0 (then b is
-    ``block_size`` and BLOCK_B the next power of two)."""
+    ``block_size`` and BLOCK_B the next power of two). OUT_ROWS: steps whose states are stored
+    together."""
     n_groups = tl.cdiv(G, BLOCK_G)
     n_programs = tl.num_programs(0)
     if lookback != 0:
@@ -237,11 +245,27 @@ def block_diagonal_scan_kernel(
         a_step = x_step * bs
         a_seq_ptr = A_ptr + row_base * a_step
         a_tile = tile_off
-    else:  # strided (broadcast) A, each b x b block contiguous
+    else:  # strided (broadcast) A, each b x b block contiguous; G x stride_ag < 2^31 (the launcher's check)
         a_step = stride_at
         a_seq_ptr = A_ptr + batch * stride_ab
-        a_tile = (blocks.to(tl.int64)[:, None, None] * stride_ag + rows[None, :, None] * bs
+        a_tile = (blocks[:, None, None] * stride_ag.to(tl.int32) + rows[None, :, None] * bs
                   + rows[None, None, :])
+    # The streamed tiles' offsets and masks: b = 2 loads and stores its contiguous run of blocks as
+    # one 1-D tile (a block row alone, 8 bytes of fp32, is too narrow for 128-bit accesses).
+    FLAT_X: tl.constexpr = BS == 2
+    FLAT_A: tl.constexpr = FLAT_X and A_CONTIG
+    if FLAT_X:
+        x_ld_off = pid_g * (BLOCK_G * BS) + tl.arange(0, BLOCK_G * BLOCK_B)
+        x_ld_mask = x_ld_off < G * BS
+    else:
+        x_ld_off = vec_off
+        x_ld_mask = vec_mask
+    if FLAT_A:
+        a_ld_off = pid_g * (BLOCK_G * BS * BS) + tl.arange(0, BLOCK_G * BLOCK_B * BLOCK_B)
+        a_ld_mask = a_ld_off < G * (BS * BS)
+    else:
+        a_ld_off = a_tile
+        a_ld_mask = tile_mask
     eye = tl.broadcast_to((rows[:, None] == rows[None, :]).to(ACC)[None, :, :], (BLOCK_G, BLOCK_B, BLOCK_B))
     # Look-back bookkeeping: this chunk's row of the workspace, its flag, and the flag stride per chunk.
     n_rows = n_programs // n_groups                                    # chunks x sequences
@@ -270,15 +294,18 @@ def block_diagonal_scan_kernel(
         # Walk 1: the chunk's map h -> P h + s, from the identity and a zero state.
         P = eye
         s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
-        M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
-                              step_lo, step_hi, start, end, scan_down, coef_shift)
-        M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
-                              step_lo + 1, step_hi, start, end, scan_down, coef_shift)
+        M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                              step_lo, step_hi, start, end, scan_down, coef_shift,
+                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+        M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                              step_lo + 1, step_hi, start, end, scan_down, coef_shift,
+                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
         for step in range(step_lo, step_hi):
             M_raw, x_raw = M_1, x_1
             M_1, x_1 = M_2, x_2
-            M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
-                                  step + 2, step_hi, start, end, scan_down, coef_shift)
+            M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                                  step + 2, step_hi, start, end, scan_down, coef_shift,
+                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
             M = M_raw.to(ACC)
             s = _matvec(M, s, BACKWARD) + x_raw.to(ACC)
             P = _matmat(M, P, BACKWARD, USE_DOT, ACC, BLOCK_B)
@@ -317,28 +344,53 @@ def block_diagonal_scan_kernel(
     if BACKWARD:
         h0_prev = tl.load(h0_ptr + seq.to(tl.int64) * x_step + vec_off, mask=_both(vec_mask, has_h0 != 0),
                           other=0.0).to(ACC)
-    M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
-                          step_lo, step_hi, start, end, scan_down, coef_shift)
-    M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
-                          step_lo + 1, step_hi, start, end, scan_down, coef_shift)
-    for step in range(step_lo, step_hi):
-        M_raw, x_raw = M_1, x_1
-        M_1, x_1 = M_2, x_2
-        M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_tile, a_step, vec_off, x_step, tile_mask, vec_mask,
-                              step + 2, step_hi, start, end, scan_down, coef_shift)
-        t = _step_time(step, start, end, scan_down)
-        # h[g, i] <- sum_j M[g, i, j] h[g, j] + x[g, i]   (backward: g[g, j] <- sum_i M[g, i, j] g[g, i] + dh[g, j])
-        carry = _matvec(M_raw.to(ACC), carry, BACKWARD) + x_raw.to(ACC)
-        tl.store(out_ptr + (row_base + t) * x_step + vec_off, carry.to(out_ptr.dtype.element_ty), mask=vec_mask)
-        if BACKWARD and A_CONTIG:
-            # dL/dA_t = g_t h_{t - fwd_step}^T, with h0 (or zeros) before the first forward step.
-            t_prev = t - fwd_step
-            prev_in = (t_prev >= start) & (t_prev < end)
-            hp = tl.load(h_ptr + (row_base + t_prev) * x_step + vec_off, mask=_both(vec_mask, prev_in),
-                         other=0.0).to(ACC)
-            hp = tl.where(prev_in, hp, h0_prev)
-            tl.store(grad_A_ptr + (row_base + t) * a_step + tile_off,
-                     (carry[:, :, None] * hp[:, None, :]).to(grad_A_ptr.dtype.element_ty), mask=tile_mask)
+    M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                          step_lo, step_hi, start, end, scan_down, coef_shift,
+                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+    M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                          step_lo + 1, step_hi, start, end, scan_down, coef_shift,
+                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+    # The states of OUT_ROWS consecutive steps are gathered into one (OUT_ROWS, BLOCK_G, BLOCK_B)
+    # tile and stored together: one step's states are too few (b = 16: 16 values per warp) for
+    # every thread to store 128 bits at once.
+    out_rows = tl.arange(0, OUT_ROWS)
+    for first in range(step_lo, step_hi, OUT_ROWS):
+        h_rows = tl.zeros((OUT_ROWS, BLOCK_G, BLOCK_B), ACC)
+        for k in tl.static_range(OUT_ROWS):
+            step = first + k
+            M_raw, x_raw = M_1, x_1
+            M_1, x_1 = M_2, x_2
+            M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                                  step + 2, step_hi, start, end, scan_down, coef_shift,
+                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+            # h[g, i] <- sum_j M[g, i, j] h[g, j] + x[g, i]
+            # (backward: g[g, j] <- sum_i M[g, i, j] g[g, i] + dh[g, j]); steps past the end keep the state.
+            live = step < step_hi
+            carry = tl.where(live, _matvec(M_raw.to(ACC), carry, BACKWARD) + x_raw.to(ACC), carry)
+            h_rows = tl.where((out_rows == k)[:, None, None], carry[None, :, :], h_rows)
+            if BACKWARD and A_CONTIG:
+                # dL/dA_t = g_t h_{t - fwd_step}^T, with h0 (or zeros) before the first forward step.
+                t = _step_time(step, start, end, scan_down)
+                t_prev = t - fwd_step
+                prev_in = live & (t_prev >= start) & (t_prev < end)
+                hp = tl.load(h_ptr + (row_base + t_prev) * x_step + x_ld_off, mask=_both(x_ld_mask, prev_in),
+                             other=0.0).to(ACC)
+                if FLAT_X:
+                    hp = tl.reshape(hp, (BLOCK_G, BLOCK_B))
+                hp = tl.where(prev_in, hp, h0_prev)
+                grad_A_t = (carry[:, :, None] * hp[:, None, :]).to(grad_A_ptr.dtype.element_ty)
+                if FLAT_A:
+                    grad_A_t = tl.reshape(grad_A_t, (BLOCK_G * BLOCK_B * BLOCK_B,))
+                tl.store(grad_A_ptr + (row_base + t) * a_step + a_ld_off, grad_A_t, mask=_both(a_ld_mask, live))
+        steps = first + out_rows
+        t_rows = _step_time(steps, start, end, scan_down)
+        if FLAT_X:
+            tl.store(out_ptr + (row_base + t_rows)[:, None] * x_step + x_ld_off[None, :],
+                     tl.reshape(h_rows, (OUT_ROWS, BLOCK_G * BLOCK_B)).to(out_ptr.dtype.element_ty),
+                     mask=(steps < step_hi)[:, None] & x_ld_mask[None, :])
+        else:
+            tl.store(out_ptr + (row_base + t_rows)[:, None, None] * x_step + vec_off[None, :, :],
+                     h_rows.to(out_ptr.dtype.element_ty), mask=(steps < step_hi)[:, None, None] & vec_mask[None, :, :])
 
     # The true state at this chunk's end, for the successors.
     pub_inc = (lookback != 0) & (chunk < last_chunk)
@@ -356,26 +408,35 @@ def block_diagonal_scan_kernel(
                  mask=_both(vec_mask, chunk == last_chunk))
 
 
-def _config(b: int, interpret: bool) -> dict:
+def _config(b: int, interpret: bool, dtype: torch.dtype = torch.float32) -> dict:
     """Tile sizes for block size b.
 
     BLOCK_B is b rounded up to a power of two. On the GPU a program holds about 256 transition
     entries for small b (several blocks per program), and one block for b >= 16 (whose chunk
-    products then use tl.dot), with warps scaled to the tile (1 warp up to b = 16, 4 at b = 32,
-    8 at b = 64). The interpreter prefers few, large programs (its cost is per operation).
+    products then use tl.dot), with warps scaled to the tile (1 warp at b = 1, 2 and 16, 2 at
+    b = 4 and 8, 4 at b = 32, 8 at b = 64). The interpreter prefers few, large programs (its cost is per operation).
     """
     BLOCK_B = triton.next_power_of_2(b)
     tile = BLOCK_B * BLOCK_B
     use_dot = BLOCK_B >= 16
     if interpret:
-        cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=1 if use_dot else max(1, 1024 // tile), num_warps=1, USE_DOT=use_dot)
+        cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=1 if use_dot else max(1, 1024 // tile), num_warps=1, USE_DOT=use_dot,
+                   OUT_ROWS=1)
     else:
         BLOCK_G = 1 if use_dot else max(1, 256 // tile)
-        # ~8 tile elements per thread: with the two-step prefetch (three tiles live) and
-        # 64-bit offsets, more per thread spills at b = 64 (checked with ptxas -v for sm_90a).
-        num_warps = min(8, max(1, tile * BLOCK_G // 256))
-        cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=BLOCK_G, num_warps=num_warps, USE_DOT=use_dot)
-    return config_override("block_diagonal", cfg, ("BLOCK_G", "num_warps"))
+        # ~8 tile elements per thread (4 for b = 4, 8, whose walk-1 products hold a
+        # (BLOCK_G, b, b, b) tile: 1 warp spilled there at sm_90a; b = 2 on 2 warps loads x in
+        # 64-bit pieces): the two-step prefetch keeps three tiles live. Warps split the blocks
+        # axis, so the per-block sums stay in a warp.
+        num_warps = 2 if BLOCK_B in (4, 8) else min(8, max(1, tile * BLOCK_G // 256))
+        if dtype.itemsize == 2 and BLOCK_B in (2, 8):
+            # 16-bit storage (64-bit accesses are 4 elements): the backward's dL/dA tile and
+            # prefetched tiles spilled at sm_90a on 1 warp (b = 2: 96 bytes) and 2 warps (b = 8: 6 bytes).
+            num_warps *= 2
+        # States of OUT_ROWS steps stored at once: 4 fp32 per thread, so that stores are 128-bit.
+        out_rows = min(16, max(1, 128 * num_warps // (BLOCK_G * BLOCK_B)))
+        cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=BLOCK_G, num_warps=num_warps, USE_DOT=use_dot, OUT_ROWS=out_rows)
+    return config_override("block_diagonal", cfg, ("BLOCK_G", "num_warps", "OUT_ROWS"))
 
 
 # Time-parallelism on the GPU: when fewer than WALK_PROGRAMS_PER_SM x SMs (sequence, block group)
@@ -402,12 +463,13 @@ def _auto_chunk_len(programs: int, max_len: int, interpret: bool, model=None) ->
     return min(MAX_CHUNK, max(MIN_CHUNK, triton.cdiv(max_len, n_wanted)))
 
 
-def _plan(N: int, max_len: int, G: int, b: int, model, chunk_len: Optional[int] = None):
+def _plan(N: int, max_len: int, G: int, b: int, model, chunk_len: Optional[int] = None,
+          dtype: torch.dtype = torch.float32):
     """(cfg, BLOCK_G, block groups, chunks per sequence S, steps per chunk) of a launch; S = 1 walks.
 
     ``chunk_len``: None plans for ``model`` (None: the interpreter's plan); 0 forces walks; C > 0
     forces look-back chunks of C steps."""
-    cfg = _config(b, model is None)
+    cfg = _config(b, model is None, dtype)
     BLOCK_G = min(cfg["BLOCK_G"], triton.next_power_of_2(G))
     n_groups = triton.cdiv(G, BLOCK_G)
     if chunk_len is None:
@@ -446,7 +508,7 @@ def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, ch
     else:
         max_len = T
     # The interpreter's own plan unless a GPU is planned for (the CUDA device or LINREC_DEVICE_MODEL).
-    cfg, BLOCK_G, n_groups, S, steps = _plan(N, max_len, G, b, device_model(x.device), chunk_len)
+    cfg, BLOCK_G, n_groups, S, steps = _plan(N, max_len, G, b, device_model(x.device), chunk_len, x.dtype)
     lookback = S > 1
     acc = accumulation_dtype(x.dtype)
     A_contig = tuple(A.shape) == (B, T, G, b, b)
@@ -476,7 +538,7 @@ def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, ch
         int(reverse), int(cu_seqlens is not None), int(h0 is not None), int(lookback), int(force_aggregates),
         s_b, s_t, s_g,
         BACKWARD=backward, A_CONTIG=A_contig, ACC=tl_accumulation_dtype(x.dtype), BLOCK_G=BLOCK_G,
-        BLOCK_B=BLOCK_B, BS=b if b == BLOCK_B else 0, USE_DOT=cfg["USE_DOT"],
+        BLOCK_B=BLOCK_B, BS=b if b == BLOCK_B else 0, USE_DOT=cfg["USE_DOT"], OUT_ROWS=cfg["OUT_ROWS"],
         num_warps=cfg["num_warps"],
     )
 
@@ -488,7 +550,8 @@ def _storage(A: torch.Tensor, x: torch.Tensor):
     B, T, G, b = x.shape
     if tuple(A.shape) == (B, T, G, b, b):
         return A.contiguous()
-    if b > 1 and A.stride()[-2:] != (b, 1):
+    # Each b x b block contiguous, and the blocks' offsets within one time step in int32 (the kernel's tiles).
+    if (b > 1 and A.stride()[-2:] != (b, 1)) or (A.dim() >= 3 and G * A.stride()[-3] >= 2**31):
         A = A.contiguous()
     return A
 
@@ -551,7 +614,7 @@ def block_diagonal_scan_backward(A: torch.Tensor, h: torch.Tensor, grad_h: torch
 
 
 # Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
-AOT_DTYPES = ("fp32", "bf16", "fp16")
+AOT_DTYPES = (("fp32", torch.float32), ("bf16", torch.bfloat16))  # float16 compiles as bfloat16 does
 AOT_BLOCK_SIZES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)  # 3, 5, 9, 17, 33 stand for the non-powers of two
 
 
@@ -566,9 +629,9 @@ def aot_specs():
     b = 3, 5, 9, 17, 33.
     """
     seen = set()
-    for elem in AOT_DTYPES:
+    for elem, dtype in AOT_DTYPES:
         for b in AOT_BLOCK_SIZES:
-            cfg = _config(b, interpret=False)
+            cfg = _config(b, interpret=False, dtype=dtype)
             BS = b if b == cfg["BLOCK_B"] else 0
             for backward in (False, True):
                 for a_contig in (True, False):
@@ -585,5 +648,23 @@ def aot_specs():
                         "force_aggregates": "i32", "stride_ab": "i64", "stride_at": "i64", "stride_ag": "i64",
                     }
                     constexprs = dict(BACKWARD=backward, A_CONTIG=a_contig, ACC=tl.float32, BLOCK_G=cfg["BLOCK_G"],
-                                      BLOCK_B=cfg["BLOCK_B"], BS=BS, USE_DOT=cfg["USE_DOT"])
-                    yield block_diagonal_scan_kernel, sig, constexprs, cfg["num_warps"]
+                                      BLOCK_B=cfg["BLOCK_B"], BS=BS, USE_DOT=cfg["USE_DOT"], OUT_ROWS=cfg["OUT_ROWS"])
+                    # As the JIT specialises at the GPU targets' shapes (B = 8, T = 4096, G * b = 256):
+                    # every pointer 16-byte aligned, T and G multiples of 16, and a broadcast A's
+                    # batch and time strides 0 (time-invariant (G, b, b)), its block stride b * b.
+                    divisible = [name for name in sig if sig[name].startswith("*")] + ["T", "G"]
+                    if not a_contig:
+                        divisible += ["stride_ab", "stride_at"] + (["stride_ag"] if b * b % 16 == 0 else [])
+                    # Out of the static budget: block sizes that are not powers of two (a block's rows
+                    # of 3, 5, ... elements are not 16-byte aligned: scalar accesses) and b = 64 (one
+                    # 64 x 64 block per program on 8 warps, three tiles in flight: ~240 registers a
+                    # thread, one program per SM; 33..63 also spill).
+                    in_budget = BS != 0 and BS <= 32
+                    yield (block_diagonal_scan_kernel, sig, constexprs, cfg["num_warps"],
+                           {"divisible_by_16": divisible, "budget": in_budget})
+
+
+# The static budget CI checks at sm_90a (tests/aot_compile.py --budget): the scan streams A and x
+# (backward: A, h, dL/dh) once, so every specialisation must run 2 programs per SM without spills,
+# with 128-bit (fp32) / 64-bit (bf16, fp16) loads and stores in its loops.
+STATIC_BUDGET = {"block_diagonal_scan_kernel": {"programs_per_sm": 2, "vector_of": "x_ptr"}}

@@ -196,9 +196,9 @@ def test_block_diagonal_launch_plan(model, monkeypatch):
     plan = [(name, grid, meta.get("BLOCK_G"), meta.get("BS"), meta.get("num_warps")) for name, grid, meta in launches]
     if model is None:  # the interpreter's plan: all 8 blocks in one program, one sequential sweep
         assert plan == [("block_diagonal_scan_kernel", (1, 1, 1), 8, 4, 1)]
-    else:  # as on an H100: 16 blocks of 4 x 4 per program (here 8); 1 program < 4 x 132 -> cdiv(200, 32) = 7
-        # chunks of 32 steps, one program each, joined by look-back in the same launch (no carry kernel)
-        assert plan == [("block_diagonal_scan_kernel", (7, 1, 1), 8, 4, 1)]
+    else:  # as on an H100: 16 blocks of 4 x 4 per program (here 8) on 2 warps; 1 program < 4 x 132 ->
+        # cdiv(200, 32) = 7 chunks of 32 steps, one program each, joined by look-back in the same launch
+        assert plan == [("block_diagonal_scan_kernel", (7, 1, 1), 8, 4, 2)]
 
 
 @pytest.mark.parametrize("b", [1, 2, 4, 8, 16])
