@@ -473,3 +473,17 @@ def test_householder_through_the_custom_op(monkeypatch):
     for leaf, ref in zip(leaves, refs):
         assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == leaf.dtype
         assert rel_rms(leaf.grad, ref.grad) < 1e-5
+
+
+def test_householder_tiny_heads_and_empty_sequences():
+    """K = V = 1 (vector tails only) against the reference; T = 0: the initial state is the final
+    state and dL/dh0 = dL/dfinal."""
+    g = torch.Generator().manual_seed(28)
+    _check_householder(*_householder_inputs(2, 3, 2, 1, 1, 1, torch.float32, g, h0_rows=2, unit_keys=False))
+    q, k, v, beta, log_gate, h0 = _householder_inputs(2, 0, 1, 3, 5, 2, torch.float32, g, h0_rows=2)
+    o, final = _cpp.householder_scan_forward(q, k, v, beta, log_gate, h0, cu_seqlens=None, scale=1.0)
+    assert o.shape == (2, 0, 3, 2) and torch.equal(final, h0)
+    grad_final = torch.randn(final.shape, generator=g)
+    grads = _cpp.householder_scan_backward(q, k, v, beta, log_gate, h0, torch.zeros(o.shape), grad_final,
+                                           cu_seqlens=None, scale=1.0)
+    assert torch.equal(grads[5], grad_final) and grads[0].shape == q.shape and grads[4].shape == log_gate.shape
