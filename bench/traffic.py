@@ -18,7 +18,9 @@ GPU would run them), and counts:
 The minimum is the family's: every tensor argument of the op read once and every output written
 once (diagonal forward: read a, x, write h; backward: read a, h, dh, write da, dx, dh0;
 block-diagonal with A of b x b per block and step; Householder: read q, k, v, beta (, gate),
-write o and the final state; backward read them and do, write their gradients). ``ratio`` is
+write o and the final state; backward read them and do, write their gradients; selective (Mamba):
+read x, delta, z, A, B, C, D, delta_bias, write y and the final state; backward read them and dy,
+write their gradients; the checkpoints its forward saves for the backward are not in the minimum). ``ratio`` is
 measured / minimum, so 1.00 is a single pass; ``minimum / measured`` bounds the fraction of copy
 bandwidth the op can reach.
 
@@ -480,7 +482,41 @@ def _householder_call(case: Case):
                                                                       scale, "triton")
 
 
-CALLS = {"diagonal": _diagonal_call, "block_diagonal": _block_diagonal_call, "householder": _householder_call}
+def _selective_call(case: Case):
+    """Mamba's selective scan as a layer calls it: softplus(delta + delta_bias), D and z present, no
+    initial state; B and C of shape (B, T, G, N) (G = 1: Mamba's ungrouped (B, T, N)).
+    Forward minimum: read x, delta, z, B, C (and the small A, D, delta_bias), write y and the final
+    state (N_seq, D, N) fp32 the op always returns (the checkpoints it saves for the backward are
+    extra). Backward: read the forward's inputs and dy, write dx, ddelta, dA, dB, dC, dD, dz,
+    ddelta_bias once each."""
+    d = case.dims
+    Bsz, T, D, N, G = d["B"], d["T"], d["D"], d["N"], d.get("G", 1)
+    dtype = DTYPES[case.dtype]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(Bsz, T, D, generator=g).to(dtype)
+    delta = (torch.rand(Bsz, T, D, generator=g) * 2.0 - 4.0).to(dtype)
+    A = -torch.arange(1, N + 1, dtype=torch.float32).expand(D, N).contiguous()
+    bc_shape = (Bsz, T, G, N)   # the op's 4-D layout (the public function adds the G = 1 axis)
+    Bm = torch.randn(bc_shape, generator=g).to(dtype)
+    Cm = torch.randn(bc_shape, generator=g).to(dtype)
+    skip = torch.randn(D, generator=g)
+    z = torch.randn(Bsz, T, D, generator=g).to(dtype)
+    bias = torch.rand(D, generator=g) - 1.0
+    fwd_inputs = (x, delta, A, Bm, Cm, skip, z, bias)
+    if case.mode == "fwd":   # the minimum counts y and the final state, not the checkpoints
+        return fwd_inputs, lambda: torch.ops.linrec.selective_scan(x, delta, A, Bm, Cm, skip, z, bias, None, None,
+                                                                   True, False, False, "triton")[:2]
+    dy = torch.randn(Bsz, T, D, generator=g).to(dtype)
+    # The forward's checkpoints (the state entering every 256 steps), saved for the backward: made
+    # here, outside the measured call; the backward reads them (extra bytes: not in the minimum).
+    _, _, checkpoints = torch.ops.linrec.selective_scan(x, delta, A, Bm, Cm, skip, z, bias, None, None,
+                                                        True, False, False, "triton")
+    return fwd_inputs + (dy,), lambda: torch.ops.linrec.selective_scan_backward(
+        x, delta, A, Bm, Cm, skip, z, bias, None, checkpoints, dy, None, None, None, True, False, False, "triton")
+
+
+CALLS = {"diagonal": _diagonal_call, "block_diagonal": _block_diagonal_call, "householder": _householder_call,
+         "selective": _selective_call}
 
 
 def _parse_dims(text: str) -> Dict[str, int]:
@@ -512,6 +548,9 @@ def plan_summary(op: str, dtype: str, dims: Dict[str, int]) -> str:
         chunk = bd._auto_chunk_len(programs, T, model is None)
         chunks = -(-T // chunk) if chunk else 1
         return f"{programs} programs x {chunks} chunks of {chunk}" if chunks > 1 else f"{programs} programs, one pass"
+    if op == "selective":
+        import linrec.kernels.selective as sel
+        return sel.plan_description(dims["B"], dims["T"], dims["D"], dims["N"], dims.get("G", 1), model)
     return ""
 
 
@@ -523,6 +562,8 @@ def _unit_of(case: Case) -> int:
         return d["B"] * d["T"] * d["D"] * size
     if case.op == "block_diagonal":
         return d["B"] * d["T"] * d["G"] * d["b"] * size
+    if case.op == "selective":
+        return d["B"] * d["T"] * d["D"] * size
     return d["B"] * d["T"] * d["H"] * d["V"] * size
 
 
@@ -561,13 +602,15 @@ def _cases(preset: str) -> List[Case]:
     * diagonal (B=1, D=64, T=65536) -> B=1, D=64, T=4096 (16 segments; target 256 / 512);
     * broadcast a (D,), backward, fp32, at both;
     * block-diagonal (B=8, T=4096, width 256, b = 1 .. 16) -> B=2, T=256 (4 chunks of 64 steps);
-    * Householder (bf16, K = V = 128, n = 1) at B=1, T=256, H=1.
+    * Householder (bf16, K = V = 128, n = 1) at B=1, T=256, H=1;
+    * selective (B=8, T=2048, D=2048, N=16) -> B=1, T=300, D=256 and 512 (see ``_selective_cases``).
     ``quick``: tiny shapes, for a smoke run.
     """
     out: List[Case] = []
     if preset == "quick":
         for mode in ("fwd", "bwd"):
             out.append(Case("diagonal", mode, "fp32", dict(B=1, T=512, D=32), "B=1 T=65536 D=64"))
+            out.append(Case("selective", mode, "bf16", dict(B=1, T=256, D=64, N=16, G=1), "B=8 T=2048 D=2048 N=16"))
             out.append(Case("block_diagonal", mode, "fp32", dict(B=1, T=256, G=4, b=4), "B=8 T=4096 G=64 b=4"))
         return out
     for mode in ("fwd", "bwd"):
@@ -582,6 +625,23 @@ def _cases(preset: str) -> List[Case]:
                             f"B=8 T=4096 G={256 // b} b={b}"))
     for mode in ("fwd", "bwd"):
         out.append(Case("householder", mode, "bf16", dict(B=1, T=256, H=1, K=128, V=128, n=1), "B=8 T=2048 H=16 K=128"))
+    out += _selective_cases()
+    return out
+
+
+def _selective_cases() -> List[Case]:
+    """Mamba's selective scan scaled down from B=8, T=2048, D=2048 (Mamba 1.4B's d_inner is 4096), N=16:
+    bf16 and fp32, ungrouped and grouped (G = 4) B and C, forward and backward. T = 300: two of the
+    backward's 256-step segments, the second partial (the interpreter takes about 10 minutes for a
+    backward at D = 256 on a shared machine); D = 256 and 512 show the share of dB and dC falling as
+    D / N grows."""
+    out = []
+    target = "B=8 T=2048 D=2048 N=16 G={}"
+    for mode in ("fwd", "bwd"):
+        out.append(Case("selective", mode, "bf16", dict(B=1, T=300, D=512, N=16, G=1), target.format(1)))
+        out.append(Case("selective", mode, "bf16", dict(B=1, T=300, D=256, N=16, G=1), target.format(1)))
+        out.append(Case("selective", mode, "bf16", dict(B=1, T=300, D=256, N=16, G=4), target.format(4)))
+        out.append(Case("selective", mode, "fp32", dict(B=1, T=300, D=256, N=16, G=1), target.format(1)))
     return out
 
 
@@ -672,6 +732,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--preset", choices=("targets", "quick"), default="targets")
     parser.add_argument("--op", action="append", choices=sorted(CALLS), help="only these ops (repeatable)")
     parser.add_argument("--mode", action="append", choices=("fwd", "bwd"), help="only these modes")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only these dtypes")
+    parser.add_argument("--shape", action="append", help="only cases whose shape contains this text (repeatable)")
     parser.add_argument("--out", default=None, help="CSV path (default bench/results/traffic[-quick].csv)")
     parser.add_argument("--md", default=None, help="markdown table path (default next to the CSV, .md)")
     args = parser.parse_args(argv)
@@ -683,7 +745,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import linrec  # noqa: F401  (registers torch.ops.linrec.*)
 
     cases = [c for c in _cases(args.preset)
-             if (not args.op or c.op in args.op) and (not args.mode or c.mode in args.mode)]
+             if (not args.op or c.op in args.op) and (not args.mode or c.mode in args.mode)
+             and (not args.dtype or c.dtype in args.dtype) and (not args.shape or any(s in c.shape for s in args.shape))]
     suffix = "" if args.preset == "targets" else f"-{args.preset}"
     out = args.out or os.path.join(RESULTS, f"traffic{suffix}.csv")
     md = args.md or os.path.splitext(out)[0] + ".md"

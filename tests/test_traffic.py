@@ -114,3 +114,34 @@ def test_diagonal_multi_chunk_backward_measures_its_minimum(mode, variant, monke
     assert row["launches"] == 1 and row["grids"] == "4x1x1"
     limit = 1.05 if variant else 1.03
     assert row["min_bytes"] < row["measured_bytes"] < limit * row["min_bytes"], row["detail"]
+
+
+def test_selective_forward_reads_and_writes_once_plus_checkpoints(monkeypatch):
+    """The selective scan's forward in one launch: x, delta, z, B, C (and A, D, delta_bias) read once,
+    y and the final state written once, plus the checkpoints it saves for the backward: the state
+    entering every 256 steps, (B * cdiv(T, 256), D, N) fp32. Nothing else moves."""
+    monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
+    B, T, D, N = 1, 300, 128, 16
+    row = run_case(Case("selective", "fwd", "bf16", dict(B=B, T=T, D=D, N=N, G=1)))
+    checkpoint_bytes = B * 2 * D * N * 4
+    assert row["launches"] == 1 and row["torch_ops"] == 0, row["detail"]
+    assert row["measured_bytes"] == row["min_bytes"] + checkpoint_bytes, row["detail"]
+
+
+def test_selective_backward_in_one_launch_near_its_minimum(monkeypatch):
+    """The backward from the forward's checkpoints: one launch reading the inputs and dy once and
+    writing dx, ddelta, dz once in their dtypes. Beyond the minimum it moves exactly: the
+    checkpoints (read); dB and dC as fp32 sums over channel blocks (zero-fill 4, atomic load and
+    store 8, cast to bf16 4 + 2 bytes per element instead of the minimum's 2: 16 more); dA, dD and
+    d delta_bias as fp32 sums over sequences (zero-fill and atomic load: 8 more bytes per element).
+    At D = 128, N = 16 that is 2.45 units of x over a minimum of 7.5; the dB/dC share falls as D / N
+    grows (bench.traffic's selective rows)."""
+    monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
+    B, T, D, N = 1, 300, 128, 16
+    row = run_case(Case("selective", "bwd", "bf16", dict(B=B, T=T, D=D, N=N, G=1)))
+    assert row["launches"] == 1, row["detail"]
+    checkpoint_bytes = B * 2 * D * N * 4
+    bc_elements = 2 * B * T * N
+    parameter_elements = D * N + 2 * D
+    extra = row["measured_bytes"] - row["min_bytes"]
+    assert extra == checkpoint_bytes + 16 * bc_elements + 8 * parameter_elements, (extra, row["detail"])
