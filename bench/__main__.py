@@ -40,8 +40,8 @@ OPS: Dict[str, OpSpec] = {
 PRESETS = {
     "tiny": "seconds; the shapes tests/test_bench.py runs",
     "quick": "small shapes of every op, fwd and fwd+bwd, fp32 (about 2 minutes on a 2-core CPU)",
-    "cpu-target": "the diagonal issue's CPU comparison (B=8 T=4096 D=512 fp32) and small CPU points of "
-                  "the other ops",
+    "cpu-target": "the CPU comparisons of the issues: diagonal B=8 T=4096 D=512 fp32, block-diagonal b=4 "
+                  "B=8 T=4096 G=64 fp32 (cpp vs torch), and small CPU points of the other ops",
     "gpu-target": "only the points the GPU goals are judged on, for a short GPU lease (150 cases)",
     "full": "the GPU sweep: sequence length, batch, width/heads, block size, n factors, dtypes, every mode, "
             "and the issues' target shapes",

@@ -138,7 +138,7 @@ def sweeps(preset: str, device: torch.device) -> List[Point]:
         for b in (2, 4, 8):
             pts.append(Point("blocksize", "b", _dims(2, 128, 64 // b, b), ("fwd",), ("fp32",)))
     elif preset == "cpu-target":
-        pts.append(Point("cpu-target", "T", _dims(2, 4096, 16, 4), ("fwd", "fwdbwd"), ("fp32",)))
+        pts.append(Point("cpu-target", "T", _dims(8, 4096, 64, 4), ("fwd", "fwdbwd"), ("fp32",)))
     elif preset == "full":
         for e in range(9, 16):  # T = 512 .. 32768 at B=8, 64 blocks of 4 (width 256)
             pts.append(Point("seqlen", "T", _dims(8, 2 ** e, 64, 4), ("fwd", "bwd", "fwdbwd"), ("fp32", "bf16")))
@@ -177,6 +177,12 @@ def targets() -> List[Target]:
                gpu, 0.5, small_blocks("bwd")),
         Target("block-diagonal fwd, b=4 T=4096: torch backend vs per-step loop", "speedup", ("linrec.torch",),
                1.0, lambda r: at_b4_t4096("fwd")(r) and r["sweep"] == "cpu-target", ("torch_loop",)),
+        Target("block-diagonal fwd, b=4 B=8 T=4096 G=64 fp32: cpp backend vs torch backend", "speedup",
+               ("linrec.cpp",), 5.0, lambda r: at_b4_t4096("fwd")(r) and r["sweep"] == "cpu-target",
+               ("linrec.torch",)),
+        Target("block-diagonal fwd+bwd, b=4 B=8 T=4096 G=64 fp32: cpp backend vs torch backend", "speedup",
+               ("linrec.cpp",), 5.0, lambda r: at_b4_t4096("fwdbwd")(r) and r["sweep"] == "cpu-target",
+               ("linrec.torch",)),
     ]
 
 

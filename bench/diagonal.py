@@ -253,6 +253,9 @@ def targets() -> List[Target]:
                ("linrec.torch",), 5.0, lambda r: cpu_target(r, "fwd"), ("torch_loop",)),
         Target("diagonal fwd+bwd, B=8 T=4096 D=512 fp32: torch backend vs per-step loop", "speedup",
                ("linrec.torch",), 5.0, lambda r: cpu_target(r, "fwdbwd"), ("torch_loop",)),
+        # Issue 20: the compiled CPU backend within 1.3x of the elementwise floor's time.
+        Target("diagonal fwd, B=8 T=4096 D=512 fp32: cpp backend within 1.3x of the elementwise floor",
+               "speedup", ("linrec.cpp",), 1 / 1.3, lambda r: cpu_target(r, "fwd"), ("elementwise_floor",)),
         # Not a goal of ours but the bound on the two above: no scan can beat one elementwise op.
         Target("bound: one elementwise op (no scan) vs per-step loop, B=8 T=4096 D=512 fp32 fwd", "speedup",
                ("elementwise_floor",), 5.0, lambda r: cpu_target(r, "fwd"), ("torch_loop",)),
