@@ -49,6 +49,9 @@ from . import config_override, device_model
 # segment's chunk-entering states are held in a (SEGMENT / CHUNK, BLOCK_D, BLOCK_N) register tile).
 CHUNK = 16
 SEGMENT = 256
+# Registers a backward thread may use: its register tiles need 100-170, and ptxas left to itself
+# caps some specialisations at 128 and spills.
+BACKWARD_MAXNREG = 255
 # Largest N the kernels take (BLOCK_N = next power of two).
 MAX_STATE = 256
 
@@ -338,12 +341,12 @@ def _config(N: int, ch_per_group: int, grouped: bool, interpret: bool) -> dict:
     holds 256 elements on a GPU (one per thread at 8 warps), 16 x BLOCK_N under the interpreter.
     With G > 1 groups BLOCK_D divides D / G, so a program's channels read one group of B and C.
 
-    ptxas -v (Triton 3.9) over every aot_specs() specialisation at this size: the forward (one
-    step per loop iteration) has no spills on sm_80 or sm_90a (the earlier chunked loop spilled
-    8 bytes on sm_80 at N = 256). The backward's register tiles take 100-170 registers a thread;
-    ptxas keeps some specialisations at 128 and spills 8-24 bytes there on sm_90a and up to 136
-    bytes on sm_80 (N = 256, no optional tensors); 4 warps moves the spills around, 16 warps makes
-    them larger. Not yet timed on a GPU."""
+    ptxas -v (Triton 3.9) over every aot_specs() specialisation at this size, sm_80 and sm_90a: no
+    spills. The forward (one step per loop iteration) takes 19-56 registers (the earlier chunked
+    loop spilled 8 bytes on sm_80 at N = 256). The backward's register tiles take 148-189 registers
+    a thread with maxnreg = 255 (one 8-warp program per SM); left to itself ptxas capped some
+    specialisations at 128 and spilled 8-136 bytes (4 warps moved the spills around, 16 made them
+    larger). Not yet timed on a GPU."""
     block_n = triton.next_power_of_2(max(N, 1))
     if interpret:
         cfg = dict(BLOCK_D=16, num_warps=1)
@@ -503,7 +506,7 @@ def selective_scan_backward(x, delta, A, B, C, D, z, delta_bias, delta_softplus:
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             HAS_H0=initial_state is not None, HAS_GRAD_FINAL=grad_final is not None,
             ACC=_tl_acc(acc), CHUNK_T=CHUNK, SUBS=SEGMENT // CHUNK, BLOCK_D=cfg["BLOCK_D"],
-            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], maxnreg=BACKWARD_MAXNREG,
         )
     elif grad_final is not None and initial_state is not None:
         grad_h0 = grad_final.to(acc, copy=True)
@@ -542,7 +545,7 @@ def aot_specs():
                            "grad_h0_ptr": "*fp32", **scalars, "GROUPS": "i32", **strides, **flags}
                 bwd_tiles = {**tiles, "CHUNK_T": CHUNK, "SUBS": SEGMENT // CHUNK}
                 yield (selective_scan_bwd_kernel, bwd_sig, {**opt, "HAS_GRAD_FINAL": present, **bwd_tiles},
-                       cfg["num_warps"])
+                       cfg["num_warps"], {"compile_options": {"maxnreg": BACKWARD_MAXNREG}})
 
 
 def plan_description(B: int, T: int, D: int, N: int, G: int = 1, model=None) -> str:
