@@ -541,13 +541,7 @@ def plan_summary(op: str, dtype: str, dims: Dict[str, int]) -> str:
         return f"{programs} programs, one pass"
     if op == "block_diagonal":
         import linrec.kernels.block_diagonal as bd
-        import triton
-        B, T, G, b = dims["B"], dims["T"], dims["G"], dims["b"]
-        cfg = bd._config(b, model is None)
-        programs = B * -(-G // min(cfg["BLOCK_G"], triton.next_power_of_2(G)))
-        chunk = bd._auto_chunk_len(programs, T, model is None)
-        chunks = -(-T // chunk) if chunk else 1
-        return f"{programs} programs x {chunks} chunks of {chunk}" if chunks > 1 else f"{programs} programs, one pass"
+        return bd.plan_description(dims["B"], dims["T"], dims["G"], dims["b"], model)
     if op == "selective":
         import linrec.kernels.selective as sel
         return sel.plan_description(dims["B"], dims["T"], dims["D"], dims["N"], dims.get("G", 1), model)
