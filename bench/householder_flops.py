@@ -72,23 +72,16 @@ def inputs(B, T, H, K, V, n, dtype, seed=0):
 
 def measure(n: int, T: int, K: int, recompute: bool):
     import linrec  # noqa: F401
-    from linrec.householder import op as hop
     B, H, V = 1, 1, K
     q, k, v, beta, do = inputs(B, T, H, K, V, n, torch.bfloat16)
     scale = K ** -0.5
     rows = []
     with traffic.Meter() as meter, DotCounter(meter) as dots:
-        if hasattr(hop, "forward_with_saved"):
-            out = hop.forward_with_saved(q, k, v, beta, None, None, None, scale, "triton")
-        else:  # before the op kept the forward's factors
-            out = torch.ops.linrec.householder_scan(q, k, v, beta, None, None, None, scale, "triton")
+        out = torch.ops.linrec.householder_scan(q, k, v, beta, None, None, None, scale, "triton")
     rows.append(("forward", meter.traffic, dots.by_kernel))
-    saved = () if recompute else out[2:]
+    saved = None if recompute else out[2]
     with traffic.Meter() as meter, DotCounter(meter) as dots:
-        if hasattr(hop, "backward_with_saved"):
-            hop.backward_with_saved(q, k, v, beta, None, None, do, None, None, scale, "triton", saved)
-        else:
-            torch.ops.linrec.householder_scan_backward(q, k, v, beta, None, None, do, None, None, scale, "triton")
+        torch.ops.linrec.householder_scan_backward(q, k, v, beta, None, None, do, None, None, scale, "triton", saved)
     rows.append(("backward", meter.traffic, dots.by_kernel))
     chunks = -(-T // max(1, 64 // n)) * B * H
     tokens = B * T * H

@@ -1,8 +1,8 @@
 """Peak extra memory of one Householder forward + backward (Triton launchers), from tracked allocations.
 
 ``python -m bench.householder_memory`` runs, under the Triton interpreter, the Triton path's forward
-(``householder_scan_forward``) and then its backward (``householder_scan_backward``, which recomputes the
-forward's chunk factors; ``--save-all`` hands it all of them instead) on bf16 inputs, and tracks every tensor storage that a
+(``householder_scan_forward``) and then its backward (``householder_scan_backward``, given the forward's chunk
+inverse Tinv as the op's autograd gives it; ``--recompute``: without, so that it recomputes Tinv) on bf16 inputs, and tracks every tensor storage that a
 PyTorch op creates meanwhile (a ``TorchDispatchMode`` sees each ``empty`` / ``empty_like`` / ... of
 the launchers; a storage counts from its creation until it is freed, checked at every op). The
 inputs and the incoming gradient ``do`` exist before and are not counted; the output ``o`` and the
@@ -92,7 +92,7 @@ def fla_peak_bytes_per_token(K: int, V: int, elem: int = 2, chunk: int = 64) -> 
     return dict(forward=fwd, total=max(fwd, bwd))
 
 
-def measure(K: int, T: int = 256, n: int = 1, save: bool = False) -> dict:
+def measure(K: int, T: int = 256, n: int = 1, save: bool = True) -> dict:
     from linrec.kernels import householder as hk
     B, H, V = 1, 1, K
     g = torch.Generator().manual_seed(0)
@@ -103,14 +103,14 @@ def measure(K: int, T: int = 256, n: int = 1, save: bool = False) -> dict:
     do = torch.randn(B, T, H, V, generator=g).bfloat16()
     scale = K ** -0.5
     with AllocationTracker() as tracker:
-        o, final, saved = hk.householder_scan_forward(q, k, v, beta, None, None, cu_seqlens=None, scale=scale,
-                                                      return_saved=True)
+        o, final, tinv = hk.householder_scan_forward(q, k, v, beta, None, None, cu_seqlens=None, scale=scale,
+                                                     return_saved=True)
         if not save:
-            saved = None
+            tinv = None
         forward_peak = tracker.peak
         grads = hk.householder_scan_backward(q, k, v, beta, None, None, do, None, cu_seqlens=None, scale=scale,
-                                             saved=saved)
-        del grads, saved
+                                             tinv=tinv)
+        del grads, tinv
     # The final state (N H K V fp32) is not per token: taken out, as from fla's figure.
     final_bytes = final.numel() * final.element_size()
     tokens = B * T * H
@@ -120,13 +120,12 @@ def measure(K: int, T: int = 256, n: int = 1, save: bool = False) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--T", type=int, default=256)
-    p.add_argument("--save-all", action="store_true",
-                   help="hand all the forward's chunk factors (w, Tinv, Q K^T, G) to the backward")
+    p.add_argument("--recompute", action="store_true", help="backward without the forward's Tinv")
     args = p.parse_args(argv)
     print("peak extra memory, bytes per token and head (bf16, n = 1, no gate), forward / forward + backward;"
           " then GiB at the GPU targets")
     for K in sorted({t[3] for t in TARGETS}, reverse=True):
-        ours = measure(K, args.T, save=args.save_all)
+        ours = measure(K, args.T, save=not args.recompute)
         fla = fla_peak_bytes_per_token(K, K)
         print(f"K = V = {K}: linrec {ours['forward']:.0f} / {ours['total']:.0f}, fla {fla['forward']:.0f} / "
               f"{fla['total']:.0f}")

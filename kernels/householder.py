@@ -14,16 +14,18 @@ hard reset does not wipe out the small gates after it), and::
     o    = scale (exp(G_r) Q S0 + (exp(G_r - G_m) Q K^T)_{m <= r} d)     r = the token's last sub-step
     S1   = exp(G_L) S0 + (exp(G_L - G) K)^T d                   state leaving the chunk
 
-Forward: ``_wy_fwd_kernel`` (all chunks in parallel: A; Tinv by 16 x 16 diagonal blocks,
-inverted together by forward substitution in 15 steps and merged by doubling with products,
-see ``_unit_lower_inverse``; w, u, G) then ``_state_fwd_kernel`` (per sequence, head and block
-of V columns, sequentially over chunks: chunk-entry states and the outputs).
-``S1 = M S0 + c`` is affine in S0, so the state pass is one (BL x K) x (K x BV)
-product and one update per chunk. The fp32 state stays in registers across the chunk
-loop (a (K / BK, BK, BV) tile: the K-long products are batched over K blocks), so the
-forward writes no chunk states at all. The backward recomputes ``_wy_fwd_kernel`` and
-the state pass first (the op's autograd saves only the inputs); that state pass writes
-the chunk-entry states and d = u - w S0 instead of the outputs.
+Forward: ``_wy_fwd_kernel`` (all chunks in parallel, everything that does not depend on the
+carried state: A; Tinv by 16 x 16 diagonal blocks, inverted together by forward substitution in
+15 steps and merged by doubling with products, see ``_unit_lower_inverse``; w, G and the causal
+part of Q K^T, once per chunk) then ``_state_fwd_kernel`` (per sequence, head and block of V
+columns, sequentially over chunks: u = Tinv diag(beta) V for its V columns, never stored, d, the
+outputs and the final state). ``S1 = M S0 + c`` is affine in S0, so the state pass is one
+(BL x K) x (K x BV) product and one update per chunk. The fp32 state stays in registers across
+the chunk loop (a (K / BK, BK, BV) tile: the K-long products are batched over K blocks), so the
+forward writes no chunk states at all. The forward hands Tinv to the backward (the op's autograd
+saves it; ``return_saved``); the backward reruns ``_wy_fwd_kernel`` reading it (w, G, Q K^T: no
+K K^T, no inverse) and the state pass, which then writes the chunk-entry states and
+d = u - w S0 instead of the outputs.
 
 Decoding: ``_recurrent_fwd_kernel`` applies the sub-steps one by one with the state
 in registers; the op uses it for forward passes of at most ``RECURRENT_MAX_T`` tokens.
@@ -41,8 +43,10 @@ Precision: fp32 inputs multiply exactly ("ieee" fp32 products). For bf16 / fp16 
 products of two input tiles (K K^T, Q K^T) take bf16 / fp16 operands; every product with a
 computed operand (states, Tinv, scores, d, dd) takes fp32 operands as TF32 (bf16 operands
 there were measured past the 1e-2 accuracy bound, see ``_dot32``). Accumulation is fp32
-throughout; w and Tinv are stored in the inputs' dtype, u, d, dd and the chunk states in
-fp32, and the kernels write every gradient in its input's dtype.
+throughout, and the state passes carry the states in fp32; w, Tinv and the chunk states and
+their gradients handed to the chunk-local backward are stored in the inputs' dtype (the states:
+bf16 relative errors up to 6.0e-3 instead of 4.6e-3, measured with TF32 emulated), Q K^T, d and
+dd in fp32, and the kernels write every gradient in its input's dtype.
 
 Only plain pointer arithmetic with masks is used (no block pointers), and offsets
 that can pass 2**31 are int64.
@@ -195,14 +199,15 @@ def _wy_fwd_kernel(
     cu_tok_ptr,   # (N + 1,) int64 token offsets of the sequences
     H, K, V,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
-    INTERP: tl.constexpr,
+    BV: tl.constexpr, HAS_GATE: tl.constexpr, TINV_GIVEN: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One program per (chunk, sequence * head): A, Tinv = (I + A)^{-1}, w = Tinv diag(beta exp(G)) K,
     the causal part of Q K^T and G. Everything here is independent of the carried state; u =
     Tinv diag(beta) V is left to the state passes (per V block, at no extra FLOPs), so that it
     is never written to memory. Q K^T is computed once per chunk here rather than once per V block
-    in each state pass."""
+    in each state pass. TINV_GIVEN (the backward, with the forward's Tinv): Tinv is read from
+    ``tinv_ptr`` instead of computed (no K K^T, no inverse)."""
     chunk = tl.program_id(0)
     pid_nh = tl.program_id(1)
     seq = pid_nh // H
@@ -242,10 +247,32 @@ def _wy_fwd_kernel(
         kk = tl.load(k_ptr + (sub[:, None] * H + head) * K + cols_k[None, :], mask=valid[:, None] & k_ok, other=0.0)
         q = tl.load(q_ptr + (tok[:, None] * H + head) * K + cols_k[None, :], mask=valid_tok[:, None] & k_ok,
                     other=0.0)
-        kkt += _mm(kk, tl.trans(kk), k_ptr, PREC, LOWP, INTERP)
+        if not TINV_GIVEN:
+            kkt += _mm(kk, tl.trans(kk), k_ptr, PREC, LOWP, INTERP)
         qk += _mm(q, tl.trans(kk), q_ptr, PREC, LOWP, INTERP)
     read = (rows[None, :] <= (tok_rows * NFAC + NFAC - 1)[:, None]) & valid[None, :] & valid_tok[:, None]
     tl.store(qk_ptr + (tok[:, None] * H + head) * BL + rows[None, :], qk, mask=read)
+    if TINV_GIVEN:
+        tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
+    else:
+        tinv = _chunk_inverse(kkt, beta, G, rows, valid, tinv_ptr, sub, head, H, BL, PREC)
+
+    # w = Tinv diag(beta exp(G)) K, block by block.
+    bg = beta * tl.exp(G.to(tl.float32))
+    for k0 in range(0, K, BK):
+        cols_k = k0 + tl.arange(0, BK)
+        k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
+        kmask = valid[:, None] & (cols_k[None, :] < K)
+        kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
+        rhs, first_bad = _split_nonfinite(kk * bg[:, None], rows, BL)
+        w = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
+        tl.store(w_ptr + k_off, w.to(w_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _chunk_inverse(kkt, beta, G, rows, valid, tinv_ptr, sub, head, H, BL: tl.constexpr, PREC: tl.constexpr):
+    """Tinv = (I + A)^{-1} of one chunk from its (BL, BL) fp32 K K^T; stored to ``tinv_ptr`` and returned,
+    (BL, BL) in the work dtype."""
     strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
     diff = tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))
     # Masks go through where, not a product: 0 * NaN would carry a later NaN back in time.
@@ -261,17 +288,7 @@ def _wy_fwd_kernel(
     tinv = _unit_lower_inverse(A, BL, PREC)
     tinv = tl.where(rows[:, None] < bad_row, tinv, float("nan")).to(tinv_ptr.dtype.element_ty)
     tl.store(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], tinv, mask=valid[:, None])
-
-    # w = Tinv diag(beta exp(G)) K, block by block.
-    bg = beta * tl.exp(G.to(tl.float32))
-    for k0 in range(0, K, BK):
-        cols_k = k0 + tl.arange(0, BK)
-        k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
-        kmask = valid[:, None] & (cols_k[None, :] < K)
-        kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
-        rhs, first_bad = _split_nonfinite(kk * bg[:, None], rows, BL)
-        w = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
-        tl.store(w_ptr + k_off, w.to(w_ptr.dtype.element_ty), mask=kmask)
+    return tinv
 
 
 @triton.jit
@@ -842,24 +859,33 @@ def _prepare(q, k, v, beta, log_gate, cu_seqlens):
     return cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, tensors
 
 
-def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n):
+def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=None):
     """Runs ``_wy_fwd_kernel``: the state-independent chunk factors, as a dict of tensors
     w (B, T * n, H, K) and Tinv (B, T * n, H, BL) in the work dtype, qk (B, T, H, BL) fp32 (the
-    causal part of Q K^T) and G (B, T * n, H) fp64. The forward hands them to the backward."""
+    causal part of Q K^T) and G (B, T * n, H) fp64. With ``tinv`` (the forward's, in the backward)
+    Tinv is read, not computed."""
     q, k, beta, lg = t["q"], t["k"], t["beta"], t["lg"]
     B, T = q.shape[:2]
     dev = q.device
     wdt = _work_dtype(q.dtype)
     w = torch.empty((B, T * n, H, K), dtype=wdt, device=dev)
-    tinv = torch.empty((B, T * n, H, cfg["BL"]), dtype=wdt, device=dev)
+    given = tinv is not None
+    if not given:
+        tinv = torch.empty(tinv_shape(B, T, n, H), dtype=wdt, device=dev)
     qk = torch.empty((B, T, H, cfg["BL"]), dtype=torch.float32, device=dev)
     G = torch.empty((B, T * n, H), dtype=torch.float64, device=dev)
     chunk_args, _ = _launch_args(n, cfg)
     if max_chunks > 0 and N * H > 0:
         _wy_fwd_kernel[(max_chunks, N * H)](
             q, k, beta, lg if lg is not None else beta, w, tinv, qk, G, cu_tok, H, K, V,
-            HAS_GATE=lg is not None, BC=cfg["BC"], **chunk_args)
+            HAS_GATE=lg is not None, TINV_GIVEN=given, BC=cfg["BC"], **chunk_args)
     return dict(w=w, tinv=tinv, qk=qk, G=G)
+
+
+def tinv_shape(B: int, T: int, n: int, H: int) -> tuple:
+    """Shape of the chunk inverse Tinv the forward hands to the backward: (B, T * n, H, BL), row s
+    holding row s mod BL of its chunk's (I + A)^{-1}; stored in ``_work_dtype`` of the inputs."""
+    return (B, T * n, H, max(16, _next_pow2(max(1, SUBSTEPS_PER_CHUNK // n) * n)))
 
 
 def _state_pass(t, f, h0, cfg, N, cu_tok, cu_chunk, total_chunks, scale, H, K, V, n, store_o):
@@ -900,9 +926,10 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Returns:
         o: (B, T, H, V) in q's dtype; final_state: (N, H, K, V) fp32 (float64 for float64 q);
-        with return_saved also ``saved``, the state-independent chunk factors for
-        ``householder_scan_backward`` (w (B, T * n, H, K) and Tinv (B, T * n, H, BL) in the work dtype,
-        Q K^T (B, T, H, BL) fp32, G (B, T * n, H) fp64), so that it need not recompute them.
+        with return_saved also the chunk inverse Tinv ((B, T * n, H, BL), ``tinv_shape``, in the
+        inputs' bf16 / fp16; None for fp32, see ``saves_tinv``) for ``householder_scan_backward``, which then need not
+        recompute it (K K^T and the blocked inverse: 1.2 M of 42 M FLOPs per chunk and head at
+        K = V = 128, for Tinv's 128 bytes per token and head kept between the passes).
     """
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
@@ -912,18 +939,26 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if q.dtype == torch.float64:  # the contract's dtype; the kernels themselves accumulate in fp32
         final = final.double()
     if return_saved:
-        return o, final, (f["w"], f["tinv"], f["qk"], f["G"])
+        return o, final, f["tinv"] if saves_tinv(q.dtype) else None
     return o, final
+
+
+def saves_tinv(dtype: torch.dtype) -> bool:
+    """Whether the forward hands Tinv to the backward for inputs of ``dtype``: for bf16 / fp16. The fp32
+    ``_wy_fwd_kernel`` that reads Tinv instead of computing it spills 11 KB per thread at sm_90a (ptxas;
+    the computing one 1.7 KB), so fp32 recomputes it."""
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                               log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
                               grad_o: torch.Tensor, grad_final: Optional[torch.Tensor], *,
-                              cu_seqlens: Optional[torch.Tensor], scale: float, saved: Optional[tuple] = None):
+                              cu_seqlens: Optional[torch.Tensor], scale: float,
+                              tinv: Optional[torch.Tensor] = None):
     """Chunked backward pass; recomputes the chunk states (and d), then two kernels.
 
     Args: as ``householder_scan_forward``, plus grad_o: (B, T, H, V), grad_final: (N, H, K, V) or None,
-    and saved: the chunk factors the forward returned with ``return_saved`` (recomputed when None).
+    and tinv: the chunk inverse the forward returned with ``return_saved`` (recomputed when None).
 
     Returns:
         the gradients, each in its input's dtype, written by the kernels (grad_q (B, T, H, K),
@@ -933,10 +968,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
     cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
-    if saved is None:
-        f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n)
-    else:
-        f = dict(zip(("w", "tinv", "qk", "G"), saved))
+    f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=tinv)
     d, states, _ = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, scale, H, K, V, n,
                                False)
     dev = q.device
@@ -952,8 +984,8 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             t["q"], t["k"], f["w"], f["qk"], f["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd,
             cu_tok, cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None,
             STAGES=cfg["STAGES"], **state_args)
-    # w is not read by the chunk-local kernel: freed (when recomputed here) before its outputs are
-    # allocated, which lowers the backward's peak memory by w.
+    # w is not read by the chunk-local kernel: freed before its outputs are allocated, which lowers
+    # the backward's peak memory by w.
     del f["w"]
     dq = torch.empty((B, T, H, K), dtype=q.dtype, device=dev)
     dk = torch.empty((B, T, n, H, K), dtype=k.dtype, device=dev)
@@ -971,7 +1003,8 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
 def _signatures(elem: str) -> dict:
     """Triton signatures of the four kernels for inputs stored as ``elem`` (fp32 / bf16 / fp16); w,
-    Tinv and the gradients are stored in that dtype too (u, d, dd, states in fp32)."""
+    Tinv, the chunk states handed to the chunk-local backward and the gradients are stored in that
+    dtype too (Q K^T, d, dd, the final state in fp32)."""
     x = f"*{elem}"
     return {
         _wy_fwd_kernel: {"q_ptr": x, "k_ptr": x, "beta_ptr": x, "lg_ptr": x, "w_ptr": x, "tinv_ptr": x,
@@ -1015,7 +1048,9 @@ def aot_specs():
         del state_args["num_warps"]
         sigs = _signatures(elem)
         for gate in (False, True):
-            yield _wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw
+            for given in ((False, True) if with_backward and saves_tinv(torch_dtype) else (False,)):
+                yield (_wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, TINV_GIVEN=given, BC=cfg["BC"],
+                                                                 **chunk_args), nw)
         for store_o in (False, True):  # without the outputs it writes d (fp32) through o_ptr
             sig = dict(sigs[_state_fwd_kernel], o_ptr=f"*{elem}" if store_o else "*fp32",
                        states_ptr="*fp32" if store_o else f"*{elem}")   # (with o: the final state, not written)

@@ -434,3 +434,30 @@ def test_triton_launch_offsets_and_gradient_dtypes():
     for g, t in zip(grads, (q, k, v, beta, log_gate, h0)):
         assert g.dtype == t.dtype and g.shape == t.shape and torch.isfinite(g.float()).all()
     assert hk.householder_scan_backward(q, k, v, beta, None, None, do, None, cu_seqlens=None, scale=0.25)[5] is None
+
+
+@pytest.mark.parametrize("dtype, n, varlen", [(torch.float32, 1, False), (torch.bfloat16, 3, True)])
+def test_triton_backward_from_the_forwards_tinv(dtype, n, varlen):
+    """The forward op hands its chunk inverse to the backward op (autograd saves it): the same gradients,
+    bit for bit, as the backward that recomputes it; the saved tensor has the fake kernel's shape and
+    dtype, and the backends that save nothing give an empty one."""
+    from linrec.householder.op import _saved_like
+
+    T = 70
+    q, k, v, beta, log_gate, _ = (t.to(DEVICE) if t is not None else None
+                                  for t in _inputs(1, T, 2, 16, 8, n, dtype=dtype, h0=False))
+    cu = torch.tensor([0, 9, 9, 70], device=DEVICE) if varlen else None
+    h0 = torch.randn(3 if varlen else 1, 2, 16, 8, device=DEVICE)
+    o, final, saved = torch.ops.linrec.householder_scan(q, k, v, beta, log_gate, h0, cu, 0.5, "triton")
+    like = _saved_like(q, n, "triton")
+    assert saved.shape == like.shape and saved.dtype == like.dtype
+    assert saved.shape == ((1, T * n, 2, 64) if dtype == torch.bfloat16 else (0,))   # fp32: recomputed
+    do = torch.randn(o.shape, device=DEVICE).to(dtype)
+    dfinal = torch.randn(final.shape, device=DEVICE)
+    args = (q, k, v, beta, log_gate, h0, do, dfinal, cu, 0.5, "triton")
+    from_saved = torch.ops.linrec.householder_scan_backward(*args, saved)
+    recomputed = torch.ops.linrec.householder_scan_backward(*args)
+    for a, b in zip(from_saved, recomputed):
+        assert torch.equal(a, b)
+    assert torch.ops.linrec.householder_scan(q, k, v, beta, log_gate, h0, cu, 0.5, "torch")[2].numel() == 0
+    assert _saved_like(q[:, :8], n, "triton").numel() == 0                          # decoding: step by step

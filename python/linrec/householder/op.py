@@ -3,9 +3,15 @@
 Two custom ops carry the work so that ``torch.compile`` traces through them:
 
 * ``linrec::householder_scan`` (q, k, v, beta, log_gate?, initial_state?, cu_seqlens?, scale?, backend)
-  -> (o, final_state)
+  -> (o, final_state, saved)
 * ``linrec::householder_scan_backward`` (q, k, v, beta, log_gate?, initial_state?, grad_o, grad_final_state?,
-  cu_seqlens?, scale?, backend) -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)
+  cu_seqlens?, scale?, backend, saved?) -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)
+
+``saved`` is what a backend's forward keeps for its backward: for ``triton`` with bf16 / fp16
+inputs the chunk inverse Tinv = (I + A)^{-1} of every chunk, (B, T * n, H, 64) in their dtype, so
+that the backward skips K K^T and the blocked inverse; an empty tensor for fp32 inputs, the other
+backends and the step-by-step decoding form. The backward recomputes it when not given (as ``bench.traffic``
+calls it).
 
 The ops always see k as (B, T, n, H, K), v as (B, T, n, H, V) and beta as
 (B, T, n, H); the public function adds the n = 1 axis for 4-D/3-D inputs and
@@ -14,12 +20,13 @@ The final state is always computed (it costs nothing extra) and returned only
 when asked for.
 
 Backwards: ``triton`` runs the chunked backward kernels of ``linrec.kernels.householder``
-(they recompute the WY factors and chunk states, then an adjoint state pass and the
-chunk-local gradients); ``torch`` and ``reference`` differentiate their own forward,
+(they recompute w and the chunk states from the forward's Tinv, then an adjoint state pass and
+the chunk-local gradients); ``torch`` and ``reference`` differentiate their own forward,
 recomputed inside the backward op, with ``torch.func.vjp`` (the reference's gradients are
 thus autograd through the sequential loop, an independent oracle for the chunked forms).
 Gradients of absent optional inputs come back as empty tensors that the autograd wiring
-(``register_scan_autograd``, shared by every family) turns into None.
+(``_setup_context`` / ``_backward`` below, the other families' ``register_scan_autograd`` plus the
+saved output) turns into None.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from torch import Tensor
 
 from .._common import (HOUSEHOLDER_RECURRENT_MAX_T, REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens,
                        check_cu_seqlens_values, check_same_device, check_shape, check_tensor, num_sequences,
-                       register_scan_autograd, resolve_backend)
+                       resolve_backend)
 from .chunked import householder_scan_chunked
 from .recurrent import householder_scan_recurrent
 from .reference import householder_scan_reference
@@ -66,17 +73,22 @@ def _torch_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale)
     return form(q, k, v, beta, _floor_log_gate(log_gate), initial_state, cu_seqlens=cu_seqlens, scale=scale)
 
 
-def _triton_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale):
+def _triton_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale, return_saved=False):
+    """The Triton forward; with return_saved, (o, final, saved): ``saved`` the chunk inverse Tinv
+    (``linrec.kernels.householder.tinv_shape``) for the backward, or None (step-by-step decoding)."""
     from linrec.kernels.householder import householder_scan_forward, householder_scan_recurrent_forward
-    form = (householder_scan_recurrent_forward if q.shape[1] <= HOUSEHOLDER_RECURRENT_MAX_T
-            else householder_scan_forward)
-    return form(q, k, v, beta, _floor_log_gate(log_gate), initial_state, cu_seqlens=cu_seqlens, scale=scale)
+    if q.shape[1] <= HOUSEHOLDER_RECURRENT_MAX_T:
+        o, final = householder_scan_recurrent_forward(q, k, v, beta, _floor_log_gate(log_gate), initial_state,
+                                                      cu_seqlens=cu_seqlens, scale=scale)
+        return (o, final, None) if return_saved else (o, final)
+    return householder_scan_forward(q, k, v, beta, _floor_log_gate(log_gate), initial_state, cu_seqlens=cu_seqlens,
+                                    scale=scale, return_saved=return_saved)
 
 
-def _triton_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale):
+def _triton_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale, saved=None):
     from linrec.kernels.householder import householder_scan_backward
     grads = list(householder_scan_backward(q, k, v, beta, _floor_log_gate(log_gate), initial_state, grad_o,
-                                           grad_final, cu_seqlens=cu_seqlens, scale=scale))
+                                           grad_final, cu_seqlens=cu_seqlens, scale=scale, tinv=saved))
     if log_gate is not None:  # the floor's derivative: zero below it
         grads[4] = torch.where(log_gate < LOG_GATE_FLOOR, 0.0, grads[4])
     return grads
@@ -84,7 +96,7 @@ def _triton_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final,
 
 def _vjp_backward(forward):
     """The backward of a forward form, by torch.func.vjp through its recomputation."""
-    def backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale):
+    def backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale, saved=None):
         inputs = (q, k, v, beta, log_gate, initial_state)
         present = [i for i, t in enumerate(inputs) if t is not None]
 
@@ -104,6 +116,9 @@ def _vjp_backward(forward):
 
 
 FORWARD = {"triton": _triton_forward, "torch": _torch_forward, "reference": householder_scan_reference}
+# Backends whose forward also hands the backward what it saved (forward(..., return_saved=True) ->
+# (o, final, saved), backward(..., saved=saved)): the Triton chunk inverse. The others recompute.
+SAVES_FOR_BACKWARD = ("triton",)
 BACKWARD = {"triton": _triton_backward, "torch": _vjp_backward(_torch_forward),
             "reference": _vjp_backward(householder_scan_reference)}
 AVAILABLE_BACKENDS = tuple(FORWARD)
@@ -119,16 +134,35 @@ def _resolve_scale(scale: Optional[float], q: Tensor) -> float:
 @autocast_off
 def _householder_scan_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor],
                          initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: Optional[float],
-                         backend: str) -> Tuple[Tensor, Tensor]:
+                         backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(o, final_state, saved): ``saved`` is what the backend keeps for its backward (the Triton
+    chunk inverse, ``_saved_like``), an empty tensor for the others; not differentiable."""
     check_cu_seqlens_values(cu_seqlens, q.shape[1])
-    o, final = FORWARD[backend](q, k, v, beta, log_gate, initial_state, cu_seqlens=cu_seqlens,
-                                scale=_resolve_scale(scale, q))
+    kwargs = dict(cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q))
+    if backend in SAVES_FOR_BACKWARD:
+        o, final, saved = FORWARD[backend](q, k, v, beta, log_gate, initial_state, return_saved=True, **kwargs)
+    else:
+        (o, final), saved = FORWARD[backend](q, k, v, beta, log_gate, initial_state, **kwargs), None
     # With T = 0 (or empty packed sequences) a backend may hand back the initial state itself;
     # custom-op outputs must not alias inputs.
     if initial_state is not None and final.untyped_storage().data_ptr() == \
             initial_state.untyped_storage().data_ptr():
         final = final.clone()
-    return o.contiguous(), final.contiguous()
+    return o.contiguous(), final.contiguous(), q.new_empty((0,)) if saved is None else saved
+
+
+def _saved_like(q: Tensor, n: int, backend: str) -> Tensor:
+    """The empty tensor shaped like what ``backend``'s forward saves for q (B, T, H, K) and n factors:
+    the Triton chunked form's Tinv for bf16 / fp16 inputs (``tinv_shape``, in their dtype), nothing
+    (shape (0,)) for fp32 inputs, the step-by-step form (T <= HOUSEHOLDER_RECURRENT_MAX_T) and the other
+    backends."""
+    B, T, H, _ = q.shape
+    if backend not in SAVES_FOR_BACKWARD or T <= HOUSEHOLDER_RECURRENT_MAX_T:
+        return q.new_empty((0,))
+    from linrec.kernels.householder import _work_dtype, saves_tinv, tinv_shape
+    if not saves_tinv(q.dtype):
+        return q.new_empty((0,))
+    return q.new_empty(tinv_shape(B, T, n, H), dtype=_work_dtype(q.dtype))
 
 
 @_householder_scan_op.register_fake
@@ -136,20 +170,27 @@ def _(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = num_sequences(B, cu_seqlens)
-    return (q.new_empty((B, T, H, V)), q.new_empty((N, H, K, V), dtype=accumulation_dtype(q.dtype)))
+    return (q.new_empty((B, T, H, V)), q.new_empty((N, H, K, V), dtype=accumulation_dtype(q.dtype)),
+            _saved_like(q, k.shape[2], backend))
 
 
 @torch.library.custom_op("linrec::householder_scan_backward", mutates_args=())
 @autocast_off
 def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor],
                                   initial_state: Optional[Tensor], grad_o: Tensor, grad_final: Optional[Tensor],
-                                  cu_seqlens: Optional[Tensor], scale: Optional[float], backend: str
+                                  cu_seqlens: Optional[Tensor], scale: Optional[float], backend: str,
+                                  saved: Optional[Tensor] = None
                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The six gradients; ``saved``: the forward op's third output (recomputed when None or empty)."""
     inputs = (q, k, v, beta, log_gate, initial_state)
-    grads = BACKWARD[backend](*inputs, grad_o, grad_final, cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q))
+    kwargs = dict(cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q))
+    if saved is not None and saved.numel() > 0 and backend in SAVES_FOR_BACKWARD:
+        kwargs["saved"] = saved
+    grads = BACKWARD[backend](*inputs, grad_o, grad_final, **kwargs)
     # A gradient may be an incoming one handed straight back (T = 0: dL/dh0 = dL/dfinal);
     # custom-op outputs must not alias inputs or each other.
-    taken = {t.untyped_storage().data_ptr() for t in (*inputs, grad_o, grad_final) if t is not None and t.numel() > 0}
+    taken = {t.untyped_storage().data_ptr() for t in (*inputs, grad_o, grad_final, saved)
+             if t is not None and t.numel() > 0}
     out = []
     for g, t in zip(grads, inputs):
         if t is None:
@@ -164,15 +205,32 @@ def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
 
 
 @_householder_scan_backward_op.register_fake
-def _(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, cu_seqlens, scale, backend):
+def _(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, cu_seqlens, scale, backend, saved=None):
     return tuple(q.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (q, k, v, beta, log_gate, initial_state))
 
 
-# Inputs (q, k, v, beta, log_gate, initial_state | cu_seqlens, scale, backend); the backward
-# recomputes from all six (autograd hands it the gradients of both outputs, zeros where unused).
-register_scan_autograd(_householder_scan_op, torch.ops.linrec.householder_scan_backward, differentiable=6,
-                       save_inputs=range(6))
+# Autograd: inputs (q, k, v, beta, log_gate, initial_state | cu_seqlens, scale, backend). The
+# backward gets all six inputs and the forward's third output (what the backend saved: the Triton
+# chunk inverse), which is not differentiable. The shared ``register_scan_autograd`` would hand
+# the backward a (materialised, zero) gradient of that output too, so the Householder op wires its
+# autograd here, the same way otherwise.
+def _setup_context(ctx, inputs, output):
+    q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.present = [t is not None for t in inputs[:6]]
+    ctx.scale, ctx.backend = scale, backend
+    ctx.save_for_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, output[2])
+
+
+def _backward(ctx, grad_o, grad_final, _grad_saved):
+    q, k, v, beta, log_gate, initial_state, cu_seqlens, saved = ctx.saved_tensors
+    grads = torch.ops.linrec.householder_scan_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final,
+                                                       cu_seqlens, ctx.scale, ctx.backend, saved)
+    return tuple(g if present else None for g, present in zip(grads, ctx.present)) + (None, None, None)
+
+
+_householder_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor] = None,
@@ -273,6 +331,6 @@ def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Op
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
     backend = resolve_backend(backend, q.device, available=AVAILABLE_BACKENDS)
-    o, final = torch.ops.linrec.householder_scan(q, k, v, beta, log_gate, initial_state, cu_seqlens,
-                                                 None if scale is None else float(scale), backend)
+    o, final, _ = torch.ops.linrec.householder_scan(q, k, v, beta, log_gate, initial_state, cu_seqlens,
+                                                    None if scale is None else float(scale), backend)
     return o, (final if output_final_state else None)
