@@ -99,26 +99,34 @@ def _matvec(M, v, TRANS: tl.constexpr):
 
 @triton.jit
 def _matmat(M, P, TRANS: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
-    """``M P`` (``M^T P`` with TRANS) per block, saturated: M, P (BLOCK_G, BLOCK_B, BLOCK_B) in ACC.
+    """``M P`` (``M^T P`` with TRANS) per block, saturated: M (BLOCK_G, BLOCK_B, BLOCK_B) in ACC.
 
-    USE_DOT (one block per program, b >= 16): tensor cores, three TF32 products (3xTF32) for fp32
-    accuracy; below that a broadcast multiply and a sum over the contracted axis."""
+    USE_DOT (one block per program, b >= 16): P and the result are 2-D (BLOCK_B, BLOCK_B) tiles
+    for tensor cores, three TF32 products (3xTF32) for fp32 accuracy; below that P and the result
+    are (BLOCK_G, BLOCK_B, BLOCK_B), a broadcast multiply and a sum over the contracted axis."""
     if USE_DOT:
         M2 = tl.reshape(M, (BLOCK_B, BLOCK_B))
         if TRANS:
             M2 = tl.trans(M2)
-        P2 = tl.reshape(P, (BLOCK_B, BLOCK_B))
         if ACC == tl.float64:
-            R2 = tl.dot(M2, P2, input_precision="ieee")
+            R = tl.dot(M2, P, input_precision="ieee")
         else:
-            R2 = tl.dot(M2, P2, input_precision="tf32x3")
-        R = tl.reshape(R2, (1, BLOCK_B, BLOCK_B))
+            R = tl.dot(M2, P, input_precision="tf32x3")
     else:
         if TRANS:  # R[g, j, l] = sum_i M[g, i, j] P[g, i, l]
             R = tl.sum(M[:, :, :, None] * P[:, :, None, :], axis=1)
         else:      # R[g, i, l] = sum_j M[g, i, j] P[g, j, l]
             R = tl.sum(M[:, :, :, None] * P[:, None, :, :], axis=2)
     return _saturate(R)
+
+
+@triton.jit
+def _as_tiles(P, USE_DOT: tl.constexpr):
+    """A product from ``_matmat`` as (BLOCK_G, BLOCK_B, BLOCK_B) (USE_DOT: from its 2-D tile)."""
+    if USE_DOT:
+        return P[None, :, :]
+    else:
+        return P
 
 
 @triton.jit
@@ -266,7 +274,8 @@ def block_diagonal_scan_kernel(
     else:
         a_ld_off = a_tile
         a_ld_mask = tile_mask
-    eye = tl.broadcast_to((rows[:, None] == rows[None, :]).to(ACC)[None, :, :], (BLOCK_G, BLOCK_B, BLOCK_B))
+    eye2 = (rows[:, None] == rows[None, :]).to(ACC)
+    eye = tl.broadcast_to(eye2[None, :, :], (BLOCK_G, BLOCK_B, BLOCK_B))
     # Look-back bookkeeping: this chunk's row of the workspace, its flag, and the flag stride per chunk.
     n_rows = n_programs // n_groups                                    # chunks x sequences
     ws_P = ws_ptr
@@ -292,7 +301,10 @@ def block_diagonal_scan_kernel(
                      carry)
     if looking & (pred_ready == 0):
         # Walk 1: the chunk's map h -> P h + s, from the identity and a zero state.
-        P = eye
+        if USE_DOT:  # one block per program: a 2-D tile for tl.dot
+            P = eye2
+        else:
+            P = eye
         s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
         M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
                               step_lo, step_hi, start, end, scan_down, coef_shift,
@@ -312,12 +324,15 @@ def block_diagonal_scan_kernel(
         # Published for successors that look back before this chunk knows its entering state
         # (the last chunk has no successor).
         pub_agg = chunk < last_chunk
-        tl.store(ws_P + ws_row * x_step * bs + tile_off, P, mask=_both(tile_mask, pub_agg))
+        tl.store(ws_P + ws_row * x_step * bs + tile_off, _as_tiles(P, USE_DOT), mask=_both(tile_mask, pub_agg))
         tl.store(ws_s + ws_row * x_step + vec_off, s, mask=_both(vec_mask, pub_agg))
         _set_flag(flag_base + chunk * flag_stride, 1, pub_agg)
         # Look back: the entering state is (acc) applied to the inclusive state of the nearest
         # predecessor j that has published one, acc the composed maps of the aggregates passed.
-        acc_P = eye
+        if USE_DOT:
+            acc_P = eye2
+        else:
+            acc_P = eye
         acc_s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
         j = chunk - 1
         while looking:
@@ -333,10 +348,15 @@ def block_diagonal_scan_kernel(
             s_j = tl.load(ws_s + row_j * x_step + vec_off, mask=_both(vec_mask, has_aggregate), other=0.0,
                           cache_modifier=".cg")
             # Found: the entering state is acc applied to the predecessor's true end state.
-            carry = tl.where(has_inclusive, _matvec(acc_P, inc, False) + acc_s, carry)
+            acc_P3 = _as_tiles(acc_P, USE_DOT)
+            carry = tl.where(has_inclusive, _matvec(acc_P3, inc, False) + acc_s, carry)
             # An aggregate: acc <- acc o (P_j, s_j) = (acc_P P_j, acc_P s_j + acc_s), one chunk further.
-            acc_s = tl.where(has_aggregate, _matvec(acc_P, s_j, False) + acc_s, acc_s)
-            acc_P = tl.where(has_aggregate, _matmat(acc_P, P_j, False, USE_DOT, ACC, BLOCK_B), acc_P)
+            acc_s = tl.where(has_aggregate, _matvec(acc_P3, s_j, False) + acc_s, acc_s)
+            if USE_DOT:  # 2-D tiles: acc_P @ P_j
+                acc_P = tl.where(has_aggregate, _matmat(acc_P3, tl.reshape(P_j, (BLOCK_B, BLOCK_B)), False,
+                                                        USE_DOT, ACC, BLOCK_B), acc_P)
+            else:
+                acc_P = tl.where(has_aggregate, _matmat(acc_P, P_j, False, USE_DOT, ACC, BLOCK_B), acc_P)
             j = j - has_aggregate.to(tl.int32)
             looking = has_inclusive == 0
 
@@ -418,7 +438,10 @@ def _config(b: int, interpret: bool, dtype: torch.dtype = torch.float32) -> dict
     """
     BLOCK_B = triton.next_power_of_2(b)
     tile = BLOCK_B * BLOCK_B
-    use_dot = BLOCK_B >= 16
+    # Chunk products by tl.dot (USE_DOT) crash Triton 3.6's RemoveLayoutConversions pass (the GPU
+    # machines' Triton) in this kernel, at every b >= 16; the broadcast product compiles with both
+    # and is exact fp32 (b = 16: no spills at sm_90a; b = 32, 64 spill, see aot_specs).
+    use_dot = False
     if interpret:
         cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=1 if use_dot else max(1, 1024 // tile), num_warps=1, USE_DOT=use_dot,
                    OUT_ROWS=1)
@@ -656,10 +679,10 @@ def aot_specs():
                     if not a_contig:
                         divisible += ["stride_ab", "stride_at"] + (["stride_ag"] if b * b % 16 == 0 else [])
                     # Out of the static budget: block sizes that are not powers of two (a block's rows
-                    # of 3, 5, ... elements are not 16-byte aligned: scalar accesses) and b = 64 (one
-                    # 64 x 64 block per program on 8 warps, three tiles in flight: ~240 registers a
-                    # thread, one program per SM; 33..63 also spill).
-                    in_budget = BS != 0 and BS <= 32
+                    # of 3, 5, ... elements are not 16-byte aligned: scalar accesses) and b = 32, 64
+                    # (one block per program, chunk products without tl.dot: ptxas spills 0.9-2.6 KB
+                    # at sm_90a; 240-255 registers on 4 / 8 warps).
+                    in_budget = BS != 0 and BS <= 16
                     yield (block_diagonal_scan_kernel, sig, constexprs, cfg["num_warps"],
                            {"divisible_by_16": divisible, "budget": in_budget})
 
