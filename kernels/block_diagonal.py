@@ -432,9 +432,10 @@ def _config(b: int, interpret: bool, dtype: torch.dtype = torch.float32) -> dict
     """Tile sizes for block size b.
 
     BLOCK_B is b rounded up to a power of two. On the GPU a program holds about 256 transition
-    entries for small b (several blocks per program), and one block for b >= 16 (whose chunk
-    products then use tl.dot), with warps scaled to the tile (1 warp at b = 1, 2 and 16, 2 at
-    b = 4 and 8, 4 at b = 32, 8 at b = 64). The interpreter prefers few, large programs (its cost is per operation).
+    entries for small b (several blocks per program), and one block for b >= 16, with warps
+    scaled to the tile (1 warp at b = 1, 2 and 16, 2 at b = 4 and 8, 4 at b = 32, 8 at b = 64;
+    16-bit storage: 2 at b = 2, 4 at b = 8). The interpreter prefers few, large programs (its
+    cost is per operation). USE_DOT (tl.dot chunk products) is kept off, see below.
     """
     BLOCK_B = triton.next_power_of_2(b)
     tile = BLOCK_B * BLOCK_B
