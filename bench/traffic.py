@@ -475,11 +475,16 @@ def _householder_call(case: Case):
     scale = K ** -0.5
     if case.mode == "fwd":
         inputs = tuple(t for t in (q, k, v, beta, gate) if t is not None)
-        return inputs, lambda: torch.ops.linrec.householder_scan(q, k, v, beta, gate, None, None, scale, "triton")
+        # The minimum counts o and the final state, not what the forward saves for the backward
+        # (the chunk inverse Tinv for bf16 / fp16 inputs): its stores are extra bytes.
+        return inputs, lambda: torch.ops.linrec.householder_scan(q, k, v, beta, gate, None, None, scale,
+                                                                 "triton")[:2]
     do = torch.randn(B, T, H, V, generator=g).to(dtype)
     inputs = tuple(t for t in (q, k, v, beta, gate, do) if t is not None)
-    return inputs, lambda: torch.ops.linrec.householder_scan_backward(q, k, v, beta, gate, None, do, None, None,
-                                                                      scale, "triton")
+    # The forward's saved Tinv, made outside the measured call; the backward reads it (extra bytes).
+    saved = torch.ops.linrec.householder_scan(q, k, v, beta, gate, None, None, scale, "triton")[2]
+    return inputs, lambda: torch.ops.linrec.householder_scan_backward(q, k, v, beta, gate, None, saved, do, None,
+                                                                      None, scale, "triton")
 
 
 def _selective_call(case: Case):
@@ -512,7 +517,7 @@ def _selective_call(case: Case):
     _, _, checkpoints = torch.ops.linrec.selective_scan(x, delta, A, Bm, Cm, skip, z, bias, None, None,
                                                         True, False, False, "triton")
     return fwd_inputs + (dy,), lambda: torch.ops.linrec.selective_scan_backward(
-        x, delta, A, Bm, Cm, skip, z, bias, None, checkpoints, dy, None, None, None, True, False, False, "triton")
+        x, delta, A, Bm, Cm, skip, z, bias, None, checkpoints, dy, None, None, True, False, False, "triton")
 
 
 CALLS = {"diagonal": _diagonal_call, "block_diagonal": _block_diagonal_call, "householder": _householder_call,

@@ -452,18 +452,15 @@ def test_householder_supports():
     assert not _cpp.householder_supports(q.double())
 
 
-def test_householder_through_the_custom_op(monkeypatch):
-    """The table entries the householder op needs (FORWARD / BACKWARD["cpp"] = these launchers),
-    patched in for this test: the op's autograd wiring hands every gradient back in its input's
-    shape and dtype, and they match the float64 reference."""
-    from linrec.householder import op as householder_op
-    monkeypatch.setitem(householder_op.FORWARD, "cpp", _cpp.householder_scan_forward)
-    monkeypatch.setitem(householder_op.BACKWARD, "cpp", _cpp.householder_scan_backward)
+def test_householder_through_the_op():
+    """linrec.householder_scan(backend="cpp"): the op's autograd wiring hands every gradient back in
+    its input's shape and dtype, and they match the float64 reference."""
+    import linrec
     g = torch.Generator().manual_seed(27)
     cu = torch.tensor([0, 2, 7])
     q, k, v, beta, log_gate, h0 = _householder_inputs(1, 7, 2, 2, 16, 8, torch.float32, g, h0_rows=2)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, beta, log_gate, h0)]
-    o, final = torch.ops.linrec.householder_scan(*leaves, cu, 0.25, "cpp")[:2]  # (o, final[, saved])
+    o, final = linrec.householder_scan(*leaves, scale=0.25, output_final_state=True, cu_seqlens=cu, backend="cpp")
     grad_o, grad_final = torch.randn(o.shape, generator=g), torch.randn(final.shape, generator=g)
     torch.autograd.backward((o, final), (grad_o, grad_final))
     refs = [_wide(t).requires_grad_() for t in (q, k, v, beta, log_gate, h0)]
@@ -473,6 +470,27 @@ def test_householder_through_the_custom_op(monkeypatch):
     for leaf, ref in zip(leaves, refs):
         assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == leaf.dtype
         assert rel_rms(leaf.grad, ref.grad) < 1e-5
+
+
+def test_householder_auto_takes_cpp_for_decoding_and_small_heads(monkeypatch):
+    """backend="auto" on the CPU runs the cpp kernels forward and backward for T <= 8 or K <= 64,
+    the torch form otherwise; cpp rejects float64 by name."""
+    import linrec
+    from linrec.householder import op as householder_op
+    calls = []
+    for table in ("FORWARD", "BACKWARD"):
+        launcher = getattr(householder_op, table)["cpp"]
+        monkeypatch.setitem(getattr(householder_op, table), "cpp",
+                            lambda *a, _f=launcher, _t=table, **kw: calls.append(_t) or _f(*a, **kw))
+    g = torch.Generator().manual_seed(29)
+    for T, K, expected in ((8, 128, ["FORWARD", "BACKWARD"]), (20, 32, ["FORWARD", "BACKWARD"]), (20, 128, [])):
+        calls.clear()
+        q, k, v, beta, log_gate, _ = _householder_inputs(1, T, 1, 2, K, 4, torch.float32, g, h0_rows=1)
+        q.requires_grad_()
+        linrec.householder_scan(q, k, v, beta, log_gate)[0].sum().backward()
+        assert calls == expected, (T, K, calls)
+    with pytest.raises(ValueError, match="backend='cpp' supports float32"):
+        linrec.householder_scan(q.detach().double(), k.double(), v.double(), beta, log_gate, backend="cpp")
 
 
 def test_householder_tiny_heads_and_empty_sequences():

@@ -454,9 +454,9 @@ def test_triton_backward_from_the_forwards_tinv(dtype, n, varlen):
     assert saved.shape == ((1, T * n, 2, 64) if dtype == torch.bfloat16 else (0,))   # fp32: recomputed
     do = torch.randn(o.shape, device=DEVICE).to(dtype)
     dfinal = torch.randn(final.shape, device=DEVICE)
-    args = (q, k, v, beta, log_gate, h0, do, dfinal, cu, 0.5, "triton")
-    from_saved = torch.ops.linrec.householder_scan_backward(*args, saved)
-    recomputed = torch.ops.linrec.householder_scan_backward(*args)
+    inputs, rest = (q, k, v, beta, log_gate, h0), (do, dfinal, cu, 0.5, "triton")
+    from_saved = torch.ops.linrec.householder_scan_backward(*inputs, saved, *rest)
+    recomputed = torch.ops.linrec.householder_scan_backward(*inputs, None, *rest)
     for a, b in zip(from_saved, recomputed):
         assert torch.equal(a, b)
     assert torch.ops.linrec.householder_scan(q, k, v, beta, log_gate, h0, cu, 0.5, "torch")[2].numel() == 0

@@ -94,12 +94,12 @@ def test_diagonal_forward_one_segment_plan_measures_its_minimum(monkeypatch):
 
 def test_diagonal_multi_chunk_plan_measures_its_minimum(monkeypatch):
     monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
-    # One program per channel block (B x D / BLOCK_D = 1) is far below 4 x 132: the sequence is cut
+    # One program per channel block (B x D / CHUNK_D = 1) is far below 4 x 132: the sequence is cut
     # into 128-step chunks, one program each, joined by decoupled look-back in the same launch. a and x
     # are read once; the chunks' published states, the flags and the ticket add well under 1%.
-    row = run_case(Case("diagonal", "fwd", "fp32", dict(B=1, T=512, D=24)))
+    row = run_case(Case("diagonal", "fwd", "fp32", dict(B=1, T=512, D=16)))
     assert row["launches"] == 1 and row["grids"] == "4x1x1" and row["programs"] == 4
-    assert row["min_bytes"] == 3 * 512 * 24 * 4
+    assert row["min_bytes"] == 3 * 512 * 16 * 4
     assert row["min_bytes"] < row["measured_bytes"] < 1.01 * row["min_bytes"]
     assert "ws_ptr" in row["detail"] and "sync_ptr" in row["detail"]
 
@@ -110,7 +110,7 @@ def test_diagonal_multi_chunk_backward_measures_its_minimum(mode, variant, monke
     cast), or for a broadcast over time summed per program into an (N, S, D) workspace."""
     monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
     dtype = "fp32" if variant else "bf16"
-    row = run_case(Case("diagonal", mode, dtype, dict(B=1, T=512, D=24), variant=variant))
+    row = run_case(Case("diagonal", mode, dtype, dict(B=1, T=512, D=16), variant=variant))
     assert row["launches"] == 1 and row["grids"] == "4x1x1"
     limit = 1.05 if variant else 1.03
     assert row["min_bytes"] < row["measured_bytes"] < limit * row["min_bytes"], row["detail"]

@@ -197,7 +197,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def register_scan_autograd(scan_op, backward_op, *, differentiable: int, save_inputs: Sequence[int],
-                           save_outputs: Sequence[int] = ()) -> None:
+                           save_outputs: Sequence[int] = (), non_differentiable_outputs: Sequence[int] = ()) -> None:
     """Wires the autograd of a scan custom op to its backward custom op; every family uses it.
 
     ``scan_op``'s arguments are first the ``differentiable`` tensors that get gradients (the
@@ -208,10 +208,16 @@ def register_scan_autograd(scan_op, backward_op, *, differentiable: int, save_in
 
     and returns one gradient per differentiable argument (anything, e.g. an empty tensor,
     where that argument is None: autograd gets None there). The backward is a custom op
-    of its own, so that ``torch.compile`` sees it as one opaque call.
+    of its own, so that ``torch.compile`` sees it as one opaque call. Outputs listed in
+    ``non_differentiable_outputs`` (what a backend keeps for its backward, e.g. the Householder
+    chunk inverse) are marked so, and their gradients are left out of ``grad_outputs``.
     """
+    dropped = frozenset(non_differentiable_outputs)
+
     def setup_context(ctx, inputs, output):
         outputs = output if isinstance(output, tuple) else (output,)
+        if dropped:
+            ctx.mark_non_differentiable(*[outputs[i] for i in sorted(dropped)])
         rest = inputs[differentiable:]
         saved = [inputs[i] for i in save_inputs] + [outputs[i] for i in save_outputs]
         ctx.present = [t is not None for t in inputs[:differentiable]]
@@ -226,6 +232,7 @@ def register_scan_autograd(scan_op, backward_op, *, differentiable: int, save_in
         saved, rest_tensors = tensors[:ctx.num_saved], iter(tensors[ctx.num_saved:])
         rest = [next(rest_tensors) if is_tensor else value
                 for is_tensor, value in zip(ctx.rest_is_tensor, ctx.rest_values)]
+        grad_outputs = [g for i, g in enumerate(grad_outputs) if i not in dropped]
         grads = backward_op(*saved, *grad_outputs, *rest)
         return tuple(g if present else None for g, present in zip(grads, ctx.present)) + (None,) * len(rest)
 

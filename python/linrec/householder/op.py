@@ -4,8 +4,9 @@ Two custom ops carry the work so that ``torch.compile`` traces through them:
 
 * ``linrec::householder_scan`` (q, k, v, beta, log_gate?, initial_state?, cu_seqlens?, scale?, backend)
   -> (o, final_state, saved)
-* ``linrec::householder_scan_backward`` (q, k, v, beta, log_gate?, initial_state?, grad_o, grad_final_state?,
-  cu_seqlens?, scale?, backend, saved?) -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)
+* ``linrec::householder_scan_backward`` (q, k, v, beta, log_gate?, initial_state?, saved?, grad_o,
+  grad_final_state?, cu_seqlens?, scale?, backend) -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate,
+  grad_initial_state)
 
 ``saved`` is what a backend's forward keeps for its backward: for ``triton`` with bf16 / fp16
 inputs the chunk inverse Tinv = (I + A)^{-1} of every chunk, (B, T * n, H, 64) in their dtype, so
@@ -21,12 +22,14 @@ when asked for.
 
 Backwards: ``triton`` runs the chunked backward kernels of ``linrec.kernels.householder``
 (they recompute w and the chunk states from the forward's Tinv, then an adjoint state pass and
-the chunk-local gradients); ``torch`` and ``reference`` differentiate their own forward,
+the chunk-local gradients); ``cpp`` (the compiled CPU backend, ``linrec._cpp``: one token and
+one factor at a time, the backward replaying states from checkpoints; ``"auto"`` takes it on
+the CPU for decoding, T <= 8, and for K <= 64) its own backward sweep; ``torch`` and
+``reference`` differentiate their own forward,
 recomputed inside the backward op, with ``torch.func.vjp`` (the reference's gradients are
 thus autograd through the sequential loop, an independent oracle for the chunked forms).
 Gradients of absent optional inputs come back as empty tensors that the autograd wiring
-(``_setup_context`` / ``_backward`` below, the other families' ``register_scan_autograd`` plus the
-saved output) turns into None.
+(``register_scan_autograd``, with ``saved`` a non-differentiable output) turns into None.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _cpp
 from .._common import (HOUSEHOLDER_RECURRENT_MAX_T, REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens,
                        check_cu_seqlens_values, check_same_device, check_shape, check_tensor, num_sequences,
-                       resolve_backend)
+                       register_scan_autograd, resolve_backend, settle_cpu_auto)
 from .chunked import householder_scan_chunked
 from .recurrent import householder_scan_recurrent
 from .reference import householder_scan_reference
@@ -115,11 +119,14 @@ def _vjp_backward(forward):
     return backward
 
 
-FORWARD = {"triton": _triton_forward, "torch": _torch_forward, "reference": householder_scan_reference}
+# The cpp kernels take the log-gates as they are (exp(-inf) = 0 is exact step by step); the chunked
+# forms floor them (LOG_GATE_FLOOR).
+FORWARD = {"triton": _triton_forward, "cpp": _cpp.householder_scan_forward, "torch": _torch_forward,
+           "reference": householder_scan_reference}
 # Backends whose forward also hands the backward what it saved (forward(..., return_saved=True) ->
 # (o, final, saved), backward(..., saved=saved)): the Triton chunk inverse. The others recompute.
 SAVES_FOR_BACKWARD = ("triton",)
-BACKWARD = {"triton": _triton_backward, "torch": _vjp_backward(_torch_forward),
+BACKWARD = {"triton": _triton_backward, "cpp": _cpp.householder_scan_backward, "torch": _vjp_backward(_torch_forward),
             "reference": _vjp_backward(householder_scan_reference)}
 AVAILABLE_BACKENDS = tuple(FORWARD)
 
@@ -138,6 +145,7 @@ def _householder_scan_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate
     """(o, final_state, saved): ``saved`` is what the backend keeps for its backward (the Triton
     chunk inverse, ``_saved_like``), an empty tensor for the others; not differentiable."""
     check_cu_seqlens_values(cu_seqlens, q.shape[1])
+    backend = settle_cpu_auto(backend, _cpp.householder_supports(q, k, v, beta, log_gate, initial_state, cu_seqlens))
     kwargs = dict(cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q))
     if backend in SAVES_FOR_BACKWARD:
         o, final, saved = FORWARD[backend](q, k, v, beta, log_gate, initial_state, return_saved=True, **kwargs)
@@ -177,11 +185,12 @@ def _(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend):
 @torch.library.custom_op("linrec::householder_scan_backward", mutates_args=())
 @autocast_off
 def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor],
-                                  initial_state: Optional[Tensor], grad_o: Tensor, grad_final: Optional[Tensor],
-                                  cu_seqlens: Optional[Tensor], scale: Optional[float], backend: str,
-                                  saved: Optional[Tensor] = None
-                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                                  initial_state: Optional[Tensor], saved: Optional[Tensor], grad_o: Tensor,
+                                  grad_final: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: Optional[float],
+                                  backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The six gradients; ``saved``: the forward op's third output (recomputed when None or empty)."""
+    backend = settle_cpu_auto(backend, _cpp.householder_supports(q, k, v, beta, log_gate, initial_state, grad_o,
+                                                                 grad_final, cu_seqlens))
     inputs = (q, k, v, beta, log_gate, initial_state)
     kwargs = dict(cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q))
     if saved is not None and saved.numel() > 0 and backend in SAVES_FOR_BACKWARD:
@@ -205,32 +214,15 @@ def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
 
 
 @_householder_scan_backward_op.register_fake
-def _(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, cu_seqlens, scale, backend, saved=None):
+def _(q, k, v, beta, log_gate, initial_state, saved, grad_o, grad_final, cu_seqlens, scale, backend):
     return tuple(q.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (q, k, v, beta, log_gate, initial_state))
 
 
-# Autograd: inputs (q, k, v, beta, log_gate, initial_state | cu_seqlens, scale, backend). The
-# backward gets all six inputs and the forward's third output (what the backend saved: the Triton
-# chunk inverse), which is not differentiable. The shared ``register_scan_autograd`` would hand
-# the backward a (materialised, zero) gradient of that output too, so the Householder op wires its
-# autograd here, the same way otherwise.
-def _setup_context(ctx, inputs, output):
-    q, k, v, beta, log_gate, initial_state, cu_seqlens, scale, backend = inputs
-    ctx.mark_non_differentiable(output[2])
-    ctx.present = [t is not None for t in inputs[:6]]
-    ctx.scale, ctx.backend = scale, backend
-    ctx.save_for_backward(q, k, v, beta, log_gate, initial_state, cu_seqlens, output[2])
-
-
-def _backward(ctx, grad_o, grad_final, _grad_saved):
-    q, k, v, beta, log_gate, initial_state, cu_seqlens, saved = ctx.saved_tensors
-    grads = torch.ops.linrec.householder_scan_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final,
-                                                       cu_seqlens, ctx.scale, ctx.backend, saved)
-    return tuple(g if present else None for g, present in zip(grads, ctx.present)) + (None, None, None)
-
-
-_householder_scan_op.register_autograd(_backward, setup_context=_setup_context)
+# Autograd: the six inputs and the forward's third output (what the backend saved, e.g. the Triton
+# chunk inverse; not differentiable) go to the backward op with the gradients of o and final_state.
+register_scan_autograd(_householder_scan_op, torch.ops.linrec.householder_scan_backward, differentiable=6,
+                       save_inputs=range(6), save_outputs=(2,), non_differentiable_outputs=(2,))
 
 
 def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Optional[Tensor] = None,
@@ -258,7 +250,8 @@ def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Op
         scale: read-out scale, default K ** -0.5.
         output_final_state: also return the state after the last token of every sequence.
         cu_seqlens: (N + 1,) int32/int64 offsets of N sequences packed along T (B = 1), or None.
-        backend: "auto" | "triton" | "torch" | "reference".
+        backend: "auto" | "triton" | "cpp" | "torch" | "reference" ("auto": Triton on CUDA; on the CPU
+            the compiled cpp kernels for decoding (T <= 8) and K <= 64 where they build, else torch).
 
     Returns:
         o: (B, T, H, V) in q's dtype;
@@ -331,6 +324,9 @@ def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Op
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
     backend = resolve_backend(backend, q.device, available=AVAILABLE_BACKENDS)
+    if backend == "cpp" and q.dtype not in _cpp.HOUSEHOLDER_DTYPES:
+        raise ValueError(f"backend='cpp' supports float32, bfloat16 and float16, got "
+                         f"{str(q.dtype).replace('torch.', '')}; backend='torch' would run")
     o, final, _ = torch.ops.linrec.householder_scan(q, k, v, beta, log_gate, initial_state, cu_seqlens,
                                                     None if scale is None else float(scale), backend)
     return o, (final if output_final_state else None)

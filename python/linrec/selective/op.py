@@ -6,9 +6,9 @@ Two custom ops carry the work so that ``torch.compile`` traces through them:
   delta_softplus, reverse, negative_eigenvalues, backend) -> (y, final_state, checkpoints), the last
   the state entering every 256 steps of every sequence for the Triton backward (1/256 of the
   expanded state), an empty tensor from the other backends
-* ``linrec::selective_scan_backward`` (the same inputs, checkpoints?, grad_y, grad_final?,
-  grad_checkpoints? (ignored)) -> one gradient per
-  tensor input (x, delta, A, B, C, D, z, delta_bias, initial_state); absent optional inputs get
+* ``linrec::selective_scan_backward`` (x, delta, A, B, C, D?, z?, delta_bias?, initial_state?,
+  checkpoints?, grad_y, grad_final?, cu_seqlens?, delta_softplus, reverse, negative_eigenvalues,
+  backend) -> one gradient per tensor input (x, delta, A, B, C, D, z, delta_bias, initial_state); absent optional inputs get
   empty tensors, which the autograd wrapper turns into None.
 
 The ops always see B and C as (B, T, G, N); the public function adds the G = 1 axis to 3-D ones
@@ -134,7 +134,7 @@ def _(x, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_soft
 def _selective_scan_backward_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                                 z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
                                 checkpoints: Optional[Tensor], grad_y: Optional[Tensor], grad_final: Optional[Tensor],
-                                grad_checkpoints: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                                cu_seqlens: Optional[Tensor],
                                 delta_softplus: bool, reverse: bool, negative_eigenvalues: bool, backend: str
                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     inputs = (x, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -149,16 +149,17 @@ def _selective_scan_backward_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
 
 
 @_selective_scan_backward_op.register_fake
-def _(x, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, grad_y, grad_final, grad_checkpoints, cu_seqlens,
+def _(x, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, grad_y, grad_final, cu_seqlens,
       delta_softplus, reverse, negative_eigenvalues, backend):
     return tuple(x.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
                  for t in (x, delta, A, B, C, D, z, delta_bias, initial_state))
 
 
 # The backward recomputes the states from the inputs and the checkpoints (the Triton forward's state
-# entering every 256 steps; an empty tensor from the other backends): it saves those, nothing else.
+# entering every 256 steps; an empty tensor from the other backends, not differentiable): it saves
+# those, nothing else.
 register_scan_autograd(_selective_scan_op, torch.ops.linrec.selective_scan_backward, differentiable=9,
-                       save_inputs=range(9), save_outputs=(2,))
+                       save_inputs=range(9), save_outputs=(2,), non_differentiable_outputs=(2,))
 
 
 def _check_bc(name: str, t, Bsz: int, T: int, D: int, N: int) -> Tensor:
