@@ -180,10 +180,10 @@ def test_diagonal_launch_plan(model, monkeypatch):
     torch.testing.assert_close(h, linrec.diagonal_scan(a, x, backend="torch"), atol=1e-5, rtol=1e-5)
     if model is None:  # the interpreter's plan: 16 x 16 tiles, one program per channel block, one pass
         assert [(grid, meta["BLOCK_T"], meta["BLOCK_D"]) for _, grid, meta in launches] == [((3, 1, 1), 16, 16)]
-    else:  # as on an H100/H200: 1 program < 4 x 132, so one launch of cdiv(600, 128) = 5 one-tile chunks
-        # (128 x 64, 8 warps) joined by look-back
+    else:  # as on an H100/H200: 1 sequence x 3 channel blocks < 4 x 132 programs, so one launch of
+        # 3 x cdiv(600, 128) = 15 one-tile chunks (128 x 16, 4 warps) joined by look-back
         assert [(grid, meta["BLOCK_T"], meta["BLOCK_D"], meta["num_warps"], meta["LOOKBACK"])
-                for _, grid, meta in launches] == [((5, 1, 1), 128, 64, 8, True)]
+                for _, grid, meta in launches] == [((15, 1, 1), 128, 16, 4, True)]
 
 
 @needs_interpreter
