@@ -63,6 +63,7 @@ import triton.language as tl
 from linrec._common import accumulation_dtype, num_sequences
 
 from . import config_override, device_model, tl_accumulation_dtype
+from ._shared import saturate as _saturate
 
 
 @triton.jit
@@ -72,20 +73,6 @@ def _both(mask, cond):
     (The CPU interpreter widens ``&`` of a tile and a scalar to int, which loads reject.)
     """
     return (mask & cond) != 0
-
-
-@triton.jit
-def _saturate(product):
-    """Entries of a transition product clamped to a finite range (NaN stays NaN).
-
-    A product that overflows (growth over a chunk) would meet a zero state as inf * 0 = NaN,
-    where the sequential loop is exact (0); saturated, it gives the loop's zeros. Where the true
-    product is out of range, so is the state."""
-    if product.dtype == tl.float64:
-        bound = 1e300
-    else:
-        bound = 3.0e38
-    return tl.clamp(product, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -682,8 +669,13 @@ def aot_specs():
                     # Out of the static budget: block sizes that are not powers of two (a block's rows
                     # of 3, 5, ... elements are not 16-byte aligned: scalar accesses) and b = 32, 64
                     # (one block per program, chunk products without tl.dot: ptxas spills 0.9-2.6 KB
-                    # at sm_90a; 240-255 registers on 4 / 8 warps).
-                    in_budget = BS != 0 and BS <= 16
+                    # at sm_90a; 240-255 registers on 4 / 8 warps). And under Triton 3.6 only (the GPU
+                    # machines'), the fp32 b = 8 backward with a broadcast A: its ptxas spills 40 bytes
+                    # (3.9: none); 4 warps remove the spill but leave the loads 64-bit, which the
+                    # budget counts as worse.
+                    in_budget = BS != 0 and BS <= 16 and not (
+                        triton.__version__.startswith("3.6") and elem == "fp32" and b == 8 and backward
+                        and not a_contig)
                     yield (block_diagonal_scan_kernel, sig, constexprs, cfg["num_warps"],
                            {"divisible_by_16": divisible, "budget": in_budget})
 

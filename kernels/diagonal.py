@@ -55,20 +55,7 @@ import triton.language as tl
 from linrec._common import accumulation_dtype, num_sequences
 
 from . import config_override, device_model, tl_accumulation_dtype
-
-
-@triton.jit
-def _saturate(product):
-    """A product of coefficients, clamped to a finite range (NaN stays NaN).
-
-    A product that overflows (|a| > 1 over a whole tile) would meet a zero state or a
-    zero x as inf * 0 = NaN, where the sequential loop is exact (0); saturated, it
-    gives the loop's zeros. Where the true product is out of range, so is the state."""
-    if product.dtype == tl.float64:
-        bound = 1e300
-    else:
-        bound = 3.0e38
-    return tl.clamp(product, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
+from ._shared import saturate as _saturate
 
 
 @triton.jit

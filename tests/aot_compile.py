@@ -41,6 +41,7 @@ The run prints one line per budgeted specialisation and exits with status 1 if a
 """
 
 import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -161,48 +162,62 @@ def _spec_parts(spec):
     return kernel, signature, constexprs, num_warps, (rest[0] if rest else {})
 
 
+def _compile_job(job):
+    """One (specialisation, arch) compile in a worker; returns (kernel name, arch, spill bytes or None,
+    budget entry or None), the entry as (kernel, constexprs described, num_warps, registers, violations)."""
+    module_name, index, arch, want_spills, want_budget = job
+    module = importlib.import_module(module_name)
+    budgets = getattr(module, "STATIC_BUDGET", {})
+    kernel, signature, constexprs, num_warps, options = _spec_parts(list(module.aot_specs())[index])
+    # Constexpr arguments appear in the signature as "constexpr".
+    full_signature = dict(signature)
+    for name in constexprs:
+        full_signature[name] = "constexpr"
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in options.get("divisible_by_16", ())}
+    source = ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, **options.get("compile_options", {})})
+    if "cubin" not in compiled.asm:
+        raise RuntimeError(f"{kernel.__name__} {constexprs} produced no cubin for sm_{arch}")
+    if compiled.metadata.shared > SHARED_MEMORY_LIMIT[arch]:
+        raise RuntimeError(f"{kernel.__name__} {constexprs} needs {compiled.metadata.shared} bytes of shared "
+                           f"memory on sm_{arch}, more than the {SHARED_MEMORY_LIMIT[arch]} a block may use")
+    budgeted = want_budget and arch == BUDGET_ARCH and kernel.__name__ in budgets and options.get("budget", True)
+    report = ptxas_report(compiled.asm["ptx"], arch) if want_spills or budgeted else None
+    entry = None
+    if budgeted:
+        violations = budget_violations(budgets[kernel.__name__], signature, num_warps, compiled.metadata.shared,
+                                       report, loop_global_accesses(compiled.asm["ptx"]))
+        entry = (kernel.__name__, _describe(constexprs), num_warps, report["registers"], violations)
+    return kernel.__name__, arch, report["spill_bytes"] if want_spills else None, entry
+
+
 def compile_module(module_name: str, archs, spills: dict = None, budget: list = None) -> int:
     """Compiles every specialisation of ``module_name`` for ``archs``; returns how many.
 
-    With ``spills`` (a dict), also records there the worst spill bytes per (kernel, arch).
-    With ``budget`` (a list), checks the module's ``STATIC_BUDGET`` at sm_90a (when 90 is among
-    ``archs``) and appends one (kernel name, constexprs, num_warps, registers, violations) per
-    budgeted specialisation.
+    The compiles run in ``LINREC_AOT_JOBS`` worker processes (default: one per CPU core; each
+    compile is single-threaded Python and ptxas work). With ``spills`` (a dict), also records
+    there the worst spill bytes per (kernel, arch). With ``budget`` (a list), checks the module's
+    ``STATIC_BUDGET`` at sm_90a (when 90 is among ``archs``) and appends one (kernel name,
+    constexprs described, num_warps, registers, violations) per budgeted specialisation.
     """
     module = importlib.import_module(module_name)
-    budgets = getattr(module, "STATIC_BUDGET", {})
-    count = 0
-    for spec in module.aot_specs():
-        kernel, signature, constexprs, num_warps, options = _spec_parts(spec)
-        # Constexpr arguments appear in the signature as "constexpr".
-        full_signature = dict(signature)
-        for name in constexprs:
-            full_signature[name] = "constexpr"
-        attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-                 for name in options.get("divisible_by_16", ())}
-        for arch in archs:
-            source = ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": num_warps, **options.get("compile_options", {})})
-            if "cubin" not in compiled.asm:
-                raise RuntimeError(f"{kernel.__name__} {constexprs} produced no cubin for sm_{arch}")
-            if compiled.metadata.shared > SHARED_MEMORY_LIMIT[arch]:
-                raise RuntimeError(f"{kernel.__name__} {constexprs} needs {compiled.metadata.shared} bytes of shared "
-                                   f"memory on sm_{arch}, more than the {SHARED_MEMORY_LIMIT[arch]} a block may use")
-            budgeted = (budget is not None and arch == BUDGET_ARCH and kernel.__name__ in budgets
-                        and options.get("budget", True))
-            if spills is not None or budgeted:
-                report = ptxas_report(compiled.asm["ptx"], arch)
-            if spills is not None:
-                key = (kernel.__name__, arch)
-                spills[key] = max(spills.get(key, 0), report["spill_bytes"])
-            if budgeted:
-                violations = budget_violations(budgets[kernel.__name__], signature, num_warps,
-                                               compiled.metadata.shared, report,
-                                               loop_global_accesses(compiled.asm["ptx"]))
-                budget.append((kernel.__name__, constexprs, num_warps, report["registers"], violations))
-            count += 1
-    return count
+    jobs = [(module_name, index, arch, spills is not None, budget is not None)
+            for index in range(len(list(module.aot_specs()))) for arch in archs]
+    workers = max(1, min(len(jobs), int(os.environ.get("LINREC_AOT_JOBS", os.cpu_count() or 1))))
+    if workers == 1:
+        results = [_compile_job(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_compile_job, jobs, chunksize=1)
+    for kernel_name, arch, spill_bytes, entry in results:
+        if spills is not None:
+            key = (kernel_name, arch)
+            spills[key] = max(spills.get(key, 0), spill_bytes)
+        if budget is not None and entry is not None:
+            budget.append(entry)
+    return len(results)
 
 
 def _describe(constexprs: dict) -> str:
@@ -223,6 +238,6 @@ if __name__ == "__main__":
         print(f"static budget at sm_90a: {len(budget)} streaming specialisations checked, {len(failed)} over budget")
         for kernel, constexprs, num_warps, registers, violations in budget:
             verdict = "over budget: " + "; ".join(violations) if violations else "within budget"
-            print(f"  budget {kernel} [{_describe(constexprs)}] {num_warps} warps, {registers} registers: {verdict}")
+            print(f"  budget {kernel} [{constexprs}] {num_warps} warps, {registers} registers: {verdict}")
         if failed:
             sys.exit(1)

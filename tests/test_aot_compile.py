@@ -23,7 +23,8 @@ GPU_MACHINE_TRITON = "3.6.0"
 GPU_MACHINE_TRITON_WHEEL = "about 642 MB"  # triton-3.6.0 manylinux x86_64 wheel
 SKIP_GPU_MACHINE_TRITON = "LINREC_SKIP_TRITON36"
 
-KERNEL_MODULES = sorted(f"linrec.kernels.{m.name}" for m in pkgutil.iter_modules(linrec.kernels.__path__))
+KERNEL_MODULES = sorted(f"linrec.kernels.{m.name}" for m in pkgutil.iter_modules(linrec.kernels.__path__)
+                        if not m.name.startswith("_"))  # _shared: helpers, no kernels of its own
 
 
 def test_every_kernel_module_lists_its_specialisations():
