@@ -11,8 +11,8 @@ Two custom ops carry the work so that ``torch.compile`` traces through them:
 ``saved`` is what a backend's forward keeps for its backward: for ``triton`` with bf16 / fp16
 inputs the chunk inverse Tinv = (I + A)^{-1} of every chunk, (B, T * n, H, 64) in their dtype, so
 that the backward skips K K^T and the blocked inverse; an empty tensor for fp32 inputs, the other
-backends and the step-by-step decoding form. The backward recomputes it when not given (as ``bench.traffic``
-calls it).
+backends and the step-by-step decoding form. The backward recomputes it when given None or an
+empty tensor.
 
 The ops always see k as (B, T, n, H, K), v as (B, T, n, H, V) and beta as
 (B, T, n, H); the public function adds the n = 1 axis for 4-D/3-D inputs and
