@@ -74,6 +74,54 @@ def _check_diagonal(a, x, h0=None, cu=None, reverse=False, tol=None, grad_h=None
 
 
 # ---------------------------------------------------------------------------------------------
+# The loader (linrec._jit, shared with linrec._cuda)
+# ---------------------------------------------------------------------------------------------
+
+def test_loaded_extension_skips_the_probes(monkeypatch, extension):
+    """Once loaded, the availability question asks neither the compiler nor ninja (a subprocess):
+    backend='auto' on the CPU asks it on every op call. The disable flag still wins."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    def probe_called(*args, **kwargs):
+        raise AssertionError("a probe ran after the extension was loaded")
+
+    monkeypatch.setattr(_cpp, "_compiler", probe_called)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", probe_called)
+    assert _cpp.cpp_backend_unavailable_reason() is None
+    assert _cpp.load_extension() is extension
+    monkeypatch.setenv("LINREC_DISABLE_CPP", "1")
+    assert _cpp.cpp_backend_unavailable_reason() == "LINREC_DISABLE_CPP is set"
+
+
+def test_loader_announces_an_uncached_build_once(monkeypatch, capsys):
+    """A build that finds nothing cached prints one line naming the target; a failed build is
+    remembered and named (first line) by the availability question, without building again."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+
+    def failing_load(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("c++: error: stand-in failure\nmore compiler output")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    monkeypatch.setattr(_cpp._JIT, "module", None)
+    monkeypatch.setattr(_cpp._JIT, "build_error", None)
+    monkeypatch.setattr(_cpp, "cpu_capability", lambda: "stand_in_never_built")
+    with pytest.raises(RuntimeError, match=r"building linrec's CPU extension failed: c\+\+: error: stand-in"):
+        _cpp.load_extension()
+    assert len(calls) == 1 and calls[0]["name"] == "linrec_cpu_stand_in_never_built"
+    assert calls[0]["verbose"] is False
+    err = capsys.readouterr().err
+    assert err.count("linrec: compiling the CPU kernels (stand_in_never_built; once") == 1, err
+    assert _cpp.cpp_backend_unavailable_reason() == ("building the CPU extension failed earlier in this process: "
+                                                     "c++: error: stand-in failure")
+    with pytest.raises(RuntimeError, match="failed earlier in this process"):
+        _cpp.load_extension()
+    assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # Diagonal
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.complex64])

@@ -214,13 +214,13 @@ def test_loader_says_why_without_cuda():
     assert reason is not None and ("CUDA" in reason or "cuda" in reason)
     with pytest.raises(RuntimeError, match=r"CUDA backend is unavailable: .*would run instead"):
         _cuda.load_extension()
-    assert _cuda._extension is None
+    assert _cuda._JIT.module is None
 
 
 def test_disable_env_var(monkeypatch):
     monkeypatch.setenv("LINREC_DISABLE_CUDA", "1")
     assert _cuda.cuda_backend_unavailable_reason() == "LINREC_DISABLE_CUDA is set"
-    if _cuda._extension is None:  # nothing built yet in this process: the flag stops the build
+    if _cuda._JIT.module is None:  # nothing built yet in this process: the flag stops the build
         with pytest.raises(RuntimeError, match="LINREC_DISABLE_CUDA"):
             _cuda.load_extension()
 
@@ -244,7 +244,7 @@ def test_cuda_arch_env_parsing(monkeypatch):
 
 def test_import_builds_nothing():
     code = ("import sys, linrec, linrec.diagonal; from linrec import _cuda; "
-            "assert _cuda._extension is None")
+            "assert _cuda._JIT.module is None")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
@@ -261,7 +261,7 @@ def test_loader_calls_the_jit_build_once(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     monkeypatch.setattr(_cuda, "cuda_backend_unavailable_reason", lambda: None)
-    monkeypatch.setattr(_cuda, "_extension", None)
+    monkeypatch.setattr(_cuda._JIT, "module", None)
     monkeypatch.setenv("LINREC_CUDA_ARCH", "90a")
     assert _cuda.load_extension() == "module"
     assert _cuda.load_extension() == "module"  # cached in the process: built once
@@ -281,8 +281,8 @@ def test_loader_reports_a_failed_build(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     monkeypatch.setattr(_cuda, "cuda_backend_unavailable_reason", lambda: None)
-    monkeypatch.setattr(_cuda, "_extension", None)
-    monkeypatch.setattr(_cuda, "_build_error", None)
+    monkeypatch.setattr(_cuda._JIT, "module", None)
+    monkeypatch.setattr(_cuda._JIT, "build_error", None)
     monkeypatch.setenv("LINREC_CUDA_ARCH", "80")
     with pytest.raises(RuntimeError, match=r"building linrec's CUDA extension for sm_80 failed: nvcc: error"):
         _cuda.load_extension()

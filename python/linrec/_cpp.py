@@ -33,17 +33,16 @@ complex64):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ._common import HOUSEHOLDER_RECURRENT_MAX_T, accumulation_dtype, sum_to_shape
+from ._jit import BuildSpec, JitExtension, find_sources
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 BLOCK_DIAGONAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,13 +50,7 @@ MAX_BLOCK = 16  # largest block size b of the block-diagonal kernels
 SOURCES = ("binding.cpp", "diagonal.cpp", "block_diagonal.cpp", "householder.cpp")
 HOUSEHOLDER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_extension = None
-_build_error: Optional[BaseException] = None
-_lock = threading.Lock()
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+_JIT = JitExtension("CPU extension", disable_env="LINREC_DISABLE_CPP", verbose_env="LINREC_CPP_VERBOSE")
 
 
 def _compiler() -> Optional[str]:
@@ -66,41 +59,25 @@ def _compiler() -> Optional[str]:
     return shutil.which(cxx[0]) if cxx else None
 
 
+def _probe() -> Optional[str]:
+    """The CPU backend's own availability check (the shared ones are ``JitExtension``'s)."""
+    if _compiler() is None:
+        return f"no C++ compiler was found ({os.environ.get('CXX', 'c++')} is not on PATH; set CXX)"
+    return None
+
+
 def cpp_backend_unavailable_reason() -> Optional[str]:
     """Why the compiled CPU backend cannot run in this process (one line), or None when it can.
 
-    Cheap and side-effect free: it builds nothing.
+    Cheap and side-effect free: it builds nothing. Once the extension is loaded it skips the
+    compiler and ninja probes (``backend="auto"`` asks on every op call).
     """
-    if _env_flag("LINREC_DISABLE_CPP"):
-        return "LINREC_DISABLE_CPP is set"
-    if _extension is not None:  # built or loaded already: skip the compiler and ninja probes (a subprocess)
-        return None
-    if _compiler() is None:
-        return f"no C++ compiler was found ({os.environ.get('CXX', 'c++')} is not on PATH; set CXX)"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
-        return "ninja is not installed (pip install ninja), which the JIT build needs"
-    if _build_error is not None:
-        first = str(_build_error).strip().splitlines()
-        return f"building the CPU extension failed earlier in this process: {first[0] if first else _build_error!r}"
-    return None
+    return _JIT.unavailable_reason(_probe)
 
 
 def source_dir() -> Path:
     """The folder with the C++ sources: ``linrec/csrc/cpu`` when installed, ``csrc/cpu`` in the repo."""
-    try:
-        spec = importlib.util.find_spec("linrec.csrc")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            if (Path(location) / "cpu" / SOURCES[1]).is_file():
-                return Path(location) / "cpu"
-    repo = Path(__file__).resolve().parents[2] / "csrc" / "cpu"  # python/linrec/_cpp.py -> repo root
-    if (repo / SOURCES[1]).is_file():
-        return repo
-    raise RuntimeError("linrec's C++ sources (csrc/cpu/) were not found next to the package; reinstall linrec")
+    return find_sources("cpu", SOURCES[1], "C++ sources (csrc/cpu/)")
 
 
 def cpu_capability() -> str:
@@ -134,46 +111,22 @@ def load_extension():
 
     Raises RuntimeError saying why when the backend is unavailable or the build fails.
     """
-    global _extension, _build_error
-    if _extension is not None:
-        return _extension
-    reason = cpp_backend_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"linrec's compiled CPU backend is unavailable: {reason}. "
-                           "backend='torch' would run instead.")
-    with _lock:
-        if _extension is not None:
-            return _extension
-        from torch.utils import cpp_extension
+    return _JIT.load(cpp_backend_unavailable_reason,
+                     "linrec's compiled CPU backend is unavailable: {reason}. backend='torch' would run instead.",
+                     _build_spec)
 
-        capability = cpu_capability()
-        name = f"linrec_cpu_{capability}"
-        src = source_dir()
-        cflags, ldflags = build_flags(capability)
-        verbose = _env_flag("LINREC_CPP_VERBOSE")
-        try:
-            build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-            cached = any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd"))
-        except Exception:  # a private helper: only decides whether to print the message
-            build_dir, cached = None, False
-        if not cached:
-            print(f"linrec: compiling the CPU kernels ({capability}; once, about a minute; cached in "
-                  f"{build_dir or 'the torch extension dir'})", file=sys.stderr, flush=True)
-        try:
-            _extension = cpp_extension.load(
-                name=name,
-                sources=[str(src / s) for s in SOURCES],
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
-                extra_include_paths=[str(src)],
-                verbose=verbose,
-            )
-        except Exception as exc:  # the compiler's output is in the exception / the verbose log
-            _build_error = exc
-            raise RuntimeError(f"building linrec's CPU extension failed: {exc}. Set LINREC_CPP_VERBOSE=1 for the "
-                               "compiler output, LINREC_DISABLE_CPP=1 to stop trying; backend='torch' would run "
-                               "instead.") from exc
-    return _extension
+
+def _build_spec() -> BuildSpec:
+    capability = cpu_capability()
+    src = source_dir()
+    cflags, ldflags = build_flags(capability)
+    return BuildSpec(
+        load_kwargs=dict(name=f"linrec_cpu_{capability}", sources=[str(src / s) for s in SOURCES],
+                         extra_cflags=cflags, extra_ldflags=ldflags, extra_include_paths=[str(src)]),
+        failed=("building linrec's CPU extension failed: {error}. Set LINREC_CPP_VERBOSE=1 for the compiler "
+                "output, LINREC_DISABLE_CPP=1 to stop trying; backend='torch' would run instead."),
+        announce=f"linrec: compiling the CPU kernels ({capability}; once, about a minute; cached in {{where}})",
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,67 +20,48 @@ The launchers mirror those of the Triton kernels in ``linrec.kernels.diagonal``:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
-import threading
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 
 from ._common import accumulation_dtype, num_sequences
+from ._jit import BuildSpec, JitExtension, find_sources
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 SOURCES = ("binding.cpp", "diagonal_scan_kernel.cu")
 
-_extension = None
-_build_error: Optional[BaseException] = None
-_lock = threading.Lock()
+_JIT = JitExtension("CUDA extension", disable_env="LINREC_DISABLE_CUDA", verbose_env="LINREC_CUDA_VERBOSE")
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def cuda_backend_unavailable_reason() -> Optional[str]:
-    """Why ``backend="cuda"`` cannot run in this process, or None when it can.
-
-    Cheap and side-effect free: it builds nothing.
-    """
-    if _env_flag("LINREC_DISABLE_CUDA"):
-        return "LINREC_DISABLE_CUDA is set"
+def _probe() -> Optional[str]:
+    """The CUDA backend's own availability check (the shared ones are ``JitExtension``'s)."""
     if getattr(torch.version, "hip", None):
         return f"this PyTorch ({torch.__version__}) is a ROCm build; the CUDA kernels need a CUDA build"
     if torch.version.cuda is None:
         return f"this PyTorch ({torch.__version__}) is built without CUDA"
     if not torch.cuda.is_available():
         return "no CUDA device is available (torch.cuda.is_available() is False)"
-    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+    from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None:
         return "the CUDA toolkit (nvcc) was not found; set CUDA_HOME to build the kernels"
-    if not is_ninja_available():
-        return "ninja is not installed (pip install ninja), which the JIT build needs"
-    if _build_error is not None:
-        return f"building the CUDA extension failed earlier in this process: {_build_error}"
     return None
+
+
+def cuda_backend_unavailable_reason() -> Optional[str]:
+    """Why ``backend="cuda"`` cannot run in this process (one line), or None when it can.
+
+    Cheap and side-effect free: it builds nothing.
+    """
+    return _JIT.unavailable_reason(_probe)
 
 
 def source_dir() -> Path:
     """The folder with the CUDA sources: ``linrec/csrc`` when installed, ``csrc/`` in the repo."""
-    try:
-        spec = importlib.util.find_spec("linrec.csrc")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            if (Path(location) / SOURCES[1]).is_file():
-                return Path(location)
-    repo_csrc = Path(__file__).resolve().parents[2] / "csrc"  # python/linrec/_cuda.py -> repo root
-    if (repo_csrc / SOURCES[1]).is_file():
-        return repo_csrc
-    raise RuntimeError("linrec's CUDA sources (csrc/) were not found next to the package; reinstall linrec")
+    return find_sources("", SOURCES[1], "CUDA sources (csrc/)")
 
 
 def cuda_archs() -> List[str]:
@@ -114,35 +95,23 @@ def load_extension():
 
     Raises RuntimeError saying why when the backend is unavailable or the build fails.
     """
-    global _extension, _build_error
-    if _extension is not None:
-        return _extension
-    reason = cuda_backend_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"linrec's CUDA backend is unavailable: {reason}. "
-                           "backend='triton' (CUDA tensors) or 'torch' (any device) would run instead.")
-    with _lock:
-        if _extension is not None:
-            return _extension
-        from torch.utils.cpp_extension import load
+    return _JIT.load(cuda_backend_unavailable_reason,
+                     "linrec's CUDA backend is unavailable: {reason}. "
+                     "backend='triton' (CUDA tensors) or 'torch' (any device) would run instead.",
+                     _build_spec)
 
-        archs = cuda_archs()
-        src = source_dir()
-        try:
-            _extension = load(
-                name="linrec_cuda_" + "_".join(archs),
-                sources=[str(src / name) for name in SOURCES],
-                extra_cflags=["-O3", "-std=c++17"],
-                extra_cuda_cflags=nvcc_flags(archs),
-                extra_include_paths=[str(src)],
-                verbose=_env_flag("LINREC_CUDA_VERBOSE"),
-            )
-        except Exception as exc:  # the compiler's output is in the exception / the verbose log
-            _build_error = exc
-            raise RuntimeError(f"building linrec's CUDA extension for sm_{'/'.join(archs)} failed: {exc}. "
-                               "Set LINREC_CUDA_VERBOSE=1 for the compiler output, LINREC_DISABLE_CUDA=1 to "
-                               "stop trying; backend='triton' would run instead.") from exc
-    return _extension
+
+def _build_spec() -> BuildSpec:
+    archs = cuda_archs()
+    src = source_dir()
+    return BuildSpec(
+        load_kwargs=dict(name="linrec_cuda_" + "_".join(archs), sources=[str(src / name) for name in SOURCES],
+                         extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=nvcc_flags(archs),
+                         extra_include_paths=[str(src)]),
+        failed=(f"building linrec's CUDA extension for sm_{'/'.join(archs)} failed: {{error}}. "
+                "Set LINREC_CUDA_VERBOSE=1 for the compiler output, LINREC_DISABLE_CUDA=1 to "
+                "stop trying; backend='triton' would run instead."),
+    )
 
 
 def _common_storage(*tensors: torch.Tensor) -> torch.dtype:
