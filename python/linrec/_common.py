@@ -239,6 +239,34 @@ def register_scan_autograd(scan_op, backward_op, *, differentiable: int, save_in
     scan_op.register_autograd(backward, setup_context=setup_context)
 
 
+# Backend tables and what a forward keeps for its backward. A family's backends are entries of two
+# tables, FORWARD[name] and BACKWARD[name], with one signature per table whatever the backend. Where
+# some backend's backward reuses something its forward computed (the Triton Householder chunk
+# inverse, the Triton selective scan's state checkpoints), every FORWARD entry returns the op's
+# outputs followed by ``saved`` (a tensor, or None when that backend keeps nothing), and every
+# BACKWARD entry takes ``saved=`` (None: recompute whatever it needs). The op returns ``saved`` as a
+# non-differentiable output (an empty tensor for None) and hands it to the backward op
+# (``register_scan_autograd``'s ``save_outputs``). Backends that keep nothing are wrapped:
+
+
+def without_saved(forward: Callable) -> Callable:
+    """A forward that keeps nothing for its backward, in the tables' convention: it returns its own
+    outputs (a tuple) followed by ``saved = None``."""
+    def run(*args, **kwargs):
+        return (*forward(*args, **kwargs), None)
+    run.__name__ = getattr(forward, "__name__", "forward")
+    return run
+
+
+def ignoring_saved(backward: Callable) -> Callable:
+    """A backward that recomputes what it needs, in the tables' convention: it takes ``saved=``
+    (what a forward kept, or None) and ignores it."""
+    def run(*args, saved: Optional[torch.Tensor] = None, **kwargs):
+        return backward(*args, **kwargs)
+    run.__name__ = getattr(backward, "__name__", "backward")
+    return run
+
+
 def num_sequences(batch: int, cu_seqlens: Optional[torch.Tensor]) -> int:
     """N: the number of sequences, B without ``cu_seqlens``, else its length - 1."""
     return batch if cu_seqlens is None else cu_seqlens.shape[0] - 1

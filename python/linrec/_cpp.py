@@ -25,8 +25,9 @@ complex64):
 * ``block_diagonal_scan_backward(A, h, grad_h, initial_state, *, cu_seqlens, reverse) -> (grad_A, grad_x, grad_h0)``
 * ``householder_scan_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale) -> (o, final_state)``
 * ``householder_scan_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale)
-  -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)`` (the signatures of the
-  Householder backends' FORWARD / BACKWARD tables in ``linrec.householder.op``), and
+  -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state)`` (the Householder
+  backends' FORWARD / BACKWARD tables in ``linrec.householder.op`` take them through
+  ``without_saved`` / ``ignoring_saved``: they keep nothing for the backward), and
   ``householder_supports(q, ...)``: whether backend='auto' should run them for a call (T <= 8, or
   K <= 64 at any T).
 """
@@ -376,14 +377,11 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                               log_gate: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
                               grad_o: torch.Tensor, grad_final: Optional[torch.Tensor], *,
-                              cu_seqlens: Optional[torch.Tensor], scale: float,
-                              saved: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
+                              cu_seqlens: Optional[torch.Tensor], scale: float) -> List[Optional[torch.Tensor]]:
     """Gradients of ``householder_scan_forward``: the states before every factor are recomputed
     (from checkpoints every ~sqrt(T) tokens; one segment when decoding), then one backward sweep.
 
-    Args: as the forward, plus grad_o (B, T, H, V) and grad_final (N, H, K, V) or None (zeros);
-    saved: what a forward kept for the backward (the op's keyword for every backend): unused, this
-    backward recomputes the states.
+    Args: as the forward, plus grad_o (B, T, H, V) and grad_final (N, H, K, V) or None (zeros).
 
     Returns:
         [grad_q, grad_k, grad_v, grad_beta, grad_log_gate, grad_initial_state]: each in its input's

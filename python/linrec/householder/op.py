@@ -43,8 +43,8 @@ from torch import Tensor
 
 from .. import _cpp
 from .._common import (HOUSEHOLDER_RECURRENT_MAX_T, REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens,
-                       check_cu_seqlens_values, check_same_device, check_shape, check_tensor, num_sequences,
-                       register_scan_autograd, resolve_backend, settle_cpu_auto)
+                       check_cu_seqlens_values, check_same_device, check_shape, check_tensor, ignoring_saved,
+                       num_sequences, register_scan_autograd, resolve_backend, settle_cpu_auto, without_saved)
 from .chunked import householder_scan_chunked
 from .recurrent import householder_scan_recurrent
 from .reference import householder_scan_reference
@@ -65,8 +65,10 @@ def _floor_log_gate(log_gate: Optional[Tensor]) -> Optional[Tensor]:
 
 # ----------------------------------------------------------------------------------------------
 # Backends: name -> forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale)
-# -> (o, final_state), and name -> backward(q, k, v, beta, log_gate, initial_state, grad_o,
-# grad_final, *, cu_seqlens, scale) -> the six gradients (None for absent inputs). Forward
+# -> (o, final_state, saved), and name -> backward(q, k, v, beta, log_gate, initial_state, grad_o,
+# grad_final, *, cu_seqlens, scale, saved) -> the six gradients (None for absent inputs); ``saved``
+# is what the forward keeps for the backward (_common's convention: ``without_saved`` /
+# ``ignoring_saved`` for the backends that keep nothing), here the Triton chunk inverse. Forward
 # passes of at most HOUSEHOLDER_RECURRENT_MAX_T tokens step through the recurrence (decoding:
 # no chunk padding). The torch and reference backwards differentiate their own forward
 # (recomputed) with torch.func.vjp: the reference's gradients are thus autograd through the
@@ -77,16 +79,17 @@ def _torch_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale)
     return form(q, k, v, beta, _floor_log_gate(log_gate), initial_state, cu_seqlens=cu_seqlens, scale=scale)
 
 
-def _triton_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale, return_saved=False):
-    """The Triton forward; with return_saved, (o, final, saved): ``saved`` the chunk inverse Tinv
-    (``linrec.kernels.householder.tinv_shape``) for the backward, or None (step-by-step decoding)."""
+def _triton_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale):
+    """The Triton forward: (o, final, saved), ``saved`` the chunk inverse Tinv
+    (``linrec.kernels.householder.tinv_shape``) for the backward, or None (fp32 inputs: the backward
+    recomputes it; step-by-step decoding)."""
     from linrec.kernels.householder import householder_scan_forward, householder_scan_recurrent_forward
     if q.shape[1] <= HOUSEHOLDER_RECURRENT_MAX_T:
         o, final = householder_scan_recurrent_forward(q, k, v, beta, _floor_log_gate(log_gate), initial_state,
                                                       cu_seqlens=cu_seqlens, scale=scale)
-        return (o, final, None) if return_saved else (o, final)
+        return o, final, None
     return householder_scan_forward(q, k, v, beta, _floor_log_gate(log_gate), initial_state, cu_seqlens=cu_seqlens,
-                                    scale=scale, return_saved=return_saved)
+                                    scale=scale, return_saved=True)
 
 
 def _triton_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale, saved=None):
@@ -100,7 +103,7 @@ def _triton_backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final,
 
 def _vjp_backward(forward):
     """The backward of a forward form, by torch.func.vjp through its recomputation."""
-    def backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale, saved=None):
+    def backward(q, k, v, beta, log_gate, initial_state, grad_o, grad_final, *, cu_seqlens, scale):
         inputs = (q, k, v, beta, log_gate, initial_state)
         present = [i for i, t in enumerate(inputs) if t is not None]
 
@@ -116,18 +119,15 @@ def _vjp_backward(forward):
             grads[i] = g
         return grads
 
-    return backward
+    return ignoring_saved(backward)
 
 
 # The cpp kernels take the log-gates as they are (exp(-inf) = 0 is exact step by step); the chunked
 # forms floor them (LOG_GATE_FLOOR).
-FORWARD = {"triton": _triton_forward, "cpp": _cpp.householder_scan_forward, "torch": _torch_forward,
-           "reference": householder_scan_reference}
-# Backends whose forward also hands the backward what it saved (forward(..., return_saved=True) ->
-# (o, final, saved), backward(..., saved=saved)): the Triton chunk inverse. The others recompute.
-SAVES_FOR_BACKWARD = ("triton",)
-BACKWARD = {"triton": _triton_backward, "cpp": _cpp.householder_scan_backward, "torch": _vjp_backward(_torch_forward),
-            "reference": _vjp_backward(householder_scan_reference)}
+FORWARD = {"triton": _triton_forward, "cpp": without_saved(_cpp.householder_scan_forward),
+           "torch": without_saved(_torch_forward), "reference": without_saved(householder_scan_reference)}
+BACKWARD = {"triton": _triton_backward, "cpp": ignoring_saved(_cpp.householder_scan_backward),
+            "torch": _vjp_backward(_torch_forward), "reference": _vjp_backward(householder_scan_reference)}
 AVAILABLE_BACKENDS = tuple(FORWARD)
 
 
@@ -147,10 +147,7 @@ def _householder_scan_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate
     check_cu_seqlens_values(cu_seqlens, q.shape[1])
     backend = settle_cpu_auto(backend, _cpp.householder_supports(q, k, v, beta, log_gate, initial_state, cu_seqlens))
     kwargs = dict(cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q))
-    if backend in SAVES_FOR_BACKWARD:
-        o, final, saved = FORWARD[backend](q, k, v, beta, log_gate, initial_state, return_saved=True, **kwargs)
-    else:
-        (o, final), saved = FORWARD[backend](q, k, v, beta, log_gate, initial_state, **kwargs), None
+    o, final, saved = FORWARD[backend](q, k, v, beta, log_gate, initial_state, **kwargs)
     # With T = 0 (or empty packed sequences) a backend may hand back the initial state itself;
     # custom-op outputs must not alias inputs.
     if initial_state is not None and final.untyped_storage().data_ptr() == \
@@ -165,7 +162,7 @@ def _saved_like(q: Tensor, n: int, backend: str) -> Tensor:
     (shape (0,)) for fp32 inputs, the step-by-step form (T <= HOUSEHOLDER_RECURRENT_MAX_T) and the other
     backends."""
     B, T, H, _ = q.shape
-    if backend not in SAVES_FOR_BACKWARD or T <= HOUSEHOLDER_RECURRENT_MAX_T:
+    if backend != "triton" or T <= HOUSEHOLDER_RECURRENT_MAX_T:
         return q.new_empty((0,))
     from linrec.kernels.householder import _work_dtype, saves_tinv, tinv_shape
     if not saves_tinv(q.dtype):
@@ -192,10 +189,8 @@ def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
     backend = settle_cpu_auto(backend, _cpp.householder_supports(q, k, v, beta, log_gate, initial_state, grad_o,
                                                                  grad_final, cu_seqlens))
     inputs = (q, k, v, beta, log_gate, initial_state)
-    kwargs = dict(cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q))
-    if saved is not None and saved.numel() > 0 and backend in SAVES_FOR_BACKWARD:
-        kwargs["saved"] = saved
-    grads = BACKWARD[backend](*inputs, grad_o, grad_final, **kwargs)
+    grads = BACKWARD[backend](*inputs, grad_o, grad_final, cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q),
+                              saved=None if saved is None or saved.numel() == 0 else saved)
     # A gradient may be an incoming one handed straight back (T = 0: dL/dh0 = dL/dfinal);
     # custom-op outputs must not alias inputs or each other.
     taken = {t.untyped_storage().data_ptr() for t in (*inputs, grad_o, grad_final, saved)

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from .._common import (REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens, check_cu_seqlens_values,
-                       check_same_device, check_shape, check_tensor, num_sequences, register_scan_autograd,
-                       resolve_backend)
+                       check_same_device, check_shape, check_tensor, ignoring_saved, num_sequences,
+                       register_scan_autograd, resolve_backend, without_saved)
 from .chunked import selective_scan_chunked, selective_scan_chunked_backward
 from .reference import selective_scan_reference
 
@@ -45,35 +45,25 @@ def _triton_forward(*args):
     return selective_scan_forward(*args, save_checkpoints=True)
 
 
-def _triton_backward(*args, checkpoints=None):
+def _triton_backward(*args, saved=None):
     from linrec.kernels.selective import selective_scan_backward
-    return selective_scan_backward(*args, checkpoints=checkpoints)
+    return selective_scan_backward(*args, checkpoints=saved)
 
 
-def _without_checkpoints(forward: Callable) -> Callable:
-    def run(*args):
-        y, final = forward(*args)
-        return y, final, None
-    return run
-
-
-def _ignoring_checkpoints(backward: Callable) -> Callable:
-    def run(*args, checkpoints=None):
-        return backward(*args)
-    return run
-
-
+# The tables follow _common's convention for what a forward keeps (``without_saved``): here the
+# Triton forward's checkpoints, the state entering every 256 steps; the other backends keep none.
 # name -> f(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, cu_seqlens,
 #           negative_eigenvalues) -> (y, final_state, checkpoints for the backward or None)
 FORWARD: Dict[str, Callable] = {
-    "reference": _without_checkpoints(selective_scan_reference),
-    "torch": _without_checkpoints(selective_scan_chunked),
+    "reference": without_saved(selective_scan_reference),
+    "torch": without_saved(selective_scan_chunked),
     "triton": _triton_forward,
 }
-# name -> f(same arguments, grad_y, grad_final, checkpoints=...) -> [grad per tensor input, None for absent ones]
+# name -> f(same arguments, grad_y, grad_final, saved=checkpoints or None) -> [grad per tensor input, None
+# for absent ones]
 BACKWARD: Dict[str, Callable] = {
-    "reference": _ignoring_checkpoints(selective_scan_chunked_backward),
-    "torch": _ignoring_checkpoints(selective_scan_chunked_backward),
+    "reference": ignoring_saved(selective_scan_chunked_backward),
+    "torch": ignoring_saved(selective_scan_chunked_backward),
     "triton": _triton_backward,
 }
 
@@ -143,7 +133,7 @@ def _selective_scan_backward_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
     if checkpoints is not None and checkpoints.numel() == 0:
         checkpoints = None
     grads = BACKWARD[backend](x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse,
-                              cu_seqlens, negative_eigenvalues, grad_y, grad_final, checkpoints=checkpoints)
+                              cu_seqlens, negative_eigenvalues, grad_y, grad_final, saved=checkpoints)
     out = [x.new_empty((0,)) if t is None else g.to(t.dtype).contiguous() for g, t in zip(grads, inputs)]
     return tuple(_unaliased(out, inputs + (grad_y, grad_final)))
 
