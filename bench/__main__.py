@@ -26,8 +26,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import block_diagonal, diagonal, householder, selective
-from .common import (DTYPES, MODES, HelpFormatter, OpSpec, Skip, add_device_option, device_slug, environment,
-                     evaluate_targets, format_table, measure_copy_bandwidth, pick_device, plot_sweeps, run_case,
+from .common import (DTYPES, MODES, HelpFormatter, OpSpec, Skip, add_device_option, check_against_loop, device_slug,
+                     environment, evaluate_targets, format_table, make_row, measure_copy_bandwidth,
+                     peak_extra_memory_mb, pick_device, plot_sweeps, prepare_case, run_case, time_interleaved,
                      write_csv)
 
 OPS: Dict[str, OpSpec] = {
@@ -46,6 +47,7 @@ PRESETS = {
     "full": "the GPU sweep: sequence length, batch, width/heads, block size, n factors, dtypes, every mode, "
             "and the issues' target shapes",
 }
+SUSPECT_FRAC_COPY = 1.1  # rows moving their modelled bytes faster than this x the copy bandwidth get a note
 MAX_FAILURES = 3  # an implementation that raised this many times in a row (per op and dtype) is not retried
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -78,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_option(p)
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds of timing per point (default: 0.005 tiny, 0.02 quick, 0.1 on CUDA, 0.2 on the CPU)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="time a point's implementations in interleaved rounds (each round runs every one in "
+                        "turn; median, p20, p80 over the rounds) instead of one after the other (default: on "
+                        "for the cpu-target preset on the CPU, off otherwise)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of --interleave (default: 3 for tiny and quick, 9 otherwise)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads, 0 for torch's own choice; 1 gives steadier numbers on a shared machine")
     p.add_argument("--out", default="", help="folder for the CSV and PNGs (default: bench/results for full and "
@@ -109,6 +117,63 @@ def _split(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _broken(op: OpSpec, impl, dtype_name: str, skips: Dict[tuple, int], failures: Dict[tuple, int]) -> bool:
+    """Whether the circuit breaker holds ``impl`` off (it failed MAX_FAILURES times in a row for this
+    op and dtype); counts the case as skipped when it does."""
+    if failures.get((op.name, impl.name, dtype_name), 0) < MAX_FAILURES:
+        return False
+    key = (op.name, impl.name, f"not retried after {MAX_FAILURES} failures in a row ({dtype_name})")
+    skips[key] = skips.get(key, 0) + 1
+    return True
+
+
+def _note_skip(op: OpSpec, impl, dtype_name: str, skip: Skip, skips: Dict[tuple, int],
+               failures: Dict[tuple, int]) -> None:
+    key = (op.name, impl.name, str(skip))
+    skips[key] = skips.get(key, 0) + 1
+    if skip.failed:
+        breaker = (op.name, impl.name, dtype_name)
+        failures[breaker] = failures.get(breaker, 0) + 1
+
+
+def _run_interleaved(op: OpSpec, point, mode: str, dtype_name: str, impls, device, inputs: Dict[str, Any],
+                     copy_gbps: float, rounds: int, skips: Dict[tuple, int], failures: Dict[tuple, int],
+                     bar) -> List[Dict[str, Any]]:
+    """One point and mode: every implementation built (one warm-up call each), then timed in
+    ``rounds`` interleaved rounds (:func:`bench.common.time_interleaved`); one row each."""
+    built = {}
+    for impl in impls:
+        bar.set_postfix_str(f"{op.name} {impl.name} {mode} {dtype_name} {point.x_name}={point.x_value} (build)")
+        if _broken(op, impl, dtype_name, skips, failures):
+            bar.update(1)
+            continue
+        try:
+            built[impl.name] = (impl, *prepare_case(impl, point, mode, device, inputs))
+        except Skip as skip:
+            _note_skip(op, impl, dtype_name, skip, skips, failures)
+            bar.update(1)
+    if not built:
+        return []
+    bar.set_postfix_str(f"{op.name} {len(built)} impls {mode} {dtype_name} {point.x_name}={point.x_value} "
+                        f"({rounds} interleaved rounds)")
+    try:
+        times, _ = time_interleaved({name: fn for name, (_, fn, _) in built.items()}, device, rounds=rounds)
+    except Exception as exc:  # noqa: BLE001 - one implementation failing while timed drops the point's rows
+        for impl, _, _ in built.values():
+            _note_skip(op, impl, dtype_name, Skip(f"interleaved timing failed: {type(exc).__name__}: "
+                                                  f"{str(exc).strip()[:120]}", failed=True), skips, failures)
+        bar.update(len(built))
+        return []
+    rows = []
+    for name, (impl, fn, out_bytes) in built.items():
+        peak = peak_extra_memory_mb(fn, device)
+        rows.append(make_row(op, impl, point, mode, dtype_name, times[name], out_bytes, copy_gbps, peak,
+                             f"interleaved, {rounds} rounds"))
+        failures[(op.name, impl.name, dtype_name)] = 0
+        bar.update(1)
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Runs the benchmark; returns the measured rows (also written to the CSV)."""
     from tqdm import tqdm
@@ -128,13 +193,21 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     min_run_time = args.min_run_time if args.min_run_time is not None else (
         {"tiny": 0.005, "quick": 0.02}.get(args.preset, 0.1 if device.type == "cuda" else 0.2))
     min_samples = {"tiny": 3, "quick": 3}.get(args.preset, 7)  # a preset list gets the careful defaults
+    interleave = args.interleave if args.interleave is not None else (
+        device.type == "cpu" and "cpu-target" in args.preset.split(","))
+    rounds = args.rounds if args.rounds is not None else {"tiny": 3, "quick": 3}.get(args.preset, 9)
+    if rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     env = environment(device)
     print(f"device: {env['device']}  driver: {env['driver'] or 'n/a'}  torch {env['torch']}  "
           f"triton {env['triton']}  git {env['git_sha']}  {env['utc_time']}"
-          + (f"  kernel config: {env['kernel_config']}" if env["kernel_config"] else ""), flush=True)
+          + (f"  kernel config: {env['kernel_config']}" if env["kernel_config"] else "")
+          + (f"  cpp huge pages: {env['cpp_hugepages']}" if env["cpp_hugepages"] else ""), flush=True)
+    print("timing: " + (f"interleaved, {rounds} rounds per point and mode (median, p20, p80 over rounds)" if interleave
+                        else "each implementation on its own"), flush=True)
 
     # Collect the work first, so the progress bar knows its length.
     plan = []
@@ -185,24 +258,24 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                 notes.append(f"{op.name}: {point.dims} {dtype_name}: inputs do not fit in memory")
                 bar.update(len(runs))
                 continue
-            for mode, impl in runs:
-                bar.set_postfix_str(f"{op.name} {impl.name} {mode} {dtype_name} {point.x_name}={point.x_value}")
-                breaker = (op.name, impl.name, dtype_name)
-                if failures.get(breaker, 0) >= MAX_FAILURES:
-                    key = (op.name, impl.name, f"not retried after {MAX_FAILURES} failures in a row ({dtype_name})")
-                    skips[key] = skips.get(key, 0) + 1
+            if interleave:
+                for mode in dict.fromkeys(m for m, _ in runs):
+                    impls = [impl for m, impl in runs if m == mode]
+                    rows.extend(_run_interleaved(op, point, mode, dtype_name, impls, device, inputs, copy_gbps,
+                                                 rounds, skips, failures, bar))
+            else:
+                for mode, impl in runs:
+                    bar.set_postfix_str(f"{op.name} {impl.name} {mode} {dtype_name} {point.x_name}={point.x_value}")
+                    if _broken(op, impl, dtype_name, skips, failures):
+                        bar.update(1)
+                        continue
+                    try:
+                        rows.append(run_case(op, impl, point, mode, dtype_name, device, inputs, copy_gbps,
+                                             min_run_time, min_samples))
+                        failures[(op.name, impl.name, dtype_name)] = 0
+                    except Skip as skip:
+                        _note_skip(op, impl, dtype_name, skip, skips, failures)
                     bar.update(1)
-                    continue
-                try:
-                    rows.append(run_case(op, impl, point, mode, dtype_name, device, inputs, copy_gbps,
-                                         min_run_time, min_samples))
-                    failures[breaker] = 0
-                except Skip as skip:
-                    key = (op.name, impl.name, str(skip))
-                    skips[key] = skips.get(key, 0) + 1
-                    if skip.failed:
-                        failures[breaker] = failures.get(breaker, 0) + 1
-                bar.update(1)
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -215,8 +288,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         print(f"note: {note}")
     for (op_name, impl_name, reason), count in skips.items():
         print(f"note: {op_name}: {impl_name} skipped at {count} case(s): {reason}")
+    for r in rows:  # a rate above the copy bandwidth cannot come from memory: say so next to the number
+        if isinstance(r["frac_copy"], float) and r["frac_copy"] > SUSPECT_FRAC_COPY:
+            print(f"note: {r['op']}: {r['impl']} {r['mode']} {r['dtype']} {r['x_name']}={r['x_value']} moved the "
+                  f"modelled bytes at {100 * r['frac_copy']:.0f}% of the measured copy bandwidth: faster than "
+                  "memory, so suspect (data left in cache, pages reused, or a copy measured under load)")
 
     target_lines = evaluate_targets([t for name in ops for t in OPS[name].targets()], rows)
+    if device.type == "cpu":
+        target_lines += check_against_loop(rows)
     measured = [line for line in target_lines if not line.startswith("[--]")]
     if measured:
         print("\ntargets:")

@@ -267,3 +267,218 @@ def test_ncu_summary_reads_ncu_csv(tmp_path):
                             text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     line = [l for l in result.stdout.splitlines() if l.startswith("| diagonal-triton-fp32")]
     assert line == ["| diagonal-triton-fp32 | diagonal_scan_kernel | 8.19e+03 | 40 | 71.5 | 268 | 134 | 120 |"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20: interleaved timing, complex64 and bf16 at the cpu-target point, floor targets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_time_interleaved_runs_every_function_once_per_round_in_rotating_order():
+    """Each timed round calls every implementation in turn (one block each), the order rotating by
+    one per round; the medians come from one sample per round and sit between p20 and p80."""
+    import torch
+
+    from bench.common import time_interleaved
+
+    log = []
+
+    def make(name):
+        def fn():
+            log.append(name)
+            return torch.zeros(4)
+        return fn
+
+    names = ["a", "b", "c"]
+    times, order = time_interleaved({n: make(n) for n in names}, torch.device("cpu"), rounds=4,
+                                    min_block_time=0.0, warmup_rounds=1)
+    assert order == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert log == names + [n for rnd in order for n in rnd]  # one warm-up round, then the rounds, one call per block
+    for n in names:
+        med, p20, p80 = times[n]
+        assert 0 < p20 <= med <= p80, (n, times[n])
+
+
+def test_time_interleaved_blocks_short_calls_and_keeps_outputs_until_the_clock_stops():
+    """A call shorter than min_block_time is repeated within its block (k calls, time per call);
+    what a block's calls return is released only after the block, outside the timed region."""
+    import torch
+
+    from bench.common import time_interleaved
+
+    counts = {"fast": 0}
+    alive = []
+
+    def fast():
+        counts["fast"] += 1
+        t = torch.zeros(1)
+        alive.append(t)
+        return t
+
+    times, order = time_interleaved({"fast": fast}, torch.device("cpu"), rounds=3, min_block_time=0.002)
+    assert len(order) == 3 and counts["fast"] > 3 + 1  # more than one call per block
+    assert times["fast"][0] < 2.0                        # ms per call, not per block
+
+
+class _Bar:
+    def set_postfix_str(self, *_):
+        pass
+
+    def update(self, *_):
+        pass
+
+
+def _cpu_target_rows(dtype_name, modes=("fwd", "fwdbwd"), rounds=2):
+    """The diagonal cpu-target point at a small size (B=1 T=64 D=32), every CPU implementation,
+    timed by the runner's interleaved path; returns the rows and the skip notes."""
+    import torch
+
+    from bench import diagonal
+    from bench.__main__ import _run_interleaved
+    from bench.common import DTYPES, Point
+
+    device = torch.device("cpu")
+    impls, _ = diagonal.impls(device)
+    impls = [i for i in impls if i.name not in ("linrec.triton", "linrec.cuda", "linrec.reference")]
+    point = Point("cpu-target", "T", {"B": 1, "T": 64, "D": 32}, modes, (dtype_name,))
+    inputs = diagonal.make_inputs(point, DTYPES[dtype_name], device)
+    rows, skips, failures = [], {}, {}
+    for mode in modes:
+        rows += _run_interleaved(diagonal.OP, point, mode, dtype_name, impls, device, inputs, 1.0, rounds,
+                                 skips, failures, _Bar())
+    return rows, skips
+
+
+def test_cpu_target_has_bf16_and_complex64_and_complex64_inputs_are_complex():
+    import torch
+
+    from bench import diagonal
+
+    (point,) = diagonal.sweeps("cpu-target", torch.device("cpu"))
+    assert point.dims == {"B": 8, "T": 4096, "D": 512}
+    assert set(point.dtypes) == {"fp32", "bf16", "complex64"} and set(point.modes) == {"fwd", "bwd", "fwdbwd"}
+    small = diagonal.Point("cpu-target", "T", {"B": 2, "T": 8, "D": 4}, ("fwd",), ("complex64",))
+    inputs = diagonal.make_inputs(small, torch.complex64, torch.device("cpu"))
+    assert inputs["a"].dtype == inputs["x"].dtype == torch.complex64
+    mod = inputs["a"].abs()
+    assert bool(((mod >= 0.5 - 1e-6) & (mod < 1 + 1e-6)).all())          # stable: |a| in [0.5, 1)
+    assert inputs["a"].imag.abs().max() > 0.1                            # really complex
+
+
+def test_complex64_point_runs_interleaved_and_every_implementation_agrees():
+    """At a small cpu-target point in complex64 the runner times the linrec backends, the loop and
+    both floors interleaved; the loop and linrec.torch (and cpp where built) compute the same scan
+    (within 1e-5 of the complex128 reference), and the huge-page floor computes addcmul."""
+    import torch
+
+    import linrec
+    from bench import diagonal
+
+    rows, skips = _cpu_target_rows("complex64")
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    for impl in ("linrec.torch", "torch_loop"):
+        for mode in ("fwd", "fwdbwd"):
+            r = by[(impl, mode)]
+            assert r["dtype"] == "complex64" and r["timing"] == "interleaved, 2 rounds"
+            assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+            assert r["bytes_model"] == {"fwd": 3, "fwdbwd": 8}[mode] * 64 * 32 * 8
+    assert ("elementwise_floor", "fwd") in by and ("elementwise_floor_thp", "fwd") in by
+    assert ("elementwise_floor", "fwdbwd") not in by  # a forward-only bound
+
+    point = diagonal.Point("cpu-target", "T", {"B": 1, "T": 64, "D": 32}, ("fwd",), ("complex64",))
+    inputs = diagonal.make_inputs(point, torch.complex64, torch.device("cpu"))
+    a, x = inputs["a"], inputs["x"]
+    ref = linrec.diagonal_scan(a.to(torch.complex128), x.to(torch.complex128), backend="reference")
+    outs = {"torch_loop": diagonal.torch_loop(a, x), "linrec.torch": linrec.diagonal_scan(a, x, backend="torch")}
+    if ("linrec.cpp", "fwd") in by:
+        outs["linrec.cpp"] = linrec.diagonal_scan(a, x, backend="cpp")
+    for name, out in outs.items():
+        assert out.dtype == torch.complex64
+        torch.testing.assert_close(out.to(torch.complex128), ref, rtol=1e-5, atol=1e-5, msg=name)
+    floor = torch.addcmul(x, a, x, out=diagonal.empty_hugepages(x))
+    torch.testing.assert_close(floor, torch.addcmul(x, a, x), rtol=0, atol=0)
+
+
+def test_bf16_point_runs_interleaved():
+    rows, _ = _cpu_target_rows("bf16", modes=("fwd",), rounds=1)
+    impls = {r["impl"] for r in rows}
+    assert {"linrec.torch", "torch_loop", "elementwise_floor", "elementwise_floor_thp"} <= impls
+    assert all(r["dtype"] == "bf16" and r["median_ms"] > 0 for r in rows)
+
+
+def _floor_rows(cpp_fwd, cpp_fwdbwd, floor, floor_thp, dtype="fp32"):
+    def row(impl, mode, ms):
+        return {"op": "diagonal", "sweep": "cpu-target", "impl": impl, "mode": mode, "dtype": dtype,
+                "B": 8, "T": 4096, "D": 512, "median_ms": ms}
+    return [row("linrec.cpp", "fwd", cpp_fwd), row("linrec.cpp", "fwdbwd", cpp_fwdbwd),
+            row("elementwise_floor", "fwd", floor), row("elementwise_floor_thp", "fwd", floor_thp)]
+
+
+def test_floor_targets_compare_the_cpp_time_with_the_floor_of_the_same_pages():
+    """Issue 20's CPU targets: cpp fwd <= 1.3x the floor's forward, fwd+bwd <= 1.3 x 8/3 of it, per
+    dtype; the like-for-like floor follows the cpp backend's page setting, and with huge pages on
+    PyTorch's own (4 KiB) floor is reported too."""
+    from bench import diagonal
+    from bench.common import evaluate_targets
+
+    rows = _floor_rows(cpp_fwd=12.0, cpp_fwdbwd=40.0, floor=30.0, floor_thp=10.0)
+    lines = evaluate_targets(diagonal.cpu_floor_targets("on"), rows)
+    fp32 = [line for line in lines if " fp32:" in line]
+    assert len(fp32) == 4 and all(line.startswith("[--]") for line in lines if " fp32:" not in line)
+    like_fwd, torch_fwd, like_both, torch_both = fp32
+    assert like_fwd.startswith("[ok]") and "1.20x the time of elementwise_floor_thp fwd" in like_fwd
+    assert torch_fwd.startswith("[ok]") and "0.40x the time of elementwise_floor fwd" in torch_fwd
+    assert like_both.startswith("[no]") and "4.00x the time of elementwise_floor_thp fwd" in like_both  # > 3.47
+    assert torch_both.startswith("[ok]") and "1.33x" in torch_both and "goal <= 3.47x" in torch_both
+    off = evaluate_targets(diagonal.cpu_floor_targets("off"), _floor_rows(12.0, 40.0, 10.0, 5.0, dtype="complex64"))
+    measured = [line for line in off if not line.startswith("[--]")]
+    assert len(measured) == 2 and all("elementwise_floor fwd" in line and "4 KiB" in line for line in measured)
+    assert measured[0].startswith("[ok]") and "1.20x" in measured[0]
+    assert measured[1].startswith("[no]") and "4.00x" in measured[1]
+
+
+def test_floor_targets_are_evaluated_on_a_small_measured_point():
+    """The targets find their rows in a real (small, interleaved) run: cpp where it builds."""
+    from bench import diagonal
+    from bench.common import evaluate_targets
+
+    rows, _ = _cpu_target_rows("fp32", rounds=1)
+    if not any(r["impl"] == "linrec.cpp" for r in rows):
+        pytest.skip("the cpp backend is not built on this machine")
+    lines = [line for line in evaluate_targets(diagonal.cpu_floor_targets(), rows) if " fp32:" in line]
+    assert lines and all(line[:4] in ("[ok]", "[no]") for line in lines), lines
+
+
+def test_check_against_loop_follows_what_auto_runs():
+    """auto = linrec.cpp where it ran at a point, else linrec.torch; every point below the loop is listed."""
+    from bench.common import check_against_loop
+
+    def row(impl, T, ms, op="diagonal"):
+        return {"op": op, "sweep": "seqlen", "impl": impl, "mode": "fwd", "dtype": "fp32", "B": 2, "T": T,
+                "D": 64, "median_ms": ms}
+
+    rows = [row("torch_loop", 128, 10.0), row("linrec.cpp", 128, 2.0), row("linrec.torch", 128, 20.0),
+            row("torch_loop", 512, 10.0, op="selective"), row("linrec.torch", 512, 12.5, op="selective")]
+    auto, auto_below, torch_line, torch_below1, torch_below2 = check_against_loop(rows)
+    assert auto.startswith("[no]") and "1 of 2 point(s) below 1.0x" in auto and "slowest 0.80x" in auto
+    assert "0.80x linrec.torch, selective" in auto_below
+    assert torch_line.startswith("[no]") and "2 of 2" in torch_line
+    assert "0.50x linrec.torch, diagonal" in torch_below1 and "0.80x" in torch_below2
+    assert check_against_loop(rows[:2])[0].startswith("[ok]")
+
+
+def test_interleave_flag_end_to_end(tmp_path):
+    """``--interleave --rounds 2`` from the command line: the CSV says how each row was timed."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "bench", "diagonal", "--preset", "tiny", "--threads", "1", "--interleave",
+           "--rounds", "2", "--impls", "linrec.torch,loop", "--out", str(tmp_path), "--name", "il", "--no-plot"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "timing: interleaved, 2 rounds" in proc.stdout
+    with open(tmp_path / "il.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["impl"] for r in rows} == {"linrec.torch", "torch_loop"}
+    assert all(r["timing"] == "interleaved, 2 rounds" and r["cpp_hugepages"] in ("on", "off") for r in rows)
+    assert "vs per-step loop" in proc.stdout  # the no-slower-than-the-loop check ran

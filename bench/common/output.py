@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .spec import DIM_COLUMNS, MODES, Target
 
-ENV_COLUMNS = ("device", "driver", "cuda", "torch", "triton", "git_sha", "utc_time", "kernel_config")
+ENV_COLUMNS = ("device", "driver", "cuda", "torch", "triton", "git_sha", "utc_time", "kernel_config", "cpp_hugepages")
 CSV_COLUMNS = (("op", "sweep", "impl", "kind", "mode", "dtype", "x_name", "x_value") + DIM_COLUMNS
                + ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy", "tflops", "peak_extra_mb",
-                  "output_mb", "bytes_model", "copy_gbps") + ENV_COLUMNS)
+                  "output_mb", "bytes_model", "copy_gbps", "timing") + ENV_COLUMNS)
 
 
 def _fmt(v: Any) -> Any:
@@ -225,8 +225,10 @@ def plot_sweeps(rows: List[Dict[str, Any]], out_prefix: str, env: Dict[str, str]
 def evaluate_targets(targets: List[Target], rows: List[Dict[str, Any]]) -> List[str]:
     """One line per target: the measured ratio (or fraction of copy bandwidth) against its goal.
 
-    A speedup is taken at every matching point where both implementations ran, and the
-    smallest (worst) one is reported with the point it came from.
+    A speedup (or time ratio) is taken at every matching point where both implementations ran,
+    and the worst one is reported with the point it came from: the smallest speedup, the
+    largest time ratio. A target with ``baseline_mode`` pairs the implementation's rows with
+    the baseline's rows of that mode at the same sweep, shape and dtype.
     """
     lines = []
     for t in targets:
@@ -249,15 +251,72 @@ def evaluate_targets(targets: List[Target], rows: List[Dict[str, Any]]) -> List[
             lines.append(f"[--] {t.label}: baseline {'/'.join(t.baseline)} not measured here")
             continue
         theirs = {key(r): r for r in sel if r["impl"] == base}
-        ratios = [(theirs[k]["median_ms"] / mine[k]["median_ms"], mine[k]) for k in mine if k in theirs]
-        if not ratios:
+
+        def their_key(k):
+            return k if t.baseline_mode is None else (k[0], k[1], t.baseline_mode, k[3])
+
+        pairs = [(theirs[their_key(k)]["median_ms"], mine[k]) for k in mine if their_key(k) in theirs]
+        if not pairs:
             lines.append(f"[--] {t.label}: {impl} and {base} never ran at the same point")
             continue
-        worst_ratio, r = min(ratios, key=lambda p: p[0])
+        against = f"{base}{' ' + t.baseline_mode if t.baseline_mode else ''}"
+        if t.kind == "time_ratio":
+            worst_ratio, r = max(((r["median_ms"] / ms, r) for ms, r in pairs), key=lambda p: p[0])
+            ok = worst_ratio <= t.goal
+            lines.append(f"[{'ok' if ok else 'no'}] {t.label}: {impl} takes {worst_ratio:.2f}x the time of "
+                         f"{against} (worst of {len(pairs)} point(s): {shape_label(r)} {r['mode']} {r['dtype']}; "
+                         f"goal <= {t.goal:.3g}x)")
+            continue
+        worst_ratio, r = min(((ms / r["median_ms"], r) for ms, r in pairs), key=lambda p: p[0])
         ok = worst_ratio >= t.goal
-        lines.append(f"[{'ok' if ok else 'no'}] {t.label}: {impl} is {worst_ratio:.2f}x {base} "
-                     f"(worst of {len(ratios)} point(s): {shape_label(r)} {r['mode']} {r['dtype']}; "
+        lines.append(f"[{'ok' if ok else 'no'}] {t.label}: {impl} is {worst_ratio:.2f}x {against} "
+                     f"(worst of {len(pairs)} point(s): {shape_label(r)} {r['mode']} {r['dtype']}; "
                      f"goal >= {t.goal:g}x)")
     return lines
 
 
+#: What ``backend="auto"`` runs on a CPU, in order: the compiled backend where it takes the call
+#: (the bench's ``linrec.cpp`` row exists only there: elsewhere the backend refuses the point),
+#: else the chunked PyTorch form.
+CPU_AUTO_ORDER = ("linrec.cpp", "linrec.torch")
+
+
+def check_against_loop(rows: List[Dict[str, Any]], baseline: str = LOOP_BASELINE) -> List[str]:
+    """Issue 20's "no CPU shape slower than the per-step loop", on the measured rows.
+
+    At every (op, sweep, shape, mode, dtype) where the loop ran, two implementations are
+    compared with it: what ``backend="auto"`` picks on a CPU (``linrec.cpp`` where it ran, else
+    ``linrec.torch``; see :data:`CPU_AUTO_ORDER`) and ``linrec.torch`` itself. Returns a summary
+    line for each (``[ok]`` when none is below 1.0x, with the slowest point) and one line per
+    point below 1.0x. Speed-ups are time(loop) / time(impl), as in the table's "vs loop".
+    """
+    def key(r):
+        return (r["op"], r["sweep"], shape_label(r), r["mode"], r["dtype"])
+
+    by_key: Dict[tuple, Dict[str, Dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault(key(r), {})[r["impl"]] = r
+    lines: List[str] = []
+    for who in ("auto", "linrec.torch"):
+        measured = []
+        for k, impls in by_key.items():
+            if baseline not in impls:
+                continue
+            name = next((n for n in CPU_AUTO_ORDER if n in impls), None) if who == "auto" else (
+                who if who in impls else None)
+            if name is None:
+                continue
+            measured.append((impls[baseline]["median_ms"] / impls[name]["median_ms"], name, impls[name]))
+        if not measured:
+            continue
+        below = sorted((m for m in measured if m[0] < 1.0), key=lambda m: m[0])
+        worst = min(measured, key=lambda m: m[0])
+        label = ("backend='auto' on the CPU (linrec.cpp where it runs, else linrec.torch)" if who == "auto"
+                 else "linrec.torch (not what auto runs where cpp takes the call)")
+        lines.append(f"[{'no' if below else 'ok'}] {label} vs per-step loop: {len(below)} of {len(measured)} "
+                     f"point(s) below 1.0x; slowest {worst[0]:.2f}x ({worst[1]}, {worst[2]['op']} "
+                     f"{shape_label(worst[2])} {worst[2]['mode']} {worst[2]['dtype']}; goal >= 1x everywhere)")
+        for ratio, name, r in below:
+            lines.append(f"       below: {ratio:.2f}x {name}, {r['op']} {r['sweep']} {shape_label(r)} "
+                         f"{r['mode']} {r['dtype']}")
+    return lines

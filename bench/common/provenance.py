@@ -61,8 +61,9 @@ def cuda_driver() -> str:
 
 
 def environment(device: torch.device) -> Dict[str, str]:
-    """Device name, driver, versions, git SHA, UTC time and the ``LINREC_*_CONFIG`` launch-setting
-    overrides of this run (empty: the launchers' defaults), written into every CSV row."""
+    """Device name, driver, versions, git SHA, UTC time, the ``LINREC_*_CONFIG`` launch-setting
+    overrides of this run (empty: the launchers' defaults) and, on the CPU, whether the cpp
+    backend's outputs use huge pages (:func:`cpp_hugepages`), written into every CSV row."""
     try:
         import triton
         triton_version = triton.__version__
@@ -84,7 +85,17 @@ def environment(device: torch.device) -> Dict[str, str]:
         "git_sha": git_sha(),
         "utc_time": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "kernel_config": config_overrides_in_use(),
+        "cpp_hugepages": "" if device.type == "cuda" else cpp_hugepages(),
     }
+
+
+def cpp_hugepages() -> str:
+    """How the cpp backend allocates its large outputs in this process: ``"on"`` (outputs of
+    8 MiB or more ask for transparent huge pages, ``empty_output`` in csrc/cpu/common.h: the
+    default) or ``"off"`` (``LINREC_CPP_HUGEPAGES=0``: 4 KiB pages, like PyTorch's own
+    tensors). Read the way the C++ side reads it."""
+    value = os.environ.get("LINREC_CPP_HUGEPAGES")
+    return "off" if value in ("0", "false", "off", "no") else "on"
 
 
 def device_slug(device: torch.device) -> str:

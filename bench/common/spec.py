@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 MODES = ("fwd", "bwd", "fwdbwd")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# complex64 only where an op takes complex inputs (the diagonal scan); the other ops' points never list it.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "complex64": torch.complex64}
 # Every size a point may have, in the order of the CSV columns and shape labels.
 DIM_COLUMNS = ("B", "T", "D", "H", "K", "V", "n", "G", "b")
 
@@ -98,9 +99,14 @@ class OpSpec:
 class Target:
     """A goal from the issues, checked on the measured rows and printed after the sweep.
 
-    ``kind == "speedup"``: ratio = time(baseline) / time(impl) at the matching points.
+    ``kind == "speedup"``: ratio = time(baseline) / time(impl) at the matching points, goal a
+    minimum (the worst point is the smallest ratio).
+    ``kind == "time_ratio"``: ratio = time(impl) / time(baseline), goal a maximum (e.g. "within
+    1.3x of the elementwise floor"; the worst point is the largest ratio).
     ``kind == "bandwidth"``: ratio = impl's fraction of the measured copy bandwidth.
     ``where(row)`` selects the rows (shape, mode, dtype) the target speaks about.
+    ``baseline_mode``: when set, the baseline's rows are taken in this mode at the same shape and
+    dtype (e.g. a forward+backward against a forward-only bound); ``where`` must select them too.
     """
 
     label: str
@@ -109,6 +115,7 @@ class Target:
     goal: float
     where: Callable[[Dict[str, Any]], bool]
     baseline: Sequence[str] = ()
+    baseline_mode: Optional[str] = None
 
 
 # --------------------------------------------------------------------------------------------

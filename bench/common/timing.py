@@ -8,6 +8,7 @@ CSV row. Nothing here asserts anything about speed: numbers are measured and wri
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -168,30 +169,40 @@ def peak_extra_memory_mb(fn: Callable[[], Any], device: torch.device) -> Optiona
     return (peak - before) / 2**20
 
 
-def run_case(op: OpSpec, impl: Impl, point: Point, mode: str, dtype_name: str, device: torch.device,
-             inputs: Dict[str, Any], copy_gbps: float, min_run_time: float, min_samples: int = 7
-             ) -> Dict[str, Any]:
-    """Times one (impl, point, mode, dtype) and returns its CSV row (without environment columns).
+def prepare_case(impl: Impl, point: Point, mode: str, device: torch.device, inputs: Dict[str, Any]
+                 ) -> Tuple[Callable[[], Any], int]:
+    """Builds one implementation's timed closure for a point and mode (one warm-up call included).
 
-    Raises :class:`Skip` when the implementation refuses the point or fails on it (the failure
-    becomes the skip reason, so one broken baseline never stops the sweep).
+    Returns the closure and the bytes of what it returns. Raises :class:`Skip` when the
+    implementation refuses the point or fails on it (the failure becomes the skip reason, so one
+    broken baseline never stops the sweep).
     """
-    dtype = DTYPES[dtype_name]
     reason = impl.refuse(point, device) if impl.refuse is not None else None
     if reason:
         raise Skip(reason)
     try:
         fn, leaves = impl.build(inputs, point, mode)
-        timed, out_bytes = build_mode_fn(fn, leaves, mode)
-        med, p20, p80 = time_fn(timed, device, min_run_time=min_run_time, min_samples=min_samples)
-        peak = peak_extra_memory_mb(timed, device)
+        return build_mode_fn(fn, leaves, mode)
     except Skip:
         raise
     except torch.OutOfMemoryError:
         raise Skip("out of memory", failed=True) from None
     except Exception as exc:  # a baseline that fails on a shape is reported, not fatal
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise Skip(f"{type(exc).__name__}: {msg[:160]}", failed=True) from None
+        raise _failure(exc) from None
+
+
+def _failure(exc: BaseException) -> Skip:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return Skip("out of memory", failed=True)
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return Skip(f"{type(exc).__name__}: {msg[:160]}", failed=True)
+
+
+def make_row(op: OpSpec, impl: Impl, point: Point, mode: str, dtype_name: str, times: Tuple[float, float, float],
+             out_bytes: int, copy_gbps: float, peak: Optional[float], timing: str) -> Dict[str, Any]:
+    """One CSV row (without environment columns) from measured (median, p20, p80) milliseconds."""
+    med, p20, p80 = times
+    dtype = DTYPES[dtype_name]
     nbytes = op.bytes_moved(point, mode, dtype)
     flops = op.flops(point, mode)
     gbps = nbytes / (med * 1e-3) / 1e9
@@ -206,6 +217,95 @@ def run_case(op: OpSpec, impl: Impl, point: Point, mode: str, dtype_name: str, d
         "tflops": (flops / (med * 1e-3) / 1e12) if flops else "",
         "peak_extra_mb": peak if peak is not None else "n/a",
         "output_mb": out_bytes / 2**20,
-        "bytes_model": nbytes, "copy_gbps": copy_gbps,
+        "bytes_model": nbytes, "copy_gbps": copy_gbps, "timing": timing,
     })
     return row
+
+
+def run_case(op: OpSpec, impl: Impl, point: Point, mode: str, dtype_name: str, device: torch.device,
+             inputs: Dict[str, Any], copy_gbps: float, min_run_time: float, min_samples: int = 7
+             ) -> Dict[str, Any]:
+    """Times one (impl, point, mode, dtype) on its own (:func:`time_fn`) and returns its CSV row
+    (without environment columns).
+
+    Raises :class:`Skip` when the implementation refuses the point or fails on it.
+    """
+    timed, out_bytes = prepare_case(impl, point, mode, device, inputs)
+    try:
+        times = time_fn(timed, device, min_run_time=min_run_time, min_samples=min_samples)
+        peak = peak_extra_memory_mb(timed, device)
+    except Exception as exc:  # noqa: BLE001 - reported as a skip, like a failing build
+        raise _failure(exc) from None
+    return make_row(op, impl, point, mode, dtype_name, times, out_bytes, copy_gbps, peak, "separate")
+
+
+# --------------------------------------------------------------------------------------------
+# Interleaved timing: every implementation of a point once per round, rounds repeated
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_block(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
+    """Seconds per call of ``calls`` back-to-back calls of ``fn``.
+
+    What the calls return is kept until the clock has stopped and freed after it: the time is
+    the call's own (allocation, first touch of a fresh output and the work), not the release of
+    the previous call's output, whose cost depends on the allocator (munmap of 4 KiB pages on
+    the CPU) rather than on the implementation. Every implementation is timed the same way.
+    """
+    keep = []
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        keep.append(fn())
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    del keep
+    return elapsed / calls
+
+
+def time_interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, *, rounds: int = 7,
+                     min_block_time: float = 0.01, warmup_rounds: int = 1
+                     ) -> Tuple[Dict[str, Tuple[float, float, float]], List[List[str]]]:
+    """Times several implementations of one point in interleaved rounds.
+
+    After ``warmup_rounds`` untimed rounds (each function was also called once when it was
+    built), each of ``rounds`` rounds calls every function in turn, its timed block being
+    ``k`` back-to-back calls, with ``k`` chosen once from the warm-up so that a block lasts at
+    least ``min_block_time`` (``k = 1`` for calls longer than that). The order rotates by one
+    function per round (round r starts with the r-th), so no implementation always runs right
+    after the same neighbour or always first. A machine whose load drifts during the run moves
+    every implementation's samples alike, which the per-round comparison of separate timing
+    (all samples of one implementation, then all of the next) cannot offer.
+
+    Args:
+        fns: name -> zero-argument callable (the timed closure of :func:`build_mode_fn`).
+        device: where they run (CUDA calls are synchronised around each block).
+        rounds: timed rounds; each implementation gets one sample per round.
+
+    Returns:
+        ``times``: name -> (median, p20, p80) over the rounds, in milliseconds per call;
+        ``order``: the names in the order they ran, one list per timed round.
+    """
+    names = list(fns)
+    calls = {}
+    for _ in range(max(1, warmup_rounds)):
+        for name in names:
+            calls[name] = _timed_block(fns[name], 1, device)
+    calls = {name: max(1, math.ceil(min_block_time / max(t, 1e-9))) for name, t in calls.items()}
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    order: List[List[str]] = []
+    for r in range(rounds):
+        this_round = names[r % len(names):] + names[:r % len(names)] if names else []
+        for name in this_round:
+            samples[name].append(_timed_block(fns[name], calls[name], device))
+        order.append(this_round)
+    times = {}
+    for name, xs in samples.items():
+        med, p20, p80 = _quantiles(xs)
+        times[name] = (med * 1e3, p20 * 1e3, p80 * 1e3)
+    return times, order
