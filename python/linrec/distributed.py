@@ -294,14 +294,20 @@ def _cu_fields(cu_seqlens) -> Tuple[Optional[List[int]], List[Tuple[str, int]]]:
     return cu, [("cu_seqlens given", 1), ("len(cu_seqlens)", len(cu)), ("cu_seqlens (checksum)", _checksum(cu))]
 
 
-def _prepare(op: str, group, device: torch.device, T_r: int, validate: Callable[[], List[Tuple[str, int]]],
-             cu_seqlens, num_seqs: Callable[[], int], n_fields: int) -> SliceLayout:
-    """Runs the local checks (catching their error), then the layout exchange."""
+def _prepare(op: str, group, lead, T_r: int, validate: Callable[[], List[Tuple[str, int]]], cu_seqlens,
+             n_fields: int) -> SliceLayout:
+    """Runs the local checks (catching their error), then the layout exchange.
+
+    lead: the op's first tensor argument (B, T_r, ...) (x, or q; anything where the checks will
+    reject it): its device carries the exchange (the CPU if it is no tensor), and N = B without
+    cu_seqlens, else len(cu_seqlens) - 1.
+    """
     error, fields, cu = None, None, None
+    device = lead.device if isinstance(lead, Tensor) else torch.device("cpu")
     try:
         cu, cu_fields = _cu_fields(cu_seqlens)
         fields = validate() + cu_fields
-        n = num_seqs()
+        n = lead.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     except Exception as e:  # noqa: BLE001 -- re-raised on this rank after the exchange, a ValueError elsewhere
         error, n = e, 0
     if fields is None or len(fields) != n_fields:
@@ -392,6 +398,48 @@ def _exchange(group, summary: Tensor, anchors: Sequence[Optional[Tensor]]) -> Te
     return _AllGather.apply(group, summary, *[a for a in anchors if isinstance(a, Tensor)])
 
 
+def _compose_and_scan(layout: SliceLayout, group, summary: Tensor, anchors: Sequence[Optional[Tensor]],
+                      initial_state: Optional[Tensor], state_shape: Sequence[int], reverse: bool,
+                      apply: Callable[[Tensor, Tensor], Tensor], cu_seqlens: Optional[Tensor],
+                      scan: Callable[[Tensor, Optional[Tensor]], Tuple[Tensor, Optional[Tensor]]], empty_out: Tensor,
+                      output_final_state: bool, out_is_states: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """Steps 3 to 6 of every family (the module docstring): exchange the summaries, compose the state
+    entering this slice, scan the slice from it, and gather the final state.
+
+    Args:
+        summary: this rank's map (B', ...) in the accumulation dtype (the identity for an empty
+            slice); anchors: the inputs it depends on (see ``_AllGather``).
+        initial_state: (N, *S) or None (zeros); state_shape: (N, *S). The states are composed in
+            the summary's dtype (the accumulation dtype), on its device.
+        apply: ``apply(summary_j, state_rows)`` as in ``_entering``.
+        scan: ``scan(E, local_cu) -> (out, local_final)``, the single-device op on this (non-empty)
+            slice from the entering states E (N, *S) with the slice's local offsets; local_final
+            (N, *S) may be None where ``out_is_states``.
+        empty_out: the (empty) output of an empty slice, which runs no kernel.
+        out_is_states: out holds the states (B, T_r, *S) (diagonal, block-diagonal), whose op
+            returns no final state: it is read from them (``_local_final_states``).
+
+    Returns:
+        (out, final_state (N, *S) on every rank, or None unless output_final_state).
+    """
+    gathered = _exchange(group, summary, anchors)
+    acc = summary.dtype
+    init = (initial_state.to(acc) if initial_state is not None
+            else summary.new_zeros(tuple(state_shape), dtype=acc))
+    E = _Tie.apply(_entering(layout, gathered, init, reverse, apply), gathered)
+    local_cu = None if cu_seqlens is None else layout.local_cu(cu_seqlens)
+    if layout.length > 0:
+        out, local_final = scan(E, local_cu)
+    else:  # an empty slice runs no kernel; its (empty) output still leads back to the exchange
+        out, local_final = _Tie.apply(empty_out, E), E
+    if not output_final_state:
+        return out, None
+    if out_is_states:
+        local_final = _local_final_states(out, local_cu, E, reverse).to(acc)
+    final = _gather_final(layout, local_final, group, reverse)
+    return _Tie.apply(out, final), final
+
+
 # ----------------------------------------------------------------------------------------------
 # Diagonal
 # ----------------------------------------------------------------------------------------------
@@ -408,9 +456,7 @@ def _diagonal(a, x, initial_state, group, reverse, cu_seqlens, backend, output_f
         return [("B", x.shape[0]), ("D", x.shape[2]), ("x dtype", _dtype_code(x)), ("reverse", int(reverse)),
                 ("initial_state given", int(initial_state is not None))]
 
-    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
-    layout = _prepare("diagonal_scan", group, device, T_r, validate, cu_seqlens,
-                      lambda: x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1, 8)
+    layout = _prepare("diagonal_scan", group, x, T_r, validate, cu_seqlens, 8)
     B, _, D = x.shape
     acc = _acc(x.dtype)
     a_axis = a.dim() - 2
@@ -428,20 +474,11 @@ def _diagonal(a, x, initial_state, group, reverse, cu_seqlens, backend, output_f
         summary = torch.stack([prod, end])                                             # (2, B', D)
     else:
         summary = torch.stack([x.new_ones((rows, D), dtype=acc), x.new_zeros((rows, D), dtype=acc)])
-    gathered = _exchange(group, summary, (a, x, initial_state))                        # (world, 2, B', D)
-    init = (initial_state.to(acc) if initial_state is not None
-            else x.new_zeros((layout.num_seqs, D), dtype=acc))
-    E = _entering(layout, gathered, init, reverse, lambda m, h: m[0] * h + m[1])
-    E = _Tie.apply(E, gathered)
-    local_cu = None if cu_seqlens is None else layout.local_cu(cu_seqlens)
-    if T_r > 0:
-        h = linrec.diagonal_scan(a, x, E, reverse=reverse, cu_seqlens=local_cu, backend=backend)
-    else:  # an empty slice runs no kernel; its (empty) output still leads back to the exchange
-        h = _Tie.apply(x.new_zeros(x.shape), E)
-    if not output_final_state:
-        return h, None
-    final = _gather_final(layout, _local_final_states(h, local_cu, E, reverse).to(acc), group, reverse)
-    return _Tie.apply(h, final), final
+    return _compose_and_scan(  # exchanged: (world, 2, B', D)
+        layout, group, summary, (a, x, initial_state), initial_state, (layout.num_seqs, D), reverse,
+        lambda m, h: m[0] * h + m[1], cu_seqlens,
+        lambda E, cu: (linrec.diagonal_scan(a, x, E, reverse=reverse, cu_seqlens=cu, backend=backend), None),
+        x.new_zeros(x.shape), output_final_state, out_is_states=True)
 
 
 def diagonal_scan(a: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *, group=None,
@@ -500,9 +537,7 @@ def _block_diagonal(A, x, initial_state, group, reverse, cu_seqlens, backend, ou
         return [("B", x.shape[0]), ("G", x.shape[2]), ("b", x.shape[3]), ("x dtype", _dtype_code(x)),
                 ("reverse", int(reverse)), ("initial_state given", int(initial_state is not None))]
 
-    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
-    layout = _prepare("block_diagonal_scan", group, device, T_r, validate, cu_seqlens,
-                      lambda: x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1, 9)
+    layout = _prepare("block_diagonal_scan", group, x, T_r, validate, cu_seqlens, 9)
     B, _, G, b = x.shape
     acc = _acc(x.dtype)
     A_axis = A.dim() - 4
@@ -521,21 +556,12 @@ def _block_diagonal(A, x, initial_state, group, reverse, cu_seqlens, backend, ou
     else:
         eye = torch.eye(b, dtype=acc, device=x.device).expand(rows, G, b, b)
         summary = torch.cat([eye, x.new_zeros((rows, G, b, 1), dtype=acc)], dim=-1)
-    gathered = _exchange(group, summary, (A, x, initial_state))                        # (world, B', G, b, b + 1)
-    init = (initial_state.to(acc) if initial_state is not None
-            else x.new_zeros((layout.num_seqs, G, b), dtype=acc))
-    E = _entering(layout, gathered, init, reverse,
-                  lambda m, h: (m[..., :b] @ h.unsqueeze(-1)).squeeze(-1) + m[..., b])
-    E = _Tie.apply(E, gathered)
-    local_cu = None if cu_seqlens is None else layout.local_cu(cu_seqlens)
-    if T_r > 0:
-        h = linrec.block_diagonal_scan(A, x, E, reverse=reverse, cu_seqlens=local_cu, backend=backend)
-    else:  # an empty slice runs no kernel; its (empty) output still leads back to the exchange
-        h = _Tie.apply(x.new_zeros(x.shape), E)
-    if not output_final_state:
-        return h, None
-    final = _gather_final(layout, _local_final_states(h, local_cu, E, reverse).to(acc), group, reverse)
-    return _Tie.apply(h, final), final
+    return _compose_and_scan(  # exchanged: (world, B', G, b, b + 1)
+        layout, group, summary, (A, x, initial_state), initial_state,
+        (layout.num_seqs, G, b), reverse,
+        lambda m, h: (m[..., :b] @ h.unsqueeze(-1)).squeeze(-1) + m[..., b], cu_seqlens,
+        lambda E, cu: (linrec.block_diagonal_scan(A, x, E, reverse=reverse, cu_seqlens=cu, backend=backend), None),
+        x.new_zeros(x.shape), output_final_state, out_is_states=True)
 
 
 def block_diagonal_scan(A: Tensor, x: Tensor, initial_state: Optional[Tensor] = None, *, group=None,
@@ -624,9 +650,7 @@ def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Op
                 ("initial_state given", int(initial_state is not None)),
                 ("output_final_state", int(bool(output_final_state)))]
 
-    device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-    layout = _prepare("householder_scan", group, device, T_r, validate, cu_seqlens,
-                      lambda: q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1, 12)
+    layout = _prepare("householder_scan", group, q, T_r, validate, cu_seqlens, 12)
     B, _, H, K = q.shape
     V = v.shape[-1]
     acc = _acc(q.dtype)
@@ -637,22 +661,13 @@ def householder_scan(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate: Op
     else:
         eye = torch.eye(K, dtype=acc, device=q.device).expand(rows, H, K, K)
         summary = torch.cat([eye, q.new_zeros((rows, H, K, V), dtype=acc)], dim=-1)
-    gathered = _exchange(group, summary, (q, k, v, beta, log_gate, initial_state))        # (world, B', H, K, K + V)
-    init = (initial_state.to(acc) if initial_state is not None
-            else q.new_zeros((layout.num_seqs, H, K, V), dtype=acc))
-    E = _entering(layout, gathered, init, False, lambda m, S: m[..., :K] @ S + m[..., K:])
-    E = _Tie.apply(E, gathered)
-    local_cu = None if cu_seqlens is None else layout.local_cu(cu_seqlens)
-    if T_r > 0:
-        o, local_final = linrec.householder_scan(q, k, v, beta, log_gate, E, scale=scale,
-                                                 output_final_state=output_final_state, cu_seqlens=local_cu,
-                                                 backend=backend)
-    else:  # an empty slice runs no kernel; its (empty) output still leads back to the exchange
-        o, local_final = _Tie.apply(q.new_zeros((B, 0, H, V)), E), E
-    if not output_final_state:
-        return o, None
-    final = _gather_final(layout, local_final, group)
-    return _Tie.apply(o, final), final
+    return _compose_and_scan(  # exchanged: (world, B', H, K, K + V)
+        layout, group, summary, (q, k, v, beta, log_gate, initial_state), initial_state,
+        (layout.num_seqs, H, K, V), False, lambda m, S: m[..., :K] @ S + m[..., K:],
+        cu_seqlens,
+        lambda E, cu: linrec.householder_scan(q, k, v, beta, log_gate, E, scale=scale,
+                                              output_final_state=output_final_state, cu_seqlens=cu, backend=backend),
+        q.new_zeros((B, 0, H, V)), output_final_state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -714,9 +729,7 @@ def _selective(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_stat
                 ("initial_state given", int(initial_state is not None)),
                 ("output_final_state", int(bool(output_final_state)))]
 
-    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
-    layout = _prepare("selective_scan", group, device, T_r, validate, cu_seqlens,
-                      lambda: x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1, 16)
+    layout = _prepare("selective_scan", group, x, T_r, validate, cu_seqlens, 16)
     Bsz, _, Dch = x.shape
     N = A.shape[1]
     acc = _acc(x.dtype)
@@ -727,24 +740,14 @@ def _selective(x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_stat
                                      lo, hi, backend)                                  # (2, B', D, N)
     else:  # the identity map
         summary = torch.stack([x.new_ones((rows, Dch, N), dtype=acc), x.new_zeros((rows, Dch, N), dtype=acc)])
-    gathered = _exchange(group, summary, (x, delta, A, B, C, delta_bias, initial_state))  # (world, 2, B', D, N)
-    init = (initial_state.to(acc) if initial_state is not None
-            else x.new_zeros((layout.num_seqs, Dch, N), dtype=acc))
-    E = _entering(layout, gathered, init, reverse, lambda m, h: m[0] * h + m[1])
-    E = _Tie.apply(E, gathered)
-    local_cu = None if cu_seqlens is None else layout.local_cu(cu_seqlens)
-    if T_r > 0:
-        y, local_final = linrec.selective_scan(x, delta, A, B, C, D, z, delta_bias=delta_bias,
-                                               delta_softplus=delta_softplus, initial_state=E,
-                                               output_final_state=output_final_state, reverse=reverse,
-                                               cu_seqlens=local_cu, negative_eigenvalues=negative_eigenvalues,
-                                               backend=backend)
-    else:  # an empty slice runs no kernel; its (empty) output still leads back to the exchange
-        y, local_final = _Tie.apply(x.new_zeros(x.shape), E), E
-    if not output_final_state:
-        return y, None
-    final = _gather_final(layout, local_final, group, reverse)
-    return _Tie.apply(y, final), final
+    return _compose_and_scan(  # exchanged: (world, 2, B', D, N)
+        layout, group, summary, (x, delta, A, B, C, delta_bias, initial_state), initial_state,
+        (layout.num_seqs, Dch, N), reverse, lambda m, h: m[0] * h + m[1], cu_seqlens,
+        lambda E, cu: linrec.selective_scan(x, delta, A, B, C, D, z, delta_bias=delta_bias,
+                                            delta_softplus=delta_softplus, initial_state=E,
+                                            output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu,
+                                            negative_eigenvalues=negative_eigenvalues, backend=backend),
+        x.new_zeros(x.shape), output_final_state)
 
 
 def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -798,11 +801,10 @@ def slice_layout(x: Tensor, cu_seqlens: Optional[Tensor], group, fields: Sequenc
     ``fields``: further (name, value) pairs that must agree across ranks.
     """
     T_r = x.shape[1]
-    return _prepare(op, group, x.device, T_r,
+    return _prepare(op, group, x, T_r,
                     lambda: [("B", x.shape[0])] + [tuple(f) for f in fields] +
                             [("x shape", _checksum(x.shape[2:]))],
-                    cu_seqlens, lambda: x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1,
-                    len(fields) + 5)
+                    cu_seqlens, len(fields) + 5)
 
 
 def short_conv(conv, x: Tensor, state: Optional[Tensor], cu_seqlens: Optional[Tensor], group
