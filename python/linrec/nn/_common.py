@@ -82,6 +82,50 @@ def final_states(h: Tensor, cu_seqlens: Optional[Tensor], initial_state: Optiona
     return torch.where(empty, initial_state.to(h.dtype), last)
 
 
+def conv_and_recurrent_state(layer: str, state, num_seqs: int, h_shape: Sequence[int], h_doc: str
+                             ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """A ``(conv_state, h)`` layer state (Mamba, RGLRU) split and checked: (conv_state, h0), h0 as
+    float32 (N, *h_shape) or None; the conv state is ShortConv's to check. None gives (None, None).
+
+    Args:
+        layer: the layer's name for the messages; state: what the caller passed (None, or the tuple
+        a previous call returned); num_seqs: N; h_shape, h_doc: h's shape after N, and its spelling
+        for the messages (e.g. ``"(N, d_rnn)"``).
+    """
+    if state is None:
+        return None, None
+    conv_state, h0 = unpack_state(layer, state, "(conv_state, h)", 2)
+    if h0 is not None:
+        check_state_tensor(layer, "h", h0, (num_seqs, *h_shape), h_doc)
+        h0 = h0.float()
+    return conv_state, h0
+
+
+def scan_states(family: str, coefficients: Tensor, inputs: Tensor, initial_state: Optional[Tensor],
+                cu_seqlens: Optional[Tensor], backend: str, return_state: bool, group=None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+    """All states of a forward ``linrec.<family>_scan`` and, with ``return_state``, every sequence's
+    last one: on one device, or with time split over ``group`` (``linrec.distributed``: inputs are
+    this rank's slice, the final state is the whole sequence's, on every rank).
+
+    Args:
+        family: "diagonal" (coefficients a, inputs x: (B, T, D)) or "block_diagonal" (A: (B, T, G,
+            b, b), x: (B, T, G, b)); the shapes and dtypes are the single-device op's.
+        initial_state: (N, *S) or None; cu_seqlens: (N + 1,) offsets or None.
+
+    Returns:
+        h: (B, T, *S) as the op returns it; final: (N, *S) in h's dtype (the accumulation dtype with
+        a group), or None unless ``return_state``.
+    """
+    import linrec
+    if group is not None:
+        from .. import distributed
+        scan = {"diagonal": distributed._diagonal, "block_diagonal": distributed._block_diagonal}[family]
+        return scan(coefficients, inputs, initial_state, group, False, cu_seqlens, backend, return_state)
+    h = getattr(linrec, f"{family}_scan")(coefficients, inputs, initial_state, cu_seqlens=cu_seqlens, backend=backend)
+    return h, (final_states(h, cu_seqlens, initial_state) if return_state else None)
+
+
 class ShortConv(nn.Module):
     """Depthwise causal convolution over time with a carried state (Mamba / Gated DeltaNet style).
 

@@ -60,9 +60,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-import linrec
-
-from ._common import RMSNorm, check_input, check_state_tensor, final_states, num_sequences
+from ._common import RMSNorm, check_input, check_state_tensor, num_sequences, scan_states
 
 PARAMETERIZATIONS = ("fan", "slice")
 COLUMN_NORMS = ("clamp", "max")
@@ -179,12 +177,7 @@ class BlockDiagonalRNN(nn.Module):
             state = state.float()
         A = self.transitions(x)                                                        # (B, T, G, b, b)
         inp = rearrange(self.in_proj(x).float(), "bt t (g i) -> bt t g i", g=G)        # (B, T, G, b)
-        if group is not None:
-            from linrec.distributed import _block_diagonal
-            h, final = _block_diagonal(A, inp, state, group, False, cu_seqlens, self.backend, return_state)
-        else:
-            h = linrec.block_diagonal_scan(A, inp, state, cu_seqlens=cu_seqlens, backend=self.backend)
-            final = final_states(h, cu_seqlens, state) if return_state else None
+        h, final = scan_states("block_diagonal", A, inp, state, cu_seqlens, self.backend, return_state, group)
         y = self.out_proj(self.norm(rearrange(h, "bt t g i -> bt t (g i)")).to(x.dtype))
         if return_state:
             return y, final

@@ -26,9 +26,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-import linrec
-
-from ._common import check_input, check_state_tensor, final_states, num_sequences
+from ._common import check_input, check_state_tensor, num_sequences, scan_states
 
 
 class LRU(nn.Module):
@@ -119,12 +117,7 @@ class LRU(nn.Module):
         # .float(): under autocast the products come out in bf16, which torch.complex rejects.
         Bu = torch.complex((u @ (self.B_re.float() * gamma[:, None]).t()).float(),
                            (u @ (self.B_im.float() * gamma[:, None]).t()).float())  # (B, T, d_state) complex64
-        if group is not None:
-            from linrec.distributed import _diagonal
-            h, final = _diagonal(lam, Bu, state, group, False, cu_seqlens, self.backend, return_state)
-        else:
-            h = linrec.diagonal_scan(lam, Bu, state, cu_seqlens=cu_seqlens, backend=self.backend)
-            final = final_states(h, cu_seqlens, state) if return_state else None
+        h, final = scan_states("diagonal", lam, Bu, state, cu_seqlens, self.backend, return_state, group)
         # Re(C h) = C_re Re(h) - C_im Im(h)
         y = h.real @ self.C_re.float().t() - h.imag @ self.C_im.float().t() + self.D.float() * u
         y = y.to(x.dtype)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..selective import selective_scan
-from ._common import ShortConv, check_input, check_state_tensor, inverse_softplus, num_sequences, unpack_state
+from ._common import ShortConv, check_input, conv_and_recurrent_state, inverse_softplus, num_sequences
 
 
 class Mamba(nn.Module):
@@ -112,11 +112,8 @@ class Mamba(nn.Module):
             with ``return_state`` also the new ``(conv_state, h)``.
         """
         check_input("Mamba", x, self.d_model)
-        N = num_sequences(x, cu_seqlens)
-        conv_state, h0 = (None, None) if state is None else unpack_state("Mamba", state, "(conv_state, h)", 2)
-        if h0 is not None:
-            check_state_tensor("Mamba", "h", h0, (N, self.d_inner, self.d_state), "(N, d_inner, d_state)")
-            h0 = h0.float()
+        conv_state, h0 = conv_and_recurrent_state("Mamba", state, num_sequences(x, cu_seqlens),
+                                                  (self.d_inner, self.d_state), "(N, d_inner, d_state)")
         xs, z = self.in_proj(x).chunk(2, dim=-1)                                 # (B, T, d_inner) each
         new_conv_state = None
         if self.conv is not None:

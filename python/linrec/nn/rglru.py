@@ -38,10 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import linrec
-
-from ._common import (ShortConv, check_input, check_state_tensor, final_states, inverse_softplus, num_sequences,
-                      unpack_state)
+from ._common import ShortConv, check_input, conv_and_recurrent_state, inverse_softplus, num_sequences, scan_states
 
 # 1 - a_t^2 is floored here before the square root: sqrt has an infinite derivative at 0 (a_t = +-1),
 # and the floor keeps the gradient bounded (sqrt(1e-6) = 1e-3 of input still enters at |a_t| = 1).
@@ -132,22 +129,14 @@ class RGLRU(nn.Module):
             y: (B, T, d_model) in x's dtype; with ``return_state`` also the new ``(conv_state, h)``.
         """
         check_input("RGLRU", x, self.d_model)
-        N = num_sequences(x, cu_seqlens)
-        conv_state, h0 = (None, None) if state is None else unpack_state("RGLRU", state, "(conv_state, h)", 2)
-        if h0 is not None:
-            check_state_tensor("RGLRU", "h", h0, (N, self.d_rnn), "(N, d_rnn)")
-            h0 = h0.float()
+        conv_state, h0 = conv_and_recurrent_state("RGLRU", state, num_sequences(x, cu_seqlens), (self.d_rnn,),
+                                                  "(N, d_rnn)")
         gate_branch, rec_branch = self.in_proj(x).chunk(2, dim=-1)      # (B, T, d_rnn) each
         new_conv_state = None
         if self.conv is not None:
             rec_branch, new_conv_state = self.conv(rec_branch, conv_state, cu_seqlens, group=group)
         a, x_in = self.gates(rec_branch)
-        if group is not None:
-            from linrec.distributed import _diagonal
-            h, final = _diagonal(a, x_in, h0, group, False, cu_seqlens, self.backend, return_state)
-        else:
-            h = linrec.diagonal_scan(a, x_in, h0, cu_seqlens=cu_seqlens, backend=self.backend)  # (B, T, d_rnn) fp32
-            final = final_states(h, cu_seqlens, h0) if return_state else None
+        h, final = scan_states("diagonal", a, x_in, h0, cu_seqlens, self.backend, return_state, group)  # fp32
         y = self.out_proj((F.gelu(gate_branch.float()) * h).to(x.dtype))
         if return_state:
             return y, (new_conv_state, final)
