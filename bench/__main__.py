@@ -157,7 +157,9 @@ def _run_interleaved(op: OpSpec, point, mode: str, dtype_name: str, impls, devic
     bar.set_postfix_str(f"{op.name} {len(built)} impls {mode} {dtype_name} {point.x_name}={point.x_value} "
                         f"({rounds} interleaved rounds)")
     try:
-        times, _ = time_interleaved({name: fn for name, (_, fn, _) in built.items()}, device, rounds=rounds)
+        cpu_times: Dict[str, float] = {}
+        times, _ = time_interleaved({name: fn for name, (_, fn, _) in built.items()}, device, rounds=rounds,
+                                    cpu_times=cpu_times)
     except Exception as exc:  # noqa: BLE001 - one implementation failing while timed drops the point's rows
         for impl, _, _ in built.values():
             _note_skip(op, impl, dtype_name, Skip(f"interleaved timing failed: {type(exc).__name__}: "
@@ -168,7 +170,7 @@ def _run_interleaved(op: OpSpec, point, mode: str, dtype_name: str, impls, devic
     for name, (impl, fn, out_bytes) in built.items():
         peak = peak_extra_memory_mb(fn, device)
         rows.append(make_row(op, impl, point, mode, dtype_name, times[name], out_bytes, copy_gbps, peak,
-                             f"interleaved, {rounds} rounds"))
+                             f"interleaved, {rounds} rounds", cpu_ms=cpu_times[name]))
         failures[(op.name, impl.name, dtype_name)] = 0
         bar.update(1)
     return rows

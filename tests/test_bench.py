@@ -290,8 +290,10 @@ def test_time_interleaved_runs_every_function_once_per_round_in_rotating_order()
         return fn
 
     names = ["a", "b", "c"]
+    cpu = {}
     times, order = time_interleaved({n: make(n) for n in names}, torch.device("cpu"), rounds=4,
-                                    min_block_time=0.0, warmup_rounds=1)
+                                    min_block_time=0.0, warmup_rounds=1, cpu_times=cpu)
+    assert set(cpu) == set(names) and all(v >= 0 for v in cpu.values())
     assert order == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     assert log == names + [n for rnd in order for n in rnd]  # one warm-up round, then the rounds, one call per block
     for n in names:
@@ -481,4 +483,5 @@ def test_interleave_flag_end_to_end(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["impl"] for r in rows} == {"linrec.torch", "torch_loop"}
     assert all(r["timing"] == "interleaved, 2 rounds" and r["cpp_hugepages"] in ("on", "off") for r in rows)
+    assert all(float(r["cpu_ms"]) >= 0 for r in rows)
     assert "vs per-step loop" in proc.stdout  # the no-slower-than-the-loop check ran

@@ -199,8 +199,10 @@ def _failure(exc: BaseException) -> Skip:
 
 
 def make_row(op: OpSpec, impl: Impl, point: Point, mode: str, dtype_name: str, times: Tuple[float, float, float],
-             out_bytes: int, copy_gbps: float, peak: Optional[float], timing: str) -> Dict[str, Any]:
-    """One CSV row (without environment columns) from measured (median, p20, p80) milliseconds."""
+             out_bytes: int, copy_gbps: float, peak: Optional[float], timing: str,
+             cpu_ms: Optional[float] = None) -> Dict[str, Any]:
+    """One CSV row (without environment columns) from measured (median, p20, p80) milliseconds;
+    ``cpu_ms``: the median process CPU time per call where the timing measured it (interleaved)."""
     med, p20, p80 = times
     dtype = DTYPES[dtype_name]
     nbytes = op.bytes_moved(point, mode, dtype)
@@ -218,6 +220,7 @@ def make_row(op: OpSpec, impl: Impl, point: Point, mode: str, dtype_name: str, t
         "peak_extra_mb": peak if peak is not None else "n/a",
         "output_mb": out_bytes / 2**20,
         "bytes_model": nbytes, "copy_gbps": copy_gbps, "timing": timing,
+        "cpu_ms": cpu_ms if cpu_ms is not None else "",
     })
     return row
 
@@ -249,8 +252,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_block(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
-    """Seconds per call of ``calls`` back-to-back calls of ``fn``.
+def _timed_block(fn: Callable[[], Any], calls: int, device: torch.device) -> Tuple[float, float]:
+    """Seconds per call of ``calls`` back-to-back calls of ``fn``: wall-clock, and the process's
+    CPU time (user + system, all threads; :func:`time.process_time`).
 
     What the calls return is kept until the clock has stopped and freed after it: the time is
     the call's own (allocation, first touch of a fresh output and the work), not the release of
@@ -259,17 +263,19 @@ def _timed_block(fn: Callable[[], Any], calls: int, device: torch.device) -> flo
     """
     keep = []
     _sync(device)
+    cpu_start = time.process_time()
     start = time.perf_counter()
     for _ in range(calls):
         keep.append(fn())
     _sync(device)
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     del keep
-    return elapsed / calls
+    return elapsed / calls, cpu / calls
 
 
 def time_interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, *, rounds: int = 7,
-                     min_block_time: float = 0.01, warmup_rounds: int = 1
+                     min_block_time: float = 0.01, warmup_rounds: int = 1, cpu_times: Optional[Dict[str, float]] = None
                      ) -> Tuple[Dict[str, Tuple[float, float, float]], List[List[str]]]:
     """Times several implementations of one point in interleaved rounds.
 
@@ -286,6 +292,9 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, *,
         fns: name -> zero-argument callable (the timed closure of :func:`build_mode_fn`).
         device: where they run (CUDA calls are synchronised around each block).
         rounds: timed rounds; each implementation gets one sample per round.
+        cpu_times: when given, filled with name -> median process CPU time per call (ms, user +
+            system, every thread of the process). At one thread, a wall time well above it says
+            the call waited (for the CPU, or for memory) rather than worked.
 
     Returns:
         ``times``: name -> (median, p20, p80) over the rounds, in milliseconds per call;
@@ -295,15 +304,20 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, *,
     calls = {}
     for _ in range(max(1, warmup_rounds)):
         for name in names:
-            calls[name] = _timed_block(fns[name], 1, device)
+            calls[name] = _timed_block(fns[name], 1, device)[0]
     calls = {name: max(1, math.ceil(min_block_time / max(t, 1e-9))) for name, t in calls.items()}
     samples: Dict[str, List[float]] = {name: [] for name in names}
+    cpu_samples: Dict[str, List[float]] = {name: [] for name in names}
     order: List[List[str]] = []
     for r in range(rounds):
         this_round = names[r % len(names):] + names[:r % len(names)] if names else []
         for name in this_round:
-            samples[name].append(_timed_block(fns[name], calls[name], device))
+            wall, cpu = _timed_block(fns[name], calls[name], device)
+            samples[name].append(wall)
+            cpu_samples[name].append(cpu)
         order.append(this_round)
+    if cpu_times is not None:
+        cpu_times.update({name: _quantiles(xs)[0] * 1e3 for name, xs in cpu_samples.items()})
     times = {}
     for name, xs in samples.items():
         med, p20, p80 = _quantiles(xs)
