@@ -11,7 +11,7 @@ import functools
 import inspect
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -265,6 +265,21 @@ def ignoring_saved(backward: Callable) -> Callable:
         return backward(*args, **kwargs)
     run.__name__ = getattr(backward, "__name__", "backward")
     return run
+
+
+def unaliased(outputs: Sequence[torch.Tensor], inputs: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+    """A custom op's outputs, each cloned where it would alias one of the inputs or an earlier output
+    (``torch.library`` forbids both; a backend may hand an incoming tensor straight back, e.g. with
+    T = 0 dL/dh0 = dL/dfinal). Empty tensors own no memory and are never cloned."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel() > 0}
+    result = []
+    for t in outputs:
+        if t.numel() > 0 and t.untyped_storage().data_ptr() in taken:
+            t = t.clone()
+        if t.numel() > 0:
+            taken.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return result
 
 
 def num_sequences(batch: int, cu_seqlens: Optional[torch.Tensor]) -> int:

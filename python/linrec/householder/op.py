@@ -44,7 +44,8 @@ from torch import Tensor
 from .. import _cpp
 from .._common import (HOUSEHOLDER_RECURRENT_MAX_T, REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens,
                        check_cu_seqlens_values, check_same_device, check_shape, check_tensor, ignoring_saved,
-                       num_sequences, register_scan_autograd, resolve_backend, settle_cpu_auto, without_saved)
+                       num_sequences, register_scan_autograd, resolve_backend, settle_cpu_auto, unaliased,
+                       without_saved)
 from .chunked import householder_scan_chunked
 from .recurrent import householder_scan_recurrent
 from .reference import householder_scan_reference
@@ -191,21 +192,10 @@ def _householder_scan_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
     inputs = (q, k, v, beta, log_gate, initial_state)
     grads = BACKWARD[backend](*inputs, grad_o, grad_final, cu_seqlens=cu_seqlens, scale=_resolve_scale(scale, q),
                               saved=None if saved is None or saved.numel() == 0 else saved)
-    # A gradient may be an incoming one handed straight back (T = 0: dL/dh0 = dL/dfinal);
-    # custom-op outputs must not alias inputs or each other.
-    taken = {t.untyped_storage().data_ptr() for t in (*inputs, grad_o, grad_final, saved)
-             if t is not None and t.numel() > 0}
-    out = []
-    for g, t in zip(grads, inputs):
-        if t is None:
-            out.append(q.new_empty((0,)))
-            continue
-        g = torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
-        if g.numel() > 0 and g.untyped_storage().data_ptr() in taken:
-            g = g.clone()
-        taken.add(g.untyped_storage().data_ptr())
-        out.append(g)
-    return tuple(out)
+    out = [q.new_empty((0,)) if t is None else torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
+           for g, t in zip(grads, inputs)]
+    # A gradient may be an incoming one handed straight back (T = 0: dL/dh0 = dL/dfinal).
+    return tuple(unaliased(out, (*inputs, grad_o, grad_final, saved)))
 
 
 @_householder_scan_backward_op.register_fake

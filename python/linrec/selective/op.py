@@ -25,14 +25,14 @@ reference function itself).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .._common import (REAL_DTYPES, accumulation_dtype, autocast_off, check_cu_seqlens, check_cu_seqlens_values,
                        check_same_device, check_shape, check_tensor, ignoring_saved, num_sequences,
-                       register_scan_autograd, resolve_backend, without_saved)
+                       register_scan_autograd, resolve_backend, unaliased, without_saved)
 from .chunked import selective_scan_chunked, selective_scan_chunked_backward
 from .reference import selective_scan_reference
 
@@ -79,19 +79,6 @@ def _checkpoint_shape(x: Tensor, A: Tensor, cu_seqlens: Optional[Tensor], backen
 AVAILABLE_BACKENDS = tuple(FORWARD)
 
 
-def _unaliased(outputs: List[Tensor], inputs) -> List[Tensor]:
-    """Custom-op outputs may alias neither the inputs nor each other: clone any that would."""
-    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel() > 0}
-    result = []
-    for t in outputs:
-        if t.numel() > 0 and t.untyped_storage().data_ptr() in taken:
-            t = t.clone()
-        if t.numel() > 0:
-            taken.add(t.untyped_storage().data_ptr())
-        result.append(t)
-    return result
-
-
 @torch.library.custom_op("linrec::selective_scan", mutates_args=())
 @autocast_off
 def _selective_scan_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -104,7 +91,7 @@ def _selective_scan_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     acc = accumulation_dtype(x.dtype)
     if checkpoints is None:
         checkpoints = x.new_empty((0,), dtype=acc)
-    y, final, checkpoints = _unaliased([y.contiguous(), final.to(acc).contiguous(), checkpoints],
+    y, final, checkpoints = unaliased([y.contiguous(), final.to(acc).contiguous(), checkpoints],
                                        (x, delta, A, B, C, D, z, delta_bias, initial_state))
     return y, final, checkpoints
 
@@ -135,7 +122,7 @@ def _selective_scan_backward_op(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
     grads = BACKWARD[backend](x, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse,
                               cu_seqlens, negative_eigenvalues, grad_y, grad_final, saved=checkpoints)
     out = [x.new_empty((0,)) if t is None else g.to(t.dtype).contiguous() for g, t in zip(grads, inputs)]
-    return tuple(_unaliased(out, inputs + (grad_y, grad_final)))
+    return tuple(unaliased(out, inputs + (grad_y, grad_final)))
 
 
 @_selective_scan_backward_op.register_fake
