@@ -12,6 +12,8 @@ import linrec
 from linrec.nn import LRU, RGLRU, BlockDiagonalRNN, DeltaProduct, Mamba, ShortConv
 from linrec.nn._common import RMSNorm
 
+from _helpers import (assert_layers_agree, assert_packed_equals_separate_calls, assert_pieces_equal_one_call,
+                      assert_shapes_and_finite_gradients, randn)
 from conftest import DEVICE, rel_rms
 
 D_MODEL = 12
@@ -49,134 +51,35 @@ def make_layer(name, backend="auto", seed=0):
     return ctor(backend).to(DEVICE)
 
 
-def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def grads_of(layer, x, y_fn):
-    """Backpropagates a fixed random projection of y_fn(); returns (y, {param: grad}, grad_x)."""
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    y = y_fn(x)
-    w = randn(*y.shape, seed=7)
-    (y * w).sum().backward()
-    return y.detach(), {n: p.grad.detach().clone() for n, p in layer.named_parameters()}, x.grad.detach()
-
-
-def run_in_pieces(layer, x, lengths):
-    """Feeds x (B, T, d) through the layer in consecutive pieces, carrying the state."""
-    state, ys, t = None, [], 0
-    for n in lengths:
-        y, state = layer(x[:, t:t + n], state=state, return_state=True)
-        ys.append(y)
-        t += n
-    assert t == x.shape[1]
-    return torch.cat(ys, dim=1)
-
-
-def flat_state(state):
-    """All tensors of a (nested tuple) state, for comparisons."""
-    if state is None:
-        return []
-    if isinstance(state, torch.Tensor):
-        return [state]
-    return [t for s in state for t in flat_state(s)]
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_shapes_and_finite_gradients(name):
-    layer = make_layer(name)
-    x = randn(2, 9, D_MODEL)
-    y, grads, gx = grads_of(layer, x, layer)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert torch.isfinite(y).all() and torch.isfinite(gx).all()
-    assert len(grads) == len(list(layer.parameters()))
-    for pname, g in grads.items():
-        assert torch.isfinite(g).all(), f"non-finite grad for {pname}"
-        assert g.abs().sum() > 0, f"zero grad for {pname}"
-    y2, state = layer(x, return_state=True)
-    assert torch.equal(y2, y)
-    assert all(torch.isfinite(torch.view_as_real(s) if s.is_complex() else s).all() for s in flat_state(state))
+    assert_shapes_and_finite_gradients(make_layer(name), randn(2, 9, D_MODEL))
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("lengths", [[4, 1, 3, 5], [1] * 13], ids=["pieces", "token_by_token"])
 def test_pieces_equal_one_call(name, lengths):
     """Chunked prefill / decoding with the carried state reproduces one call, gradients included."""
-    layer = make_layer(name)
-    x = randn(2, 13, D_MODEL)
-    y_full, g_full, gx_full = grads_of(layer, x, layer)
-    y_pcs, g_pcs, gx_pcs = grads_of(layer, x, lambda xx: run_in_pieces(layer, xx, lengths))
-    assert rel_rms(y_pcs, y_full) < TOL
-    assert rel_rms(gx_pcs, gx_full) < TOL
-    for pname in g_full:
-        assert rel_rms(g_pcs[pname], g_full[pname]) < TOL, pname
-    # the final state of the pieces equals that of one call
-    _, s_full = layer(x, return_state=True)
-    _, s_pcs = layer(x[:, 9:], state=layer(x[:, :9], return_state=True)[1], return_state=True)
-    for a, b in zip(flat_state(s_pcs), flat_state(s_full)):
-        assert rel_rms(a, b) < TOL
+    assert_pieces_equal_one_call(make_layer(name), randn(2, 13, D_MODEL), lengths, TOL)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_packed_sequences_equal_separate_calls(name):
     """cu_seqlens: a packed batch (B = 1) gives each sequence's own outputs and final state, with and
     without initial states, and convolutions do not leak across boundaries."""
-    layer = make_layer(name)
-    lengths = [5, 1, 7]
-    seqs = [randn(1, n, D_MODEL, seed=10 + i) for i, n in enumerate(lengths)]
-    packed = torch.cat(seqs, dim=1)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEVICE)
-    prefix = randn(len(lengths), 3, D_MODEL, seed=20)
-    _, s0 = layer(prefix, return_state=True)                  # N initial states, batched
-    for init in (None, s0):
-        y_packed, s_packed = layer(packed, state=init, return_state=True, cu_seqlens=cu)
-        ys, states = [], []
-        for i, xs in enumerate(seqs):
-            init_i = None if init is None else _select(init, i)
-            y_i, s_i = layer(xs, state=init_i, return_state=True)
-            ys.append(y_i)
-            states.append(s_i)
-        assert rel_rms(y_packed, torch.cat(ys, dim=1)) < TOL
-        for i in range(len(lengths)):
-            for a, b in zip(flat_state(_select(s_packed, i)), flat_state(states[i])):
-                assert rel_rms(a, b) < TOL
-
-
-def _select(state, i):
-    """Sequence i of a (nested tuple) state, keeping a leading dim of 1."""
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state[i:i + 1]
-    return tuple(_select(s, i) for s in state)
+    assert_packed_equals_separate_calls(make_layer(name), [5, 1, 7], D_MODEL, TOL)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reference_backend_agrees(name):
-    layer = make_layer(name)
-    ref = make_layer(name, backend="reference")
-    ref.load_state_dict(layer.state_dict())
-    x = randn(2, 11, D_MODEL)
-    y, g, gx = grads_of(layer, x, layer)
-    y_ref, g_ref, gx_ref = grads_of(ref, x, ref)
-    assert rel_rms(y, y_ref) < TOL and rel_rms(gx, gx_ref) < TOL
-    for pname in g:
-        assert rel_rms(g[pname], g_ref[pname]) < TOL, pname
+    assert_layers_agree(make_layer(name), make_layer(name, backend="reference"), randn(2, 11, D_MODEL), TOL)
 
 
 @pytest.mark.parametrize("name", ["lru", "rglru_neg", "deltaproduct", "fan", "slice"])
 def test_triton_backend_agrees(name):
     """The Triton kernels (on the GPU, or in the CPU interpreter) give the torch backend's outputs and grads."""
-    layer = make_layer(name, backend="torch")
-    tri = make_layer(name, backend="triton")
-    tri.load_state_dict(layer.state_dict())
-    x = randn(2, 11, D_MODEL)
-    y, g, gx = grads_of(layer, x, layer)
-    y_tri, g_tri, gx_tri = grads_of(tri, x, tri)
-    assert rel_rms(y_tri, y) < TOL and rel_rms(gx_tri, gx) < TOL
-    for pname in g:
-        assert rel_rms(g_tri[pname], g[pname]) < TOL, pname
+    assert_layers_agree(make_layer(name, backend="torch"), make_layer(name, backend="triton"), randn(2, 11, D_MODEL),
+                        TOL)
 
 
 @pytest.mark.parametrize("name", ["lru", "rglru", "deltaproduct", "fan"])

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from linrec.nn import Mamba
 
+from _helpers import (assert_layers_agree, assert_packed_equals_separate_calls, assert_pieces_equal_one_call,
+                      assert_shapes_and_finite_gradients, randn)
 from conftest import DEVICE, assert_compiled_matches_eager, rel_rms
-from test_layers import grads_of, randn, run_in_pieces
 
 D_MODEL = 8
 TOL = 1e-5
@@ -23,16 +24,7 @@ def make(backend="auto", seed=0, **kw):
 @pytest.mark.parametrize("neg", [False, True])
 def test_shapes_and_finite_gradients(neg):
     layer = make(negative_eigenvalues=neg)
-    x = randn(2, 9, D_MODEL)
-    y, grads, gx = grads_of(layer, x, layer)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert torch.isfinite(y).all() and torch.isfinite(gx).all()
-    assert len(grads) == len(list(layer.parameters()))
-    for name, g in grads.items():
-        assert torch.isfinite(g).all(), name
-        assert g.abs().sum() > 0, f"zero grad for {name}"
-    y2, (conv_state, h) = layer(x, return_state=True)
-    assert torch.equal(y2, y)
+    conv_state, h = assert_shapes_and_finite_gradients(layer, randn(2, 9, D_MODEL))
     assert conv_state.shape == (2, layer.d_inner, 3) and h.shape == (2, layer.d_inner, 4) and h.dtype == torch.float32
 
 
@@ -40,47 +32,18 @@ def test_shapes_and_finite_gradients(neg):
 @pytest.mark.parametrize("lengths", [[4, 1, 3, 5], [1] * 13], ids=["pieces", "token_by_token"])
 def test_decoding_equals_full_pass(neg, lengths):
     """Chunked prefill / token-by-token decoding with the carried state reproduces one call, gradients included."""
-    layer = make(negative_eigenvalues=neg)
-    x = randn(2, 13, D_MODEL)
-    y_full, g_full, gx_full = grads_of(layer, x, layer)
-    y_pcs, g_pcs, gx_pcs = grads_of(layer, x, lambda xx: run_in_pieces(layer, xx, lengths))
-    assert rel_rms(y_pcs, y_full) < TOL and rel_rms(gx_pcs, gx_full) < TOL
-    for name in g_full:
-        assert rel_rms(g_pcs[name], g_full[name]) < TOL, name
-    _, s_full = layer(x, return_state=True)
-    _, s_pcs = layer(x[:, 9:], state=layer(x[:, :9], return_state=True)[1], return_state=True)
-    for a, b in zip(s_pcs, s_full):
-        assert rel_rms(a, b) < TOL
+    assert_pieces_equal_one_call(make(negative_eigenvalues=neg), randn(2, 13, D_MODEL), lengths, TOL)
 
 
 def test_varlen_equals_separate_calls():
-    layer = make(negative_eigenvalues=True)
-    lengths = [5, 1, 7, 0]
-    seqs = [randn(1, n, D_MODEL, seed=10 + i) for i, n in enumerate(lengths)]
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEVICE)
-    _, s0 = layer(randn(len(lengths), 3, D_MODEL, seed=20), return_state=True)
-    for init in (None, s0):
-        y_packed, s_packed = layer(torch.cat(seqs, dim=1), state=init, return_state=True, cu_seqlens=cu)
-        ys = []
-        for i, xs in enumerate(seqs):
-            init_i = None if init is None else tuple(s[i:i + 1] for s in init)
-            y_i, s_i = layer(xs, state=init_i, return_state=True)
-            ys.append(y_i)
-            for a, b in zip(s_packed, s_i):
-                assert rel_rms(a[i:i + 1], b) < TOL
-        assert rel_rms(y_packed, torch.cat(ys, dim=1)) < TOL
+    """Packed sequences, an empty one among them, equal separate calls (outputs and final states)."""
+    assert_packed_equals_separate_calls(make(negative_eigenvalues=True), [5, 1, 7, 0], D_MODEL, TOL)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_backends_agree(backend):
-    layer, other = make("torch", negative_eigenvalues=True), make(backend, negative_eigenvalues=True)
-    other.load_state_dict(layer.state_dict())
-    x = randn(2, 11, D_MODEL)
-    y, g, gx = grads_of(layer, x, layer)
-    y2, g2, gx2 = grads_of(other, x, other)
-    assert rel_rms(y2, y) < TOL and rel_rms(gx2, gx) < TOL
-    for name in g:
-        assert rel_rms(g2[name], g[name]) < TOL, name
+    assert_layers_agree(make("torch", negative_eigenvalues=True), make(backend, negative_eigenvalues=True),
+                        randn(2, 11, D_MODEL), TOL)
 
 
 def test_initialisation():
