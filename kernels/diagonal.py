@@ -40,8 +40,17 @@ conjugated coefficient in the opposite direction, and fuses ``dL/da_t = g_t * co
 (written in a's dtype, or summed per program over the tile's rows when a is broadcast over time)
 and ``dL/dh_0`` into the same sweep.
 
-Complex tensors arrive as their real views (trailing dimension 2) and each part is carried as
-its own fp32 tile.
+Complex tensors arrive as their real views (trailing dimension 2). Every access addresses
+scalars: a tile row of BLOCK_D complex elements is 2 BLOCK_D contiguous fp32 values, real and
+imaginary parts interleaved, loaded whole (128-bit vector loads, like a real tile's) and split
+into a real and an imaginary (BLOCK_T, BLOCK_D) tile with ``tl.reshape(..., (BLOCK_T, BLOCK_D, 2))``
+and ``tl.split``; results are interleaved again with ``tl.join`` before one contiguous store. The
+same holds for the per-channel vectors (initial and final states, look-back payloads, dL/dh0).
+
+The walk is software-pipelined, forward and backward (``tl.range(..., num_stages=2)``): the next
+tile's loads are issued (16-byte ``cp.async`` copies on sm_80+) before the current tile's scan.
+The look-back's ticket, flag addressing and flag protocol are ``kernels/_shared.py``'s, shared
+with the block-diagonal scan.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ import triton.language as tl
 from linrec._common import accumulation_dtype, num_sequences
 
 from . import config_override, device_model, tl_accumulation_dtype
+from ._shared import chunk_flag, lookback_ticket, read_flag, set_flag
 from ._shared import saturate as _saturate
 
 
@@ -90,25 +100,53 @@ def _apply(pr, pi, sr, si, cr, ci, IS_COMPLEX: tl.constexpr):
 
 
 @triton.jit
-def _store_vec(ptr, vr, vi, chans, mask, W: tl.constexpr, IS_COMPLEX: tl.constexpr):
-    """Stores a (BLOCK_D,) vector (real and imaginary parts) at ``ptr`` + chans."""
-    tl.store(ptr + chans * W, vr, mask=mask)
+def _split_tile(v, IS_COMPLEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (ROWS, BLOCK_D * W) tile of scalars as loaded, complex elements interleaved (re, im), as
+    its real and imaginary parts, (ROWS, BLOCK_D) each. A real tile (W = 1) is its own real part;
+    its imaginary part is zeros."""
     if IS_COMPLEX:
-        tl.store(ptr + chans * W + 1, vi, mask=mask)
+        re, im = tl.split(tl.reshape(v, (ROWS, BLOCK_D, 2)))
+    else:
+        re = v
+        im = tl.zeros_like(v)
+    return re, im
 
 
 @triton.jit
-def _set_flag(flag_ptr, value, go):
-    """Sets a chunk's flag (when ``go``) after its payload: the barrier makes every thread's
-    payload stores happen before the one thread that writes the flag goes on, and the release
-    makes them visible to any program that reads the flag with acquire semantics."""
-    tl.debug_barrier()
-    tl.atomic_xchg(flag_ptr, value, mask=go, sem="release")
+def _join_tile(re, im, IS_COMPLEX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The inverse of ``_split_tile``: (ROWS, BLOCK_D) parts as one (ROWS, BLOCK_D * W) tile of
+    interleaved scalars, ready for one contiguous store per row."""
+    if IS_COMPLEX:
+        v = tl.reshape(tl.join(re, im), (ROWS, 2 * BLOCK_D))
+    else:
+        v = re
+    return v
+
+
+@triton.jit
+def _split_vec(v, IS_COMPLEX: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``_split_tile`` for a (BLOCK_D * W,) vector of scalars: (BLOCK_D,) parts."""
+    if IS_COMPLEX:
+        re, im = tl.split(tl.reshape(v, (BLOCK_D, 2)))
+    else:
+        re = v
+        im = tl.zeros_like(v)
+    return re, im
+
+
+@triton.jit
+def _join_vec(re, im, IS_COMPLEX: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``_join_tile`` for (BLOCK_D,) parts: one (BLOCK_D * W,) vector of scalars."""
+    if IS_COMPLEX:
+        v = tl.reshape(tl.join(re, im), (2 * BLOCK_D,))
+    else:
+        v = re
+    return v
 
 
 @triton.jit
 def diagonal_scan_kernel(
-    a_ptr,            # coefficients, real view, strides given below (may be 0: broadcast)
+    a_ptr,            # coefficients, real view (scalars); strides below in elements (may be 0: broadcast)
     x_ptr,            # forward: inputs x; backward: dL/dh.   (B, T, D[, 2]) contiguous
     h0_ptr,           # initial states (N, D[, 2]) contiguous, read when HAS_H0
     out_ptr,          # forward: states h; backward: dL/dx.   (B, T, D[, 2]) contiguous
@@ -119,22 +157,16 @@ def diagonal_scan_kernel(
     ws_ptr,           # LOOKBACK: per chunk (aggregate product, aggregate end state, inclusive state), (S, N, 3, D[, 2])
     sync_ptr,         # LOOKBACK: zeroed int32, a flag per program (S, N, n_dblk) then the ticket counter
     T, D, N, CHUNK_LEN,  # N sequences; CHUNK_LEN: steps per chunk (LOOKBACK: BLOCK_T; walk: >= T)
-    stride_ab, stride_at, stride_ad,
+    stride_ab, stride_at, stride_ad,  # a's strides in elements (a complex element is 2 scalars)
     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, BACKWARD: tl.constexpr,
     LOOKBACK: tl.constexpr, GRAD_A_SUM: tl.constexpr,
     IS_COMPLEX: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n_dblk = tl.cdiv(D, BLOCK_D)
-    n_programs = tl.num_programs(0)
-    if LOOKBACK:
-        # Programs own chunks in the order they take tickets, chunk-major: (chunk, sequence, channel block).
-        ticket = tl.atomic_add(sync_ptr + n_programs, 1)
-    else:
-        ticket = tl.program_id(0)
-    pid_d = ticket % n_dblk
-    seq = (ticket // n_dblk) % N
-    chunk = ticket // (n_dblk * N)
-    n_chunks = n_programs // (n_dblk * N)
+    # LOOKBACK: programs own chunks in the order they take tickets, chunk-major: (chunk, sequence,
+    # channel block); the walk's program id names its (sequence, channel block), chunk 0.
+    pid_d, seq, chunk = lookback_ticket(sync_ptr, n_dblk, N, LOOKBACK)
+    n_chunks = tl.num_programs(0) // (n_dblk * N)
     if VARLEN:  # packed sequences share batch row 0
         batch = seq * 0
         start = tl.load(cu_seqlens_ptr + seq).to(tl.int32)
@@ -155,35 +187,50 @@ def diagonal_scan_kernel(
     DIR: tl.constexpr = -1 if SCAN_DOWN else 1     # time step per row of a tile
     FWD_STEP: tl.constexpr = -1 if REVERSE else 1  # time step of the forward recurrence
 
+    # Memory is addressed in scalars: a row of a tile is BLOCK_D * W contiguous scalars ("lanes";
+    # lane W c + p holds part p of channel c), loaded and stored whole (vector accesses) and split
+    # into real and imaginary (BLOCK_D,)-wide parts for the arithmetic.
     chans = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     chan_ok = chans < D
+    lanes = pid_d * (BLOCK_D * W) + tl.arange(0, BLOCK_D * W)
+    lane_ok = lanes < D * W
     rows = tl.arange(0, BLOCK_T)
     row_base = batch.to(tl.int64) * T  # global time index of this batch row's t = 0
-    a_base = batch.to(tl.int64) * stride_ab + chans.to(tl.int64)[None, :] * stride_ad
-    state_off = (seq.to(tl.int64) * D + chans) * W                    # into (N, D[, 2])
+    # a's lanes: channel c's part p at c * stride_ad * W + p. With a contiguous in channels
+    # (stride_ad = 1, which the JIT turns into a constant) the second term vanishes and a's lanes
+    # are contiguous like x's.
+    # (lanes = W c + p, so lanes + c (stride_ad - 1) W; int64: a may be a large strided view.)
+    if IS_COMPLEX:
+        a_lane = lanes + (lanes // 2).to(tl.int64) * ((stride_ad - 1) * 2)
+    else:
+        a_lane = lanes.to(tl.int64) * stride_ad
+    a_base = batch.to(tl.int64) * (stride_ab * W) + a_lane[None, :]
+    state_off = seq.to(tl.int64) * (D * W) + lanes                   # into (N, D[, 2])
     # Offsets inside a tile, relative to its row 0 (int32: BLOCK_T x D x 2 < 2^31).
-    tile_off = (DIR * rows)[:, None] * (D * W) + (chans * W)[None, :]
+    tile_off = (DIR * rows)[:, None] * (D * W) + lanes[None, :]
     if LOOKBACK:
-        ws_chunk = ws_ptr + (chunk.to(tl.int64) * N + seq) * (3 * D * W)   # this chunk's 3 payloads
-        flag_base = sync_ptr + seq * n_dblk + pid_d                         # + chunk * N * n_dblk
+        ws_chunk = ws_ptr + (chunk.to(tl.int64) * N + seq) * (3 * D * W) + lanes   # this chunk's 3 payloads
+        flag_ptr = chunk_flag(sync_ptr, chunk, seq, pid_d, n_dblk, N)
 
     # Carried state: h (forward) or g = dL/dx (backward), real and imaginary parts.
     carry_re = tl.zeros((BLOCK_D,), ACC)
     carry_im = tl.zeros((BLOCK_D,), ACC)
     if HAS_H0 and not BACKWARD:
-        h0_ok = tl.where(chunk == 0, chan_ok, False)
-        carry_re = tl.load(h0_ptr + state_off, mask=h0_ok, other=0.0).to(ACC)
-        if IS_COMPLEX:
-            carry_im = tl.load(h0_ptr + state_off + 1, mask=h0_ok, other=0.0).to(ACC)
+        h0_ok = tl.where(chunk == 0, lane_ok, False)
+        carry_re, carry_im = _split_vec(tl.load(h0_ptr + state_off, mask=h0_ok, other=0.0).to(ACC),
+                                        IS_COMPLEX, BLOCK_D)
+    if BACKWARD and HAS_H0:  # h_0, the state before the first forward step, for dL/da there
+        init_re, init_im = _split_vec(tl.load(h0_ptr + state_off, mask=lane_ok, other=0.0).to(ACC),
+                                      IS_COMPLEX, BLOCK_D)
     if GRAD_A_SUM:
         ga_sum_re = tl.zeros((BLOCK_D,), ACC)
         ga_sum_im = tl.zeros((BLOCK_D,), ACC)
 
-    # Forward walk: the loop is software-pipelined in two stages (Triton's pipeliner turns the tile
-    # loads into 16-byte cp.async copies into shared memory issued one iteration ahead), so the next
-    # tile's a and x are in flight while this tile is scanned. The backward walk is not: pipelined,
-    # ptxas of Triton 3.9 spills 8-16 bytes in three fp32 specialisations. LOOKBACK: one tile.
-    PIPELINE: tl.constexpr = 2 if not LOOKBACK and not BACKWARD else 1
+    # The walk is software-pipelined in two stages, forward and backward: Triton's pipeliner turns
+    # the tile loads into 16-byte cp.async copies into shared memory issued one iteration ahead, so
+    # the next tile's loads are in flight while this tile is scanned. The loop counter ascends in
+    # scan order; a downward scan maps it to descending times (t0 below). LOOKBACK: one tile.
+    PIPELINE: tl.constexpr = 2 if not LOOKBACK else 1
     for tile_start in tl.range(sweep_begin, sweep_end, BLOCK_T, num_stages=PIPELINE):
         step = tile_start + rows                    # how many steps into the sweep
         if SCAN_DOWN:
@@ -192,30 +239,29 @@ def diagonal_scan_kernel(
             t0 = start + tile_start
         t = t0 + DIR * rows
         row_ok = step < sweep_end
-        mask = row_ok[:, None] & chan_ok[None, :]
-        base = (row_base + t0) * D * W               # int64 scalar; + int32 offsets in the tile
-        x_tile = x_ptr + base
-        out_tile = out_ptr + base
+        mask = row_ok[:, None] & chan_ok[None, :]        # (BLOCK_T, BLOCK_D): elements
+        lane_mask = row_ok[:, None] & lane_ok[None, :]   # (BLOCK_T, BLOCK_D * W): scalars in memory
+        base = (row_base + t0) * (D * W)                 # int64 scalar; + int32 offsets in the tile
 
         if BACKWARD:
             # g_t = dL/dh_t + conj(a_{t + FWD_STEP}) g_{t + FWD_STEP}: the coefficient
             # comes from the forward step after t, and is 0 past the sequence end.
             t_coef = t + FWD_STEP
-            coef_ok = mask & ((t_coef >= start) & (t_coef < end))[:, None]
+            coef_ok = lane_mask & ((t_coef >= start) & (t_coef < end))[:, None]
         else:
             t_coef = t
-            coef_ok = mask
-        a_off = a_base + t_coef.to(tl.int64)[:, None] * stride_at
-        a_re = tl.load(a_ptr + a_off, mask=coef_ok, other=0.0).to(ACC)
+            coef_ok = lane_mask
+        a_off = a_base + t_coef.to(tl.int64)[:, None] * (stride_at * W)
+        a_re, a_im = _split_tile(tl.load(a_ptr + a_off, mask=coef_ok, other=0.0).to(ACC),
+                                 IS_COMPLEX, BLOCK_T, BLOCK_D)
         # The identity map (a = 1, x = 0) in padded rows keeps the last row equal
         # to the tile's end map.
         a_re = tl.where(mask, a_re, 1.0)
-        x_re = tl.load(x_tile + tile_off, mask=mask, other=0.0).to(ACC)
+        x_re, x_im = _split_tile(tl.load(x_ptr + base + tile_off, mask=lane_mask, other=0.0).to(ACC),
+                                 IS_COMPLEX, BLOCK_T, BLOCK_D)
         if IS_COMPLEX:
-            a_im = tl.load(a_ptr + a_off + 1, mask=coef_ok, other=0.0).to(ACC)
             if BACKWARD:
                 a_im = -a_im  # conjugate
-            x_im = tl.load(x_tile + tile_off + 1, mask=mask, other=0.0).to(ACC)
             A_re, A_im, X_re, X_im = tl.associative_scan((a_re, a_im, x_re, x_im), 0, _combine_complex)
             agg_pi = _last_row(A_im, rows, BLOCK_T)
             agg_si = _last_row(X_im, rows, BLOCK_T)
@@ -231,11 +277,11 @@ def diagonal_scan_kernel(
             # The chunk's aggregate map, for successors that look back before this chunk
             # knows its entering state (chunk 0 knows it already; the last chunk has no successor).
             is_pub = chunk < last_chunk
-            flag_ptr = flag_base + chunk * (N * n_dblk)
             pub_agg = is_pub & (chunk > 0)
-            _store_vec(ws_chunk, agg_pr, agg_pi, chans, tl.where(pub_agg, chan_ok, False), W, IS_COMPLEX)
-            _store_vec(ws_chunk + D * W, agg_sr, agg_si, chans, tl.where(pub_agg, chan_ok, False), W, IS_COMPLEX)
-            _set_flag(flag_ptr, 1, pub_agg)
+            agg_ok = tl.where(pub_agg, lane_ok, False)
+            tl.store(ws_chunk, _join_vec(agg_pr, agg_pi, IS_COMPLEX, BLOCK_D), mask=agg_ok)
+            tl.store(ws_chunk + D * W, _join_vec(agg_sr, agg_si, IS_COMPLEX, BLOCK_D), mask=agg_ok)
+            set_flag(flag_ptr, 1, pub_agg)
             # Look back: the entering state is (P_{k-1} o ... o P_{j+1}) applied to the inclusive
             # prefix of the nearest predecessor j that has published one; (acc_p, acc_s) holds
             # the composed map of the aggregates passed so far.
@@ -246,26 +292,19 @@ def diagonal_scan_kernel(
             j = chunk - 1
             looking = chunk > 0
             while looking:
-                status = tl.atomic_add(flag_base + j * (N * n_dblk), 0, sem="acquire")
+                status = read_flag(chunk_flag(sync_ptr, j, seq, pid_d, n_dblk, N))
                 has_inclusive = status == 2
                 has_aggregate = status == 1
-                inc_ok = tl.where(has_inclusive, chan_ok, False)  # lane masks (not scalar & vector:
-                agg_ok = tl.where(has_aggregate, chan_ok, False)  # the interpreter mistypes that)
-                ws_j = ws_ptr + (j.to(tl.int64) * N + seq) * (3 * D * W) + chans * W
-                inc_re = tl.load(ws_j + 2 * D * W, mask=inc_ok, other=0.0,
-                                 cache_modifier=".cg")
-                p_re = tl.load(ws_j, mask=agg_ok, other=1.0, cache_modifier=".cg")
-                s_re = tl.load(ws_j + D * W, mask=agg_ok, other=0.0, cache_modifier=".cg")
-                if IS_COMPLEX:
-                    inc_im = tl.load(ws_j + 2 * D * W + 1, mask=inc_ok, other=0.0,
-                                     cache_modifier=".cg")
-                    p_im = tl.load(ws_j + 1, mask=agg_ok, other=0.0, cache_modifier=".cg")
-                    s_im = tl.load(ws_j + D * W + 1, mask=agg_ok, other=0.0,
-                                   cache_modifier=".cg")
-                else:
-                    inc_im = acc_pi
-                    p_im = acc_pi
-                    s_im = acc_pi
+                inc_ok = tl.where(has_inclusive, lane_ok, False)  # lane masks (not scalar & vector:
+                pay_ok = tl.where(has_aggregate, lane_ok, False)  # the interpreter mistypes that)
+                ws_j = ws_ptr + (j.to(tl.int64) * N + seq) * (3 * D * W) + lanes
+                inc_re, inc_im = _split_vec(tl.load(ws_j + 2 * D * W, mask=inc_ok, other=0.0, cache_modifier=".cg"),
+                                            IS_COMPLEX, BLOCK_D)
+                # (p, s) where no aggregate was read are never used: the tl.where below keep acc.
+                p_re, p_im = _split_vec(tl.load(ws_j, mask=pay_ok, other=0.0, cache_modifier=".cg"),
+                                        IS_COMPLEX, BLOCK_D)
+                s_re, s_im = _split_vec(tl.load(ws_j + D * W, mask=pay_ok, other=0.0, cache_modifier=".cg"),
+                                        IS_COMPLEX, BLOCK_D)
                 # Found: carry = acc applied to the predecessor's true end state.
                 c_re, c_im = _apply(acc_pr, acc_pi, acc_sr, acc_si, inc_re, inc_im, IS_COMPLEX)
                 carry_re = tl.where(has_inclusive, c_re, carry_re)
@@ -286,16 +325,18 @@ def diagonal_scan_kernel(
                 looking = status != 2
             # The true state at this chunk's end, for the successors.
             inc_re, inc_im = _apply(agg_pr, agg_pi, agg_sr, agg_si, carry_re, carry_im, IS_COMPLEX)
-            _store_vec(ws_chunk + 2 * D * W, inc_re, inc_im, chans, tl.where(is_pub, chan_ok, False), W, IS_COMPLEX)
-            _set_flag(flag_ptr, 2, is_pub)
+            tl.store(ws_chunk + 2 * D * W, _join_vec(inc_re, inc_im, IS_COMPLEX, BLOCK_D),
+                     mask=tl.where(is_pub, lane_ok, False))
+            set_flag(flag_ptr, 2, is_pub)
 
         if IS_COMPLEX:
             h_re = A_re * carry_re[None, :] - A_im * carry_im[None, :] + X_re
             h_im = A_re * carry_im[None, :] + A_im * carry_re[None, :] + X_im
-            tl.store(out_tile + tile_off + 1, h_im.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             h_re = A_re * carry_re[None, :] + X_re
-        tl.store(out_tile + tile_off, h_re.to(out_ptr.dtype.element_ty), mask=mask)
+            h_im = h_re  # unused
+        tl.store(out_ptr + base + tile_off,
+                 _join_tile(h_re, h_im, IS_COMPLEX, BLOCK_T, BLOCK_D).to(out_ptr.dtype.element_ty), mask=lane_mask)
         carry_re, carry_im = _apply(agg_pr, agg_pi, agg_sr, agg_si, carry_re, carry_im, IS_COMPLEX)
 
         if BACKWARD:
@@ -303,36 +344,31 @@ def diagonal_scan_kernel(
             t_prev = t - FWD_STEP
             prev_in = (t_prev >= start) & (t_prev < end)
             h_prev = h_ptr + (base - FWD_STEP * D * W) + tile_off
-            prev_mask = mask & prev_in[:, None]
-            hp_re = tl.load(h_prev, mask=prev_mask, other=0.0).to(ACC)
-            if IS_COMPLEX:
-                hp_im = tl.load(h_prev + 1, mask=prev_mask, other=0.0).to(ACC)
+            hp_re, hp_im = _split_tile(tl.load(h_prev, mask=lane_mask & prev_in[:, None], other=0.0).to(ACC),
+                                       IS_COMPLEX, BLOCK_T, BLOCK_D)
             if HAS_H0:
-                init_re = tl.load(h0_ptr + state_off, mask=chan_ok, other=0.0).to(ACC)
                 at_start = mask & (~prev_in)[:, None]
                 hp_re = tl.where(at_start, init_re[None, :], hp_re)
                 if IS_COMPLEX:
-                    init_im = tl.load(h0_ptr + state_off + 1, mask=chan_ok, other=0.0).to(ACC)
                     hp_im = tl.where(at_start, init_im[None, :], hp_im)
             if IS_COMPLEX:
                 ga_re = h_re * hp_re + h_im * hp_im
                 ga_im = h_im * hp_re - h_re * hp_im
             else:
                 ga_re = h_re * hp_re
+                ga_im = ga_re  # unused
             if GRAD_A_SUM:  # a broadcast over time: this program's share of the sum over time
                 ga_sum_re += tl.sum(tl.where(mask, ga_re, 0.0), axis=0)
                 if IS_COMPLEX:
                     ga_sum_im += tl.sum(tl.where(mask, ga_im, 0.0), axis=0)
             else:
-                tl.store(grad_a_ptr + base + tile_off, ga_re.to(grad_a_ptr.dtype.element_ty), mask=mask)
-                if IS_COMPLEX:
-                    tl.store(grad_a_ptr + base + tile_off + 1, ga_im.to(grad_a_ptr.dtype.element_ty), mask=mask)
+                tl.store(grad_a_ptr + base + tile_off,
+                         _join_tile(ga_re, ga_im, IS_COMPLEX, BLOCK_T, BLOCK_D).to(grad_a_ptr.dtype.element_ty),
+                         mask=lane_mask)
 
     if BACKWARD and GRAD_A_SUM:
-        sum_off = ((seq.to(tl.int64) * n_chunks + chunk) * D + chans) * W   # into (N, S, D[, 2])
-        tl.store(grad_a_ptr + sum_off, ga_sum_re, mask=chan_ok)
-        if IS_COMPLEX:
-            tl.store(grad_a_ptr + sum_off + 1, ga_sum_im, mask=chan_ok)
+        sum_off = (seq.to(tl.int64) * n_chunks + chunk) * (D * W) + lanes   # into (N, S, D[, 2])
+        tl.store(grad_a_ptr + sum_off, _join_vec(ga_sum_re, ga_sum_im, IS_COMPLEX, BLOCK_D), mask=lane_ok)
 
     # dL/dh0 = conj(a_first) * g_first, "first" the first forward step: the carry
     # after the last step of the backward sweep, held by the chunk that ends it.
@@ -341,34 +377,45 @@ def diagonal_scan_kernel(
             t_first = end - 1
         else:
             t_first = start
-        first_ok = chan_ok & ((chans * 0 + length) > 0)  # vector mask; empty sequences give 0
-        af_off = batch.to(tl.int64) * stride_ab + t_first.to(tl.int64) * stride_at + chans.to(tl.int64) * stride_ad
-        af_re = tl.load(a_ptr + af_off, mask=first_ok, other=0.0).to(ACC)
+        first_ok = lane_ok & ((lanes * 0 + length) > 0)  # vector mask; empty sequences give 0
+        af_off = (batch.to(tl.int64) * stride_ab + t_first.to(tl.int64) * stride_at) * W + a_lane
+        af_re, af_im = _split_vec(tl.load(a_ptr + af_off, mask=first_ok, other=0.0).to(ACC), IS_COMPLEX, BLOCK_D)
         if IS_COMPLEX:
-            af_im = tl.load(a_ptr + af_off + 1, mask=first_ok, other=0.0).to(ACC)
-            tl.store(grad_h0_ptr + state_off, af_re * carry_re + af_im * carry_im, mask=chan_ok)
-            tl.store(grad_h0_ptr + state_off + 1, af_re * carry_im - af_im * carry_re, mask=chan_ok)
+            gh0_re = af_re * carry_re + af_im * carry_im
+            gh0_im = af_re * carry_im - af_im * carry_re
         else:
-            tl.store(grad_h0_ptr + state_off, af_re * carry_re, mask=chan_ok)
+            gh0_re = af_re * carry_re
+            gh0_im = gh0_re  # unused
+        tl.store(grad_h0_ptr + state_off, _join_vec(gh0_re, gh0_im, IS_COMPLEX, BLOCK_D), mask=lane_ok)
 
 
 def _config(dtype: torch.dtype, interpret: bool, D: int = 64) -> dict:
     """Tile sizes: ``BLOCK_T`` x ``BLOCK_D`` with ``num_warps`` for the walk, ``CHUNK_T`` x ``CHUNK_D``
     with ``chunk_warps`` for the look-back's one-tile chunks (held in registers). Tiles are small in
     the interpreter's own plan (``interpret``: no device model), whose scan costs a Python call
-    per tile element."""
+    per tile element. The backward walk runs ``walk_bwd_warps`` warps; ``walk_bwd_maxnreg`` /
+    ``chunk_maxnreg``: the register ceiling ptxas is given for the backward walk / the look-back
+    (launch option ``maxnreg``)."""
     if interpret:
         block_d = min(16, triton.next_power_of_2(max(D, 1)))
         cfg = dict(BLOCK_T=16, BLOCK_D=block_d, num_warps=1, CHUNK_T=64, CHUNK_D=block_d, chunk_warps=1)
     elif dtype in (torch.bfloat16, torch.float16):
         cfg = dict(BLOCK_T=32, BLOCK_D=64, num_warps=8, CHUNK_T=128, CHUNK_D=16, chunk_warps=4)
     elif dtype.is_complex:
-        cfg = dict(BLOCK_T=32, BLOCK_D=64, num_warps=8, CHUNK_T=64, CHUNK_D=16, chunk_warps=4)
+        cfg = dict(BLOCK_T=32, BLOCK_D=32, num_warps=8, CHUNK_T=64, CHUNK_D=16, chunk_warps=4)
     else:
         cfg = dict(BLOCK_T=32, BLOCK_D=64, num_warps=8, CHUNK_T=128, CHUNK_D=16, chunk_warps=4)
-    # GPU walk: 8 tile elements per thread. Registers per thread from ptxas -v for sm_90a (forward /
-    # backward, fp32 | bf16): 142 / 255 | 147 / 255 with 520 bytes of spills at the previous
-    # 4 warps (32 x 64 | 32 x 128 tiles); 58 / 97 | 48 / 99 at 8 warps.
+    # GPU walk: 8 tile scalars per thread (a complex64 tile of 32 x 32 elements is 32 x 64 scalars).
+    # Registers per thread from ptxas -v for sm_90a (forward / backward, fp32 | bf16): 142 / 255 |
+    # 147 / 255 with 520 bytes of spills at the previous 4 warps (32 x 64 | 32 x 128 tiles); 58 / 97 |
+    # 48 / 99 at 8 warps. complex64 at 32 x 64 elements took 105-109 forward but 151-156 backward
+    # (one program per SM), hence 32 x 32. The pipelined backward walk (a, dL/dh and h of the next
+    # tile in flight) runs 4 warps with ptxas allowed 255 registers (``walk_bwd_maxnreg``): at 8
+    # warps ptxas, left to itself, picked 64-80 registers and spilled 8-16 bytes in some fp32 and
+    # bf16 specialisations; capped at 128 (two programs of 8 warps per SM), bf16 still spilled
+    # 8-24 bytes (Triton 3.9; 16 x 64 tiles: 8 bytes in one specialisation) and fp32 with dL/da
+    # summed per program 8 bytes (Triton 3.6). At 4 warps: 166-255 registers x 128 threads, no
+    # spills, two programs per SM, each with 2 x 3 tiles of 8 KB (fp32) in flight.
     # Look-back chunks: 128 steps (64 for complex64), so that the per-chunk workspace (three fp32
     # vectors written, one or more read) stays within about 1-2% of the bytes of a, x and h. The
     # tile (a, x, then A, X across the look-back) stays in registers. CI's static budget (two
@@ -379,9 +426,20 @@ def _config(dtype: torch.dtype, interpret: bool, D: int = 64) -> dict:
     # 4 warps, with ptxas allowed 255 registers (``chunk_maxnreg``: ptxas otherwise caps itself at
     # 128 and spills): 108-195 registers x 128 threads, two programs per SM, no spills. The
     # channel count per chunk does not change the workspace's share of the traffic (per channel).
+    cfg["walk_bwd_warps"] = 1 if interpret else 4
+    cfg["walk_bwd_maxnreg"] = 255
     cfg["chunk_maxnreg"] = 255
     return config_override("diagonal", cfg, ("BLOCK_T", "BLOCK_D", "num_warps", "CHUNK_T", "CHUNK_D", "chunk_warps",
-                                             "chunk_maxnreg"))
+                                             "walk_bwd_warps", "walk_bwd_maxnreg", "chunk_maxnreg"))
+
+
+def _launch_options(cfg: dict, lookback: bool, backward: bool) -> dict:
+    """Launch options beyond the tile sizes: warps and the register ceiling (``maxnreg``)."""
+    if lookback:
+        return {"num_warps": cfg["chunk_warps"], "maxnreg": cfg["chunk_maxnreg"]}
+    if backward:
+        return {"num_warps": cfg["walk_bwd_warps"], "maxnreg": cfg["walk_bwd_maxnreg"]}
+    return {"num_warps": cfg["num_warps"]}
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -435,8 +493,9 @@ def _sweep(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward, pla
         return
     cfg, S, chunk_len = plan
     lookback = S > 1
-    a_real = _real(a.expand(B, T, D))
-    s_b, s_t, s_d = a_real.stride()[:3]
+    a_full = a.expand(B, T, D)
+    a_real = _real(a_full)
+    s_b, s_t, s_d = a_full.stride()  # in elements (the kernel scales them to scalars of the real view)
     dummy = _real(out)  # stands in for pointers a launch does not use
     block_d = cfg["CHUNK_D"] if lookback else cfg["BLOCK_D"]
     programs = triton.cdiv(D, block_d) * N * S
@@ -457,8 +516,7 @@ def _sweep(a, x, h0, out, h, grad_a, grad_h0, cu_seqlens, reverse, backward, pla
         LOOKBACK=lookback, GRAD_A_SUM=grad_a_sum,
         IS_COMPLEX=x.is_complex(), ACC=tl_accumulation_dtype(x.dtype),
         BLOCK_T=chunk_len if lookback else cfg["BLOCK_T"], BLOCK_D=block_d,
-        num_warps=cfg["chunk_warps"] if lookback else cfg["num_warps"],
-        **({"maxnreg": cfg["chunk_maxnreg"]} if lookback else {}),
+        **_launch_options(cfg, lookback, backward),
     )
 
 
@@ -533,31 +591,14 @@ def diagonal_scan_backward(a: torch.Tensor, h: torch.Tensor, grad_h: torch.Tenso
 
 # Streaming kernels held to CI's static budget at sm_90a (tests/aot_compile.py --budget): no spills,
 # two programs per SM by registers, vector loads and stores of x's element type in the tile loop
-# (forward: a and x loaded, h stored; backward: a, dL/dh and h loaded, dL/dx stored).
+# (forward: a and x loaded, h stored; backward: a, dL/dh and h loaded, dL/dx stored). Every
+# specialisation aot_specs lists is held to it: fp32, bf16 and complex64 (whose tiles are loaded as
+# rows of interleaved real and imaginary scalars, so its accesses are vectors as well), walk and
+# look-back, forward and backward, with Triton 3.9 and 3.6.
 STATIC_BUDGET = {
     "diagonal_scan_kernel": {"programs_per_sm": 2, "vector_of": "x_ptr", "min_vector_loads": 2,
                              "min_vector_stores": 1},
 }
-
-
-def _under_static_budget(dtype_name: str, reverse: bool, backward: bool, varlen: bool, lookback: bool,
-                         grad_a_sum: bool) -> bool:
-    """Whether CI holds this specialisation to STATIC_BUDGET. Two are left out, for stated reasons:
-
-    * complex64: real and imaginary parts are loaded and stored as two stride-2 streams, so every
-      access is a scalar 32-bit one (and the walk takes 144-200 registers at 8 warps). Vector
-      accesses need the tile loaded as (BLOCK_T, 2 BLOCK_D) reals and split (``tl.split``): not done.
-    * fp32 walk, backward of a reverse scan, packed sequences off: ptxas of Triton 3.9 (the CPU
-      machines') picks 64 registers by its own heuristic and spills 24 bytes (no tile size
-      changes that: 16 x 64 and 32 x 128 tiles spill too, 4 warps moves the spill to the packed
-      variant); the GPU machines' Triton 3.6 compiles it without spills, and is checked.
-    """
-    if dtype_name == "complex64":
-        return False
-    if (dtype_name == "fp32" and backward and reverse and not varlen and not lookback and not grad_a_sum
-            and not triton.__version__.startswith("3.6")):
-        return False
-    return True
 
 
 # Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
@@ -593,16 +634,15 @@ def aot_specs():
                                               IS_COMPLEX=dtype_name == "complex64", ACC=tl.float32,
                                               BLOCK_T=cfg["CHUNK_T"] if lookback else cfg["BLOCK_T"],
                                               BLOCK_D=cfg["CHUNK_D"] if lookback else cfg["BLOCK_D"])
-                            # a's channel stride is 1 (full-size or broadcast over time; the
-                            # JIT specialises an integer 1 to a constant), and at the GPU goals'
-                            # shapes (D = 64 .. 1024, T = 2^13 ..) the sizes and row strides are
-                            # multiples of 16.
+                            # a's channel stride is 1 element (full-size or broadcast over time,
+                            # complex64 too: the kernel takes a's strides in elements; the JIT
+                            # specialises an integer 1 to a constant), and at the GPU goals' shapes
+                            # (D = 64 .. 1024, T = 2^13 ..) the sizes and row strides are multiples of 16.
                             constexprs["stride_ad"] = 1
                             options = {"divisible_by_16": [name for name in sig if sig[name].startswith("*")]
                                        + ["T", "D", "CHUNK_LEN", "stride_ab", "stride_at"]}
-                            if lookback:
-                                options["compile_options"] = {"maxnreg": cfg["chunk_maxnreg"]}
-                            options["budget"] = _under_static_budget(dtype_name, reverse, backward, varlen,
-                                                                     lookback, grad_a_sum)
-                            yield (diagonal_scan_kernel, sig, constexprs,
-                                   cfg["chunk_warps"] if lookback else cfg["num_warps"], options)
+                            launch = _launch_options(cfg, lookback, backward)
+                            num_warps = launch.pop("num_warps")
+                            if launch:
+                                options["compile_options"] = launch
+                            yield diagonal_scan_kernel, sig, constexprs, num_warps, options

@@ -124,6 +124,24 @@ def test_triton_chunked_sweep(reverse, varlen, dtype):
             assert rel_rms(got.cpu(), want) < 1e-5
 
 
+@pytest.mark.parametrize("a_shape", [(19,), (3, 1, 19), (1, 1, 1), "strided"])
+def test_triton_complex_a_strides(a_shape):
+    """complex64 on the Triton backend with a's strides other than a contiguous (B, T, D): the
+    kernel loads each tile row as interleaved (re, im) scalars and addresses a by its element
+    strides (0 along broadcast dims; (1, 3, 150) for a permuted (D, T, B) tensor), forward and
+    backward."""
+    if a_shape == "strided":
+        a_dtb, _ = _inputs(19, 50, 3, torch.complex64)
+        a = a_dtb.permute(2, 1, 0)  # (3, 50, 19), dense (its copies keep the strides), channel stride 150
+        assert a.stride() == (1, 3, 150)
+        _, x = _inputs(3, 50, 19, torch.complex64, seed=1)
+    else:
+        a, x = _inputs(3, 50, 19, torch.complex64, a_shape=a_shape)
+    h0 = torch.randn(3, 19, dtype=torch.complex64)
+    for reverse in (False, True):
+        _check("triton", a, x, h0, reverse, TOL[torch.complex64])
+
+
 @pytest.mark.parametrize("model", [None, "h100"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
