@@ -3,6 +3,7 @@
 #
 #   bash bench/results/cpu-issue20.sh            # 1 and 2 threads (about 6-8 minutes on a quiet 2-core VM)
 #   THREADS="1" bash bench/results/cpu-issue20.sh
+#   ROUNDS=7 bash bench/results/cpu-issue20.sh   # fewer interleaved rounds (default 9): about 20% shorter
 #
 # Per thread count, two runs, both timed in interleaved rounds (the cpu-target preset's default):
 #  1. every op at the quick and cpu-target presets (diagonal B=8 T=4096 D=512 in fp32, bf16 and
@@ -19,9 +20,9 @@ OUT=bench/results
 SKIP=reference,logscan,associative,expanded   # Python-loop references and slow baselines no target reads
 for t in ${THREADS:-1 2}; do
   s=$([ "$t" = 1 ] && echo thread || echo threads)
-  python -m bench --preset quick,cpu-target --threads "$t" --skip-impls "$SKIP" --no-plot \
+  python -m bench --preset quick,cpu-target --threads "$t" --skip-impls "$SKIP" --no-plot ${ROUNDS:+--rounds "$ROUNDS"} \
     --out "$OUT" --name "cpu-issue20-${t}${s}" 2>/dev/null | tee "$OUT/cpu-issue20-${t}${s}.txt"
-  LINREC_CPP_HUGEPAGES=0 python -m bench diagonal --preset cpu-target --threads "$t" --impls linrec.cpp,floor \
+  LINREC_CPP_HUGEPAGES=0 python -m bench diagonal --preset cpu-target --threads "$t" --impls linrec.cpp,floor ${ROUNDS:+--rounds "$ROUNDS"} \
     --no-plot --out "$OUT" --name "cpu-issue20-${t}${s}-4k" 2>/dev/null | tee "$OUT/cpu-issue20-${t}${s}-4k.txt"
 done
 echo
