@@ -81,7 +81,8 @@ def measure(n: int, T: int, K: int, recompute: bool):
     rows.append(("forward", meter.traffic, dots.by_kernel))
     saved = None if recompute else out[2]
     with traffic.Meter() as meter, DotCounter(meter) as dots:
-        torch.ops.linrec.householder_scan_backward(q, k, v, beta, None, None, do, None, None, scale, "triton", saved)
+        # (schema: ..., initial_state, saved, grad_o, grad_final, cu_seqlens, scale, backend)
+        torch.ops.linrec.householder_scan_backward(q, k, v, beta, None, None, saved, do, None, None, scale, "triton")
     rows.append(("backward", meter.traffic, dots.by_kernel))
     chunks = -(-T // max(1, 64 // n)) * B * H
     tokens = B * T * H
