@@ -110,7 +110,7 @@ void forward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, const
   const int64_t b = BS > 0 ? BS : b_rt;
   const int64_t G = shp.G;
   const int64_t ntasks = static_cast<int64_t>(seqs.size()) * shp.nblk;
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(ntasks, total_steps(seqs) * G * b * b, [&](int64_t begin, int64_t end) {
     float state[kStateFloats + kMaxBlock];
     for (int64_t task = begin; task < end; ++task) {
       const Seq& sq = seqs[task / shp.nblk];
@@ -264,7 +264,7 @@ void backward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, cons
   };
 
   if (!accumulate) {
-    at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(ntasks, total_steps(seqs) * G * b * b, [&](int64_t begin, int64_t end) {
       float u[kStateFloats + kMaxBlock];
       for (int64_t task = begin; task < end; ++task) run_task(task, ga, u);
 #if LINREC_BLOCK4_AVX512
@@ -272,7 +272,7 @@ void backward_kernel(const SA* A, int64_t A_sb, int64_t A_st, int64_t A_sg, cons
 #endif
     });
   } else {
-    at::parallel_for(0, partitions, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(partitions, total_steps(seqs) * G * b * b, [&](int64_t begin, int64_t end) {
       float u[kStateFloats + kMaxBlock];
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t task = p; task < ntasks; task += partitions) run_task(task, ga + p * ga_slab, u);

@@ -165,6 +165,13 @@ inline std::vector<Seq> make_seqs(int64_t B, int64_t T, const c10::optional<at::
   return seqs;
 }
 
+// Steps of time over all sequences (the tokens a call scans).
+inline int64_t total_steps(const std::vector<Seq>& seqs) {
+  int64_t steps = 0;
+  for (const Seq& sq : seqs) steps += sq.len;
+  return steps;
+}
+
 // Stride of a dimension, 0 where it has size 1 (a broadcast dimension).
 inline int64_t bstride(const at::Tensor& t, int64_t dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); }
 
@@ -180,6 +187,19 @@ inline int64_t units_per_block(int64_t units, int64_t rows, int64_t max_per_bloc
     per = (per + 1) / 2;
   }
   return std::max<int64_t>(per, 1);
+}
+
+// Runs f(begin, end) over the tasks [0, ntasks) on ATen's threads. `work` is the whole call's
+// size in element-steps (tokens x channels, times b for a block-diagonal mat-vec, ...): each
+// thread is handed at least ATen's own grain (at::internal::GRAIN_SIZE element-steps), so a call
+// smaller than that runs on the calling thread. Forking a call of a few microseconds onto a second
+// thread costs more than it saves, and on a loaded machine the join waits for a time slice.
+template <typename F>
+inline void parallel_tasks(int64_t ntasks, int64_t work, const F& f) {
+  if (ntasks <= 0) return;
+  work = std::max<int64_t>(work, 1);
+  const int64_t grain = std::max<int64_t>(1, (at::internal::GRAIN_SIZE * ntasks + work - 1) / work);
+  at::parallel_for(0, ntasks, grain, f);
 }
 
 // ---- output buffers --------------------------------------------------------------------------

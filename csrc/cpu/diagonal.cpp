@@ -52,7 +52,7 @@ void forward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* x, int64_t
   constexpr int64_t W = tile_width<S>();
   const int64_t D = shp.D;
   const int64_t ntasks = static_cast<int64_t>(seqs.size()) * shp.nblk;
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(ntasks, total_steps(seqs) * D, [&](int64_t begin, int64_t end) {
     V state[2 * kMaxTiles];
     for (int64_t task = begin; task < end; ++task) {
       const Seq& sq = seqs[task / shp.nblk];
@@ -187,12 +187,12 @@ void backward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* h, int64_
   };
 
   if (!accumulate) {
-    at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(ntasks, total_steps(seqs) * D, [&](int64_t begin, int64_t end) {
       V state[2 * kMaxTiles];
       for (int64_t task = begin; task < end; ++task) run_task(task, ga, state);
     });
   } else {  // partition p runs tasks p, p + P, ... and sums into its own slab
-    at::parallel_for(0, partitions, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(partitions, total_steps(seqs) * D, [&](int64_t begin, int64_t end) {
       V state[2 * kMaxTiles];
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t task = p; task < ntasks; task += partitions) run_task(task, ga + p * ga_slab, state);

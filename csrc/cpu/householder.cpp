@@ -159,7 +159,7 @@ template <typename S>
 void forward_typed(const Problem<S>& P, const std::vector<Seq>& seqs, S* o, float* final_state) {
   const int64_t H = P.H, K = P.K, V = P.V, KV = K * V;
   const int64_t ntasks = static_cast<int64_t>(seqs.size()) * H;
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(ntasks, total_steps(seqs) * H * P.n * KV, [&](int64_t begin, int64_t end) {
     TokenBuffers buf(P.n, K, V);
     std::vector<float> ovec(V);
     for (int64_t task = begin; task < end; ++task) {
@@ -197,7 +197,7 @@ void backward_typed(const Problem<S>& P, const std::vector<Seq>& seqs, const flo
   const int64_t L = segment_tokens(max_len);
   const int64_t max_segments = (max_len + L - 1) / L;
   const int64_t ntasks = static_cast<int64_t>(seqs.size()) * H;
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(ntasks, total_steps(seqs) * H * P.n * KV, [&](int64_t begin, int64_t end) {
     TokenBuffers buf(n, K, V);
     std::vector<float> checkpoints(std::max<int64_t>(max_segments, 1) * KV);
     std::vector<float> states(std::min(L, std::max<int64_t>(max_len, 1)) * (n + 1) * KV);
