@@ -806,21 +806,27 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     half = dtype in (torch.bfloat16, torch.float16)
     BVS = 16
     BKS = 16
-    # GPU: 8 warps. (Interpreter: 1 warp, the same blocks.)
+    # GPU: 8 warps. (Interpreter: 1 warp, the same blocks.) MAXNREG: the register ceiling ptxas is
+    # given for the state passes and the chunk-local backward (launch option ``maxnreg``): left to
+    # itself, ptxas caps some of them at 32 or 128 registers and spills far more (Triton 3.6, sm_80:
+    # fp32 adjoint state pass 19.5 KB at 32 registers, 5.4 KB at 255; bf16 forward state pass 6.1 KB
+    # at 128, 3.4 KB at 255; Triton 3.9, fp32 chunk-local backward 6.1 KB at 128, 3.2 KB at 255).
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "ieee"
     return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
-                                               num_warps=num_warps, STAGES=3 if half else 1, PREC=prec, LOWP=half,
-                                               INTERP=interpret),
+                                               num_warps=num_warps, MAXNREG=255, STAGES=3 if half else 1, PREC=prec,
+                                               LOWP=half, INTERP=interpret),
                            ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES"))
 
 
 def _launch_args(n: int, cfg: dict) -> tuple:
-    """Keyword arguments of the chunk-parallel kernels and of the state kernels."""
+    """Keyword arguments of the chunk-parallel kernels and of the state kernels (with the register
+    ceiling ``maxnreg``; ``_local_bwd_kernel`` is launched with it too, ``_wy_fwd_kernel`` without)."""
     shared = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], PREC=cfg["PREC"], LOWP=cfg["LOWP"], INTERP=cfg["INTERP"],
                   num_warps=cfg["num_warps"])
     return (dict(BK=cfg["BK"], BV=cfg["BV"], **shared),
-            dict(BC=cfg["BC"], BK=cfg["BKS"], NKB=cfg["BKF"] // cfg["BKS"], BV=cfg["BVS"], **shared))
+            dict(BC=cfg["BC"], BK=cfg["BKS"], NKB=cfg["BKF"] // cfg["BKS"], BV=cfg["BVS"], maxnreg=cfg["MAXNREG"],
+                 **shared))
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1007,7 +1013,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _local_bwd_kernel[(max_chunks, N * H)](
             t["q"], t["k"], t["v"], t["beta"], f["tinv"], f["qk"], f["G"], grad_o, states, dstates, d, dd,
             dq, dk, dv, dbeta, dlg if dlg is not None else dbeta, cu_tok, cu_chunk, H, K, V, float(scale),
-            HAS_GATE=log_gate is not None, BC=cfg["BC"], **chunk_args)
+            HAS_GATE=log_gate is not None, BC=cfg["BC"], maxnreg=cfg["MAXNREG"], **chunk_args)
     return dq, dk, dv, dbeta, dlg, dh0
 
 
@@ -1085,7 +1091,10 @@ def aot_specs():
     in constants and pointer element types.
     """
     for kernel, signature, constexprs, num_warps, elem in _plain_specs():
-        yield kernel, signature, constexprs, num_warps, {"budget": _under_static_budget(kernel, elem)}
+        options = {"budget": _under_static_budget(kernel, elem)}
+        if kernel in (_state_fwd_kernel, _state_bwd_kernel, _local_bwd_kernel):
+            options["compile_options"] = {"maxnreg": _config(1, 128, 128, torch.float32, interpret=False)["MAXNREG"]}
+        yield kernel, signature, constexprs, num_warps, options
 
 
 def _plain_specs():
@@ -1095,7 +1104,7 @@ def _plain_specs():
         cfg = _config(n, 128, 128, torch_dtype, interpret=False)
         chunk_args, state_args = _launch_args(n, cfg)
         nw = chunk_args.pop("num_warps")
-        del state_args["num_warps"]
+        del state_args["num_warps"], state_args["maxnreg"]      # (launch options, not constexprs)
         sigs = _signatures(elem)
         for gate in (False, True):
             for given in ((False, True) if with_backward and saves_tinv(torch_dtype) else (False,)):
