@@ -1057,21 +1057,20 @@ STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kerne
 def _under_static_budget(kernel, elem: str) -> bool:
     """Whether CI holds this specialisation to STATIC_BUDGET: the decoding kernel at every dtype and
     ``_wy_fwd_kernel`` for bf16 / fp16 inputs, which spill nothing at sm_80 or sm_90a with Triton 3.9
-    or 3.6. Left out, as they still spill (ptxas -v, K = V = 128, 16 x 16 blocks, worst
-    specialisation, bytes of spill stores + loads at sm_80 / sm_90a; bench/results/householder-traffic.md
-    has the full table):
+    or 3.6. Left out, as they still spill (ptxas -v, K = V = 128, 16 x 16 blocks, maxnreg 255 where
+    launched with it; worst specialisation, bytes of spill stores + loads at sm_80 / sm_90a;
+    bench/results/householder-traffic.md has the table):
 
     * fp32 (exact "ieee" products, lowered to FMA loops that hold operand rows in registers):
-      ``_wy_fwd_kernel`` 488 / 24 (3.9), 404 / 440 (3.6); the state passes 0.1-3.1 KB (3.9) and up to
-      27 KB at sm_80 with 3.6, whose ptxas then caps itself at 32 registers; the chunk-local backward
-      about 2-6 KB.
-    * bf16 / fp16 state passes: none with Triton 3.9, 2.4-4.2 KB at sm_90a with 3.6 (5-15 KB at
-      sm_80, 32-128 registers chosen by ptxas).
+      ``_wy_fwd_kernel`` 488 / 24 (3.9), 404 / 440 (3.6); forward state pass 3100 / 2880 (3.9),
+      6036 / 6200 (3.6); adjoint state pass 2296 / 1384, 5532 / 5496; chunk-local backward 3212 /
+      3352, 2360 / 2480.
+    * bf16 / fp16 state passes: none with Triton 3.9, about 3-3.6 KB with 3.6 (the GPU machines').
     * bf16 chunk-local backward: with the gate 680 / 16 (3.9), 812 / 272 (3.6); without 32 / 0 and
       120 / 0.
 
-    Registers per thread: 150-250 for the budgeted kernels; the state passes use 208-255 (the
-    <= 128 of issue 14 is not reached).
+    Registers per thread: 151-251 for the budgeted kernels; the state passes use 211-255 at 8 warps
+    (the <= 128 of issue 14 is not reached).
     """
     if kernel is _recurrent_fwd_kernel:
         return True
