@@ -1065,7 +1065,7 @@ def _under_static_budget(kernel, elem: str) -> bool:
       ``_wy_fwd_kernel`` 488 / 24 (3.9), 404 / 440 (3.6); forward state pass 3100 / 2880 (3.9),
       6036 / 6200 (3.6); adjoint state pass 2296 / 1384, 5532 / 5496; chunk-local backward 3212 /
       3352, 2360 / 2480.
-    * bf16 / fp16 state passes: none with Triton 3.9, about 3-3.6 KB with 3.6 (the GPU machines').
+    * bf16 / fp16 state passes: none with Triton 3.9, 1.8-4.2 KB with 3.6 (the GPU machines').
     * bf16 chunk-local backward: with the gate 680 / 16 (3.9), 812 / 272 (3.6); without 32 / 0 and
       120 / 0.
 
