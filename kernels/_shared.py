@@ -46,8 +46,10 @@ def lookback_ticket(sync_ptr, n_blocks, N, lookback):
 
 @triton.jit
 def chunk_flag(sync_ptr, chunk, seq, group, n_blocks, N):
-    """Pointer to the int32 flag of (chunk, sequence, group) (chunk-major, as tickets)."""
-    return sync_ptr + (chunk * N + seq) * n_blocks + group
+    """Pointer to the int32 flag of (chunk, sequence, group) (chunk-major, as tickets). Written as
+    a per-(sequence, group) base plus a per-chunk stride, which the compiler keeps across a
+    look-back's loop (the kernels' register budgets were set with this form)."""
+    return sync_ptr + seq * n_blocks + group + chunk * (N * n_blocks)
 
 
 @triton.jit

@@ -63,6 +63,7 @@ import triton.language as tl
 from linrec._common import accumulation_dtype, num_sequences
 
 from . import config_override, device_model, tl_accumulation_dtype
+from ._shared import chunk_flag, lookback_ticket, read_flag, set_flag
 from ._shared import saturate as _saturate
 
 
@@ -147,15 +148,6 @@ def _load_step(a_seq_ptr, x_seq_ptr, a_off, a_step, x_off, x_step, a_mask, x_mas
     return M, xv
 
 
-@triton.jit
-def _set_flag(flag_ptr, value, go):
-    """Sets a chunk's flag (when ``go``) after its payload: the barrier makes every thread's
-    payload stores happen before the one thread that writes the flag goes on, and the release
-    makes them visible to any program that reads the flag with acquire semantics."""
-    tl.debug_barrier()
-    tl.atomic_xchg(flag_ptr, value, mask=go, sem="release")
-
-
 # The flags stay out of the JIT's value specialisation (1 would become a constant), so the GPU
 # compiles exactly the specialisations aot_specs lists.
 @triton.jit(do_not_specialize=["block_size", "reverse", "varlen", "has_h0", "lookback", "force_aggregates"])
@@ -184,14 +176,9 @@ def block_diagonal_scan_kernel(
     together."""
     n_groups = tl.cdiv(G, BLOCK_G)
     n_programs = tl.num_programs(0)
-    if lookback != 0:
-        # Programs own chunks in the order they take tickets, chunk-major: (chunk, sequence, block group).
-        ticket = tl.atomic_add(sync_ptr + n_programs, 1)
-    else:
-        ticket = tl.program_id(0)
-    pid_g = ticket % n_groups
-    seq = (ticket // n_groups) % N
-    chunk = ticket // (n_groups * N)
+    # Look-back: programs own chunks in the order they take tickets, chunk-major: (chunk, sequence,
+    # block group); the walk's program id names its (sequence, block group), chunk 0.
+    pid_g, seq, chunk = lookback_ticket(sync_ptr, n_groups, N, lookback != 0)
     if BS == 0:
         bs = block_size
     else:
@@ -263,13 +250,11 @@ def block_diagonal_scan_kernel(
         a_ld_mask = tile_mask
     eye2 = (rows[:, None] == rows[None, :]).to(ACC)
     eye = tl.broadcast_to(eye2[None, :, :], (BLOCK_G, BLOCK_B, BLOCK_B))
-    # Look-back bookkeeping: this chunk's row of the workspace, its flag, and the flag stride per chunk.
+    # Look-back bookkeeping: this chunk's row of the workspace (flags: kernels/_shared.chunk_flag).
     n_rows = n_programs // n_groups                                    # chunks x sequences
     ws_P = ws_ptr
     ws_s = ws_P + n_rows * x_step * bs
     ws_inc = ws_s + n_rows * x_step
-    flag_base = sync_ptr + seq * n_groups + pid_g                      # + chunk * flag_stride
-    flag_stride = N * n_groups
     ws_row = chunk.to(tl.int64) * N + seq
 
     # Carry into the first step: h0 (forward chunk 0 or walk), 0 (backward: nothing flows in past the end).
@@ -280,7 +265,7 @@ def block_diagonal_scan_kernel(
 
     looking = (lookback != 0) & (chunk > 0) & (chunk <= last_chunk)
     # Fast path: the predecessor's inclusive state is already published.
-    pred_status = tl.atomic_add(flag_base + (chunk - 1) * flag_stride, 0, mask=looking, sem="acquire")
+    pred_status = read_flag(chunk_flag(sync_ptr, chunk - 1, seq, pid_g, n_groups, N), looking)
     pred_ready = looking & (pred_status == 2) & (force_aggregates == 0)
     carry = tl.where(pred_ready,
                      tl.load(ws_inc + (ws_row - N) * x_step + vec_off, mask=_both(vec_mask, pred_ready), other=0.0,
@@ -313,7 +298,7 @@ def block_diagonal_scan_kernel(
         pub_agg = chunk < last_chunk
         tl.store(ws_P + ws_row * x_step * bs + tile_off, _as_tiles(P, USE_DOT), mask=_both(tile_mask, pub_agg))
         tl.store(ws_s + ws_row * x_step + vec_off, s, mask=_both(vec_mask, pub_agg))
-        _set_flag(flag_base + chunk * flag_stride, 1, pub_agg)
+        set_flag(chunk_flag(sync_ptr, chunk, seq, pid_g, n_groups, N), 1, pub_agg)
         # Look back: the entering state is (acc) applied to the inclusive state of the nearest
         # predecessor j that has published one, acc the composed maps of the aggregates passed.
         if USE_DOT:
@@ -323,7 +308,7 @@ def block_diagonal_scan_kernel(
         acc_s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
         j = chunk - 1
         while looking:
-            status = tl.atomic_add(flag_base + j * flag_stride, 0, sem="acquire")
+            status = read_flag(chunk_flag(sync_ptr, j, seq, pid_g, n_groups, N))
             # force_aggregates: inclusive states only from chunk 0 (which publishes no aggregate).
             has_inclusive = (status == 2) & ((force_aggregates == 0) | (j == 0))
             has_aggregate = (status >= 1) & (has_inclusive == 0)
@@ -402,7 +387,7 @@ def block_diagonal_scan_kernel(
     # The true state at this chunk's end, for the successors.
     pub_inc = (lookback != 0) & (chunk < last_chunk)
     tl.store(ws_inc + ws_row * x_step + vec_off, carry, mask=_both(vec_mask, pub_inc))
-    _set_flag(flag_base + chunk * flag_stride, 2, pub_inc)
+    set_flag(chunk_flag(sync_ptr, chunk, seq, pid_g, n_groups, N), 2, pub_inc)
 
     if BACKWARD:
         # dL/dh0 = A_first^T g_first, "first" the first forward step (zero for empty sequences),
