@@ -460,10 +460,13 @@ def _state_fwd_kernel(
                      mask=valid_tok[:, None] & v_ok[None, :])
         else:
             tl.store(o_ptr + v_off, d.to(o_ptr.dtype.element_ty), mask=vmask)
-        # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, computed as (d^T (exp(G_L - G) K))^T: with d (a
+        # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, computed as ((exp(G_L - G) d)^T K)^T: with d (a
         # dot result) as the second operand, Triton 3.6 fails to compile the tf32 product for sm_90.
-        kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK).to(tl.float32) * decay_last[None, :, None]
-        dT = tl.broadcast_to(tl.trans(d)[None, :, :], (NKB, BV, BL))
+        # The decays exp(G_L - G_m) scale the rows of d, a (BL, BV) tile, not those of the (NKB, BL,
+        # BK) k tile: the same product, but the (BL,) decays are not broadcast into the 3-D tile's
+        # layout, where Triton 3.6 held them replicated (bf16 with o: 3.6 KB -> 1.7 KB of spills at sm_90a).
+        kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK)
+        dT = tl.broadcast_to(tl.trans(d * decay_last[:, None])[None, :, :], (NKB, BV, BL))
         S = tl.exp(G_L.to(tl.float32)) * S + tl.permute(_bdot(dT, kk, PREC), (0, 2, 1))
     if STORE_O:
         tl.store(final_ptr + seq_state + s_off, S, mask=smask)
@@ -513,16 +516,18 @@ def _state_bwd_kernel(
         qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
         P = scale * decay_read * qk                                                  # (BC, BL)
         # dd = P^T dO + (exp(G_L - G) K) dS: the gradient of the chunk's corrected values d.
-        kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK).to(tl.float32) * decay_last[None, :, None]
-        dd = _dot32(tl.trans(P), do, PREC) + tl.sum(_bdot(kk, dS, PREC), axis=0)
+        # (The decays scale the (BL, BV) product, not the 3-D k tile: see the forward state pass.)
+        kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK)
+        dd = _dot32(tl.trans(P), do, PREC) + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
         tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
                  mask=valid[:, None] & v_ok[None, :])
         # dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd: the gradient leaving the previous chunk.
-        qs = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK).to(tl.float32) \
-            * (scale * tl.exp(G_r.to(tl.float32)))[None, :, None]
+        # The factors scale exp(G_r) multiply the rows of dO (BC, BV), not those of the 3-D q tile (as above).
+        qs = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
+        dos = do.to(tl.float32) * (scale * tl.exp(G_r.to(tl.float32)))[:, None]
         w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
         dS = (tl.exp(G_L.to(tl.float32)) * dS
-              + _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(do.to(tl.float32)[None, :, :], (NKB, BC, BV)), PREC)
+              + _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(dos[None, :, :], (NKB, BC, BV)), PREC)
               - _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, BL, BV)), PREC))
     if HAS_H0:
         tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
@@ -1051,29 +1056,35 @@ def _signatures(elem: str) -> dict:
 # specialisations ``_under_static_budget`` names are checked; the others still spill, see there. No
 # vector-access check: the chunk tiles are 16-column blocks of rows H K elements apart, loaded
 # through masks.
-STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kernel": {"programs_per_sm": 1}}
+STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kernel": {"programs_per_sm": 1},
+                 "_state_fwd_kernel": {"programs_per_sm": 1}}
 
 
-def _under_static_budget(kernel, elem: str) -> bool:
-    """Whether CI holds this specialisation to STATIC_BUDGET: the decoding kernel at every dtype and
-    ``_wy_fwd_kernel`` for bf16 / fp16 inputs, which spill nothing at sm_80 or sm_90a with Triton 3.9
-    or 3.6. Left out, as they still spill (ptxas -v, K = V = 128, 16 x 16 blocks, maxnreg 255 where
-    launched with it; worst specialisation, bytes of spill stores + loads at sm_80 / sm_90a;
-    bench/results/householder-traffic.md has the table):
+def _under_static_budget(kernel, elem: str, constexprs: dict) -> bool:
+    """Whether CI holds this specialisation to STATIC_BUDGET: the decoding kernel at every dtype,
+    ``_wy_fwd_kernel`` for bf16 / fp16 inputs, and for bf16 / fp16 the backward's forward state pass
+    (``_state_fwd_kernel`` writing the chunk states and d, STORE_O false), which spill nothing at
+    sm_80 or sm_90a with Triton 3.9 or 3.6. Left out, as they still spill (ptxas -v, K = V = 128,
+    16 x 16 blocks, maxnreg 255 where launched with it; worst specialisation, bytes of spill stores +
+    loads at sm_80 / sm_90a; bench/results/householder-traffic.md has the table):
 
     * fp32 (exact "ieee" products, lowered to FMA loops that hold operand rows in registers):
-      ``_wy_fwd_kernel`` 488 / 24 (3.9), 404 / 440 (3.6); forward state pass 3100 / 2880 (3.9),
-      6036 / 6200 (3.6); adjoint state pass 2296 / 1384, 5532 / 5496; chunk-local backward 3212 /
+      ``_wy_fwd_kernel`` 488 / 24 (3.9), 404 / 440 (3.6); forward state pass 3016 / 2772 (3.9),
+      5028 / 5292 (3.6); adjoint state pass 2372 / 1760, 4412 / 4512; chunk-local backward 3212 /
       3352, 2360 / 2480.
-    * bf16 / fp16 state passes: none with Triton 3.9, 1.8-4.2 KB with 3.6 (the GPU machines').
+    * bf16 / fp16 state passes writing o (STORE_O) and the bf16 adjoint state pass: none with
+      Triton 3.9; with 3.6 (the GPU machines'), 1636 / 1656 (bf16) and 1668 / 1976 (fp16) with o,
+      876 / 936 for the adjoint pass.
     * bf16 chunk-local backward: with the gate 680 / 16 (3.9), 812 / 272 (3.6); without 32 / 0 and
       120 / 0.
 
-    Registers per thread: 151-251 for the budgeted kernels; the state passes use 211-255 at 8 warps
-    (the <= 128 of issue 14 is not reached).
+    Registers per thread: 151-255 for the budgeted kernels (255 x 256 threads: one program per SM);
+    the state passes use 214-255 at 8 warps (the <= 128 of issue 14 is not reached).
     """
     if kernel is _recurrent_fwd_kernel:
         return True
+    if kernel is _state_fwd_kernel:
+        return elem != "fp32" and not constexprs["STORE_O"]
     return kernel is _wy_fwd_kernel and elem != "fp32"
 
 
@@ -1090,7 +1101,7 @@ def aot_specs():
     in constants and pointer element types.
     """
     for kernel, signature, constexprs, num_warps, elem in _plain_specs():
-        options = {"budget": _under_static_budget(kernel, elem)}
+        options = {"budget": _under_static_budget(kernel, elem, constexprs)}
         if kernel in (_state_fwd_kernel, _state_bwd_kernel, _local_bwd_kernel):
             options["compile_options"] = {"maxnreg": _config(1, 128, 128, torch.float32, interpret=False)["MAXNREG"]}
         yield kernel, signature, constexprs, num_warps, options
