@@ -1100,39 +1100,44 @@ def aot_specs():
     64 rows), and the forward kernels for fp16 with n = 2; the other combinations differ only
     in constants and pointer element types.
     """
-    for kernel, signature, constexprs, num_warps, elem in _plain_specs():
+    for kernel, signature, constexprs, num_warps, elem, compile_options in _plain_specs():
         options = {"budget": _under_static_budget(kernel, elem, constexprs)}
-        if kernel in (_state_fwd_kernel, _state_bwd_kernel, _local_bwd_kernel):
-            options["compile_options"] = {"maxnreg": _config(1, 128, 128, torch.float32, interpret=False)["MAXNREG"]}
+        if compile_options:
+            options["compile_options"] = compile_options
         yield kernel, signature, constexprs, num_warps, options
 
 
 def _plain_specs():
-    """The specialisations of ``aot_specs`` as (kernel, signature, constexprs, num_warps, storage dtype)."""
+    """The specialisations of ``aot_specs`` as (kernel, signature, constexprs, num_warps, storage dtype,
+    the launch's compile options: its ``maxnreg`` where the launcher passes one)."""
     plans = ((torch.float32, "fp32", 1, True), (torch.bfloat16, "bf16", 3, True), (torch.float16, "fp16", 2, False))
     for torch_dtype, elem, n, with_backward in plans:
         cfg = _config(n, 128, 128, torch_dtype, interpret=False)
         chunk_args, state_args = _launch_args(n, cfg)
         nw = chunk_args.pop("num_warps")
-        del state_args["num_warps"], state_args["maxnreg"]      # (launch options, not constexprs)
+        del state_args["num_warps"]                              # (launch options, not constexprs)
+        capped = {"maxnreg": state_args.pop("maxnreg")}
         sigs = _signatures(elem)
         for gate in (False, True):
             for given in ((False, True) if with_backward and saves_tinv(torch_dtype) else (False,)):
                 yield (_wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, TINV_GIVEN=given, BC=cfg["BC"],
-                                                                 **chunk_args), nw, elem)
+                                                                 **chunk_args), nw, elem, {})
         for store_o in (False, True):  # without the outputs it writes d (fp32) through o_ptr
             sig = dict(sigs[_state_fwd_kernel], o_ptr=f"*{elem}" if store_o else "*fp32",
                        states_ptr="*fp32" if store_o else f"*{elem}")   # (with o: the final state, not written)
-            yield _state_fwd_kernel, sig, dict(HAS_H0=True, STORE_O=store_o, STAGES=cfg["STAGES"], **state_args), nw, elem
+            yield (_state_fwd_kernel, sig, dict(HAS_H0=True, STORE_O=store_o, STAGES=cfg["STAGES"], **state_args), nw,
+                   elem, capped)
         rec_sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "beta_ptr": f"*{elem}",
                    "lg_ptr": f"*{elem}", "h0_ptr": "*fp32", "o_ptr": f"*{elem}", "final_ptr": "*fp32",
                    "cu_tok_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"}
-        yield (_recurrent_fwd_kernel, rec_sig, dict(NFAC=n, BKF=128, BV=32, HAS_GATE=True, HAS_H0=True), 4, elem)
+        yield (_recurrent_fwd_kernel, rec_sig, dict(NFAC=n, BKF=128, BV=32, HAS_GATE=True, HAS_H0=True), 4, elem, {})
         if not with_backward:
             continue
         for has_dfinal in (False, True):
             for has_h0 in (False, True):
                 yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
-                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["STAGES"], **state_args), nw, elem)
+                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["STAGES"], **state_args), nw, elem,
+                       capped)
         for gate in (False, True):
-            yield _local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw, elem
+            yield (_local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw, elem,
+                   {"maxnreg": cfg["MAXNREG"]})
