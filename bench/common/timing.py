@@ -185,13 +185,12 @@ def prepare_case(impl: Impl, point: Point, mode: str, device: torch.device, inpu
         return build_mode_fn(fn, leaves, mode)
     except Skip:
         raise
-    except torch.OutOfMemoryError:
-        raise Skip("out of memory", failed=True) from None
     except Exception as exc:  # a baseline that fails on a shape is reported, not fatal
         raise _failure(exc) from None
 
 
 def _failure(exc: BaseException) -> Skip:
+    """The Skip that reports a failed build or timed call: out of memory, or the error's first line."""
     if isinstance(exc, torch.OutOfMemoryError):
         return Skip("out of memory", failed=True)
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
