@@ -207,7 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     print(f"device: {env['device']}  driver: {env['driver'] or 'n/a'}  torch {env['torch']}  "
           f"triton {env['triton']}  git {env['git_sha']}  {env['utc_time']}"
           + (f"  kernel config: {env['kernel_config']}" if env["kernel_config"] else "")
-          + (f"  cpp huge pages: {env['cpp_hugepages']}" if env["cpp_hugepages"] else ""), flush=True)
+          + (f"  cpp huge pages: {env['cpp_hugepages']}  cpp output cache: {env['cpp_output_cache']}"
+             if env["cpp_hugepages"] else ""), flush=True)
     print("timing: " + (f"interleaved, {rounds} rounds per point and mode (median, p20, p80 over rounds)" if interleave
                         else "each implementation on its own"), flush=True)
 

@@ -15,11 +15,16 @@ Implementations:
   moves the bytes every forward scan must move (read a, x; write h, including the page faults
   of a new output when the allocator maps fresh memory), so its time bounds what any scan can
   reach at that shape. Its output is PyTorch's: 4 KiB pages.
-* ``elementwise_floor_thp`` (likewise): the same op into a fresh output allocated the way the
-  cpp backend allocates its large outputs (``empty_output`` in csrc/cpu/common.h: ``MADV_HUGEPAGE``
-  on the buffer's 2 MiB-aligned interior before first touch), so the cpp backend with huge
-  pages (its default) is compared like for like; with ``LINREC_CPP_HUGEPAGES=0`` the cpp backend
-  uses 4 KiB pages and ``elementwise_floor`` is its like-for-like floor.
+* ``elementwise_floor_thp`` (likewise): the same op into a fresh output on transparent huge pages
+  (``MADV_HUGEPAGE`` on the buffer's 2 MiB-aligned interior before first touch), as the cpp
+  backend maps a new large output (``OutputCache`` in csrc/cpu/common.h): the like-for-like floor
+  of the cpp backend with its output cache off (``LINREC_CPP_CACHE_MB=0``); with
+  ``LINREC_CPP_HUGEPAGES=0`` as well, the cpp backend uses 4 KiB pages and ``elementwise_floor``
+  is its like-for-like floor.
+* ``elementwise_floor_warm`` (likewise): the same op into one output allocated and touched once,
+  when the point is built, and written again by every call (``out=``): no page faults at all,
+  only the traffic. The like-for-like floor of the cpp backend with its output cache on (the
+  default), whose large outputs reuse freed, already-mapped blocks in a loop of equal calls.
 
 Bytes (the minimum that must move, each tensor once): forward reads a, x and writes h (3N
 elements); backward reads a, h, dh and writes da, dx (5N); forward+backward is the sum (8N).
@@ -115,9 +120,19 @@ def _build_elementwise_floor(inputs, point, mode):
     return fn, [inputs["a"], inputs["x"]]
 
 
+def _build_elementwise_floor_warm(inputs, point, mode):
+    if mode != "fwd":
+        raise Skip("elementwise_floor bounds the forward only")
+    out = torch.zeros_like(inputs["x"], memory_format=torch.contiguous_format)  # mapped and touched now
+
+    def fn(a, x):
+        return torch.addcmul(x, a, x, out=out)
+    return fn, [inputs["a"], inputs["x"]]
+
+
 _MADV_HUGEPAGE = 14          # <linux/mman.h>
 _HUGE_PAGE = 2 << 20         # 2 MiB: the x86-64 transparent huge page
-_HUGEPAGE_MIN_BYTES = 8 << 20  # kHugePageMinBytes in csrc/cpu/common.h
+_HUGEPAGE_MIN_BYTES = 8 << 20  # kLargeOutputBytes in csrc/cpu/common.h
 
 
 def _libc_madvise():
@@ -136,8 +151,9 @@ def _libc_madvise():
 
 def empty_hugepages(like: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(like)`` (CPU, contiguous) with the buffer's 2 MiB-aligned interior
-    advised ``MADV_HUGEPAGE`` before anything touches it: what the cpp backend's ``empty_output``
-    (csrc/cpu/common.h) does for outputs of 8 MiB or more. With transparent huge pages in
+    advised ``MADV_HUGEPAGE`` before anything touches it: how the cpp backend maps a new output of
+    8 MiB or more (csrc/cpu/common.h, ``OutputCache``; it maps 2 MiB-aligned blocks, so its ends
+    are huge pages too). With transparent huge pages in
     ``madvise`` mode the first write then faults 2 MiB pages instead of 4 KiB ones; elsewhere it
     is a no-op hint."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
@@ -245,6 +261,7 @@ def impls(device: torch.device) -> Tuple[List[Impl], List[str]]:
     out.append(Impl("torch_loop", "baseline", _build_loop, cap_steps(steps, cpu=4096, cuda=8192)))
     out.append(Impl("elementwise_floor", "baseline", _build_elementwise_floor, _cpu_target_only))
     out.append(Impl("elementwise_floor_thp", "baseline", _build_elementwise_floor_thp, _cpu_target_only))
+    out.append(Impl("elementwise_floor_warm", "baseline", _build_elementwise_floor_warm, _cpu_target_only))
     out.append(Impl("torch.associative_scan", "baseline", _build_associative_scan,
                     both(cap_steps(steps, cpu=1024, cuda=1 << 20, what="generic associative_scan"),
                          _seqlen_sweep_only)))
@@ -345,23 +362,34 @@ def targets() -> List[Target]:
 CPU_FLOOR_GOALS = {"fwd": 1.3, "fwdbwd": 1.3 * 8 / 3}
 
 
-def cpu_floor_targets(hugepages: Optional[str] = None) -> List[Target]:
+def cpu_floor_targets(hugepages: Optional[str] = None, output_cache: Optional[str] = None) -> List[Target]:
     """Issue 20's CPU targets at the cpu-target point, one per (dtype, mode, floor).
 
     The cpp backend's time over an elementwise floor's forward time (same dtype): at most 1.3 for
-    the forward, 1.3 x 8/3 for forward + backward. Two floors: the one whose output pages match
-    the cpp backend's in this process (``elementwise_floor_thp`` when its outputs use huge pages,
-    the default; ``elementwise_floor`` under ``LINREC_CPP_HUGEPAGES=0``): the like-for-like
-    comparison; and, with huge pages on, also PyTorch's own ``elementwise_floor`` (4 KiB pages:
-    the issue's literal floor, a fresh PyTorch tensor), which the cpp backend's cheaper page
-    faults flatter.
+    the forward, 1.3 x 8/3 for forward + backward. Two floors: the like-for-like one, whose output
+    memory is handled as the cpp backend's is in this process (``hugepages`` / ``output_cache``:
+    "on" / "off", by default read from the environment as the C++ side reads it):
+
+    * output cache on (the default): ``elementwise_floor_warm``, an output mapped once and
+      rewritten (the cpp backend's large outputs reuse freed blocks: neither pays page faults);
+    * cache off, huge pages on: ``elementwise_floor_thp`` (both fault fresh 2 MiB pages);
+    * both off: ``elementwise_floor`` (both fault fresh 4 KiB pages);
+
+    and PyTorch's own ``elementwise_floor`` (a fresh tensor on 4 KiB pages: the issue's literal
+    floor, which the cpp backend's cheaper or absent page faults flatter) where it is not already
+    the like-for-like one.
     """
-    from .common import cpp_hugepages
+    from .common import cpp_hugepages, cpp_output_cache
     pages = hugepages or cpp_hugepages()
-    floors = [("elementwise_floor_thp", "like for like: both on huge pages")] if pages == "on" \
-        else [("elementwise_floor", "like for like: both on 4 KiB pages")]
-    if pages == "on":
-        floors.append(("elementwise_floor", "PyTorch's 4 KiB-page floor, cpp on huge pages"))
+    cache = output_cache or cpp_output_cache()
+    if cache == "on":
+        floors = [("elementwise_floor_warm", "like for like: both write memory mapped already")]
+    elif pages == "on":
+        floors = [("elementwise_floor_thp", "like for like: both on fresh huge pages")]
+    else:
+        floors = [("elementwise_floor", "like for like: both on fresh 4 KiB pages")]
+    if floors[0][0] != "elementwise_floor":
+        floors.append(("elementwise_floor", "PyTorch's fresh 4 KiB-page floor"))
     out = []
     for dtype in CPU_TARGET_DTYPES:
         for mode, goal in CPU_FLOOR_GOALS.items():

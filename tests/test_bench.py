@@ -385,6 +385,7 @@ def test_complex64_point_runs_interleaved_and_every_implementation_agrees():
             assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
             assert r["bytes_model"] == {"fwd": 3, "fwdbwd": 8}[mode] * 64 * 32 * 8
     assert ("elementwise_floor", "fwd") in by and ("elementwise_floor_thp", "fwd") in by
+    assert ("elementwise_floor_warm", "fwd") in by
     assert ("elementwise_floor", "fwdbwd") not in by  # a forward-only bound
 
     point = diagonal.Point("cpu-target", "T", {"B": 1, "T": 64, "D": 32}, ("fwd",), ("complex64",))
@@ -399,32 +400,37 @@ def test_complex64_point_runs_interleaved_and_every_implementation_agrees():
         torch.testing.assert_close(out.to(torch.complex128), ref, rtol=1e-5, atol=1e-5, msg=name)
     floor = torch.addcmul(x, a, x, out=diagonal.empty_hugepages(x))
     torch.testing.assert_close(floor, torch.addcmul(x, a, x), rtol=0, atol=0)
+    warm, args = diagonal._build_elementwise_floor_warm(inputs, point, "fwd")
+    first, second = warm(*args), warm(*args)
+    assert first.data_ptr() == second.data_ptr()  # one output, mapped at build time, rewritten by every call
+    torch.testing.assert_close(second, torch.addcmul(x, a, x), rtol=0, atol=0)
 
 
 def test_bf16_point_runs_interleaved():
     rows, _ = _cpu_target_rows("bf16", modes=("fwd",), rounds=1)
     impls = {r["impl"] for r in rows}
-    assert {"linrec.torch", "torch_loop", "elementwise_floor", "elementwise_floor_thp"} <= impls
+    assert {"linrec.torch", "torch_loop", "elementwise_floor", "elementwise_floor_thp", "elementwise_floor_warm"} <= impls
     assert all(r["dtype"] == "bf16" and r["median_ms"] > 0 for r in rows)
 
 
-def _floor_rows(cpp_fwd, cpp_fwdbwd, floor, floor_thp, dtype="fp32"):
+def _floor_rows(cpp_fwd, cpp_fwdbwd, floor, floor_thp, dtype="fp32", floor_warm=None):
     def row(impl, mode, ms):
         return {"op": "diagonal", "sweep": "cpu-target", "impl": impl, "mode": mode, "dtype": dtype,
                 "B": 8, "T": 4096, "D": 512, "median_ms": ms}
     return [row("linrec.cpp", "fwd", cpp_fwd), row("linrec.cpp", "fwdbwd", cpp_fwdbwd),
-            row("elementwise_floor", "fwd", floor), row("elementwise_floor_thp", "fwd", floor_thp)]
+            row("elementwise_floor", "fwd", floor), row("elementwise_floor_thp", "fwd", floor_thp)] + (
+        [row("elementwise_floor_warm", "fwd", floor_warm)] if floor_warm is not None else [])
 
 
 def test_floor_targets_compare_the_cpp_time_with_the_floor_of_the_same_pages():
     """Issue 20's CPU targets: cpp fwd <= 1.3x the floor's forward, fwd+bwd <= 1.3 x 8/3 of it, per
-    dtype; the like-for-like floor follows the cpp backend's page setting, and with huge pages on
-    PyTorch's own (4 KiB) floor is reported too."""
+    dtype; the like-for-like floor follows the cpp backend's output cache and page settings, and
+    PyTorch's own (fresh, 4 KiB) floor is reported too where it is not the like-for-like one."""
     from bench import diagonal
     from bench.common import evaluate_targets
 
     rows = _floor_rows(cpp_fwd=12.0, cpp_fwdbwd=40.0, floor=30.0, floor_thp=10.0)
-    lines = evaluate_targets(diagonal.cpu_floor_targets("on"), rows)
+    lines = evaluate_targets(diagonal.cpu_floor_targets("on", "off"), rows)
     fp32 = [line for line in lines if " fp32:" in line]
     assert len(fp32) == 4 and all(line.startswith("[--]") for line in lines if " fp32:" not in line)
     like_fwd, torch_fwd, like_both, torch_both = fp32
@@ -432,11 +438,19 @@ def test_floor_targets_compare_the_cpp_time_with_the_floor_of_the_same_pages():
     assert torch_fwd.startswith("[ok]") and "0.40x the time of elementwise_floor fwd" in torch_fwd
     assert like_both.startswith("[no]") and "4.00x the time of elementwise_floor_thp fwd" in like_both  # > 3.47
     assert torch_both.startswith("[ok]") and "1.33x" in torch_both and "goal <= 3.47x" in torch_both
-    off = evaluate_targets(diagonal.cpu_floor_targets("off"), _floor_rows(12.0, 40.0, 10.0, 5.0, dtype="complex64"))
+    off = evaluate_targets(diagonal.cpu_floor_targets("off", "off"),
+                           _floor_rows(12.0, 40.0, 10.0, 5.0, dtype="complex64"))
     measured = [line for line in off if not line.startswith("[--]")]
     assert len(measured) == 2 and all("elementwise_floor fwd" in line and "4 KiB" in line for line in measured)
     assert measured[0].startswith("[ok]") and "1.20x" in measured[0]
     assert measured[1].startswith("[no]") and "4.00x" in measured[1]
+    # output cache on (the default): the warm floor (no page faults on either side) is the like-for-like one
+    cached = evaluate_targets(diagonal.cpu_floor_targets("on", "on"), _floor_rows(12.0, 40.0, 30.0, 10.0, floor_warm=8.0))
+    fp32 = [line for line in cached if " fp32:" in line]
+    assert len(fp32) == 4
+    assert fp32[0].startswith("[no]") and "1.50x the time of elementwise_floor_warm fwd" in fp32[0]
+    assert fp32[2].startswith("[no]") and "5.00x the time of elementwise_floor_warm fwd" in fp32[2]
+    assert fp32[1].startswith("[ok]") and "0.40x the time of elementwise_floor fwd" in fp32[1]
 
 
 def test_floor_targets_are_evaluated_on_a_small_measured_point():
@@ -482,6 +496,7 @@ def test_interleave_flag_end_to_end(tmp_path):
     with open(tmp_path / "il.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["impl"] for r in rows} == {"linrec.torch", "torch_loop"}
-    assert all(r["timing"] == "interleaved, 2 rounds" and r["cpp_hugepages"] in ("on", "off") for r in rows)
+    assert all(r["timing"] == "interleaved, 2 rounds" and r["cpp_hugepages"] in ("on", "off")
+               and r["cpp_output_cache"] in ("on", "off") for r in rows)
     assert all(float(r["cpu_ms"]) >= 0 for r in rows)
     assert "vs per-step loop" in proc.stdout  # the no-slower-than-the-loop check ran

@@ -553,3 +553,96 @@ def test_householder_tiny_heads_and_empty_sequences():
     grads = _cpp.householder_scan_backward(q, k, v, beta, log_gate, h0, torch.zeros(o.shape), grad_final,
                                            cu_seqlens=None, scale=1.0)
     assert torch.equal(grads[5], grad_final) and grads[0].shape == q.shape and grads[4].shape == log_gate.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# The output cache (csrc/cpu/common.h, OutputCache): outputs of 8 MiB or more
+# ---------------------------------------------------------------------------------------------
+
+LARGE_OUTPUT = 8 << 20  # bytes: the smallest output the cache serves
+
+
+@pytest.fixture
+def output_cache():
+    """An empty output cache with a 256 MiB limit for the test; the limit is restored after."""
+    old = _cpp.set_output_cache_limit(256)
+    _cpp.empty_output_cache()
+    yield
+    _cpp.set_output_cache_limit(old)
+
+
+def _poison_cache(shape, count):
+    """Leaves `count` freed outputs of `shape` (fp32) in the cache, every element NaN."""
+    junk = [_cpp.diagonal_scan_forward(torch.zeros(shape[-1]), torch.zeros(shape), None, cu_seqlens=None,
+                                       reverse=False) for _ in range(count)]
+    ptrs = []
+    for out in junk:
+        assert out.data_ptr() % (2 << 20) == 0  # 2 MiB-aligned blocks: huge pages from the first touch
+        out.fill_(float("nan"))
+        ptrs.append(out.data_ptr())
+    del out
+    while junk:  # freed in order: ptrs[0] is the oldest block in the cache, ptrs[-1] the newest
+        junk.pop(0)
+    return ptrs
+
+
+def test_output_cache_recycles_blocks_and_kernels_write_every_element(output_cache):
+    """Freed large outputs are handed out again (most recent first), and every kernel writes all
+    of a recycled block: blocks left full of NaN by earlier outputs give the reference's results,
+    forward and backward, with packed sequences (empty ones included) and reversed."""
+    shape = (1, 64, 32768)  # 8 MiB in fp32
+    ptrs = _poison_cache(shape, 3)
+    info = _cpp.output_cache_info()
+    assert info["cached_blocks"] == 3 and info["cached_bytes"] == 3 * LARGE_OUTPUT, info
+    g = torch.Generator().manual_seed(21)
+    a, x = _coefficients(shape, torch.float32, g), torch.randn(shape, generator=g)
+    hits = info["hits"]
+    h = _check_diagonal(a, x, cu=torch.tensor([0, 0, 20, 20, 64]), reverse=True)  # h, dL/dx, dL/da: 3 blocks
+    assert _cpp.output_cache_info()["hits"] == hits + 3
+    assert h.data_ptr() == ptrs[-1]
+    del h
+    # block-diagonal, b = 4: x and h 8 MiB, dL/dA 32 MiB (a block of another size: newly mapped)
+    _poison_cache(shape, 3)
+    A = _transitions((1, 64, 2048, 4, 4), torch.float32, g)
+    _check_block(A, torch.randn(1, 64, 2048, 4, generator=g), torch.randn(1, 2048, 4, generator=g), reverse=False)
+
+
+def test_output_cache_limit_evicts_the_oldest_and_zero_turns_it_off(output_cache):
+    """At most the limit stays cached (the oldest blocks are unmapped first); a limit of 0 keeps
+    nothing; empty_output_cache() unmaps what is cached; small outputs never touch the cache."""
+    _cpp.set_output_cache_limit(16)  # two 8 MiB blocks
+    ptrs = _poison_cache((1, 64, 32768), 3)
+    info = _cpp.output_cache_info()
+    assert info["cached_bytes"] == 2 * LARGE_OUTPUT and info["limit_bytes"] == 2 * LARGE_OUTPUT
+    misses = info["misses"]
+    small = _cpp.diagonal_scan_forward(torch.zeros(8), torch.zeros(1, 4, 8), None, cu_seqlens=None, reverse=False)
+    assert _cpp.output_cache_info()["misses"] == misses and small.shape == (1, 4, 8)
+    reused = _poison_cache((1, 64, 32768), 2)
+    assert sorted(reused) == sorted(ptrs[1:])  # the oldest (first freed) block was the one unmapped
+    _cpp.empty_output_cache()
+    assert _cpp.output_cache_info()["cached_blocks"] == 0
+    assert _cpp.set_output_cache_limit(0) == 16
+    _poison_cache((1, 64, 32768), 2)
+    assert _cpp.output_cache_info()["cached_bytes"] == 0
+    with pytest.raises(ValueError, match="megabytes"):
+        _cpp.set_output_cache_limit(-1)
+
+
+def test_output_cache_limit_from_the_environment():
+    """LINREC_CPP_CACHE_MB sets the limit (read when the cache is first used); a value that is not
+    a number warns and leaves the default. Run in fresh processes (the cached build loads)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, warnings; from linrec import _cpp; warnings.simplefilter('always');"
+            "_cpp.diagonal_scan_forward(torch.zeros(4), torch.zeros(1, 2, 4), None, cu_seqlens=None, reverse=False);"
+            "print(_cpp.output_cache_info()['limit_bytes'])")
+    out = {}
+    for value in ("24", "lots"):
+        env = {**os.environ, "LINREC_CPP_CACHE_MB": value}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        out[value] = (int(run.stdout.split()[-1]), run.stderr)
+    assert out["24"][0] == 24 << 20
+    assert out["lots"][0] > 0 and "LINREC_CPP_CACHE_MB=lots is not a number" in out["lots"][1]

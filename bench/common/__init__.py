@@ -12,7 +12,7 @@ Every name is re-exported here, so ``from bench.common import X`` works for all 
 """
 
 from .cli import HelpFormatter, add_device_option, pick_device
-from .provenance import cpp_hugepages, cpu_name, cuda_driver, device_slug, environment, git_sha
+from .provenance import cpp_hugepages, cpp_output_cache, cpu_name, cuda_driver, device_slug, environment, git_sha
 from .output import (CPU_AUTO_ORDER, CSV_COLUMNS, ENV_COLUMNS, LOOP_BASELINE, TABLE_LEGEND, TABLE_WIDTH,
                      check_against_loop, dims_of, evaluate_targets, format_table, group_title, loop_speedups,
                      plot_sweeps, read_csv, shape_label, split_dims, write_csv)
@@ -25,7 +25,7 @@ _git_sha = git_sha  # the name of the git-SHA helper before the split
 
 __all__ = [
     "HelpFormatter", "add_device_option", "pick_device",
-    "cpp_hugepages", "cpu_name", "cuda_driver", "device_slug", "environment", "git_sha",
+    "cpp_hugepages", "cpp_output_cache", "cpu_name", "cuda_driver", "device_slug", "environment", "git_sha",
     "CPU_AUTO_ORDER", "check_against_loop", "CSV_COLUMNS", "ENV_COLUMNS", "LOOP_BASELINE", "TABLE_LEGEND", "TABLE_WIDTH", "dims_of", "evaluate_targets", "format_table",
     "group_title", "loop_speedups", "plot_sweeps", "read_csv", "shape_label", "split_dims", "write_csv",
     "DIM_COLUMNS", "DTYPES", "LINREC_BACKENDS", "MODES", "Impl", "OpSpec", "Point", "Skip", "Target", "both",

@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .spec import DIM_COLUMNS, MODES, Target
 
-ENV_COLUMNS = ("device", "driver", "cuda", "torch", "triton", "git_sha", "utc_time", "kernel_config", "cpp_hugepages")
+ENV_COLUMNS = ("device", "driver", "cuda", "torch", "triton", "git_sha", "utc_time", "kernel_config", "cpp_hugepages",
+               "cpp_output_cache")
 CSV_COLUMNS = (("op", "sweep", "impl", "kind", "mode", "dtype", "x_name", "x_value") + DIM_COLUMNS
                + ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy", "tflops", "peak_extra_mb",
                   "output_mb", "bytes_model", "copy_gbps", "timing", "cpu_ms") + ENV_COLUMNS)

@@ -63,7 +63,8 @@ def cuda_driver() -> str:
 def environment(device: torch.device) -> Dict[str, str]:
     """Device name, driver, versions, git SHA, UTC time, the ``LINREC_*_CONFIG`` launch-setting
     overrides of this run (empty: the launchers' defaults) and, on the CPU, whether the cpp
-    backend's outputs use huge pages (:func:`cpp_hugepages`), written into every CSV row."""
+    backend's outputs use huge pages (:func:`cpp_hugepages`) and come from its output cache
+    (:func:`cpp_output_cache`), written into every CSV row."""
     try:
         import triton
         triton_version = triton.__version__
@@ -86,6 +87,7 @@ def environment(device: torch.device) -> Dict[str, str]:
         "utc_time": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "kernel_config": config_overrides_in_use(),
         "cpp_hugepages": "" if device.type == "cuda" else cpp_hugepages(),
+        "cpp_output_cache": "" if device.type == "cuda" else cpp_output_cache(),
     }
 
 
@@ -96,6 +98,16 @@ def cpp_hugepages() -> str:
     tensors). Read the way the C++ side reads it."""
     value = os.environ.get("LINREC_CPP_HUGEPAGES")
     return "off" if value in ("0", "false", "off", "no") else "on"
+
+
+def cpp_output_cache() -> str:
+    """Whether the cpp backend recycles its large outputs in this process: ``"on"`` (freed outputs
+    of 8 MiB or more are kept and handed out again, ``OutputCache`` in csrc/cpu/common.h: the
+    default) or ``"off"`` (``LINREC_CPP_CACHE_MB=0``: every large output is a fresh mapping, as
+    PyTorch's own large tensors are). Read the way the C++ side reads it (an unparsable value
+    leaves the cache on)."""
+    value = os.environ.get("LINREC_CPP_CACHE_MB", "").strip()
+    return "off" if value.isdigit() and int(value) == 0 else "on"
 
 
 def device_slug(device: torch.device) -> str:

@@ -5,6 +5,8 @@
 
 #include <vector>
 
+#include "common.h"
+
 namespace linrec_cpu {
 at::Tensor diagonal_forward(const at::Tensor& a, const at::Tensor& x, const c10::optional<at::Tensor>& h0,
                             const c10::optional<at::Tensor>& cu, bool reverse);
@@ -45,4 +47,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("householder_backward", &linrec_cpu::householder_backward, "Householder scan backward, step by step",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("beta"), py::arg("log_gate"), py::arg("initial_state"),
         py::arg("grad_o"), py::arg("grad_final"), py::arg("cu_seqlens"), py::arg("scale"));
+  // The output cache (common.h): what it holds, emptying it, its limit.
+  m.def("output_cache_info", [] {
+    const auto i = linrec_cpu::OutputCache::get().info();
+    return py::dict(py::arg("cached_bytes") = i.cached_bytes, py::arg("cached_blocks") = i.cached_blocks,
+                    py::arg("limit_bytes") = i.limit_bytes, py::arg("hits") = i.hits, py::arg("misses") = i.misses);
+  }, "the output cache: cached bytes and blocks, limit in bytes, hits and misses so far");
+  m.def("empty_output_cache", [] { linrec_cpu::OutputCache::get().release(); },
+        "unmaps every cached output block (outputs in use stay)");
+  m.def("set_output_cache_limit", [](size_t bytes) { return linrec_cpu::OutputCache::get().set_limit(bytes); },
+        "sets the output cache's limit in bytes (0: no caching); returns the previous limit", py::arg("bytes"));
 }

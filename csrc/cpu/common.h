@@ -18,12 +18,15 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace linrec_cpu {
@@ -202,10 +205,34 @@ inline void parallel_tasks(int64_t ntasks, int64_t work, const F& f) {
   at::parallel_for(0, ntasks, grain, f);
 }
 
-// ---- output buffers --------------------------------------------------------------------------
+// ---- output buffers: the output cache ---------------------------------------------------------
+//
+// A fresh large output is mapped by the allocator and faulted in as the kernel first writes it:
+// the kernel zeroes every page and, in a virtual machine, the host may have to back the page too
+// (a guest that reports free memory to its host - virtio-balloon free page reporting - gets it
+// back unbacked). At one thread that costs about as much as the scan itself (measured: a 134 MB
+// dL/dA took 65 ms of 4 KiB page faults, the sweep about 30 ms), and it varies from call to call
+// with what the host did meanwhile. A training or decoding loop asks for the same output sizes
+// on every step, so the extension keeps the large outputs it handed out once they are freed and
+// hands them out again: a cache of mapped blocks, keyed by their size, as PyTorch's CUDA caching
+// allocator does on the GPU.
+//
+// * Only outputs of at least kLargeOutputBytes go through it (smaller ones come from at::empty:
+//   their page faults are cheap and glibc's heap recycles them already).
+// * Blocks are 2 MiB-aligned anonymous mappings of a whole number of 2 MiB pages, advised
+//   MADV_HUGEPAGE (unless LINREC_CPP_HUGEPAGES=0), so that the first touch takes 2 MiB faults.
+// * A freed block is kept while the cache holds at most its limit in bytes, the oldest blocks
+//   unmapped first; otherwise it is unmapped at once. The limit is LINREC_CPP_CACHE_MB (MiB; 0
+//   turns the cache off: every block is unmapped when freed), by default an eighth of the
+//   physical memory, at most 4 GiB; `set_limit` changes it (Python: linrec._cpp).
+// * Outputs are tensors over these blocks (at::from_blob with a deleter that returns the block),
+//   contiguous and not resizable in place beyond their size, like any tensor from from_blob.
+// * The cache never shrinks a block or hands out a block of another size, so it cannot fragment;
+//   `release` unmaps every cached block (linrec._cpp.empty_output_cache()).
 
-// Outputs of at least this many bytes ask the kernel for transparent huge pages.
-constexpr size_t kHugePageMinBytes = size_t(8) << 20;
+// Outputs of at least this many bytes come from the cache (and are backed by huge pages).
+constexpr size_t kLargeOutputBytes = size_t(8) << 20;
+constexpr size_t kHugePageBytes = size_t(2) << 20;
 
 // Whether large outputs get MADV_HUGEPAGE (LINREC_CPP_HUGEPAGES=0 turns it off; read once).
 inline bool hugepages_wanted() {
@@ -217,25 +244,167 @@ inline bool hugepages_wanted() {
   return wanted;
 }
 
-// at::empty for an output the kernel writes once, first touch included. A fresh large buffer is
-// mapped by the allocator and faulted in 4 KiB pages as the kernel first writes it: at one
-// thread that zeroing and fault handling cost more than the scan itself (measured: a 134 MB
-// dL/dA took 65 ms of page faults, the sweep about 30 ms). With transparent huge pages in
-// "madvise" mode, MADV_HUGEPAGE on the 2 MiB-aligned interior of the buffer (before anything
-// touched it) makes those 2 MiB faults, as PyTorch's own THP_MEM_ALLOC_ENABLE=1 does for every
-// allocation. Only a hint: where the kernel has no huge pages nothing changes.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t bytes = t.nbytes();
-  if (bytes >= kHugePageMinBytes && hugepages_wanted()) {
-    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
-    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+class OutputCache {
+ public:
+  struct Info {
+    size_t cached_bytes, cached_blocks, limit_bytes, hits, misses;
+  };
+
+  // The one cache of the process. Never destroyed: tensors over its blocks may be freed during
+  // interpreter shutdown, after static destructors have run.
+  static OutputCache& get() {
+    static OutputCache* cache = new OutputCache();
+    return *cache;
   }
+
+  // A block of `bytes` (a multiple of kHugePageBytes): a cached one of that size, else a new
+  // mapping (huge-page advised, not yet touched).
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = free_.rbegin(); it != free_.rend(); ++it) {  // the most recently freed first
+        if (it->bytes == bytes) {
+          void* p = it->ptr;
+          free_.erase(std::next(it).base());
+          cached_ -= bytes;
+          ++hits_;
+          return p;
+        }
+      }
+      ++misses_;
+    }
+    return map_block(bytes);
+  }
+
+  // Returns a block handed out by `take`: cached if the limit allows, else unmapped.
+  void give_back(void* ptr, size_t bytes) {
+    std::vector<Block> unmap;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (bytes > limit_) {
+        unmap.push_back({ptr, bytes});
+      } else {
+        while (cached_ + bytes > limit_) {  // the oldest blocks make room
+          unmap.push_back(free_.front());
+          cached_ -= free_.front().bytes;
+          free_.erase(free_.begin());
+        }
+        free_.push_back({ptr, bytes});
+        cached_ += bytes;
+      }
+    }
+    for (const Block& b : unmap) unmap_block(b);  // outside the lock: munmap takes a while
+  }
+
+  // Unmaps every cached block (blocks in use are not affected).
+  void release() { trim(0); }
+
+  // Sets the limit in bytes (0: no caching) and unmaps the oldest blocks above it; returns the old one.
+  size_t set_limit(size_t bytes) {
+    size_t old;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      old = limit_;
+      limit_ = bytes;
+    }
+    trim(bytes);
+    return old;
+  }
+
+  size_t limit() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return limit_;
+  }
+
+  Info info() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {cached_, free_.size(), limit_, hits_, misses_};
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+
+  OutputCache() : limit_(default_limit()) {}
+
+  static size_t default_limit() {
+    if (const char* v = std::getenv("LINREC_CPP_CACHE_MB")) {
+      char* end = nullptr;
+      const long long mb = std::strtoll(v, &end, 10);
+      if (end != v && *end == '\0' && mb >= 0) return size_t(mb) << 20;
+      TORCH_WARN("LINREC_CPP_CACHE_MB=", v, " is not a number of MiB >= 0; using the default");
+    }
+    size_t physical = 0;
+#if defined(__linux__)
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0) physical = size_t(pages) * size_t(page);
 #endif
-  return t;
+    return physical ? std::min(physical / 8, size_t(4) << 30) : (size_t(1) << 30);
+  }
+
+  // Unmaps the oldest cached blocks until at most `keep` bytes stay cached.
+  void trim(size_t keep) {
+    std::vector<Block> unmap;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (cached_ > keep) {
+        unmap.push_back(free_.front());
+        cached_ -= free_.front().bytes;
+        free_.erase(free_.begin());
+      }
+    }
+    for (const Block& b : unmap) unmap_block(b);
+  }
+
+  static void* map_block(size_t bytes) {
+#if defined(__linux__)
+    // Map one huge page more than asked and cut the ends off, so the block starts 2 MiB-aligned
+    // and every one of its pages can be a huge page.
+    const size_t span = bytes + kHugePageBytes;
+    void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(raw != MAP_FAILED, "linrec's CPU backend: out of memory mapping an output of ", bytes, " bytes");
+    const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t aligned = (start + kHugePageBytes - 1) & ~uintptr_t(kHugePageBytes - 1);
+    if (aligned > start) munmap(raw, aligned - start);
+    const uintptr_t tail = aligned + bytes, span_end = start + span;
+    if (span_end > tail) munmap(reinterpret_cast<void*>(tail), span_end - tail);
+#if defined(MADV_HUGEPAGE)
+    if (hugepages_wanted()) madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
+#endif
+    return reinterpret_cast<void*>(aligned);
+#else
+    void* p = std::aligned_alloc(kHugePageBytes, bytes);
+    TORCH_CHECK(p != nullptr, "linrec's CPU backend: out of memory allocating an output of ", bytes, " bytes");
+    return p;
+#endif
+  }
+
+  static void unmap_block(const Block& b) {
+#if defined(__linux__)
+    munmap(b.ptr, b.bytes);
+#else
+    std::free(b.ptr);
+#endif
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> free_;  // cached blocks, oldest first
+  size_t cached_ = 0;
+  size_t limit_;
+  size_t hits_ = 0, misses_ = 0;
+};
+
+// An uninitialised contiguous output (the kernels write every element of it). Large ones come
+// from the output cache above, small ones from at::empty.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const at::TensorOptions opts = options.memory_format(at::MemoryFormat::Contiguous);
+  const size_t bytes = size_t(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
+  if (bytes < kLargeOutputBytes) return at::empty(sizes, opts);
+  const size_t block = (bytes + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+  void* p = OutputCache::get().take(block);
+  return at::from_blob(p, sizes, [block](void* q) { OutputCache::get().give_back(q, block); }, opts.memory_format(c10::nullopt));
 }
 
 }  // namespace linrec_cpu

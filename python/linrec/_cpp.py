@@ -14,6 +14,13 @@ Environment variables:
 
 * ``LINREC_DISABLE_CPP=1``: never build or use the CPU extension.
 * ``LINREC_CPP_VERBOSE=1``: print the compiler's output while building.
+* ``LINREC_CPP_CACHE_MB=N``: the output cache's limit in MiB (0: off; default an eighth of the
+  physical memory, at most 4 GiB). Outputs of 8 MiB or more are mapped in 2 MiB-aligned blocks
+  advised as transparent huge pages, and a freed one is kept for the next output of its size
+  instead of being unmapped (``csrc/cpu/common.h``, ``OutputCache``): a fresh large output costs
+  page faults (and, in a virtual machine, host faults) comparable to the scan itself.
+  ``output_cache_info()``, ``empty_output_cache()`` and ``set_output_cache_limit()`` below.
+* ``LINREC_CPP_HUGEPAGES=0``: no ``MADV_HUGEPAGE`` on those blocks (4 KiB pages).
 
 Launchers (all tensors on the CPU; dtypes: float32 | bfloat16 | float16 | complex64 for the
 diagonal scan, float32 | bfloat16 | float16 for the block-diagonal one, accumulation in fp32 /
@@ -128,6 +135,35 @@ def _build_spec() -> BuildSpec:
                 "output, LINREC_DISABLE_CPP=1 to stop trying; backend='torch' would run instead."),
         announce=f"linrec: compiling the CPU kernels ({capability}; once, about a minute; cached in {{where}})",
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The output cache
+# ----------------------------------------------------------------------------------------------
+
+def output_cache_info() -> dict:
+    """The cpp backend's output cache: ``cached_bytes``, ``cached_blocks``, ``limit_bytes``,
+    ``hits`` and ``misses`` (large outputs served from the cache / newly mapped) in this process.
+    All zero, and the limit None, while the extension is not loaded (nothing is built for this)."""
+    if _JIT.module is None:
+        return dict(cached_bytes=0, cached_blocks=0, limit_bytes=None, hits=0, misses=0)
+    return dict(_JIT.module.output_cache_info())
+
+
+def empty_output_cache() -> None:
+    """Unmaps every block the output cache holds (outputs still in use are not affected), as
+    ``torch.cuda.empty_cache()`` does on the GPU. A no-op while the extension is not loaded."""
+    if _JIT.module is not None:
+        _JIT.module.empty_output_cache()
+
+
+def set_output_cache_limit(megabytes: float) -> float:
+    """Sets the output cache's limit in MiB (0 turns caching off and empties it), unmapping the
+    oldest cached blocks above it; returns the previous limit in MiB. Loads (or builds) the
+    extension."""
+    if megabytes < 0:
+        raise ValueError(f"megabytes must be >= 0, got {megabytes}")
+    return load_extension().set_output_cache_limit(int(megabytes * 2**20)) / 2**20
 
 
 # ----------------------------------------------------------------------------------------------
