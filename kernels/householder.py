@@ -39,7 +39,13 @@ dd, S0, dS and Tinv (``dA = -(Tinv^T dd) d^T`` restricted to the strictly lower 
 which is ``-(Tinv^T du u^T + Tinv^T dw w^T)`` with du = dd, dw = -dd S0^T and w S0 = u - d,
 and the rest by the chain rule through the formulas above).
 
-Precision: fp32 inputs multiply exactly ("ieee" fp32 products). For bf16 / fp16 inputs the
+Precision: fp32 inputs multiply as 3xTF32 ("tf32x3"): each fp32 operand is split into a TF32
+high part and a TF32 low part (x - hi), and hi hi + hi lo + lo hi, three tensor-core TF32
+products, is accumulated in fp32 (about 2^-21 relative error per product, against 2^-11 for one
+TF32 product: fp32-level results, within the 1e-5 of the float64 reference, checked with the
+GPU's arithmetic emulated in the interpreter, tests/test_householder.py). Exact "ieee" fp32
+products were lowered to FMA loops that hold operand rows in registers, and every fp32 kernel
+spilled 0.5-3.4 KB per thread (bench/results/householder-traffic.md). For bf16 / fp16 inputs the
 products of two input tiles (K K^T, Q K^T) take bf16 / fp16 operands; every product with a
 computed operand (states, Tinv, scores, d, dd) takes fp32 operands as TF32 (bf16 operands
 there were measured past the 1e-2 accuracy bound, see ``_dot32``). Accumulation is fp32
@@ -76,7 +82,7 @@ def _mm(a, b, ref_ptr, PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.conste
 
     LOWP (bf16 / fp16 inputs): the operands stay in the element type of ``ref_ptr`` (exact: they
     are the inputs), the tensor cores' full rate; otherwise fp32 operands with input precision
-    PREC ("ieee": exact fp32 products for fp32 inputs). Under the interpreter (INTERP), whose
+    PREC ("tf32x3" for fp32 inputs: 3xTF32, see the module docstring). Under the interpreter (INTERP), whose
     ``tl.dot`` on bf16 operands is wrong, the same values are multiplied as fp32 (products of
     bf16 / fp16 values are exact in fp32: the GPU's arithmetic up to the order of accumulation).
     """
@@ -93,7 +99,7 @@ def _mm(a, b, ref_ptr, PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.conste
 
 @triton.jit
 def _dot32(a, b, PREC: tl.constexpr):
-    """a @ b with fp32 operands (input precision PREC: "ieee" for fp32 inputs, "tf32" for bf16 /
+    """a @ b with fp32 operands (input precision PREC: "tf32x3" for fp32 inputs, "tf32" for bf16 /
     fp16 ones) and fp32 accumulation: every product with a computed operand (states, Tinv,
     scores, d, dd, ...). Rounding those to bf16 instead was measured (the interpreter, every
     product on its own, test_half_precision's case): each adds 1e-3 to 5e-3 of relative error to
@@ -364,8 +370,8 @@ def _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC: tl.constexpr, BL:
 # (K, BV) fp32 slice of the state (or of its gradient) in registers across the chunk loop and
 # per chunk reads only the chunk's tiles. The slice is a (NKB, BK, BV) tile, K in NKB = BKF / BK
 # blocks, and the K-long products are batched products over the blocks summed over the batch:
-# each product's reduction is then at most 64 long, which keeps the exact fp32 ("ieee") products,
-# done with FMAs, in registers.
+# each product's reduction is then at most 64 long (which kept the exact fp32 "ieee" products, done
+# with FMAs, in registers when fp32 inputs used them; they now take 3xTF32 tensor-core products).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _kblocks(ptr, rows, rows_ok, head, H, K, NKB: tl.constexpr, BK: tl.constexpr):
@@ -791,9 +797,12 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
 
     The state kernels run one program per (sequence, head, V block of BVS columns) with all K rows
     (BKF) of their state slice; the chunk-parallel kernels loop over K and V blocks (BK, BV).
-    PREC: input precision of fp32 products ("ieee" for fp32 inputs). LOWP: bf16 / fp16 inputs,
-    whose products take operands in the inputs' dtype. INTERP: the interpreter, whose ``tl.dot``
-    is wrong on bf16 operands (``_mm`` multiplies the rounded operands as fp32 there).
+    PREC: input precision of fp32 products ("tf32x3" for fp32 inputs: 3xTF32, fp32-level accuracy on
+    the tensor cores, where "ieee" products spilled, see the module docstring; "tf32" for bf16 /
+    fp16). LOWP: bf16 / fp16 inputs, whose products take operands in the inputs' dtype. INTERP: the
+    interpreter, whose ``tl.dot`` is wrong on bf16 operands (``_mm`` multiplies the rounded operands
+    as fp32 there) and ignores ``input_precision`` (fp32 products exact there; the tests emulate
+    3xTF32 in it).
     """
     CT = max(1, SUBSTEPS_PER_CHUNK // n)
     BL = max(16, _next_pow2(CT * n))
@@ -817,7 +826,7 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # fp32 adjoint state pass 19.5 KB at 32 registers, 5.4 KB at 255; bf16 forward state pass 6.1 KB
     # at 128, 3.4 KB at 255; Triton 3.9, fp32 chunk-local backward 6.1 KB at 128, 3.2 KB at 255).
     num_warps = 1 if interpret else 8
-    prec = "tf32" if half else "ieee"
+    prec = "tf32" if half else "tf32x3"
     return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
                                                num_warps=num_warps, MAXNREG=255, STAGES=3 if half else 1, PREC=prec,
                                                LOWP=half, INTERP=interpret),

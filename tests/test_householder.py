@@ -461,3 +461,83 @@ def test_triton_backward_from_the_forwards_tinv(dtype, n, varlen):
         assert torch.equal(a, b)
     assert torch.ops.linrec.householder_scan(q, k, v, beta, log_gate, h0, cu, 0.5, "torch")[2].numel() == 0
     assert _saved_like(q[:, :8], n, "triton").numel() == 0                          # decoding: step by step
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 products as 3xTF32 ("tf32x3"): the GPU's arithmetic emulated in the interpreter.
+# ---------------------------------------------------------------------------------------------
+def _round_to_tf32(x):
+    """x (numpy float32) rounded to TF32 (8-bit exponent, 10-bit mantissa), to nearest with ties to
+    even: add 0xFFF plus the lowest kept mantissa bit to the bit pattern, then clear the 13 dropped
+    bits (a carry into the exponent is the correct rounding up). Inf and NaN stay as they are."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    keep_lsb = (bits >> np.uint32(13)) & np.uint32(1)
+    rounded = (bits + np.uint32(0xFFF) + keep_lsb) & np.uint32(0xFFFFE000)
+    finite = (bits & np.uint32(0x7F800000)) != np.uint32(0x7F800000)
+    return np.where(finite, rounded, bits).view(np.float32)
+
+
+def _tf32x3_matmul(a, b):
+    """a @ b as the GPU's 3xTF32 product: each fp32 operand split into hi = tf32(x) and lo = tf32(x - hi)
+    (x - hi is exact in fp32), the three TF32 products hi hi, hi lo, lo hi (each exact in fp32: 11 x 11
+    significant bits) accumulated in fp32; lo lo (about 2^-22 of |a| |b|) is dropped."""
+    import numpy as np
+
+    a_hi, b_hi = _round_to_tf32(a), _round_to_tf32(b)
+    a_lo, b_lo = _round_to_tf32(a - a_hi), _round_to_tf32(b - b_hi)
+    mm = lambda x, y: np.matmul(x, y, dtype=np.float32)  # noqa: E731
+    return mm(a_lo, b_hi) + mm(a_hi, b_lo) + mm(a_hi, b_hi)
+
+
+@pytest.fixture
+def tf32x3_interpreter(monkeypatch):
+    """The interpreter's ``tl.dot`` (which ignores ``input_precision`` and multiplies fp32 exactly) made
+    to compute fp32 x fp32 products requested as "tf32x3" the way the GPU does (``_tf32x3_matmul``).
+    Yields the list of the input precisions of every product seen."""
+    if HAS_CUDA:
+        pytest.skip("the GPU runs real 3xTF32 products; this emulates them in the interpreter")
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    from triton._C.libtriton import ir
+    import triton.language as tl
+
+    original = interpreter.InterpreterBuilder.create_dot
+    seen = []
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        seen.append(input_precision)
+        if input_precision == ir.INPUT_PRECISION.TF32x3 and a.dtype == tl.float32 and b.dtype == tl.float32:
+            product = _tf32x3_matmul(a.data, b.data)
+            return interpreter.TensorHandle((product + d.data).astype(d.data.dtype), d.dtype.scalar)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    yield seen
+
+
+def test_tf32x3_emulation_itself():
+    """The emulation is what 3xTF32 is: TF32 values (13 low bits clear), rounding to nearest even,
+    and products within a few 2^-24 of float64 where a single TF32 product is off by about 2^-11."""
+    import numpy as np
+
+    x = np.array([1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-11 + 2**-20, -(1 + 2**-10)], dtype=np.float32)
+    assert _round_to_tf32(x).tolist() == [1.0, 1 + 2**-9, 1 + 2**-10, -(1 + 2**-10)]   # ties to even
+    g = np.random.default_rng(0)
+    a = g.standard_normal((64, 64)).astype(np.float32)
+    b = g.standard_normal((64, 16)).astype(np.float32)
+    assert (_round_to_tf32(a).view(np.uint32) & np.uint32(0x1FFF) == 0).all()
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    err = lambda y: np.sqrt(np.mean((y - exact) ** 2) / np.mean(exact**2))  # noqa: E731
+    assert err(_tf32x3_matmul(a, b)) < 1e-6
+    assert err(np.matmul(_round_to_tf32(a), _round_to_tf32(b))) > 1e-4          # plain TF32, for contrast
+
+
+def test_triton_fp32_with_emulated_tf32x3_products(tf32x3_interpreter):
+    """fp32 inputs: every Triton product is requested as "tf32x3", and with the GPU's 3xTF32 arithmetic
+    the forward and backward (gates, n = 2, an initial state) stay within fp32's 1e-5 of float64."""
+    from triton._C.libtriton import ir
+
+    inputs = _inputs(2, 45, 2, 32, 16, 2, gate=True, h0=True)
+    _check("triton", inputs, 1e-5)
+    assert tf32x3_interpreter and set(tf32x3_interpreter) == {ir.INPUT_PRECISION.TF32x3}
