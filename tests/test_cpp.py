@@ -607,6 +607,21 @@ def test_output_cache_recycles_blocks_and_kernels_write_every_element(output_cac
     _check_block(A, torch.randn(1, 64, 2048, 4, generator=g), torch.randn(1, 2048, 4, generator=g), reverse=False)
 
 
+@pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 65536), (torch.complex64, 16384)])
+def test_large_outputs_of_every_type_match_the_reference(output_cache, dtype, D):
+    """Outputs of 8 MiB or more are written with non-temporal stores of whole tiles (a 16-bit tile
+    converted into one vector, complex64 as interleaved pairs): forward and backward still match
+    the reference, on recycled blocks full of NaN, for D not a multiple of a block (a tail tile)."""
+    shape = (1, 64, D + 24)  # a little over 8 MiB: blocks of 10 MiB, as the fp32 junk outputs below
+    _poison_cache((1, 64, 40960), 3)
+    g = torch.Generator().manual_seed(22)
+    a, x = _coefficients(shape, dtype, g), _randn(shape, dtype, g)
+    hits = _cpp.output_cache_info()["hits"]
+    _check_diagonal(a, x, h0=_randn((1, D + 24), torch.complex64 if dtype.is_complex else torch.float32, g),
+                    reverse=False)
+    assert _cpp.output_cache_info()["hits"] == hits + 3  # h, dL/dx, dL/da all on poisoned blocks
+
+
 def test_output_cache_limit_evicts_the_oldest_and_zero_turns_it_off(output_cache):
     """At most the limit stays cached (the oldest blocks are unmapped first); a limit of 0 keeps
     nothing; empty_output_cache() unmaps what is cached; small outputs never touch the cache."""

@@ -14,6 +14,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/complex.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -121,13 +125,78 @@ inline void store2(R* p, int64_t n, const fVec& lo, const fVec& hi) {
   }
 }
 
+// ---- non-temporal stores of whole tiles -----------------------------------------------------
+//
+// A large output (kLargeOutputBytes or more: far past the caches) is written once and read only
+// after the call. An ordinary store first reads each line it overwrites (read for ownership); a
+// non-temporal store does not, and leaves the caches to the inputs: a forward scan then moves 3
+// units of memory traffic (read a, x; write h) instead of 4, a backward 5 instead of 7. Used for
+// full tiles at vector-aligned addresses (AVX-512: one fp32 / complex64 vector, or one tile of a
+// 16-bit type, is one 64-byte line); each thread ends its tasks with stream_fence() so that the
+// stores are visible before the parallel region joins. Other builds store normally.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#define LINREC_STREAM_STORES 1
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr uintptr_t kStreamAlign = 64;
+inline void stream_raw(void* p, __m512 v) { _mm512_stream_ps(static_cast<float*>(p), v); }
+inline void stream_raw(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
+#else
+constexpr uintptr_t kStreamAlign = 32;
+inline void stream_raw(void* p, __m256 v) { _mm256_stream_ps(static_cast<float*>(p), v); }
+inline void stream_raw(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+#endif
+inline void stream_fence() { _mm_sfence(); }
+#else
+#define LINREC_STREAM_STORES 0
+inline void stream_fence() {}
+#endif
+
+// store2 of a tile of n elements at p, non-temporal when `stream` is set, the tile is full and p
+// is vector-aligned (otherwise an ordinary store2).
+template <typename S, typename V>
+inline void store_tile(S* p, int64_t n, const V& lo, const V& hi, bool stream) {
+#if LINREC_STREAM_STORES
+  if (stream && n == 2 * V::size() && (reinterpret_cast<uintptr_t>(p) & (kStreamAlign - 1)) == 0) {
+    if constexpr (at::vec::is_reduced_floating_point_v<S>) {
+      stream_raw(p, at::vec::convert_from_float<S>(lo, hi));  // one vector of 2 * V::size() 16-bit values
+    } else {
+      stream_raw(p, lo);
+      stream_raw(p + V::size(), hi);
+    }
+    return;
+  }
+#endif
+  store2(p, n, lo, hi);
+}
+
 // ---- arithmetic in the accumulation type ---------------------------------------------------
 
 inline fVec conj_(const fVec& v) { return v; }
 inline cVec conj_(const cVec& v) { return v.conj(); }
 // a * b + c (one fused multiply-add for real vectors)
 inline fVec mul_add(const fVec& a, const fVec& b, const fVec& c) { return at::vec::fmadd(a, b, c); }
-inline cVec mul_add(const cVec& a, const cVec& b, const cVec& c) { return a * b + c; }
+// Complex products on interleaved (re, im) lanes: a * b = a.re * b -/+ a.im * swap(b), one
+// multiply and one fmaddsub after three in-lane shuffles (at::vec's operator* takes a horizontal
+// subtract with more shuffles; the complex scans are otherwise compute-bound at one thread).
+inline cVec cmul_add(const cVec& a, const cVec& b, const cVec* c) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 av = a, bv = b;
+  const __m512 prod = _mm512_fmaddsub_ps(_mm512_moveldup_ps(av), bv,
+                                         _mm512_mul_ps(_mm512_movehdup_ps(av), _mm512_permute_ps(bv, 0xB1)));
+  return c ? cVec(_mm512_add_ps(prod, *c)) : cVec(prod);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 av = a, bv = b;
+  const __m256 prod = _mm256_fmaddsub_ps(_mm256_moveldup_ps(av), bv,
+                                         _mm256_mul_ps(_mm256_movehdup_ps(av), _mm256_permute_ps(bv, 0xB1)));
+  return c ? cVec(_mm256_add_ps(prod, *c)) : cVec(prod);
+#else
+  return c ? a * b + *c : a * b;
+#endif
+}
+inline cVec mul_add(const cVec& a, const cVec& b, const cVec& c) { return cmul_add(a, b, &c); }
+// a * b
+inline fVec mul(const fVec& a, const fVec& b) { return a * b; }
+inline cVec mul(const cVec& a, const cVec& b) { return cmul_add(a, b, nullptr); }
 
 // Scalar conversion to and from the accumulation type.
 template <typename S> inline acc_t<S> to_acc(S v) { return static_cast<acc_t<S>>(v); }

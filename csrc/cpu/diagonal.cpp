@@ -25,8 +25,10 @@ inline void prefetch_ahead(const T* p, int64_t offset_elems, size_t bytes) {
   for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(q + i, 0, 3);
 }
 
-// Channel tiles per block at most: 16 tiles of 2 vectors (2 KiB of fp32 state with AVX-512).
-constexpr int64_t kMaxTiles = 16;
+// Channel tiles per block at most: 32 tiles of 2 vectors (4 KiB of fp32 state with AVX-512, 8 KiB
+// of complex64, held in L1: a row of D = 512 channels, complex64 included, is one block, so that
+// each stream of the sweep reads whole contiguous rows).
+constexpr int64_t kMaxTiles = 32;
 
 struct DiagShape {
   int64_t D;
@@ -47,7 +49,7 @@ DiagShape diag_blocks(int64_t D, int64_t rows) {
 template <typename S, typename SA>
 void forward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* x, int64_t x_sb, int64_t x_st,
                     const acc_t<S>* h0, S* out, int64_t T, const std::vector<Seq>& seqs, DiagShape shp,
-                    bool reverse) {
+                    bool reverse, bool stream) {
   using V = vec_t<S>;
   constexpr int64_t W = tile_width<S>();
   const int64_t D = shp.D;
@@ -82,7 +84,7 @@ void forward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* x, int64_t
           load2(xp + k * W, W, xlo, xhi);
           state[2 * k] = mul_add(alo, state[2 * k], xlo);
           state[2 * k + 1] = mul_add(ahi, state[2 * k + 1], xhi);
-          store2(op + k * W, W, state[2 * k], state[2 * k + 1]);
+          store_tile(op + k * W, W, state[2 * k], state[2 * k + 1], stream);
         }
         if (rem) {
           const int64_t k = full;
@@ -95,6 +97,7 @@ void forward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* x, int64_t
         }
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -105,7 +108,8 @@ template <typename S, typename SA, typename SG>
 void backward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* h, int64_t h_sb, int64_t h_st,
                      const S* gh, int64_t gh_sb, int64_t gh_st, const acc_t<S>* h0, S* gx, SG* ga,
                      int64_t ga_sb, int64_t ga_st, int64_t ga_slab, int64_t partitions, bool accumulate,
-                     acc_t<S>* gh0, int64_t T, const std::vector<Seq>& seqs, DiagShape shp, bool reverse) {
+                     acc_t<S>* gh0, int64_t T, const std::vector<Seq>& seqs, DiagShape shp, bool reverse,
+                     bool stream) {
   using V = vec_t<S>;
   using A = acc_t<S>;
   constexpr int64_t W = tile_width<S>();
@@ -148,7 +152,7 @@ void backward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* h, int64_
         }
         state[2 * k] = glo;
         state[2 * k + 1] = ghi;
-        store2(gxp + k * W, n, glo, ghi);
+        store_tile(gxp + k * W, n, glo, ghi, stream);
         V dlo, dhi;
         if (hprev != nullptr || h0p != nullptr) {
           V plo, phi;
@@ -157,8 +161,8 @@ void backward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* h, int64_
           } else {
             load2(h0p + k * W, n, plo, phi);
           }
-          dlo = glo * conj_(plo);
-          dhi = ghi * conj_(phi);
+          dlo = mul(glo, conj_(plo));
+          dhi = mul(ghi, conj_(phi));
         } else {
           dlo = V(A(0));
           dhi = V(A(0));
@@ -171,7 +175,7 @@ void backward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* h, int64_
             dhi = dhi + shi;
           }
         }
-        store2(gap + k * W, n, dlo, dhi);
+        store_tile(gap + k * W, n, dlo, dhi, stream && !accumulate);
       }
     }
     if (h0 != nullptr) {  // dL/dh0 = conj(a at the forward's first step) * g there
@@ -181,7 +185,7 @@ void backward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* h, int64_
         const int64_t n = std::min(W, dn - k * W);
         V alo, ahi;
         load2(ap + k * W, n, alo, ahi);
-        store2(out + k * W, n, conj_(alo) * state[2 * k], conj_(ahi) * state[2 * k + 1]);
+        store2(out + k * W, n, mul(conj_(alo), state[2 * k]), mul(conj_(ahi), state[2 * k + 1]));
       }
     }
   };
@@ -190,6 +194,7 @@ void backward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* h, int64_
     parallel_tasks(ntasks, total_steps(seqs) * D, [&](int64_t begin, int64_t end) {
       V state[2 * kMaxTiles];
       for (int64_t task = begin; task < end; ++task) run_task(task, ga, state);
+      if (stream) stream_fence();
     });
   } else {  // partition p runs tasks p, p + P, ... and sums into its own slab
     parallel_tasks(partitions, total_steps(seqs) * D, [&](int64_t begin, int64_t end) {
@@ -197,6 +202,7 @@ void backward_kernel(const SA* a, int64_t a_sb, int64_t a_st, const S* h, int64_
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t task = p; task < ntasks; task += partitions) run_task(task, ga + p * ga_slab, state);
       }
+      if (stream) stream_fence();
     });
   }
 }
@@ -228,7 +234,8 @@ at::Tensor forward_typed(const at::Tensor& a, const at::Tensor& x, const c10::op
   if (out.numel() == 0) return out;
   forward_kernel<S, SA>(reinterpret_cast<const SA*>(a.data_ptr()), bstride(a, 0), bstride(a, 1),
                         reinterpret_cast<const S*>(x.data_ptr()), bstride(x, 0), bstride(x, 1), h0p,
-                        reinterpret_cast<S*>(out.data_ptr()), T, seqs, diag_blocks<S>(D, seqs.size()), reverse);
+                        reinterpret_cast<S*>(out.data_ptr()), T, seqs, diag_blocks<S>(D, seqs.size()), reverse,
+                        out.nbytes() >= kLargeOutputBytes);
   return out;
 }
 
@@ -255,7 +262,8 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& a, const at::Tensor& h,
                                  reinterpret_cast<const S*>(h.data_ptr()), bstride(h, 0), bstride(h, 1),
                                  reinterpret_cast<const S*>(gh.data_ptr()), bstride(gh, 0), bstride(gh, 1), h0p,
                                  reinterpret_cast<S*>(gx.data_ptr()), reinterpret_cast<SA*>(ga.data_ptr()), T * D, D,
-                                 0, 1, false, reinterpret_cast<A*>(gh0.data_ptr()), T, seqs, shp, reverse);
+                                 0, 1, false, reinterpret_cast<A*>(gh0.data_ptr()), T, seqs, shp, reverse,
+                                 gx.nbytes() >= kLargeOutputBytes);
     }
     return {ga, gx, gh0};
   }
@@ -267,7 +275,8 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& a, const at::Tensor& h,
                               reinterpret_cast<const S*>(gh.data_ptr()), bstride(gh, 0), bstride(gh, 1), h0p,
                               reinterpret_cast<S*>(gx.data_ptr()), reinterpret_cast<A*>(partial.data_ptr()),
                               Ba == 1 ? 0 : Ta * D, Ta == 1 ? 0 : D, Ba * Ta * D, partitions, true,
-                              reinterpret_cast<A*>(gh0.data_ptr()), T, seqs, shp, reverse);
+                              reinterpret_cast<A*>(gh0.data_ptr()), T, seqs, shp, reverse,
+                              gx.nbytes() >= kLargeOutputBytes);
   }
   at::Tensor ga = partitions == 1 ? partial[0] : partial.sum(0);
   return {ga, gx, gh0};
