@@ -643,6 +643,25 @@ def test_output_cache_limit_evicts_the_oldest_and_zero_turns_it_off(output_cache
         _cpp.set_output_cache_limit(-1)
 
 
+def test_large_outputs_are_ordinary_tensors(output_cache):
+    """An output on a cached block behaves like any CPU tensor: it grows by resize_ (the storage
+    reallocates through the extension's allocator, the old block goes back to the cache), moves to
+    shared memory, and survives torch.save / torch.load."""
+    import io
+
+    a, x = torch.full((1, 64, 32768), 0.5), torch.ones(1, 64, 32768)
+    h = _cpp.diagonal_scan_forward(a, x, None, cu_seqlens=None, reverse=False)
+    expect = h.clone()
+    buf = io.BytesIO()
+    torch.save(h, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), expect)
+    h.resize_(2, 64, 32768)  # 16 MiB: a new block; the 8 MiB one is freed into the cache
+    assert torch.equal(h[0], expect[0]) and _cpp.output_cache_info()["cached_bytes"] == LARGE_OUTPUT
+    h.share_memory_()
+    assert h.is_shared() and torch.equal(h[0], expect[0])
+
+
 def test_output_cache_limit_from_the_environment():
     """LINREC_CPP_CACHE_MB sets the limit (read when the cache is first used); a value that is not
     a number warns and leaves the default. Run in fresh processes (the cached build loads)."""

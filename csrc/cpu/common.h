@@ -9,6 +9,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -294,8 +296,8 @@ inline void parallel_tasks(int64_t ntasks, int64_t work, const F& f) {
 //   unmapped first; otherwise it is unmapped at once. The limit is LINREC_CPP_CACHE_MB (MiB; 0
 //   turns the cache off: every block is unmapped when freed), by default an eighth of the
 //   physical memory, at most 4 GiB; `set_limit` changes it (Python: linrec._cpp).
-// * Outputs are tensors over these blocks (at::from_blob with a deleter that returns the block),
-//   contiguous and not resizable in place beyond their size, like any tensor from from_blob.
+// * Outputs are tensors over these blocks, made through OutputAllocator below (a DataPtr whose
+//   deleter returns the block): ordinary, resizable CPU tensors.
 // * The cache never shrinks a block or hands out a block of another size, so it cannot fragment;
 //   `release` unmaps every cached block (linrec._cpp.empty_output_cache()).
 
@@ -465,15 +467,45 @@ class OutputCache {
   size_t hits_ = 0, misses_ = 0;
 };
 
-// An uninitialised contiguous output (the kernels write every element of it). Large ones come
-// from the output cache above, small ones from at::empty.
+// The allocator of the outputs: blocks from the OutputCache for kLargeOutputBytes or more (the
+// DataPtr's context records the block, so that its deleter hands it back), PyTorch's CPU allocator
+// below that. Tensors made with it are ordinary CPU tensors: a growing resize_ allocates through
+// it again, clone / share_memory_ / torch.save copy out as usual.
+class OutputAllocator final : public c10::Allocator {
+ public:
+  static OutputAllocator* get() {
+    static OutputAllocator* allocator = new OutputAllocator();  // never destroyed (see OutputCache::get)
+    return allocator;
+  }
+
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kLargeOutputBytes) return c10::GetCPUAllocator()->allocate(n);
+    const size_t bytes = (n + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+    void* p = OutputCache::get().take(bytes);
+    return {p, new CachedBlock{p, bytes}, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  struct CachedBlock {
+    void* ptr;
+    size_t bytes;
+  };
+
+  static void give_back(void* context) {
+    auto* block = static_cast<CachedBlock*>(context);
+    OutputCache::get().give_back(block->ptr, block->bytes);
+    delete block;
+  }
+};
+
+// An uninitialised contiguous output (the kernels write every element of it), from OutputAllocator.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const at::TensorOptions opts = options.memory_format(at::MemoryFormat::Contiguous);
-  const size_t bytes = size_t(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
-  if (bytes < kLargeOutputBytes) return at::empty(sizes, opts);
-  const size_t block = (bytes + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-  void* p = OutputCache::get().take(block);
-  return at::from_blob(p, sizes, [block](void* q) { OutputCache::get().give_back(q, block); }, opts.memory_format(c10::nullopt));
+  return at::detail::empty_generic(sizes, OutputAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
 }
 
 }  // namespace linrec_cpu
