@@ -395,6 +395,66 @@ def _state_slice(cols_v, v_ok, K, V, NKB: tl.constexpr, BK: tl.constexpr):
     return (rows_k * V + cols_v[None, None, :]).to(tl.int64), (rows_k < K) & v_ok[None, None, :]
 
 
+@triton.jit
+def _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr, g_ptr, o_ptr, sub0, n_sub, valid,
+                       valid_tok, sub, tok, G_L, G_r, cols_v, v_ok, head, H, K, V, scale,
+                       NFAC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+                       BV: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of ``_state_fwd_kernel`` for fp32 inputs; returns the state leaving the chunk.
+
+    The same formulas as the bf16 / fp16 body, with the chunk's BL rows taken 16 at a time: per
+    piece of 16 sub-steps, u and d = u - w S0 of its rows (Tinv's rows of the piece against the whole
+    of diag(beta) V), its share of the read-outs (the scores' 16 columns of the piece times d's 16 rows)
+    and of the state update (16 rows of K and d). Each piece's tiles are a quarter of the chunk's:
+    every product is a 3xTF32 product (three tensor-core products on hi / lo splits of both
+    operands), whose operands in the whole chunk's size spilled (ptxas: 0.1-1 KB per thread with
+    Triton 3.9, 2-5 KB with 3.6). The pieces are a loop, not unrolled, so that only one piece's tiles
+    are live at a time."""
+    rows = tl.arange(0, BL)
+    tok_rows = tl.arange(0, BC)
+    beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
+    vv = tl.load(v_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], mask=valid[:, None] & v_ok[None, :],
+                 other=0.0).to(tl.float32)
+    rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)          # diag(beta) V: (BL, BV)
+    r = tok_rows * NFAC + NFAC - 1                                              # each token's last sub-step
+    S_next = tl.exp(G_L.to(tl.float32)) * S
+    if STORE_O:
+        q = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
+        o = tl.sum(_bdot(q, S, PREC), axis=0) * tl.exp(G_r.to(tl.float32))[:, None]      # exp(G_r) Q S0
+    else:
+        o = tl.zeros((BC, BV), tl.float32)
+    first_bad = tl.full((BV,), BL, tl.int32)
+    for p0 in range(0, BL, 16):
+        rp = p0 + tl.arange(0, 16)                       # the piece's rows within the chunk
+        ok = rp < n_sub
+        sub_p = (sub0 + rp).to(tl.int64)
+        G_p = tl.load(g_ptr + sub_p * H + head, mask=ok, other=0.0)
+        tinv = tl.load(tinv_ptr + (sub_p[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None], other=0.0)
+        u = _poison_from(_dot32(tinv, rhs, PREC), rp, first_bad_u)
+        w = _kblocks(w_ptr, sub_p, ok, head, H, K, NKB, BK)
+        d = u - tl.sum(_bdot(w, S, PREC), axis=0)                                # (16, BV)
+        if STORE_O:
+            read = (rp[None, :] <= r[:, None]) & ok[None, :] & valid_tok[:, None]
+            decay_read = tl.exp(tl.where(read, (G_r[:, None] - G_p[None, :]).to(tl.float32), float("-inf")))
+            qk = tl.load(qk_ptr + (tok[:, None] * H + head) * BL + rp[None, :], mask=read, other=0.0)
+            scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
+            d_finite, bad = _split_nonfinite(d, rp, BL)
+            first_bad = tl.minimum(first_bad, bad)
+            o += _dot32(scores, d_finite, PREC)
+        else:
+            tl.store(o_ptr + (sub_p[:, None] * H + head) * V + cols_v[None, :], d.to(o_ptr.dtype.element_ty),
+                     mask=ok[:, None] & v_ok[None, :])
+        decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
+        kk = _kblocks(k_ptr, sub_p, ok, head, H, K, NKB, BK)
+        dT = tl.broadcast_to(tl.trans(d * decay_last[:, None])[None, :, :], (NKB, BV, 16))
+        S_next += tl.permute(_bdot(dT, kk, PREC), (0, 2, 1))
+    if STORE_O:
+        o = _poison_from(scale * o, r, first_bad)
+        tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=valid_tok[:, None] & v_ok[None, :])
+    return S_next
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward kernel 2: the state pass over chunks, with the outputs. The forward writes the
 # outputs and the final state only; the backward's recomputation (STORE_O false) writes
@@ -440,40 +500,45 @@ def _state_fwd_kernel(
         if not STORE_O:
             tl.store(states_ptr + ((chunk_base + c) * H + head) * K * V + s_off, S.to(states_ptr.dtype.element_ty),
                      mask=smask)
-        v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
-        vmask = valid[:, None] & v_ok[None, :]
-        # u = Tinv diag(beta) V for this program's V columns (the rows of the chunk-local WY
-        # factor u, never stored), then d = u - w S0.
-        rows = tl.arange(0, BL)
-        tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
-        beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
-        vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
-        rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)
-        u = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad_u)
-        w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
-        d = u - tl.sum(_bdot(w, S, PREC), axis=0)
-        if STORE_O:
-            # o = scale (exp(G_r) Q S0 + P d). Non-finite rows of d (sub-steps at or after a
-            # NaN/inf input) reach only the tokens whose last sub-step r is at or past them.
-            q = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
-            qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
-            d_finite, first_bad = _split_nonfinite(d, rows, BL)
-            scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
-            o = scale * (tl.sum(_bdot(q, S, PREC), axis=0) * tl.exp(G_r.to(tl.float32))[:, None]
-                         + _dot32(scores, d_finite, PREC))
-            o = _poison_from(o, tok_rows * NFAC + NFAC - 1, first_bad)
-            tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
-                     mask=valid_tok[:, None] & v_ok[None, :])
+        if not LOWP:
+            S = _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr, g_ptr, o_ptr, sub0, n_sub,
+                                   valid, valid_tok, sub, tok, G_L, G_r, cols_v, v_ok, head, H, K, V, scale,
+                                   NFAC, BL, BC, BK, NKB, BV, STORE_O, PREC)
         else:
-            tl.store(o_ptr + v_off, d.to(o_ptr.dtype.element_ty), mask=vmask)
-        # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, computed as ((exp(G_L - G) d)^T K)^T: with d (a
-        # dot result) as the second operand, Triton 3.6 fails to compile the tf32 product for sm_90.
-        # The decays exp(G_L - G_m) scale the rows of d, a (BL, BV) tile, not those of the (NKB, BL,
-        # BK) k tile: the same product, but the (BL,) decays are not broadcast into the 3-D tile's
-        # layout, where Triton 3.6 held them replicated (bf16 with o: 3.6 KB -> 1.7 KB of spills at sm_90a).
-        kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK)
-        dT = tl.broadcast_to(tl.trans(d * decay_last[:, None])[None, :, :], (NKB, BV, BL))
-        S = tl.exp(G_L.to(tl.float32)) * S + tl.permute(_bdot(dT, kk, PREC), (0, 2, 1))
+            v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+            vmask = valid[:, None] & v_ok[None, :]
+            # u = Tinv diag(beta) V for this program's V columns (the rows of the chunk-local WY
+            # factor u, never stored), then d = u - w S0.
+            rows = tl.arange(0, BL)
+            tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
+            beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
+            vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+            rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)
+            u = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad_u)
+            w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
+            d = u - tl.sum(_bdot(w, S, PREC), axis=0)
+            if STORE_O:
+                # o = scale (exp(G_r) Q S0 + P d). Non-finite rows of d (sub-steps at or after a
+                # NaN/inf input) reach only the tokens whose last sub-step r is at or past them.
+                q = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
+                qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
+                d_finite, first_bad = _split_nonfinite(d, rows, BL)
+                scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
+                o = scale * (tl.sum(_bdot(q, S, PREC), axis=0) * tl.exp(G_r.to(tl.float32))[:, None]
+                             + _dot32(scores, d_finite, PREC))
+                o = _poison_from(o, tok_rows * NFAC + NFAC - 1, first_bad)
+                tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
+                         mask=valid_tok[:, None] & v_ok[None, :])
+            else:
+                tl.store(o_ptr + v_off, d.to(o_ptr.dtype.element_ty), mask=vmask)
+            # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, computed as ((exp(G_L - G) d)^T K)^T: with d (a
+            # dot result) as the second operand, Triton 3.6 fails to compile the tf32 product for sm_90.
+            # The decays exp(G_L - G_m) scale the rows of d, a (BL, BV) tile, not those of the (NKB, BL,
+            # BK) k tile: the same product, but the (BL,) decays are not broadcast into the 3-D tile's
+            # layout, where Triton 3.6 held them replicated (bf16 with o: 3.6 KB -> 1.7 KB of spills at sm_90a).
+            kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK)
+            dT = tl.broadcast_to(tl.trans(d * decay_last[:, None])[None, :, :], (NKB, BV, BL))
+            S = tl.exp(G_L.to(tl.float32)) * S + tl.permute(_bdot(dT, kk, PREC), (0, 2, 1))
     if STORE_O:
         tl.store(final_ptr + seq_state + s_off, S, mask=smask)
 
