@@ -169,16 +169,23 @@ def block_diagonal_scan_kernel(
     stride_ab, stride_at, stride_ag,  # A's strides when not A_CONTIG (0 along broadcast dims)
     BACKWARD: tl.constexpr, A_CONTIG: tl.constexpr, ACC: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_B: tl.constexpr, BS: tl.constexpr, USE_DOT: tl.constexpr, OUT_ROWS: tl.constexpr,
+    LOOKBACK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One program: BLOCK_G blocks of one sequence, over its whole sweep (walk) or one chunk of it
     (look-back). BS: the block size b when it is a power of two (== BLOCK_B), else 0 (then b is
     ``block_size`` and BLOCK_B the next power of two). OUT_ROWS: steps whose states are stored
-    together."""
+    together. LOOKBACK: the look-back code is compiled in (``lookback`` may then be 0 or 1); without
+    it (the GPU plan at b >= 32, see ``_config``) every program walks its whole sweep and ``lookback``
+    must be 0: the chunk-product chain of walk 1 is what costs the registers there. PREFETCH: how
+    many steps ahead walk 2 loads (2, or 1 where three b x b tiles in flight do not fit: b = 64)."""
     n_groups = tl.cdiv(G, BLOCK_G)
     n_programs = tl.num_programs(0)
     # Look-back: programs own chunks in the order they take tickets, chunk-major: (chunk, sequence,
     # block group); the walk's program id names its (sequence, block group), chunk 0.
-    pid_g, seq, chunk = lookback_ticket(sync_ptr, n_groups, N, lookback != 0)
+    if LOOKBACK:
+        pid_g, seq, chunk = lookback_ticket(sync_ptr, n_groups, N, lookback != 0)
+    else:
+        pid_g, seq, chunk = lookback_ticket(sync_ptr, n_groups, N, False)
     if BS == 0:
         bs = block_size
     else:
@@ -263,74 +270,75 @@ def block_diagonal_scan_kernel(
         carry = tl.load(h0_ptr + seq.to(tl.int64) * x_step + vec_off,
                         mask=_both(vec_mask, (has_h0 != 0) & (chunk == 0)), other=0.0).to(ACC)
 
-    looking = (lookback != 0) & (chunk > 0) & (chunk <= last_chunk)
-    # Fast path: the predecessor's inclusive state is already published.
-    pred_status = read_flag(chunk_flag(sync_ptr, chunk - 1, seq, pid_g, n_groups, N), looking)
-    pred_ready = looking & (pred_status == 2) & (force_aggregates == 0)
-    carry = tl.where(pred_ready,
-                     tl.load(ws_inc + (ws_row - N) * x_step + vec_off, mask=_both(vec_mask, pred_ready), other=0.0,
-                             cache_modifier=".cg"),
-                     carry)
-    if looking & (pred_ready == 0):
-        # Walk 1: the chunk's map h -> P h + s, from the identity and a zero state.
-        if USE_DOT:  # one block per program: a 2-D tile for tl.dot
-            P = eye2
-        else:
-            P = eye
-        s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
-        M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
-                              step_lo, step_hi, start, end, scan_down, coef_shift,
-                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
-        M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
-                              step_lo + 1, step_hi, start, end, scan_down, coef_shift,
-                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
-        for step in range(step_lo, step_hi):
-            M_raw, x_raw = M_1, x_1
-            M_1, x_1 = M_2, x_2
-            M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
-                                  step + 2, step_hi, start, end, scan_down, coef_shift,
-                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
-            M = M_raw.to(ACC)
-            s = _matvec(M, s, BACKWARD) + x_raw.to(ACC)
-            P = _matmat(M, P, BACKWARD, USE_DOT, ACC, BLOCK_B)
-        # Published for successors that look back before this chunk knows its entering state
-        # (the last chunk has no successor).
-        pub_agg = chunk < last_chunk
-        tl.store(ws_P + ws_row * x_step * bs + tile_off, _as_tiles(P, USE_DOT), mask=_both(tile_mask, pub_agg))
-        tl.store(ws_s + ws_row * x_step + vec_off, s, mask=_both(vec_mask, pub_agg))
-        set_flag(chunk_flag(sync_ptr, chunk, seq, pid_g, n_groups, N), 1, pub_agg)
-        # Look back: the entering state is (acc) applied to the inclusive state of the nearest
-        # predecessor j that has published one, acc the composed maps of the aggregates passed.
-        if USE_DOT:
-            acc_P = eye2
-        else:
-            acc_P = eye
-        acc_s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
-        j = chunk - 1
-        while looking:
-            status = read_flag(chunk_flag(sync_ptr, j, seq, pid_g, n_groups, N))
-            # force_aggregates: inclusive states only from chunk 0 (which publishes no aggregate).
-            has_inclusive = (status == 2) & ((force_aggregates == 0) | (j == 0))
-            has_aggregate = (status >= 1) & (has_inclusive == 0)
-            row_j = j.to(tl.int64) * N + seq
-            inc = tl.load(ws_inc + row_j * x_step + vec_off, mask=_both(vec_mask, has_inclusive), other=0.0,
-                          cache_modifier=".cg")
-            P_j = tl.load(ws_P + row_j * x_step * bs + tile_off, mask=_both(tile_mask, has_aggregate), other=0.0,
-                          cache_modifier=".cg")
-            s_j = tl.load(ws_s + row_j * x_step + vec_off, mask=_both(vec_mask, has_aggregate), other=0.0,
-                          cache_modifier=".cg")
-            # Found: the entering state is acc applied to the predecessor's true end state.
-            acc_P3 = _as_tiles(acc_P, USE_DOT)
-            carry = tl.where(has_inclusive, _matvec(acc_P3, inc, False) + acc_s, carry)
-            # An aggregate: acc <- acc o (P_j, s_j) = (acc_P P_j, acc_P s_j + acc_s), one chunk further.
-            acc_s = tl.where(has_aggregate, _matvec(acc_P3, s_j, False) + acc_s, acc_s)
-            if USE_DOT:  # 2-D tiles: acc_P @ P_j
-                acc_P = tl.where(has_aggregate, _matmat(acc_P3, tl.reshape(P_j, (BLOCK_B, BLOCK_B)), False,
-                                                        USE_DOT, ACC, BLOCK_B), acc_P)
+    if LOOKBACK:  # compiled in only where the plan may cut sequences into chunks
+        looking = (lookback != 0) & (chunk > 0) & (chunk <= last_chunk)
+        # Fast path: the predecessor's inclusive state is already published.
+        pred_status = read_flag(chunk_flag(sync_ptr, chunk - 1, seq, pid_g, n_groups, N), looking)
+        pred_ready = looking & (pred_status == 2) & (force_aggregates == 0)
+        carry = tl.where(pred_ready,
+                         tl.load(ws_inc + (ws_row - N) * x_step + vec_off, mask=_both(vec_mask, pred_ready), other=0.0,
+                                 cache_modifier=".cg"),
+                         carry)
+        if looking & (pred_ready == 0):
+            # Walk 1: the chunk's map h -> P h + s, from the identity and a zero state.
+            if USE_DOT:  # one block per program: a 2-D tile for tl.dot
+                P = eye2
             else:
-                acc_P = tl.where(has_aggregate, _matmat(acc_P, P_j, False, USE_DOT, ACC, BLOCK_B), acc_P)
-            j = j - has_aggregate.to(tl.int32)
-            looking = has_inclusive == 0
+                P = eye
+            s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
+            M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                                  step_lo, step_hi, start, end, scan_down, coef_shift,
+                                  BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+            M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                                  step_lo + 1, step_hi, start, end, scan_down, coef_shift,
+                                  BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+            for step in range(step_lo, step_hi):
+                M_raw, x_raw = M_1, x_1
+                M_1, x_1 = M_2, x_2
+                M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                                      step + 2, step_hi, start, end, scan_down, coef_shift,
+                                  BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+                M = M_raw.to(ACC)
+                s = _matvec(M, s, BACKWARD) + x_raw.to(ACC)
+                P = _matmat(M, P, BACKWARD, USE_DOT, ACC, BLOCK_B)
+            # Published for successors that look back before this chunk knows its entering state
+            # (the last chunk has no successor).
+            pub_agg = chunk < last_chunk
+            tl.store(ws_P + ws_row * x_step * bs + tile_off, _as_tiles(P, USE_DOT), mask=_both(tile_mask, pub_agg))
+            tl.store(ws_s + ws_row * x_step + vec_off, s, mask=_both(vec_mask, pub_agg))
+            set_flag(chunk_flag(sync_ptr, chunk, seq, pid_g, n_groups, N), 1, pub_agg)
+            # Look back: the entering state is (acc) applied to the inclusive state of the nearest
+            # predecessor j that has published one, acc the composed maps of the aggregates passed.
+            if USE_DOT:
+                acc_P = eye2
+            else:
+                acc_P = eye
+            acc_s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
+            j = chunk - 1
+            while looking:
+                status = read_flag(chunk_flag(sync_ptr, j, seq, pid_g, n_groups, N))
+                # force_aggregates: inclusive states only from chunk 0 (which publishes no aggregate).
+                has_inclusive = (status == 2) & ((force_aggregates == 0) | (j == 0))
+                has_aggregate = (status >= 1) & (has_inclusive == 0)
+                row_j = j.to(tl.int64) * N + seq
+                inc = tl.load(ws_inc + row_j * x_step + vec_off, mask=_both(vec_mask, has_inclusive), other=0.0,
+                              cache_modifier=".cg")
+                P_j = tl.load(ws_P + row_j * x_step * bs + tile_off, mask=_both(tile_mask, has_aggregate), other=0.0,
+                              cache_modifier=".cg")
+                s_j = tl.load(ws_s + row_j * x_step + vec_off, mask=_both(vec_mask, has_aggregate), other=0.0,
+                              cache_modifier=".cg")
+                # Found: the entering state is acc applied to the predecessor's true end state.
+                acc_P3 = _as_tiles(acc_P, USE_DOT)
+                carry = tl.where(has_inclusive, _matvec(acc_P3, inc, False) + acc_s, carry)
+                # An aggregate: acc <- acc o (P_j, s_j) = (acc_P P_j, acc_P s_j + acc_s), one chunk further.
+                acc_s = tl.where(has_aggregate, _matvec(acc_P3, s_j, False) + acc_s, acc_s)
+                if USE_DOT:  # 2-D tiles: acc_P @ P_j
+                    acc_P = tl.where(has_aggregate, _matmat(acc_P3, tl.reshape(P_j, (BLOCK_B, BLOCK_B)), False,
+                                                            USE_DOT, ACC, BLOCK_B), acc_P)
+                else:
+                    acc_P = tl.where(has_aggregate, _matmat(acc_P, P_j, False, USE_DOT, ACC, BLOCK_B), acc_P)
+                j = j - has_aggregate.to(tl.int32)
+                looking = has_inclusive == 0
 
     # Walk 2 (the only walk in walk mode and on the fast path): the states from the entering one.
     if BACKWARD:
@@ -339,8 +347,9 @@ def block_diagonal_scan_kernel(
     M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
                           step_lo, step_hi, start, end, scan_down, coef_shift,
                               BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
-    M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
-                          step_lo + 1, step_hi, start, end, scan_down, coef_shift,
+    if PREFETCH == 2:
+        M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+                              step_lo + 1, step_hi, start, end, scan_down, coef_shift,
                               BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
     # The states of OUT_ROWS consecutive steps are gathered into one (OUT_ROWS, BLOCK_G, BLOCK_B)
     # tile and stored together: one step's states are too few (b = 16: 16 values per warp) for
@@ -350,11 +359,17 @@ def block_diagonal_scan_kernel(
         h_rows = tl.zeros((OUT_ROWS, BLOCK_G, BLOCK_B), ACC)
         for k in tl.static_range(OUT_ROWS):
             step = first + k
+            # The loads PREFETCH steps ahead are issued before this step's arithmetic.
             M_raw, x_raw = M_1, x_1
-            M_1, x_1 = M_2, x_2
-            M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
-                                  step + 2, step_hi, start, end, scan_down, coef_shift,
-                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+            if PREFETCH == 2:
+                M_1, x_1 = M_2, x_2
+                M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask,
+                                      x_ld_mask, step + 2, step_hi, start, end, scan_down, coef_shift,
+                                      BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+            else:
+                M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask,
+                                      x_ld_mask, step + 1, step_hi, start, end, scan_down, coef_shift,
+                                      BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
             # h[g, i] <- sum_j M[g, i, j] h[g, j] + x[g, i]
             # (backward: g[g, j] <- sum_i M[g, i, j] g[g, i] + dh[g, j]); steps past the end keep the state.
             live = step < step_hi
@@ -385,9 +400,10 @@ def block_diagonal_scan_kernel(
                      h_rows.to(out_ptr.dtype.element_ty), mask=(steps < step_hi)[:, None, None] & vec_mask[None, :, :])
 
     # The true state at this chunk's end, for the successors.
-    pub_inc = (lookback != 0) & (chunk < last_chunk)
-    tl.store(ws_inc + ws_row * x_step + vec_off, carry, mask=_both(vec_mask, pub_inc))
-    set_flag(chunk_flag(sync_ptr, chunk, seq, pid_g, n_groups, N), 2, pub_inc)
+    if LOOKBACK:
+        pub_inc = (lookback != 0) & (chunk < last_chunk)
+        tl.store(ws_inc + ws_row * x_step + vec_off, carry, mask=_both(vec_mask, pub_inc))
+        set_flag(chunk_flag(sync_ptr, chunk, seq, pid_g, n_groups, N), 2, pub_inc)
 
     if BACKWARD:
         # dL/dh0 = A_first^T g_first, "first" the first forward step (zero for empty sequences),
@@ -405,34 +421,65 @@ def _config(b: int, interpret: bool, dtype: torch.dtype = torch.float32) -> dict
 
     BLOCK_B is b rounded up to a power of two. On the GPU a program holds about 256 transition
     entries for small b (several blocks per program), and one block for b >= 16, with warps
-    scaled to the tile (1 warp at b = 1, 2 and 16, 2 at b = 4 and 8, 4 at b = 32, 8 at b = 64;
+    scaled to the tile (1 warp at b = 1, 2 and 16, 2 at b = 4 and 8, 4 at b = 32 and 64;
     16-bit storage: 2 at b = 2, 4 at b = 8). The interpreter prefers few, large programs (its
-    cost is per operation). USE_DOT (tl.dot chunk products) is kept off, see below.
+    cost is per operation). USE_DOT (tl.dot chunk products) is kept off, see below. Also: OUT_ROWS
+    (OUT_ROWS_BWD for the backward), LOOKBACK, PREFETCH (kernel constexprs) and maxnreg (the
+    register ceiling ptxas is given, a launch option; None: ptxas' own choice).
     """
     BLOCK_B = triton.next_power_of_2(b)
     tile = BLOCK_B * BLOCK_B
     # Chunk products by tl.dot (USE_DOT) crash Triton 3.6's RemoveLayoutConversions pass (the GPU
     # machines' Triton) in this kernel, at every b >= 16; the broadcast product compiles with both
-    # and is exact fp32 (b = 16: no spills at sm_90a; b = 32, 64 spill, see aot_specs).
+    # and is exact fp32 (b = 16: no spills at sm_90a; at b = 32, 64 it spilled: no look-back there).
     use_dot = False
     if interpret:
         cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=1 if use_dot else max(1, 1024 // tile), num_warps=1, USE_DOT=use_dot,
-                   OUT_ROWS=1)
+                   OUT_ROWS=1, LOOKBACK=True, PREFETCH=2, maxnreg=None)
     else:
         BLOCK_G = 1 if use_dot else max(1, 256 // tile)
         # ~8 tile elements per thread (4 for b = 4, 8, whose walk-1 products hold a
         # (BLOCK_G, b, b, b) tile: 1 warp spilled there at sm_90a; b = 2 on 2 warps loads x in
         # 64-bit pieces): the two-step prefetch keeps three tiles live. Warps split the blocks
         # axis, so the per-block sums stay in a warp.
-        num_warps = 2 if BLOCK_B in (4, 8) else min(8, max(1, tile * BLOCK_G // 256))
+        num_warps = 2 if BLOCK_B in (4, 8) else min(4, max(1, tile * BLOCK_G // 256))
         if dtype.itemsize == 2 and BLOCK_B in (2, 8):
             # 16-bit storage (64-bit accesses are 4 elements): the backward's dL/dA tile and
             # prefetched tiles spilled at sm_90a on 1 warp (b = 2: 96 bytes) and 2 warps (b = 8: 6 bytes).
             num_warps *= 2
         # States of OUT_ROWS steps stored at once: 4 fp32 per thread, so that stores are 128-bit.
         out_rows = min(16, max(1, 128 * num_warps // (BLOCK_G * BLOCK_B)))
-        cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=BLOCK_G, num_warps=num_warps, USE_DOT=use_dot, OUT_ROWS=out_rows)
-    return config_override("block_diagonal", cfg, ("BLOCK_G", "num_warps", "OUT_ROWS"))
+        if b != BLOCK_B:
+            # Rows of 3, 5, ... elements: every store is one element wide whatever is gathered, so
+            # gathering only costs registers (Triton 3.6: b = 3, forward with a broadcast A, 12 bytes
+            # of spills at OUT_ROWS = 4; none at 1).
+            out_rows = 1
+        out_rows_bwd = out_rows
+        # Look-back code (walk 1's b x b chunk-product chain, the aggregates' composition) only up to
+        # b = 16. At b = 32 and 64 that chain, a (b, b, b) broadcast product per step without tl.dot,
+        # took 240-255 registers and spilled 0.9-2.6 KB at sm_90a (and b^3 FLOPs per step against the
+        # b^2 of the walk); without it the kernel is walk 2 alone. So the GPU plan at b >= 32 is one
+        # program per (sequence, block) walking its whole sequence, B x G programs (B = 8, G * b =
+        # 256: 64 at b = 32, 32 at b = 64, fewer than the 132 SMs): still one pass over memory, with
+        # less time-parallelism, and none of #13's targets (b <= 16) are affected.
+        lookback = BLOCK_B <= 16
+        # b = 64 (one 64 x 64 block a program, 4 warps, 32 tile elements a thread): walk 2 prefetches
+        # one step, not two (three 16 KB tiles in flight spilled), and the backward gathers 4 steps
+        # of dL/dx, not 8 (Triton 3.6: 8 steps spilled 20 bytes with a broadcast A and 1.2 KB with
+        # the dL/dA outer products; 4 steps: 0); allowed 255 registers (190-250), 2 programs per SM.
+        # 8 warps need OUT_ROWS = 16 for 128-bit stores of h and then spilled, or were held to 128
+        # registers for 2 programs per SM, which spilled too.
+        prefetch = 1 if BLOCK_B >= 64 else 2
+        if b == 64:
+            out_rows_bwd = out_rows // 2
+        # ptxas left to itself capped the fp32 b = 8 backward with a broadcast A at 168 registers
+        # and spilled 40 bytes with Triton 3.6 (the GPU machines'); allowed 255 it takes ~206 (4
+        # programs of 2 warps per SM) without spills, with the same 128-bit accesses.
+        maxnreg = 255 if BLOCK_B in (8, 64) else None
+        cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=BLOCK_G, num_warps=num_warps, USE_DOT=use_dot, OUT_ROWS=out_rows,
+                   OUT_ROWS_BWD=out_rows_bwd, LOOKBACK=lookback, PREFETCH=prefetch, maxnreg=maxnreg)
+    cfg.setdefault("OUT_ROWS_BWD", cfg["OUT_ROWS"])
+    return config_override("block_diagonal", cfg, ("BLOCK_G", "num_warps", "OUT_ROWS", "OUT_ROWS_BWD"))
 
 
 # Time-parallelism on the GPU: when fewer than WALK_PROGRAMS_PER_SM x SMs (sequence, block group)
@@ -468,8 +515,8 @@ def _plan(N: int, max_len: int, G: int, b: int, model, chunk_len: Optional[int] 
     cfg = _config(b, model is None, dtype)
     BLOCK_G = min(cfg["BLOCK_G"], triton.next_power_of_2(G))
     n_groups = triton.cdiv(G, BLOCK_G)
-    if chunk_len is None:
-        chunk_len = _auto_chunk_len(n_groups * N, max_len, model is None, model)
+    if chunk_len is None:  # without look-back code (b >= 32 on a GPU) the plan always walks
+        chunk_len = _auto_chunk_len(n_groups * N, max_len, model is None, model) if cfg["LOOKBACK"] else 0
     S = triton.cdiv(max_len, chunk_len) if chunk_len > 0 else 1
     if S <= 1:
         return cfg, BLOCK_G, n_groups, 1, max(max_len, 1)
@@ -534,8 +581,10 @@ def _launch(A, x, h0, out, h, grad_A, grad_h0, cu_seqlens, reverse, backward, ch
         int(reverse), int(cu_seqlens is not None), int(h0 is not None), int(lookback), int(force_aggregates),
         s_b, s_t, s_g,
         BACKWARD=backward, A_CONTIG=A_contig, ACC=tl_accumulation_dtype(x.dtype), BLOCK_G=BLOCK_G,
-        BLOCK_B=BLOCK_B, BS=b if b == BLOCK_B else 0, USE_DOT=cfg["USE_DOT"], OUT_ROWS=cfg["OUT_ROWS"],
-        num_warps=cfg["num_warps"],
+        BLOCK_B=BLOCK_B, BS=b if b == BLOCK_B else 0, USE_DOT=cfg["USE_DOT"],
+        OUT_ROWS=cfg["OUT_ROWS_BWD"] if backward else cfg["OUT_ROWS"],
+        LOOKBACK=cfg["LOOKBACK"] or lookback, PREFETCH=cfg["PREFETCH"],  # a forced chunk_len (tests) compiles the look-back in at any b
+        num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}),
     )
 
 
@@ -615,7 +664,8 @@ AOT_BLOCK_SIZES = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)  # 3, 5, 9, 17, 33 s
 
 
 def aot_specs():
-    """Yields (kernel, signature, constexprs, num_warps) for every launch the GPU launcher makes.
+    """Yields (kernel, signature, constexprs, num_warps, options) for every launch the GPU launcher
+    makes (options: see tests/aot_compile.py; the launch's maxnreg, the budget it is held to).
 
     Per storage dtype and block size: forward and backward, each with a full-size contiguous A
     (the backward writing dL/dA) and a broadcast A. Direction, packing, the initial state and walk
@@ -644,28 +694,42 @@ def aot_specs():
                         "force_aggregates": "i32", "stride_ab": "i64", "stride_at": "i64", "stride_ag": "i64",
                     }
                     constexprs = dict(BACKWARD=backward, A_CONTIG=a_contig, ACC=tl.float32, BLOCK_G=cfg["BLOCK_G"],
-                                      BLOCK_B=cfg["BLOCK_B"], BS=BS, USE_DOT=cfg["USE_DOT"], OUT_ROWS=cfg["OUT_ROWS"])
+                                      BLOCK_B=cfg["BLOCK_B"], BS=BS, USE_DOT=cfg["USE_DOT"],
+                                      OUT_ROWS=cfg["OUT_ROWS_BWD"] if backward else cfg["OUT_ROWS"],
+                                      LOOKBACK=cfg["LOOKBACK"], PREFETCH=cfg["PREFETCH"])
                     # As the JIT specialises at the GPU targets' shapes (B = 8, T = 4096, G * b = 256):
                     # every pointer 16-byte aligned, T and G multiples of 16, and a broadcast A's
                     # batch and time strides 0 (time-invariant (G, b, b)), its block stride b * b.
                     divisible = [name for name in sig if sig[name].startswith("*")] + ["T", "G"]
                     if not a_contig:
                         divisible += ["stride_ab", "stride_at"] + (["stride_ag"] if b * b % 16 == 0 else [])
-                    # Out of the static budget: block sizes that are not powers of two (a block's rows
-                    # of 3, 5, ... elements are not 16-byte aligned: scalar accesses) and b = 32, 64
-                    # (one block per program, chunk products without tl.dot: ptxas spills 0.9-2.6 KB
-                    # at sm_90a; 240-255 registers on 4 / 8 warps). And under Triton 3.6 only (the GPU
-                    # machines'), the fp32 b = 8 backward with a broadcast A: its ptxas spills 40 bytes
-                    # (3.9: none); 4 warps remove the spill but leave the loads 64-bit, which the
-                    # budget counts as worse.
-                    in_budget = BS != 0 and BS <= 16 and not (
-                        triton.__version__.startswith("3.6") and elem == "fp32" and b == 8 and backward
-                        and not a_contig)
-                    yield (block_diagonal_scan_kernel, sig, constexprs, cfg["num_warps"],
-                           {"divisible_by_16": divisible, "budget": in_budget})
+                    options = {"divisible_by_16": divisible}
+                    if cfg["maxnreg"]:
+                        options["compile_options"] = {"maxnreg": cfg["maxnreg"]}
+                    if BS == 0:  # rows of 3, 5, ... elements: see NON_POWER_OF_TWO_BUDGET
+                        options["budget"] = NON_POWER_OF_TWO_BUDGET
+                        if cfg["BLOCK_B"] == 64 and not backward and triton.__version__.startswith("3.6"):
+                            # b = 33..63 forward, under Triton 3.6 only (the GPU machines'): ptxas
+                            # spills 5.1-5.5 KB at 255 registers on 4 warps (0.4-0.6 KB storing one
+                            # step at a time; 8 warps held to 128 registers: 0.36 KB); Triton 3.9:
+                            # no spills (211-216 registers). Left out of the budget.
+                            options["budget"] = False
+                    elif BS == 64 and backward and not a_contig:
+                        options["budget"] = B64_BROADCAST_BACKWARD_BUDGET
+                    yield block_diagonal_scan_kernel, sig, constexprs, cfg["num_warps"], options
 
 
 # The static budget CI checks at sm_90a (tests/aot_compile.py --budget): the scan streams A and x
 # (backward: A, h, dL/dh) once, so every specialisation must run 2 programs per SM without spills,
 # with 128-bit (fp32) / 64-bit (bf16, fp16) loads and stores in its loops.
 STATIC_BUDGET = {"block_diagonal_scan_kernel": {"programs_per_sm": 2, "vector_of": "x_ptr"}}
+# Block sizes that are not powers of two (BS = 0): a block's rows of 3, 5, ... elements start at
+# offsets that are not multiples of 16 bytes, so no access can be wider than one element; they are
+# held to the rest of the budget (no spills, 2 programs per SM) without the vector check.
+NON_POWER_OF_TWO_BUDGET = {"vector_of": None}
+# b = 64, backward with a broadcast A: the loop's only store is dL/dx, gathered over OUT_ROWS_BWD = 4
+# steps (4 x 64 values on 128 threads: 64-bit stores for fp32, 32-bit for bf16); 8 steps (128-bit)
+# spilled 20 bytes with Triton 3.6 (see _config). Its loads are still held to 128 / 64 bits (h and
+# dL/dh each step; a time-invariant A stays in cache), so a third of the bytes it moves is stored
+# narrower than the rest of the budget asks.
+B64_BROADCAST_BACKWARD_BUDGET = {"min_vector_stores": 0}

@@ -1,5 +1,6 @@
 """Kernels that ``tests/test_aot_compile.py`` compiles to check the static-budget checker of
-``tests/aot_compile.py`` itself: one within the budget, two that break it in known ways."""
+``tests/aot_compile.py`` itself: one within the budget, two that break it in known ways, and one
+that keeps it only because its budget option drops the vector check."""
 
 import triton
 import triton.language as tl
@@ -39,9 +40,11 @@ _ALIGNED = {"divisible_by_16": ["x_ptr", "y_ptr", "n"]}
 
 def aot_specs():
     """(kernel, signature, constexprs, num_warps, options): an aligned copy (within budget), the
-    same copy without alignment (scalar accesses), a scan too big for one warp's registers, and
-    a spec left out of the budget."""
+    same copy without alignment (scalar accesses), a scan too big for one warp's registers, a
+    spec left out of the budget, and the unaligned copy again with a budget option that drops the
+    vector check for it (within that budget: no spills, 2 programs per SM)."""
     yield copy_kernel, _SIG, {"BLOCK": 1024}, 4, _ALIGNED
     yield copy_kernel, _SIG, {"BLOCK": 512}, 4
     yield cumsum_kernel, _SIG, {"BLOCK": 8192}, 1, _ALIGNED
     yield cumsum_kernel, _SIG, {"BLOCK": 4096}, 1, {**_ALIGNED, "budget": False}
+    yield copy_kernel, _SIG, {"BLOCK": 256}, 4, {"budget": {"vector_of": None}}

@@ -15,7 +15,10 @@ A module's ``aot_specs()`` yields ``(kernel, signature, constexprs, num_warps)``
 16-byte aligned, as every torch allocation is; integers such as a channel count of 1024), which
 Triton's JIT would specialise on at launch and which let loads and stores vectorise;
 ``compile_options``: further launch options the launcher passes (e.g. ``{"maxnreg": 255}``); and
-``budget``: False to leave that specialisation out of the static budget below.
+``budget``: False to leave that specialisation out of the static budget below, or a dict whose
+fields replace those of its kernel's ``STATIC_BUDGET`` entry for that specialisation alone (e.g.
+``{"vector_of": None}``: no vector check where the layout makes vector accesses impossible; the
+module should say why beside it).
 
 ``--spills`` also runs ``ptxas -v`` on every PTX and prints, per kernel and target, the most
 bytes of spill stores and loads ptxas reports for a specialisation (register spills to local
@@ -37,7 +40,8 @@ machines' target), for every specialisation of the kernels the module names in i
   is 32 or 64 bits wide, at least 64 bits when it is 16 bits wide (``cp.async`` copies of 16
   bytes count as 128-bit loads). Without ``vector_of`` the vector check is left out.
 
-The run prints one line per budgeted specialisation and exits with status 1 if any breaks it.
+The run prints one line per budgeted specialisation (with the fields a specialisation overrides)
+and exits with status 1 if any breaks it.
 """
 
 import importlib
@@ -133,6 +137,26 @@ def required_vector_bits(element: str) -> int:
     return 128 if _ELEMENT_BITS[element] >= 32 else 64
 
 
+BUDGET_FIELDS = ("programs_per_sm", "vector_of", "min_vector_loads", "min_vector_stores")
+
+
+def spec_budget(kernel_budget, option):
+    """The budget one specialisation is held to: None when its kernel has none (``kernel_budget``
+    None) or its ``budget`` option is False; else the kernel's ``STATIC_BUDGET`` entry with the
+    fields of ``option`` (a dict) replacing its own (True / absent: the entry as it is). A field
+    not among ``BUDGET_FIELDS`` raises ValueError (a misspelt override would check nothing)."""
+    if kernel_budget is None or option is False:
+        return None
+    if option is True:
+        return dict(kernel_budget)
+    if not isinstance(option, dict):
+        raise ValueError(f"a specialisation's budget option must be True, False or a dict, not {option!r}")
+    unknown = sorted(set(option) - set(BUDGET_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown static-budget fields {unknown}; known: {list(BUDGET_FIELDS)}")
+    return {**kernel_budget, **option}
+
+
 def budget_violations(budget: dict, signature: dict, num_warps: int, shared: int, report: dict,
                       accesses: dict) -> list:
     """What one specialisation breaks of its kernel's ``budget`` (an empty list: nothing)."""
@@ -183,13 +207,18 @@ def _compile_job(job):
     if compiled.metadata.shared > SHARED_MEMORY_LIMIT[arch]:
         raise RuntimeError(f"{kernel.__name__} {constexprs} needs {compiled.metadata.shared} bytes of shared "
                            f"memory on sm_{arch}, more than the {SHARED_MEMORY_LIMIT[arch]} a block may use")
-    budgeted = want_budget and arch == BUDGET_ARCH and kernel.__name__ in budgets and options.get("budget", True)
-    report = ptxas_report(compiled.asm["ptx"], arch) if want_spills or budgeted else None
+    budget = None
+    if want_budget and arch == BUDGET_ARCH:
+        budget = spec_budget(budgets.get(kernel.__name__), options.get("budget", True))
+    report = ptxas_report(compiled.asm["ptx"], arch) if want_spills or budget is not None else None
     entry = None
-    if budgeted:
-        violations = budget_violations(budgets[kernel.__name__], signature, num_warps, compiled.metadata.shared,
+    if budget is not None:
+        violations = budget_violations(budget, signature, num_warps, compiled.metadata.shared,
                                        report, loop_global_accesses(compiled.asm["ptx"]))
-        entry = (kernel.__name__, _describe(constexprs), num_warps, report["registers"], violations)
+        described = _describe(constexprs)
+        if isinstance(options.get("budget"), dict):  # the fields this specialisation overrides
+            described += "; budget " + _describe(options["budget"])
+        entry = (kernel.__name__, described, num_warps, report["registers"], violations)
     return kernel.__name__, arch, report["spill_bytes"] if want_spills else None, entry
 
 

@@ -124,17 +124,45 @@ def test_compiles_for_sm80_and_sm90a(module):
 def test_static_budget_checker_finds_what_breaks_it():
     """The checker on known kernels (tests/aot_budget_fixture.py): an aligned fp32 copy is within
     budget; the same copy without 16-byte alignment has only 32-bit accesses in its loop; a
-    8192-element scan on one warp spills; a spec marked ``budget: False`` is not checked."""
+    8192-element scan on one warp spills; a spec marked ``budget: False`` is not checked; the
+    unaligned copy with ``budget: {"vector_of": None}`` is held to the rest of the budget only."""
     result = _run_aot_compile("aot_budget_fixture", "90", "--budget")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.strip().startswith("budget ")]
-    assert len(lines) == 3, result.stdout
-    aligned, unaligned, scan = lines
+    assert len(lines) == 4, result.stdout
+    aligned, unaligned, scan, no_vector = lines
     assert "[BLOCK=1024]" in aligned and aligned.endswith("within budget")
     assert "[BLOCK=512]" in unaligned and "0 global ld of >= 128 bits in loops" in unaligned
     assert "0 global st of >= 128 bits in loops" in unaligned
     assert "[BLOCK=8192]" in scan and "bytes of spill stores + loads" in scan
-    assert "3 streaming specialisations checked, 2 over budget" in result.stdout
+    assert "[BLOCK=256; budget vector_of=None]" in no_vector and no_vector.endswith("within budget")
+    assert "4 streaming specialisations checked, 2 over budget" in result.stdout
+
+
+def test_a_specialisation_budget_overrides_its_kernels_fields():
+    """``spec_budget``: a dict option replaces fields of the kernel's entry for that specialisation
+    alone; True keeps the entry, False or a kernel without one checks nothing, and a field the
+    checker does not know is an error rather than a silently unchecked budget."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from aot_compile import budget_violations, spec_budget
+    finally:
+        sys.path.pop(0)
+    entry = {"programs_per_sm": 2, "vector_of": "x_ptr"}
+    assert spec_budget(entry, True) == entry
+    assert spec_budget(entry, {"vector_of": None}) == {"programs_per_sm": 2, "vector_of": None}
+    assert entry == {"programs_per_sm": 2, "vector_of": "x_ptr"}  # the kernel's entry is not changed
+    assert spec_budget(entry, False) is None and spec_budget(None, True) is None
+    with pytest.raises(ValueError, match="vector_off"):
+        spec_budget(entry, {"vector_off": None})
+    # Scalar accesses only: over the kernel's budget, within the overridden one; spills break both.
+    scalar_only = {("ld", 32): 4, ("st", 32): 1}
+    clean = {"spill_bytes": 0, "registers": 40}
+    args = ({"x_ptr": "*fp32"}, 4, 0)
+    assert len(budget_violations(spec_budget(entry, True), *args, clean, scalar_only)) == 2
+    assert budget_violations(spec_budget(entry, {"vector_of": None}), *args, clean, scalar_only) == []
+    assert budget_violations(spec_budget(entry, {"vector_of": None}), *args, {"spill_bytes": 8, "registers": 255},
+                             scalar_only) == ["8 bytes of spill stores + loads"]
 
 
 def test_loop_global_accesses_reads_llvm_loop_blocks():

@@ -219,6 +219,23 @@ def test_block_diagonal_target_plans_fill_the_gpu(b):
     assert walk.endswith(" programs, one pass") and "chunks" not in walk
 
 
+@pytest.mark.parametrize("b", [17, 32, 33, 64])
+def test_block_diagonal_large_blocks_walk_without_lookback_code(b):
+    """At b > 16 (BLOCK_B 32, 64) the H100 plan compiles the kernel without its look-back code and
+    walks every (sequence, block) in one program however few there are (B x G programs at the
+    targets' B = 8, G * b = 256); a forced chunk length still plans chunks (tests)."""
+    from linrec.kernels import DEVICE_MODELS
+    from linrec.kernels.block_diagonal import _config, _plan, plan_description
+
+    model = DEVICE_MODELS["h100"]
+    G = 256 // b
+    cfg, BLOCK_G, n_groups, S, steps = _plan(8, 4096, G, b, model)
+    assert not cfg["LOOKBACK"] and BLOCK_G == 1 and S == 1 and steps == 4096
+    assert plan_description(8, 4096, G, b, model) == f"{8 * G} programs, one pass"
+    assert _plan(8, 4096, G, b, model, chunk_len=64)[3] == 64
+    assert _config(16, False)["LOOKBACK"]  # b <= 16 keeps the look-back plan (see the test above)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("mode", ["fwd", "bwd"])
 @pytest.mark.parametrize("b", [1, 4, 16])
@@ -268,9 +285,11 @@ def test_diagonal_results_hold_under_the_gpu_plan(dtype, reverse, varlen, broadc
         torch.testing.assert_close(got, want, **tol)
 
 
-@pytest.mark.parametrize("b,reverse,varlen", [(2, False, False), (4, True, True), (16, False, False)])
+@pytest.mark.parametrize("b,reverse,varlen", [(2, False, False), (4, True, True), (16, False, False),
+                                               (64, True, False)])
 def test_block_diagonal_results_hold_under_the_gpu_plan(b, reverse, varlen, monkeypatch):
-    """Chunked (64-step chunks, carry kernel; tl.dot chunk products at b = 16), as the H100 plan runs it."""
+    """As the H100 plan runs it: look-back chunks at b <= 16; at b = 64 one walk per (sequence,
+    block), compiled without the look-back code, prefetching one step, dL/dx stored 4 steps at a time."""
     monkeypatch.setenv("LINREC_DEVICE_MODEL", "h100")
     torch.manual_seed(0)
     B, T, G = (1, 200, 2) if varlen else (2, 150, 2)
