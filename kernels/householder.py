@@ -424,8 +424,8 @@ def _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr
     else:
         o = tl.zeros((BC, BV), tl.float32)
     first_bad = tl.full((BV,), BL, tl.int32)
-    for p0 in range(0, BL, 16):
-        rp = p0 + tl.arange(0, 16)                       # the piece's rows within the chunk
+    for p0 in range(0, n_sub, 16):    # (runtime bounds: the valid pieces only, a loop, not unrolled)
+        rp = (p0 + tl.arange(0, 16)).to(tl.int32)        # the piece's rows within the chunk
         ok = rp < n_sub
         sub_p = (sub0 + rp).to(tl.int64)
         G_p = tl.load(g_ptr + sub_p * H + head, mask=ok, other=0.0)
@@ -543,6 +543,51 @@ def _state_fwd_kernel(
         tl.store(final_ptr + seq_state + s_off, S, mask=smask)
 
 
+@triton.jit
+def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, valid_tok, tok, G_L,
+                       G_r, cols_v, v_ok, head, H, K, V, scale, NFAC: tl.constexpr, BL: tl.constexpr,
+                       BC: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of ``_state_bwd_kernel`` for fp32 inputs; returns the gradient of the state entering it.
+
+    The same formulas as the bf16 / fp16 body, 16 rows at a time as in ``_state_fwd_chunk32``: per
+    piece of 16 sub-steps, dd of its rows (the scores' 16 columns of the piece against the whole of
+    dO, and its 16 rows of K against dS) and its share - w^T dd of dS0; per piece of 16 tokens, its
+    share scale (exp(G_r) Q)^T dO of dS0, read from memory piece by piece."""
+    tok_rows = tl.arange(0, BC)
+    r = tok_rows * NFAC + NFAC - 1
+    do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], mask=valid_tok[:, None] & v_ok[None, :],
+                 other=0.0)
+    dS_prev = tl.exp(G_L.to(tl.float32)) * dS
+    for p0 in range(0, n_sub, 16):    # (runtime bounds: the valid pieces only, a loop, not unrolled)
+        rp = p0 + tl.arange(0, 16)                       # the piece's sub-step rows within the chunk
+        ok = rp < n_sub
+        sub_p = (sub0 + rp).to(tl.int64)
+        G_p = tl.load(g_ptr + sub_p * H + head, mask=ok, other=0.0)
+        read = (rp[None, :] <= r[:, None]) & ok[None, :] & valid_tok[:, None]
+        decay_read = tl.exp(tl.where(read, (G_r[:, None] - G_p[None, :]).to(tl.float32), float("-inf")))
+        P = scale * decay_read * tl.load(qk_ptr + (tok[:, None] * H + head) * BL + rp[None, :], mask=read,
+                                         other=0.0)                           # (BC, 16)
+        decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
+        kk = _kblocks(k_ptr, sub_p, ok, head, H, K, NKB, BK)
+        dd = _dot32(tl.trans(P), do, PREC) + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
+        tl.store(dd_ptr + (sub_p[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
+                 mask=ok[:, None] & v_ok[None, :])
+        w = _kblocks(w_ptr, sub_p, ok, head, H, K, NKB, BK)
+        dS_prev -= _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, 16, BV)), PREC)
+    n_tok = n_sub // NFAC
+    for t0 in range(0, n_tok, 16):
+        tp = t0 + tl.arange(0, 16)                       # the piece's token rows within the chunk
+        ok = tp < n_tok
+        tok_p = (sub0 // NFAC + tp).to(tl.int64)
+        G_rp = tl.load(g_ptr + (sub0 + tp * NFAC + NFAC - 1).to(tl.int64) * H + head, mask=ok, other=0.0)
+        do_p = tl.load(do_ptr + (tok_p[:, None] * H + head) * V + cols_v[None, :], mask=ok[:, None] & v_ok[None, :],
+                       other=0.0)
+        dos = do_p.to(tl.float32) * (scale * tl.exp(G_rp.to(tl.float32)))[:, None]
+        qs = _kblocks(q_ptr, tok_p, ok, head, H, K, NKB, BK)
+        dS_prev += _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(dos[None, :, :], (NKB, 16, BV)), PREC)
+    return dS_prev
+
+
 # ----------------------------------------------------------------------------------------------
 # Backward kernel 1: the adjoint state pass, chunks in reverse, the gradient state dS held
 # like the state in the forward pass; writes dS per chunk and dd.
@@ -582,24 +627,28 @@ def _state_bwd_kernel(
         sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
         G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
                                                             head, H, NFAC, BL)
-        do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
-                     mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
-        qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
-        P = scale * decay_read * qk                                                  # (BC, BL)
-        # dd = P^T dO + (exp(G_L - G) K) dS: the gradient of the chunk's corrected values d.
-        # (The decays scale the (BL, BV) product, not the 3-D k tile: see the forward state pass.)
-        kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK)
-        dd = _dot32(tl.trans(P), do, PREC) + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
-        tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
-                 mask=valid[:, None] & v_ok[None, :])
-        # dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd: the gradient leaving the previous chunk.
-        # The factors scale exp(G_r) multiply the rows of dO (BC, BV), not those of the 3-D q tile (as above).
-        qs = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
-        dos = do.to(tl.float32) * (scale * tl.exp(G_r.to(tl.float32)))[:, None]
-        w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
-        dS = (tl.exp(G_L.to(tl.float32)) * dS
-              + _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(dos[None, :, :], (NKB, BC, BV)), PREC)
-              - _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, BL, BV)), PREC))
+        if not LOWP:
+            dS = _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, valid_tok, tok,
+                                    G_L, G_r, cols_v, v_ok, head, H, K, V, scale, NFAC, BL, BC, BK, NKB, BV, PREC)
+        else:
+            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+                         mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
+            qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
+            P = scale * decay_read * qk                                                  # (BC, BL)
+            # dd = P^T dO + (exp(G_L - G) K) dS: the gradient of the chunk's corrected values d.
+            # (The decays scale the (BL, BV) product, not the 3-D k tile: see the forward state pass.)
+            kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK)
+            dd = _dot32(tl.trans(P), do, PREC) + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
+            tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
+                     mask=valid[:, None] & v_ok[None, :])
+            # dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd: the gradient leaving the previous chunk.
+            # The factors scale exp(G_r) multiply the rows of dO (BC, BV), not those of the 3-D q tile (as above).
+            qs = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
+            dos = do.to(tl.float32) * (scale * tl.exp(G_r.to(tl.float32)))[:, None]
+            w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
+            dS = (tl.exp(G_L.to(tl.float32)) * dS
+                  + _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(dos[None, :, :], (NKB, BC, BV)), PREC)
+                  - _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, BL, BV)), PREC))
     if HAS_H0:
         tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
 
