@@ -44,8 +44,11 @@ high part and a TF32 low part (x - hi), and hi hi + hi lo + lo hi, three tensor-
 products, is accumulated in fp32 (about 2^-21 relative error per product, against 2^-11 for one
 TF32 product: fp32-level results, within the 1e-5 of the float64 reference, checked with the
 GPU's arithmetic emulated in the interpreter, tests/test_householder.py). Exact "ieee" fp32
-products were lowered to FMA loops that hold operand rows in registers, and every fp32 kernel
-spilled 0.5-3.4 KB per thread (bench/results/householder-traffic.md). For bf16 / fp16 inputs the
+products were lowered to FMA loops that hold operand rows in registers, and every fp32 chunk and
+state kernel spilled, up to 3.4 KB per thread with Triton 3.9 and 5.3 KB with 3.6 (ptxas;
+bench/results/householder-traffic.md). With 3xTF32 the fp32 state passes take each chunk 16 rows
+at a time (``_state_fwd_chunk32``, ``_state_bwd_chunk32``), which keeps their product operands
+small. The tensor cores run three TF32 products per fp32 product. For bf16 / fp16 inputs the
 products of two input tiles (K K^T, Q K^T) take bf16 / fp16 operands; every product with a
 computed operand (states, Tinv, scores, d, dd) takes fp32 operands as TF32 (bf16 operands
 there were measured past the 1e-2 accuracy bound, see ``_dot32``). Accumulation is fp32
@@ -1185,16 +1188,19 @@ STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kerne
 
 def _under_static_budget(kernel, elem: str, constexprs: dict) -> bool:
     """Whether CI holds this specialisation to STATIC_BUDGET: the decoding kernel at every dtype,
-    ``_wy_fwd_kernel`` for bf16 / fp16 inputs, and for bf16 / fp16 the backward's forward state pass
+    ``_wy_fwd_kernel`` at every dtype, and for bf16 / fp16 the backward's forward state pass
     (``_state_fwd_kernel`` writing the chunk states and d, STORE_O false), which spill nothing at
-    sm_80 or sm_90a with Triton 3.9 or 3.6. Left out, as they still spill (ptxas -v, K = V = 128,
-    16 x 16 blocks, maxnreg 255 where launched with it; worst specialisation, bytes of spill stores +
-    loads at sm_80 / sm_90a; bench/results/householder-traffic.md has the table):
+    sm_90a (the budget's target) with Triton 3.9 or 3.6, nor at sm_80, except the fp32
+    ``_wy_fwd_kernel`` without gates under 3.6 (56 bytes at sm_80). Left out, as they still spill
+    (ptxas -v, K = V = 128, 16 x 16 blocks, maxnreg 255 where launched with it; worst specialisation,
+    bytes of spill stores + loads at sm_80 / sm_90a; bench/results/householder-traffic.md has the
+    tables):
 
-    * fp32 (exact "ieee" products, lowered to FMA loops that hold operand rows in registers):
-      ``_wy_fwd_kernel`` 488 / 24 (3.9), 404 / 440 (3.6); forward state pass 3016 / 2772 (3.9),
-      5028 / 5292 (3.6); adjoint state pass 2372 / 1760, 4412 / 4512; chunk-local backward 3212 /
-      3352, 2360 / 2480.
+    * fp32 (3xTF32 products; the state passes take the chunk 16 rows at a time): forward state pass
+      writing d 0 / 0 (3.9), 0 / 16 (3.6), writing o 104 / 48 and 676 / 824; adjoint state pass
+      84 / 0 and 1372 / 1376; chunk-local backward 3844 / 1460 and 3864 / 2964. (With exact "ieee"
+      products, lowered to FMA loops that hold operand rows in registers, every fp32 kernel spilled:
+      ``_wy_fwd_kernel`` 488 / 24 and 404 / 440, the state passes 0.6-3.0 KB and 0.8-5.3 KB.)
     * bf16 / fp16 state passes writing o (STORE_O) and the bf16 adjoint state pass: none with
       Triton 3.9; with 3.6 (the GPU machines'), 1636 / 1656 (bf16) and 1668 / 1976 (fp16) with o,
       876 / 936 for the adjoint pass.
@@ -1208,7 +1214,7 @@ def _under_static_budget(kernel, elem: str, constexprs: dict) -> bool:
         return True
     if kernel is _state_fwd_kernel:
         return elem != "fp32" and not constexprs["STORE_O"]
-    return kernel is _wy_fwd_kernel and elem != "fp32"
+    return kernel is _wy_fwd_kernel
 
 
 def aot_specs():
