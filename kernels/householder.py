@@ -1093,8 +1093,8 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def saves_tinv(dtype: torch.dtype) -> bool:
     """Whether the forward hands Tinv to the backward for inputs of ``dtype``: for bf16 / fp16. fp32
-    recomputes it (K K^T and the inverse: 1.21 M products' FLOPs per chunk and head at K = 128, each a
-    3xTF32 product) instead of keeping 256 B per token and head between the passes. (Chosen when the
+    recomputes it (K K^T and the inverse: 1.21 M tensor FLOPs per chunk and head at K = 128, run as
+    3xTF32 products) instead of keeping 256 B per token and head between the passes. (Chosen when the
     fp32 ``_wy_fwd_kernel`` reading Tinv spilled 11 KB per thread at sm_90a with exact "ieee" products;
     with 3xTF32 it spills nothing, ptxas with Triton 3.9 and 3.6 at sm_80 and sm_90a, 206-249
     registers, so saving it for fp32 too is a memory / FLOPs trade-off now.)"""
