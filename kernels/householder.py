@@ -503,7 +503,7 @@ def _state_bwd_kernel(
     else:
         dS = tl.zeros((NKB, BK, BV), tl.float32)
 
-    # STAGES as in the forward state pass (fp32: 1, the chunk's fp32 tiles would not fit in shared memory twice).
+    # STAGES: pipelining depth as in the forward state pass (the launcher's BWD_STAGES, see _config).
     for i in tl.range(0, n_chunks, num_stages=STAGES):
         c = n_chunks - 1 - i
         tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off, dS.to(dstates_ptr.dtype.element_ty),
@@ -816,12 +816,17 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # itself, ptxas caps some of them at 32 or 128 registers and spills far more (Triton 3.6, sm_80:
     # fp32 adjoint state pass 19.5 KB at 32 registers, 5.4 KB at 255; bf16 forward state pass 6.1 KB
     # at 128, 3.4 KB at 255; Triton 3.9, fp32 chunk-local backward 6.1 KB at 128, 3.2 KB at 255).
+    # STAGES / BWD_STAGES: software-pipelining depth of the forward / adjoint state pass's chunk loop
+    # (fp32: 1, two stages of its fp32 tiles would not fit in shared memory). bf16 / fp16: the adjoint
+    # pass takes 2, with which Triton 3.6 spills nothing (with 3: 52 B at sm_90a with both HAS_DFINAL and
+    # HAS_H0); the forward pass 3 (with 2: 200 B at sm_80 under 3.6, with 3: 104 B). Measured at the
+    # launches' alignment (aot_specs' divisible_by_16), bench/results/householder-traffic.md.
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "ieee"
     return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
-                                               num_warps=num_warps, MAXNREG=255, STAGES=3 if half else 1, PREC=prec,
-                                               LOWP=half, INTERP=interpret),
-                           ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES"))
+                                               num_warps=num_warps, MAXNREG=255, STAGES=3 if half else 1,
+                                               BWD_STAGES=2 if half else 1, PREC=prec, LOWP=half, INTERP=interpret),
+                           ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES", "BWD_STAGES"))
 
 
 def _launch_args(n: int, cfg: dict) -> tuple:
@@ -1005,7 +1010,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _state_bwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
             t["q"], t["k"], f["w"], f["qk"], f["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd,
             cu_tok, cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None,
-            STAGES=cfg["STAGES"], **state_args)
+            STAGES=cfg["BWD_STAGES"], **state_args)
     # w is not read by the chunk-local kernel: freed before its outputs are allocated, which lowers
     # the backward's peak memory by w.
     del f["w"]
@@ -1057,35 +1062,34 @@ def _signatures(elem: str) -> dict:
 # vector-access check: the chunk tiles are 16-column blocks of rows H K elements apart, loaded
 # through masks.
 STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kernel": {"programs_per_sm": 1},
-                 "_state_fwd_kernel": {"programs_per_sm": 1}}
+                 "_state_fwd_kernel": {"programs_per_sm": 1}, "_state_bwd_kernel": {"programs_per_sm": 1},
+                 "_local_bwd_kernel": {"programs_per_sm": 1}}
 
 
 def _under_static_budget(kernel, elem: str, constexprs: dict) -> bool:
-    """Whether CI holds this specialisation to STATIC_BUDGET: the decoding kernel at every dtype,
-    ``_wy_fwd_kernel`` for bf16 / fp16 inputs, and for bf16 / fp16 the backward's forward state pass
-    (``_state_fwd_kernel`` writing the chunk states and d, STORE_O false), which spill nothing at
-    sm_80 or sm_90a with Triton 3.9 or 3.6. Left out, as they still spill (ptxas -v, K = V = 128,
-    16 x 16 blocks, maxnreg 255 where launched with it; worst specialisation, bytes of spill stores +
-    loads at sm_80 / sm_90a; bench/results/householder-traffic.md has the table):
+    """Whether CI holds this specialisation to STATIC_BUDGET: the decoding kernel at every dtype and,
+    for bf16 / fp16 inputs, every kernel (``_wy_fwd_kernel``, both state passes with every flag set,
+    the chunk-local backward with and without the gate): none spills at sm_90a with Triton 3.9 or
+    3.6, compiled at the launches' alignment (``aot_specs``), and each fits one program per SM (at
+    most 255 registers x 256 threads).
+
+    Left out, as they still spill (ptxas -v, K = V = 128, 16 x 16 blocks, maxnreg 255 where launched
+    with it, aligned as in ``aot_specs``; worst specialisation, bytes of spill stores + loads at
+    sm_80 / sm_90a, Triton 3.9 then 3.6; bench/results/householder-traffic.md has the tables):
 
     * fp32 (exact "ieee" products, lowered to FMA loops that hold operand rows in registers):
-      ``_wy_fwd_kernel`` 488 / 24 (3.9), 404 / 440 (3.6); forward state pass 3016 / 2772 (3.9),
-      5028 / 5292 (3.6); adjoint state pass 2372 / 1760, 4412 / 4512; chunk-local backward 3212 /
-      3352, 2360 / 2480.
-    * bf16 / fp16 state passes writing o (STORE_O) and the bf16 adjoint state pass: none with
-      Triton 3.9; with 3.6 (the GPU machines'), 1636 / 1656 (bf16) and 1668 / 1976 (fp16) with o,
-      876 / 936 for the adjoint pass.
-    * bf16 chunk-local backward: with the gate 680 / 16 (3.9), 812 / 272 (3.6); without 32 / 0 and
-      120 / 0.
+      forward state pass 1868 / 1968 (3.9), 2524 / 2596 (3.6); adjoint state pass 2048 / 2048,
+      2776 / 2820; chunk-local backward 2624 / 2616, 1892 / 1856. ``_wy_fwd_kernel`` spills nothing
+      at this alignment (both Tritons) but is left out while the fp32 products change.
 
-    Registers per thread: 151-255 for the budgeted kernels (255 x 256 threads: one program per SM);
-    the state passes use 214-255 at 8 warps (the <= 128 of issue 14 is not reached).
+    At sm_80 (not budgeted: the budget is sm_90a's) the bf16 / fp16 forward state pass with o spills
+    104 / 64 B under 3.6 and the gated bf16 chunk-local backward 180 B (3.9) / 200 B (3.6).
+    Registers per thread: 77-255 for the budgeted kernels; the state passes use 197-255 at 8 warps
+    (the <= 128 of issue 14 is not reached).
     """
     if kernel is _recurrent_fwd_kernel:
         return True
-    if kernel is _state_fwd_kernel:
-        return elem != "fp32" and not constexprs["STORE_O"]
-    return kernel is _wy_fwd_kernel and elem != "fp32"
+    return elem != "fp32"
 
 
 def aot_specs():
@@ -1099,9 +1103,18 @@ def aot_specs():
     (64 tokens per chunk) and bf16 with n = 3 (21 tokens, a chunk that does not fill its
     64 rows), and the forward kernels for fp16 with n = 2; the other combinations differ only
     in constants and pointer element types.
+
+    Each is compiled at the alignment a launch at the GPU goals' shapes gets, on which Triton's JIT
+    specialises (``divisible_by_16``): every pointer 16-byte aligned (torch allocations; the launchers
+    pass contiguous tensors) and H, K, V multiples of 16 (H = 16, 32; K = V = 64, 128). Without it
+    the compile is one that no such launch runs, whose 16-bit tiles are loaded element by element
+    (a 64-bit address per element: the bf16 forward state pass with o then spilled 1.6 KB under
+    Triton 3.6 at sm_90a, none at this alignment).
     """
     for kernel, signature, constexprs, num_warps, elem, compile_options in _plain_specs():
-        options = {"budget": _under_static_budget(kernel, elem, constexprs)}
+        options = {"budget": _under_static_budget(kernel, elem, constexprs),
+                   "divisible_by_16": [name for name in signature if signature[name].startswith("*")]
+                   + [name for name in ("H", "K", "V") if name in signature]}
         if compile_options:
             options["compile_options"] = compile_options
         yield kernel, signature, constexprs, num_warps, options
@@ -1136,7 +1149,7 @@ def _plain_specs():
         for has_dfinal in (False, True):
             for has_h0 in (False, True):
                 yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
-                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["STAGES"], **state_args), nw, elem,
+                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["BWD_STAGES"], **state_args), nw, elem,
                        capped)
         for gate in (False, True):
             yield (_local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw, elem,
