@@ -623,8 +623,6 @@ def _local_bwd_kernel(
     strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
     E = tl.where(strict, -dA * tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))),
                  0.0)
-    dkkt = E * beta[:, None]
-    dkkt_sym = dkkt + tl.trans(dkkt)
     if HAS_GATE:
         # The gates through P = scale exp(G_r - G_m) Q K^T: dP * P, taken now so that neither
         # (BC, BL) tile stays live through pass B.
@@ -632,10 +630,9 @@ def _local_bwd_kernel(
         dG -= tl.sum(dPP, axis=0)
         dG_r += tl.sum(dPP, axis=1)
 
-    # Pass B. Register pressure: besides its per-block tiles, only Tinv^T, diag(beta) E + its
-    # transpose, E and dL/d(Q K^T) (BL x BL or BC x BL) stay live; the terms with K K^T (d beta,
-    # the gates) are summed per K block (K K^T = sum over blocks of K_b K_b^T), not from an
-    # accumulated K K^T.
+    # Pass B. Register pressure: besides its per-block tiles, only Tinv^T, E and dL/d(Q K^T)
+    # (BL x BL or BC x BL) stay live; the terms with K K^T (dk, d beta, the gates) are summed per
+    # K block from products with K_b (see the end of the loop), not from an accumulated K K^T.
     bg = beta * gamma
     dqk = dP * scale * decay_read            # gradient of Q K^T through P
     for k0 in range(0, K, BK):
@@ -682,15 +679,25 @@ def _local_bwd_kernel(
         dG += bg * t
         # P = scale exp(G_r - G_m) q_c . k_m, and A through K K^T.
         tl.store(dq_ptr + q_off, (dqs + _dot32(dqk, kk, PREC)).to(dq_ptr.dtype.element_ty), mask=qmask)
-        dk += _dot32(tl.trans(dqk), q, PREC) + _dot32(dkkt_sym, kk, PREC)
-        tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-        # This block's part of K K^T: A[i, m] = beta_i exp(G_i - G_m) k_i . k_m gives d beta_i
-        # the row sums of E K K^T and the gates (G_i and -G_m) those of diag(beta) E K K^T.
-        kkt = _mm(kk, tl.trans(kk), q_ptr, PREC, LOWP, INTERP)
-        dbeta += tl.sum(E * kkt, axis=1)
+        # A[i, m] = beta_i exp(G_i - G_m) k_i . k_m, so dL/d(k_i . k_m) = beta_i E[i, m] and
+        #   dK      = diag(beta) E K + E^T diag(beta) K                  (both sides of k_i . k_m)
+        #   dbeta_i = sum_m E[i, m] k_i . k_m = rowsum(K o (E K))_i       (o: elementwise)
+        #   dG      = beta o rowsum(K o (E K)) - rowsum(K o (E^T diag(beta) K))      (G_i and -G_m)
+        # summed over K blocks from the two (BL, BL) @ (BL, BK) products p1 = E K_b and
+        # p2 = E^T diag(beta) K_b. Neither K_b K_b^T nor diag(beta) E + its transpose is formed or
+        # held (BL x BL each): pass B keeps only E, Tinv^T and dL/d(Q K^T) live across its loop, which
+        # is what keeps the bf16 kernel from spilling at sm_80 (gated: 180 B with Triton 3.9, 200 B
+        # with 3.6 before). Same tensor FLOPs (two BL x BL x BK products per block, as K_b K_b^T and
+        # (diag(beta) E + E^T diag(beta)) K_b were), but both take fp32 operands now (TF32 for bf16 /
+        # fp16 inputs, where K_b K_b^T took the inputs' dtype).
+        p1 = _dot32(E, kk, PREC)
+        p2 = _dot32(tl.trans(E), beta[:, None] * kkf, PREC)
+        t = tl.sum(kkf * p1, axis=1)
+        dbeta += t
         if HAS_GATE:
-            dAA = E * beta[:, None] * kkt
-            dG += tl.sum(dAA, axis=1) - tl.sum(dAA, axis=0)
+            dG += beta * t - tl.sum(kkf * p2, axis=1)
+        dk += _dot32(tl.trans(dqk), q, PREC) + beta[:, None] * p1 + p2
+        tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
 
     tl.store(dbeta_ptr + sub * H + head, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
     if HAS_GATE:
