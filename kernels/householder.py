@@ -40,13 +40,13 @@ which is ``-(Tinv^T du u^T + Tinv^T dw w^T)`` with du = dd, dw = -dd S0^T and w 
 and the rest by the chain rule through the formulas above).
 
 Precision: fp32 inputs multiply exactly ("ieee" fp32 products). For bf16 / fp16 inputs the
-products of two input tiles (K K^T, Q K^T) take bf16 / fp16 operands; every product with a
-computed operand (states, Tinv, scores, d, dd) takes fp32 operands as TF32 (bf16 operands
-there were measured past the 1e-2 accuracy bound, see ``_dot32``). Accumulation is fp32
-throughout, and the state passes carry the states in fp32; w, Tinv and the chunk states and
-their gradients handed to the chunk-local backward are stored in the inputs' dtype (the states:
-bf16 relative errors up to 6.0e-3 instead of 4.6e-3, measured with TF32 emulated), Q K^T, d and
-dd in fp32, and the kernels write every gradient in its input's dtype.
+products of two input tiles (K K^T, Q K^T, in ``_wy_fwd_kernel``) take bf16 / fp16 operands;
+every product with a computed operand (states, Tinv, scores, d, dd, dL/dA) takes fp32 operands
+as TF32 (bf16 operands there were measured past the 1e-2 accuracy bound, see ``_dot32``).
+Accumulation is fp32 throughout, and the state passes carry the states in fp32; w, Tinv and the
+chunk states and their gradients handed to the chunk-local backward are stored in the inputs' dtype
+(the states: bf16 relative errors up to 6.0e-3 instead of 4.6e-3, measured with TF32 emulated),
+Q K^T, d and dd in fp32, and the kernels write every gradient in its input's dtype.
 
 Only plain pointer arithmetic with masks is used (no block pointers), and offsets
 that can pass 2**31 are int64.
@@ -1086,13 +1086,13 @@ def _under_static_budget(kernel, elem: str, constexprs: dict) -> bool:
 
     * fp32 (exact "ieee" products, lowered to FMA loops that hold operand rows in registers):
       forward state pass 1868 / 1968 (3.9), 2524 / 2596 (3.6); adjoint state pass 2048 / 2048,
-      2776 / 2820; chunk-local backward 2624 / 2616, 1892 / 1856. ``_wy_fwd_kernel`` spills nothing
+      2776 / 2820; chunk-local backward 1764 / 1844, 1552 / 1460. ``_wy_fwd_kernel`` spills nothing
       at this alignment (both Tritons) but is left out while the fp32 products change.
 
-    At sm_80 (not budgeted: the budget is sm_90a's) the bf16 / fp16 forward state pass with o spills
-    104 / 64 B under 3.6 and the gated bf16 chunk-local backward 180 B (3.9) / 200 B (3.6).
-    Registers per thread: 77-255 for the budgeted kernels; the state passes use 197-255 at 8 warps
-    (the <= 128 of issue 14 is not reached).
+    At sm_80 (not budgeted: the budget is sm_90a's) Triton 3.6 still spills 104 B (bf16) / 64 B
+    (fp16) in the forward state pass with o and 8 B in the bf16 one writing d; every other bf16 /
+    fp16 specialisation spills nothing there either. Registers per thread: 77-255 for the budgeted
+    kernels; the state passes use 197-255 at 8 warps (the <= 128 of issue 14 is not reached).
     """
     if kernel is _recurrent_fwd_kernel:
         return True
