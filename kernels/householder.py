@@ -49,8 +49,8 @@ state kernel spilled, up to 3.4 KB per thread with Triton 3.9 and 5.3 KB with 3.
 bench/results/householder-traffic.md). With 3xTF32 the fp32 state passes take each chunk 16 rows
 at a time (``_state_fwd_chunk32``, ``_state_bwd_chunk32``), which keeps their product operands
 small. The tensor cores run three TF32 products per fp32 product. For bf16 / fp16 inputs the
-products of two input tiles (K K^T, Q K^T) take bf16 / fp16 operands; every product with a
-computed operand (states, Tinv, scores, d, dd) takes fp32 operands as TF32 (bf16 operands
+products of two input tiles (K K^T, Q K^T, in ``_wy_fwd_kernel``) take bf16 / fp16 operands;
+every product with a computed operand (states, Tinv, scores, d, dd, dL/dA) takes fp32 operands as TF32 (bf16 operands
 there were measured past the 1e-2 accuracy bound, see ``_dot32``). Accumulation is fp32
 throughout, and the state passes carry the states in fp32; w, Tinv and the chunk states and
 their gradients handed to the chunk-local backward are stored in the inputs' dtype (the states:
@@ -622,7 +622,7 @@ def _state_bwd_kernel(
     else:
         dS = tl.zeros((NKB, BK, BV), tl.float32)
 
-    # STAGES as in the forward state pass (fp32: 1, the chunk's fp32 tiles would not fit in shared memory twice).
+    # STAGES: pipelining depth as in the forward state pass (the launcher's BWD_STAGES, see _config).
     for i in tl.range(0, n_chunks, num_stages=STAGES):
         c = n_chunks - 1 - i
         tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off, dS.to(dstates_ptr.dtype.element_ty),
@@ -746,8 +746,6 @@ def _local_bwd_kernel(
     strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
     E = tl.where(strict, -dA * tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))),
                  0.0)
-    dkkt = E * beta[:, None]
-    dkkt_sym = dkkt + tl.trans(dkkt)
     if HAS_GATE:
         # The gates through P = scale exp(G_r - G_m) Q K^T: dP * P, taken now so that neither
         # (BC, BL) tile stays live through pass B.
@@ -755,10 +753,9 @@ def _local_bwd_kernel(
         dG -= tl.sum(dPP, axis=0)
         dG_r += tl.sum(dPP, axis=1)
 
-    # Pass B. Register pressure: besides its per-block tiles, only Tinv^T, diag(beta) E + its
-    # transpose, E and dL/d(Q K^T) (BL x BL or BC x BL) stay live; the terms with K K^T (d beta,
-    # the gates) are summed per K block (K K^T = sum over blocks of K_b K_b^T), not from an
-    # accumulated K K^T.
+    # Pass B. Register pressure: besides its per-block tiles, only Tinv^T, E and dL/d(Q K^T)
+    # (BL x BL or BC x BL) stay live; the terms with K K^T (dk, d beta, the gates) are summed per
+    # K block from products with K_b (see the end of the loop), not from an accumulated K K^T.
     bg = beta * gamma
     dqk = dP * scale * decay_read            # gradient of Q K^T through P
     for k0 in range(0, K, BK):
@@ -805,15 +802,25 @@ def _local_bwd_kernel(
         dG += bg * t
         # P = scale exp(G_r - G_m) q_c . k_m, and A through K K^T.
         tl.store(dq_ptr + q_off, (dqs + _dot32(dqk, kk, PREC)).to(dq_ptr.dtype.element_ty), mask=qmask)
-        dk += _dot32(tl.trans(dqk), q, PREC) + _dot32(dkkt_sym, kk, PREC)
-        tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-        # This block's part of K K^T: A[i, m] = beta_i exp(G_i - G_m) k_i . k_m gives d beta_i
-        # the row sums of E K K^T and the gates (G_i and -G_m) those of diag(beta) E K K^T.
-        kkt = _mm(kk, tl.trans(kk), q_ptr, PREC, LOWP, INTERP)
-        dbeta += tl.sum(E * kkt, axis=1)
+        # A[i, m] = beta_i exp(G_i - G_m) k_i . k_m, so dL/d(k_i . k_m) = beta_i E[i, m] and
+        #   dK      = diag(beta) E K + E^T diag(beta) K                  (both sides of k_i . k_m)
+        #   dbeta_i = sum_m E[i, m] k_i . k_m = rowsum(K o (E K))_i       (o: elementwise)
+        #   dG      = beta o rowsum(K o (E K)) - rowsum(K o (E^T diag(beta) K))      (G_i and -G_m)
+        # summed over K blocks from the two (BL, BL) @ (BL, BK) products p1 = E K_b and
+        # p2 = E^T diag(beta) K_b. Neither K_b K_b^T nor diag(beta) E + its transpose is formed or
+        # held (BL x BL each): pass B keeps only E, Tinv^T and dL/d(Q K^T) live across its loop, which
+        # is what keeps the bf16 kernel from spilling at sm_80 (gated: 180 B with Triton 3.9, 200 B
+        # with 3.6 before). Same tensor FLOPs (two BL x BL x BK products per block, as K_b K_b^T and
+        # (diag(beta) E + E^T diag(beta)) K_b were), but both take fp32 operands now (TF32 for bf16 /
+        # fp16 inputs, where K_b K_b^T took the inputs' dtype).
+        p1 = _dot32(E, kk, PREC)
+        p2 = _dot32(tl.trans(E), beta[:, None] * kkf, PREC)
+        t = tl.sum(kkf * p1, axis=1)
+        dbeta += t
         if HAS_GATE:
-            dAA = E * beta[:, None] * kkt
-            dG += tl.sum(dAA, axis=1) - tl.sum(dAA, axis=0)
+            dG += beta * t - tl.sum(kkf * p2, axis=1)
+        dk += _dot32(tl.trans(dqk), q, PREC) + beta[:, None] * p1 + p2
+        tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
 
     tl.store(dbeta_ptr + sub * H + head, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
     if HAS_GATE:
@@ -942,12 +949,17 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # itself, ptxas caps some of them at 32 or 128 registers and spills far more (Triton 3.6, sm_80:
     # fp32 adjoint state pass 19.5 KB at 32 registers, 5.4 KB at 255; bf16 forward state pass 6.1 KB
     # at 128, 3.4 KB at 255; Triton 3.9, fp32 chunk-local backward 6.1 KB at 128, 3.2 KB at 255).
+    # STAGES / BWD_STAGES: software-pipelining depth of the forward / adjoint state pass's chunk loop
+    # (fp32: 1, two stages of its fp32 tiles would not fit in shared memory). bf16 / fp16: the adjoint
+    # pass takes 2, with which Triton 3.6 spills nothing (with 3: 52 B at sm_90a with both HAS_DFINAL and
+    # HAS_H0); the forward pass 3 (with 2: 200 B at sm_80 under 3.6, with 3: 104 B). Measured at the
+    # launches' alignment (aot_specs' divisible_by_16), bench/results/householder-traffic.md.
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "tf32x3"
     return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
-                                               num_warps=num_warps, MAXNREG=255, STAGES=3 if half else 1, PREC=prec,
-                                               LOWP=half, INTERP=interpret),
-                           ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES"))
+                                               num_warps=num_warps, MAXNREG=255, STAGES=3 if half else 1,
+                                               BWD_STAGES=2 if half else 1, PREC=prec, LOWP=half, INTERP=interpret),
+                           ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES", "BWD_STAGES"))
 
 
 def _launch_args(n: int, cfg: dict) -> tuple:
@@ -1134,7 +1146,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _state_bwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
             t["q"], t["k"], f["w"], f["qk"], f["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd,
             cu_tok, cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None,
-            STAGES=cfg["STAGES"], **state_args)
+            STAGES=cfg["BWD_STAGES"], **state_args)
     # w is not read by the chunk-local kernel: freed before its outputs are allocated, which lowers
     # the backward's peak memory by w.
     del f["w"]
@@ -1186,38 +1198,38 @@ def _signatures(elem: str) -> dict:
 # vector-access check: the chunk tiles are 16-column blocks of rows H K elements apart, loaded
 # through masks.
 STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kernel": {"programs_per_sm": 1},
-                 "_state_fwd_kernel": {"programs_per_sm": 1}}
+                 "_state_fwd_kernel": {"programs_per_sm": 1}, "_state_bwd_kernel": {"programs_per_sm": 1},
+                 "_local_bwd_kernel": {"programs_per_sm": 1}}
 
 
 def _under_static_budget(kernel, elem: str, constexprs: dict) -> bool:
     """Whether CI holds this specialisation to STATIC_BUDGET: the decoding kernel at every dtype,
-    ``_wy_fwd_kernel`` at every dtype, and for bf16 / fp16 the backward's forward state pass
-    (``_state_fwd_kernel`` writing the chunk states and d, STORE_O false), which spill nothing at
-    sm_90a (the budget's target) with Triton 3.9 or 3.6, nor at sm_80, except the fp32
-    ``_wy_fwd_kernel`` without gates under 3.6 (56 bytes at sm_80). Left out, as they still spill
-    (ptxas -v, K = V = 128, 16 x 16 blocks, maxnreg 255 where launched with it; worst specialisation,
-    bytes of spill stores + loads at sm_80 / sm_90a; bench/results/householder-traffic.md has the
-    tables):
+    ``_wy_fwd_kernel`` at every dtype, the fp32 forward state pass of the backward (writing the chunk
+    states and d, STORE_O false) and, for bf16 / fp16 inputs, every kernel (both state passes
+    with every flag set, the chunk-local backward with and without the gate): none spills at sm_90a
+    with Triton 3.9 or 3.6, compiled at the launches' alignment (``aot_specs``), and each fits one
+    program per SM (at most 255 registers x 256 threads).
+
+    Left out, as they still spill (ptxas -v, K = V = 128, 16 x 16 blocks, maxnreg 255 where launched
+    with it, aligned as in ``aot_specs``; worst specialisation, bytes of spill stores + loads at
+    sm_80 / sm_90a, Triton 3.9 then 3.6; bench/results/householder-traffic.md has the tables):
 
     * fp32 (3xTF32 products; the state passes take the chunk 16 rows at a time): forward state pass
-      writing d 0 / 0 (3.9), 0 / 16 (3.6), writing o 104 / 48 and 676 / 824; adjoint state pass
-      84 / 0 and 1372 / 1376; chunk-local backward 3844 / 1460 and 3864 / 2964. (With exact "ieee"
-      products, lowered to FMA loops that hold operand rows in registers, every fp32 kernel spilled:
-      ``_wy_fwd_kernel`` 488 / 24 and 404 / 440, the state passes 0.6-3.0 KB and 0.8-5.3 KB.)
-    * bf16 / fp16 state passes writing o (STORE_O) and the bf16 adjoint state pass: none with
-      Triton 3.9; with 3.6 (the GPU machines'), 1636 / 1656 (bf16) and 1668 / 1976 (fp16) with o,
-      876 / 936 for the adjoint pass.
-    * bf16 chunk-local backward: with the gate 680 / 16 (3.9), 812 / 272 (3.6); without 32 / 0 and
-      120 / 0.
+      writing o 0 / 0 (3.9), 8 / 32 (3.6); adjoint state pass 0-48 / 0 (3.9), 432-596 / 280-524
+      (3.6); chunk-local backward 1488-2356 / 64-284 (3.9), 1488-2244 / 256-644 (3.6).
+      (With exact "ieee" products, lowered to FMA loops that hold operand rows in registers, every
+      fp32 kernel spilled: the state passes 1.9-2.8 KB at this alignment.)
 
-    Registers per thread: 151-255 for the budgeted kernels (255 x 256 threads: one program per SM);
-    the state passes use 214-255 at 8 warps (the <= 128 of issue 14 is not reached).
+    At sm_80 (not budgeted: the budget is sm_90a's) Triton 3.6 still spills 104 B (bf16) / 64 B
+    (fp16) in the forward state pass with o and 8 B in the bf16 one writing d; every other bf16 /
+    fp16 specialisation spills nothing there either. Registers per thread: 77-255 for the budgeted
+    kernels; the state passes use 197-255 at 8 warps (the <= 128 of issue 14 is not reached).
     """
     if kernel is _recurrent_fwd_kernel:
         return True
-    if kernel is _state_fwd_kernel:
-        return elem != "fp32" and not constexprs["STORE_O"]
-    return kernel is _wy_fwd_kernel
+    if kernel is _state_fwd_kernel and not constexprs["STORE_O"]:
+        return True
+    return elem != "fp32" or kernel is _wy_fwd_kernel
 
 
 def aot_specs():
@@ -1231,9 +1243,18 @@ def aot_specs():
     (64 tokens per chunk) and bf16 with n = 3 (21 tokens, a chunk that does not fill its
     64 rows), and the forward kernels for fp16 with n = 2; the other combinations differ only
     in constants and pointer element types.
+
+    Each is compiled at the alignment a launch at the GPU goals' shapes gets, on which Triton's JIT
+    specialises (``divisible_by_16``): every pointer 16-byte aligned (torch allocations; the launchers
+    pass contiguous tensors) and H, K, V multiples of 16 (H = 16, 32; K = V = 64, 128). Without it
+    the compile is one that no such launch runs, whose 16-bit tiles are loaded element by element
+    (a 64-bit address per element: the bf16 forward state pass with o then spilled 1.6 KB under
+    Triton 3.6 at sm_90a, none at this alignment).
     """
     for kernel, signature, constexprs, num_warps, elem, compile_options in _plain_specs():
-        options = {"budget": _under_static_budget(kernel, elem, constexprs)}
+        options = {"budget": _under_static_budget(kernel, elem, constexprs),
+                   "divisible_by_16": [name for name in signature if signature[name].startswith("*")]
+                   + [name for name in ("H", "K", "V") if name in signature]}
         if compile_options:
             options["compile_options"] = compile_options
         yield kernel, signature, constexprs, num_warps, options
@@ -1268,7 +1289,7 @@ def _plain_specs():
         for has_dfinal in (False, True):
             for has_h0 in (False, True):
                 yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
-                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["STAGES"], **state_args), nw, elem,
+                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["BWD_STAGES"], **state_args), nw, elem,
                        capped)
         for gate in (False, True):
             yield (_local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw, elem,
