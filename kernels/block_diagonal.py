@@ -4,14 +4,16 @@ One program owns BLOCK_G blocks g of one sequence and walks time one step at a t
 states h (BLOCK_G, BLOCK_B) in registers in fp32. Each step loads the (BLOCK_G, BLOCK_B, BLOCK_B)
 tile of transitions and computes the matrix-vector products as a broadcast multiply and a sum over
 the column axis. The loads of steps s + 1 and s + 2 are issued before the arithmetic of step s (a
-two-step software prefetch), so their latency overlaps the dependent chain through h. The block
+two-step software prefetch; one step at b = 64, ``PREFETCH``), so their latency overlaps the
+dependent chain through h. The block
 size is a constexpr (``BS``; 0 means "b is not a power of two, read it from ``block_size``"), so
 for b = 1, 2, 4, 8, 16, ... the tile offsets are compile-time constants and the loads vectorise.
 
 Two ways to get the state entering a program's share of the sweep, in the same single launch:
 
 * **walk** (``lookback = 0``): one program per (sequence, block group) walks its whole sequence;
-  used when there are enough such programs to fill the GPU (>= 4 per SM).
+  used when there are enough such programs to fill the GPU (>= 4 per SM), and always at b > 16,
+  where the kernel is compiled without the look-back code (``LOOKBACK``, see ``_config``).
 * **decoupled look-back** (``lookback = 1``): each sequence is cut into chunks of ``chunk_len``
   steps, one program per (chunk, sequence, block group). A program takes a ticket from an atomic
   counter and owns the chunk the ticket names; tickets are chunk-major, so every predecessor of a
@@ -472,10 +474,13 @@ def _config(b: int, interpret: bool, dtype: torch.dtype = torch.float32) -> dict
         prefetch = 1 if BLOCK_B >= 64 else 2
         if b == 64:
             out_rows_bwd = out_rows // 2
-        # ptxas left to itself capped the fp32 b = 8 backward with a broadcast A at 168 registers
-        # and spilled 40 bytes with Triton 3.6 (the GPU machines'); allowed 255 it takes ~206 (4
-        # programs of 2 warps per SM) without spills, with the same 128-bit accesses.
-        maxnreg = 255 if BLOCK_B in (8, 64) else None
+        # ptxas left to itself caps some specialisations below what they need and spills: the fp32
+        # b = 8 backward with a broadcast A at 168 registers, 40 bytes (Triton 3.6, the GPU
+        # machines'; allowed 255 it takes ~206, 4 programs of 2 warps per SM, the same 128-bit
+        # accesses), b = 9..15 forward with a broadcast A at 168 (12 bytes) and the b = 32 backward
+        # with a broadcast A at 96 (32 bytes, Triton 3.9). With at most 4 warps, 255 registers
+        # still leave room for 2 programs per SM.
+        maxnreg = 255 if BLOCK_B >= 8 else None
         cfg = dict(BLOCK_B=BLOCK_B, BLOCK_G=BLOCK_G, num_warps=num_warps, USE_DOT=use_dot, OUT_ROWS=out_rows,
                    OUT_ROWS_BWD=out_rows_bwd, LOOKBACK=lookback, PREFETCH=prefetch, maxnreg=maxnreg)
     cfg.setdefault("OUT_ROWS_BWD", cfg["OUT_ROWS"])
@@ -710,9 +715,9 @@ def aot_specs():
                         options["budget"] = NON_POWER_OF_TWO_BUDGET
                         if cfg["BLOCK_B"] == 64 and not backward and triton.__version__.startswith("3.6"):
                             # b = 33..63 forward, under Triton 3.6 only (the GPU machines'): ptxas
-                            # spills 5.1-5.5 KB at 255 registers on 4 warps (0.4-0.6 KB storing one
-                            # step at a time; 8 warps held to 128 registers: 0.36 KB); Triton 3.9:
-                            # no spills (211-216 registers). Left out of the budget.
+                            # spills 0.5-0.6 KB at 255 registers on 4 warps (5.1-5.5 KB gathering
+                            # 8 steps of h; 8 warps held to 128 registers: 0.36 KB); Triton 3.9:
+                            # no spills (209-216 registers). Left out of the budget.
                             options["budget"] = False
                     elif BS == 64 and backward and not a_contig:
                         options["budget"] = B64_BROADCAST_BACKWARD_BUDGET
