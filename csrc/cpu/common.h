@@ -502,6 +502,15 @@ class OutputAllocator final : public c10::Allocator {
   }
 };
 
+// Whether a kernel writes `out` with non-temporal stores: outputs from the output cache that sit on
+// huge pages. On 4 KiB pages (LINREC_CPP_HUGEPAGES=0) a fresh output's first touch faults every
+// 4 KiB, and the kernel zeroes each page through the caches just before the non-temporal store
+// evicts it again: measured slower than ordinary stores there (fwd+bwd 3.5-3.9x the floor, against
+// 3.1-3.4x).
+inline bool stream_output(const at::Tensor& out) {
+  return out.nbytes() >= kLargeOutputBytes && hugepages_wanted();
+}
+
 // An uninitialised contiguous output (the kernels write every element of it), from OutputAllocator.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_generic(sizes, OutputAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),

@@ -235,7 +235,7 @@ at::Tensor forward_typed(const at::Tensor& a, const at::Tensor& x, const c10::op
   forward_kernel<S, SA>(reinterpret_cast<const SA*>(a.data_ptr()), bstride(a, 0), bstride(a, 1),
                         reinterpret_cast<const S*>(x.data_ptr()), bstride(x, 0), bstride(x, 1), h0p,
                         reinterpret_cast<S*>(out.data_ptr()), T, seqs, diag_blocks<S>(D, seqs.size()), reverse,
-                        out.nbytes() >= kLargeOutputBytes);
+                        stream_output(out));
   return out;
 }
 
@@ -263,7 +263,7 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& a, const at::Tensor& h,
                                  reinterpret_cast<const S*>(gh.data_ptr()), bstride(gh, 0), bstride(gh, 1), h0p,
                                  reinterpret_cast<S*>(gx.data_ptr()), reinterpret_cast<SA*>(ga.data_ptr()), T * D, D,
                                  0, 1, false, reinterpret_cast<A*>(gh0.data_ptr()), T, seqs, shp, reverse,
-                                 gx.nbytes() >= kLargeOutputBytes);
+                                 stream_output(gx));
     }
     return {ga, gx, gh0};
   }
@@ -276,7 +276,7 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& a, const at::Tensor& h,
                               reinterpret_cast<S*>(gx.data_ptr()), reinterpret_cast<A*>(partial.data_ptr()),
                               Ba == 1 ? 0 : Ta * D, Ta == 1 ? 0 : D, Ba * Ta * D, partitions, true,
                               reinterpret_cast<A*>(gh0.data_ptr()), T, seqs, shp, reverse,
-                              gx.nbytes() >= kLargeOutputBytes);
+                              stream_output(gx));
   }
   at::Tensor ga = partitions == 1 ? partial[0] : partial.sum(0);
   return {ga, gx, gh0};
