@@ -135,7 +135,8 @@ inline void store2(R* p, int64_t n, const fVec& lo, const fVec& hi) {
 // units of memory traffic (read a, x; write h) instead of 4, a backward 5 instead of 7. Used for
 // full tiles at vector-aligned addresses (AVX-512: one fp32 / complex64 vector, or one tile of a
 // 16-bit type, is one 64-byte line); each thread ends its tasks with stream_fence() so that the
-// stores are visible before the parallel region joins. Other builds store normally.
+// stores are visible before the parallel region joins. Other builds store normally. Which outputs
+// stream: stream_output() below (those on huge pages).
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #define LINREC_STREAM_STORES 1
 #if defined(CPU_CAPABILITY_AVX512)
@@ -288,8 +289,8 @@ inline void parallel_tasks(int64_t ntasks, int64_t work, const F& f) {
 // hands them out again: a cache of mapped blocks, keyed by their size, as PyTorch's CUDA caching
 // allocator does on the GPU.
 //
-// * Only outputs of at least kLargeOutputBytes go through it (smaller ones come from at::empty:
-//   their page faults are cheap and glibc's heap recycles them already).
+// * Only outputs of at least kLargeOutputBytes go through it (smaller ones come from PyTorch's CPU
+//   allocator: their page faults are cheap and glibc's heap recycles them already).
 // * Blocks are 2 MiB-aligned anonymous mappings of a whole number of 2 MiB pages, advised
 //   MADV_HUGEPAGE (unless LINREC_CPP_HUGEPAGES=0), so that the first touch takes 2 MiB faults.
 // * A freed block is kept while the cache holds at most its limit in bytes, the oldest blocks
