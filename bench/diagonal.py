@@ -111,23 +111,25 @@ def _build_loop(inputs, point, mode):
     return torch_loop, [inputs["a"], inputs["x"]]
 
 
-def _build_elementwise_floor(inputs, point, mode):
-    if mode != "fwd":  # autograd of addcmul is several ops: no bound on a backward
+def _addcmul_floor(inputs, mode, output=None):
+    """The elementwise floors' closure: ``x + a * x`` in one ``torch.addcmul``, into a fresh PyTorch
+    tensor (``output`` None) or into ``output(x)`` (``out=``). Forward only: autograd of addcmul is
+    several ops, no bound on a backward."""
+    if mode != "fwd":
         raise Skip("elementwise_floor bounds the forward only")
 
     def fn(a, x):
-        return torch.addcmul(x, a, x)
+        return torch.addcmul(x, a, x) if output is None else torch.addcmul(x, a, x, out=output(x))
     return fn, [inputs["a"], inputs["x"]]
+
+
+def _build_elementwise_floor(inputs, point, mode):
+    return _addcmul_floor(inputs, mode)
 
 
 def _build_elementwise_floor_warm(inputs, point, mode):
-    if mode != "fwd":
-        raise Skip("elementwise_floor bounds the forward only")
     out = torch.zeros_like(inputs["x"], memory_format=torch.contiguous_format)  # mapped and touched now
-
-    def fn(a, x):
-        return torch.addcmul(x, a, x, out=out)
-    return fn, [inputs["a"], inputs["x"]]
+    return _addcmul_floor(inputs, mode, lambda x: out)
 
 
 _MADV_HUGEPAGE = 14          # <linux/mman.h>
@@ -153,9 +155,8 @@ def empty_hugepages(like: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(like)`` (CPU, contiguous) with the buffer's 2 MiB-aligned interior
     advised ``MADV_HUGEPAGE`` before anything touches it: how the cpp backend maps a new output of
     8 MiB or more (csrc/cpu/common.h, ``OutputCache``; it maps 2 MiB-aligned blocks, so its ends
-    are huge pages too). With transparent huge pages in
-    ``madvise`` mode the first write then faults 2 MiB pages instead of 4 KiB ones; elsewhere it
-    is a no-op hint."""
+    are huge pages too). With transparent huge pages in ``madvise`` mode the first write then
+    faults 2 MiB pages instead of 4 KiB ones; elsewhere it is a no-op hint."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     nbytes = out.numel() * out.element_size()
     madvise = _libc_madvise()
@@ -169,14 +170,9 @@ def empty_hugepages(like: torch.Tensor) -> torch.Tensor:
 
 
 def _build_elementwise_floor_thp(inputs, point, mode):
-    if mode != "fwd":
-        raise Skip("elementwise_floor bounds the forward only")
-    if inputs["x"].device.type != "cpu" or _libc_madvise() is None:
+    if mode == "fwd" and (inputs["x"].device.type != "cpu" or _libc_madvise() is None):
         raise Skip("elementwise_floor_thp: huge-page advice needs Linux and CPU tensors")
-
-    def fn(a, x):
-        return torch.addcmul(x, a, x, out=empty_hugepages(x))
-    return fn, [inputs["a"], inputs["x"]]
+    return _addcmul_floor(inputs, mode, empty_hugepages)
 
 
 def _cpu_target_only(point: Point, device: torch.device) -> Optional[str]:

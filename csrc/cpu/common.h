@@ -348,7 +348,8 @@ class OutputCache {
     return map_block(bytes);
   }
 
-  // Returns a block handed out by `take`: cached if the limit allows, else unmapped.
+  // Returns a block handed out by `take`: cached if the limit allows (the oldest cached blocks
+  // unmapped to make room), else unmapped.
   void give_back(void* ptr, size_t bytes) {
     std::vector<Block> unmap;
     {
@@ -356,16 +357,12 @@ class OutputCache {
       if (bytes > limit_) {
         unmap.push_back({ptr, bytes});
       } else {
-        while (cached_ + bytes > limit_) {  // the oldest blocks make room
-          unmap.push_back(free_.front());
-          cached_ -= free_.front().bytes;
-          free_.erase(free_.begin());
-        }
         free_.push_back({ptr, bytes});
         cached_ += bytes;
+        evict_locked(limit_, unmap);
       }
     }
-    for (const Block& b : unmap) unmap_block(b);  // outside the lock: munmap takes a while
+    unmap_all(unmap);
   }
 
   // Unmaps every cached block (blocks in use are not affected).
@@ -381,11 +378,6 @@ class OutputCache {
     }
     trim(bytes);
     return old;
-  }
-
-  size_t limit() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return limit_;
   }
 
   Info info() {
@@ -421,13 +413,23 @@ class OutputCache {
     std::vector<Block> unmap;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      while (cached_ > keep) {
-        unmap.push_back(free_.front());
-        cached_ -= free_.front().bytes;
-        free_.erase(free_.begin());
-      }
+      evict_locked(keep, unmap);
     }
-    for (const Block& b : unmap) unmap_block(b);
+    unmap_all(unmap);
+  }
+
+  // With the lock held: moves the oldest cached blocks to `unmap` until at most `keep` bytes stay.
+  void evict_locked(size_t keep, std::vector<Block>& unmap) {
+    while (cached_ > keep) {
+      unmap.push_back(free_.front());
+      cached_ -= free_.front().bytes;
+      free_.erase(free_.begin());
+    }
+  }
+
+  // Outside the lock: munmap of a large block takes a while.
+  static void unmap_all(const std::vector<Block>& blocks) {
+    for (const Block& b : blocks) unmap_block(b);
   }
 
   static void* map_block(size_t bytes) {
