@@ -128,7 +128,8 @@ def _step_time(step, start, end, scan_down):
 @triton.jit
 def _load_step(a_seq_ptr, x_seq_ptr, a_off, a_step, x_off, x_step, a_mask, x_mask, step, step_hi,
                start, end, scan_down, coef_shift,
-               BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, FLAT_A: tl.constexpr, FLAT_X: tl.constexpr):
+               BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, FLAT_A: tl.constexpr, FLAT_X: tl.constexpr,
+               X_PAD: tl.constexpr):
     """Sweep step ``step``'s transition tile (BLOCK_G, BLOCK_B, BLOCK_B) and input tile (BLOCK_G,
     BLOCK_B), in storage dtype (zeros past ``step_hi``).
 
@@ -136,7 +137,9 @@ def _load_step(a_seq_ptr, x_seq_ptr, a_off, a_step, x_off, x_step, a_mask, x_mas
     forward step after t (backward, ``coef_shift`` = +-1; zero past the sequence end).
     ``a_seq_ptr`` / ``x_seq_ptr`` point at time 0 of the sequence's batch row; ``a_step`` /
     ``x_step`` are the elements per time step. FLAT_A / FLAT_X: the offsets and masks are one
-    contiguous run (1-D), loaded as such and reshaped (b = 2: a block's row is only 8 bytes)."""
+    contiguous run (1-D), loaded as such and reshaped (b = 2: a block's row is only 8 bytes).
+    X_PAD: ``x_off`` / ``x_mask`` are (2, BLOCK_G, BLOCK_B), the second copy masked off; the load
+    is summed over that axis (x + 0, exact; see the kernel where they are made)."""
     t = _step_time(step, start, end, scan_down)
     live = step < step_hi
     t_coef = t + coef_shift
@@ -147,6 +150,8 @@ def _load_step(a_seq_ptr, x_seq_ptr, a_off, a_step, x_off, x_step, a_mask, x_mas
         M = tl.reshape(M, (BLOCK_G, BLOCK_B, BLOCK_B))
     if FLAT_X:
         xv = tl.reshape(xv, (BLOCK_G, BLOCK_B))
+    if X_PAD:
+        xv = tl.sum(xv, axis=0)
     return M, xv
 
 
@@ -245,9 +250,21 @@ def block_diagonal_scan_kernel(
     # one 1-D tile (a block row alone, 8 bytes of fp32, is too narrow for 128-bit accesses).
     FLAT_X: tl.constexpr = BS == 2
     FLAT_A: tl.constexpr = FLAT_X and A_CONTIG
+    X_PAD: tl.constexpr = BS == 0 and BLOCK_B == 64 and not BACKWARD  # b = 33..63, forward
     if FLAT_X:
         x_ld_off = pid_g * (BLOCK_G * BS) + tl.arange(0, BLOCK_G * BLOCK_B)
         x_ld_mask = x_ld_off < G * BS
+    elif X_PAD:
+        # b = 33..63, forward (one 64 x 64 tile on 128 threads, b a runtime value): a (1, 64) tile
+        # of x has fewer elements than threads, so Triton 3.6 deems its load cheap to repeat and
+        # issues it in the layout of the product's rows: 32 replicated elements a thread, each
+        # with its own 64-bit address and predicate (ptxas spilled 0.5-0.6 KB at 255 registers).
+        # Loaded as (2, 1, 64) with the second copy masked off (128 elements), it keeps a layout
+        # of its own, one element a thread, and the sum over the copies (x + 0, exact) hands it
+        # to the product. No extra traffic: a masked-off lane loads nothing.
+        pad = tl.arange(0, 2)[:, None, None]
+        x_ld_off = vec_off[None, :, :] + pad * 0
+        x_ld_mask = vec_mask[None, :, :] & (pad == 0)
     else:
         x_ld_off = vec_off
         x_ld_mask = vec_mask
@@ -257,6 +274,21 @@ def block_diagonal_scan_kernel(
     else:
         a_ld_off = a_tile
         a_ld_mask = tile_mask
+    if X_PAD:
+        # Walk 2 at b = 33..63 (forward): rows i >= b of the tile re-read row b - 1 instead of
+        # being masked off (in bounds, and in cache), so the load's mask is the column's alone,
+        # one predicate a thread rather than one per row; the rows of h they produce are not
+        # states and are never kept (see the update of carry below).
+        rows_in = tl.minimum(rows, bs - 1)
+        if A_CONTIG:
+            w2_a_off = (blocks[:, None, None] * bs + rows_in[None, :, None]) * bs + rows[None, None, :]
+        else:
+            w2_a_off = (blocks[:, None, None] * stride_ag.to(tl.int32) + rows_in[None, :, None] * bs
+                        + rows[None, None, :])
+        w2_a_mask = tl.broadcast_to(g_ok[:, None, None] & r_ok[None, None, :], (BLOCK_G, BLOCK_B, BLOCK_B))
+    else:
+        w2_a_off = a_ld_off
+        w2_a_mask = a_ld_mask
     eye2 = (rows[:, None] == rows[None, :]).to(ACC)
     eye = tl.broadcast_to(eye2[None, :, :], (BLOCK_G, BLOCK_B, BLOCK_B))
     # Look-back bookkeeping: this chunk's row of the workspace (flags: kernels/_shared.chunk_flag).
@@ -290,16 +322,16 @@ def block_diagonal_scan_kernel(
             s = tl.zeros((BLOCK_G, BLOCK_B), ACC)
             M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
                                   step_lo, step_hi, start, end, scan_down, coef_shift,
-                                  BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+                                  BLOCK_G, BLOCK_B, FLAT_A, FLAT_X, X_PAD)
             M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
                                   step_lo + 1, step_hi, start, end, scan_down, coef_shift,
-                                  BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+                                  BLOCK_G, BLOCK_B, FLAT_A, FLAT_X, X_PAD)
             for step in range(step_lo, step_hi):
                 M_raw, x_raw = M_1, x_1
                 M_1, x_1 = M_2, x_2
                 M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
                                       step + 2, step_hi, start, end, scan_down, coef_shift,
-                                  BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+                                  BLOCK_G, BLOCK_B, FLAT_A, FLAT_X, X_PAD)
                 M = M_raw.to(ACC)
                 s = _matvec(M, s, BACKWARD) + x_raw.to(ACC)
                 P = _matmat(M, P, BACKWARD, USE_DOT, ACC, BLOCK_B)
@@ -346,13 +378,13 @@ def block_diagonal_scan_kernel(
     if BACKWARD:
         h0_prev = tl.load(h0_ptr + seq.to(tl.int64) * x_step + vec_off, mask=_both(vec_mask, has_h0 != 0),
                           other=0.0).to(ACC)
-    M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+    M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, w2_a_off, a_step, x_ld_off, x_step, w2_a_mask, x_ld_mask,
                           step_lo, step_hi, start, end, scan_down, coef_shift,
-                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X, X_PAD)
     if PREFETCH == 2:
-        M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask, x_ld_mask,
+        M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, w2_a_off, a_step, x_ld_off, x_step, w2_a_mask, x_ld_mask,
                               step_lo + 1, step_hi, start, end, scan_down, coef_shift,
-                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+                              BLOCK_G, BLOCK_B, FLAT_A, FLAT_X, X_PAD)
     # The states of OUT_ROWS consecutive steps are gathered into one (OUT_ROWS, BLOCK_G, BLOCK_B)
     # tile and stored together: one step's states are too few (b = 16: 16 values per warp) for
     # every thread to store 128 bits at once.
@@ -365,17 +397,21 @@ def block_diagonal_scan_kernel(
             M_raw, x_raw = M_1, x_1
             if PREFETCH == 2:
                 M_1, x_1 = M_2, x_2
-                M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask,
+                M_2, x_2 = _load_step(a_seq_ptr, x_seq_ptr, w2_a_off, a_step, x_ld_off, x_step, w2_a_mask,
                                       x_ld_mask, step + 2, step_hi, start, end, scan_down, coef_shift,
-                                      BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+                                      BLOCK_G, BLOCK_B, FLAT_A, FLAT_X, X_PAD)
             else:
-                M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, a_ld_off, a_step, x_ld_off, x_step, a_ld_mask,
+                M_1, x_1 = _load_step(a_seq_ptr, x_seq_ptr, w2_a_off, a_step, x_ld_off, x_step, w2_a_mask,
                                       x_ld_mask, step + 1, step_hi, start, end, scan_down, coef_shift,
-                                      BLOCK_G, BLOCK_B, FLAT_A, FLAT_X)
+                                      BLOCK_G, BLOCK_B, FLAT_A, FLAT_X, X_PAD)
             # h[g, i] <- sum_j M[g, i, j] h[g, j] + x[g, i]
             # (backward: g[g, j] <- sum_i M[g, i, j] g[g, i] + dh[g, j]); steps past the end keep the state.
             live = step < step_hi
-            carry = tl.where(live, _matvec(M_raw.to(ACC), carry, BACKWARD) + x_raw.to(ACC), carry)
+            if X_PAD:  # rows past b stay 0 (so no product sees a value of the re-read rows)
+                carry = tl.where(_both(vec_mask, live), _matvec(M_raw.to(ACC), carry, BACKWARD) + x_raw.to(ACC),
+                                 carry)
+            else:
+                carry = tl.where(live, _matvec(M_raw.to(ACC), carry, BACKWARD) + x_raw.to(ACC), carry)
             h_rows = tl.where((out_rows == k)[:, None, None], carry[None, :, :], h_rows)
             if BACKWARD and A_CONTIG:
                 # dL/dA_t = g_t h_{t - fwd_step}^T, with h0 (or zeros) before the first forward step.
@@ -454,7 +490,7 @@ def _config(b: int, interpret: bool, dtype: torch.dtype = torch.float32) -> dict
         if b != BLOCK_B:
             # Rows of 3, 5, ... elements: every store is one element wide whatever is gathered, so
             # gathering only costs registers (Triton 3.6: b = 3, forward with a broadcast A, 12 bytes
-            # of spills at OUT_ROWS = 4; none at 1).
+            # of spills at OUT_ROWS = 4; none at 1; b = 33..63, forward: 5.1-5.5 KB at 8).
             out_rows = 1
         out_rows_bwd = out_rows
         # Look-back code (walk 1's b x b chunk-product chain, the aggregates' composition) only up to
@@ -470,7 +506,10 @@ def _config(b: int, interpret: bool, dtype: torch.dtype = torch.float32) -> dict
         # of dL/dx, not 8 (Triton 3.6: 8 steps spilled 20 bytes with a broadcast A and 1.2 KB with
         # the dL/dA outer products; 4 steps: 0); allowed 255 registers (190-250), 2 programs per SM.
         # 8 warps need OUT_ROWS = 16 for 128-bit stores of h and then spilled, or were held to 128
-        # registers for 2 programs per SM, which spilled too.
+        # registers for 2 programs per SM, which spilled too. b = 33..63 (the same tile, b a runtime
+        # value, so an address and a mask per element): the forward's x load and the tile's row
+        # mask are reshaped for Triton 3.6 (X_PAD in the kernel; 255 registers and 0.5-0.6 KB of
+        # spills before, 233 and none after; Triton 3.9: 190-197).
         prefetch = 1 if BLOCK_B >= 64 else 2
         if b == 64:
             out_rows_bwd = out_rows // 2
@@ -713,12 +752,6 @@ def aot_specs():
                         options["compile_options"] = {"maxnreg": cfg["maxnreg"]}
                     if BS == 0:  # rows of 3, 5, ... elements: see NON_POWER_OF_TWO_BUDGET
                         options["budget"] = NON_POWER_OF_TWO_BUDGET
-                        if cfg["BLOCK_B"] == 64 and not backward and triton.__version__.startswith("3.6"):
-                            # b = 33..63 forward, under Triton 3.6 only (the GPU machines'): ptxas
-                            # spills 0.5-0.6 KB at 255 registers on 4 warps (5.1-5.5 KB gathering
-                            # 8 steps of h; 8 warps held to 128 registers: 0.36 KB); Triton 3.9:
-                            # no spills (209-216 registers). Left out of the budget.
-                            options["budget"] = False
                     elif BS == 64 and backward and not a_contig:
                         options["budget"] = B64_BROADCAST_BACKWARD_BUDGET
                     yield block_diagonal_scan_kernel, sig, constexprs, cfg["num_warps"], options

@@ -79,6 +79,45 @@ def test_fp32_matches_reference(backend, b, reverse):
     _check(backend, A, x, h0, reverse, 1e-5)
 
 
+@pytest.mark.parametrize("b", [33, 48, 63])
+@pytest.mark.parametrize("A_kind", ["full", "shared"])
+@pytest.mark.parametrize("reverse, varlen", [(False, False), (True, False), (False, True)])
+def test_triton_block_sizes_33_to_63(b, A_kind, reverse, varlen):
+    # Block sizes 33..63 compile as one 64 x 64 tile with b a runtime argument; the forward's walk
+    # re-reads row b - 1 for the tile's rows past b and loads x padded to (2, 1, 64) (see
+    # kernels/block_diagonal.py, X_PAD). Two blocks (G = 2): rows re-read at a block's end must not
+    # reach the next block's values; packed sequences include an empty one.
+    T, G = 11, 2
+    B = 1 if varlen else 2
+    cu = torch.tensor([0, 4, 4, T], dtype=torch.int32) if varlen else None
+    N = 3 if varlen else B
+    A, x = _inputs(B, T, G, b, torch.float32, seed=b, A_shape=(G, b, b) if A_kind == "shared" else None)
+    h0 = torch.randn(N, G, b)
+    _check("triton", A, x, h0, reverse, 1e-5, cu_seqlens=cu)
+
+
+def test_triton_block_size_33_keeps_overflow_exact():
+    # An infinite entry in a block's last row: the states follow IEEE arithmetic as the float64
+    # reference does (+-inf where it is infinite, no NaN from the tile rows past b, which re-read
+    # that last row and are never multiplied into a state).
+    b, G, T = 33, 2, 3
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(1, T, G, b, b, generator=g)
+    x = torch.randn(1, T, G, b, generator=g)
+    A[0, 0, 1, b - 1, b - 1] = float("inf")
+    x[0, 0, 1, b - 1] = 0.0
+    h0 = torch.ones(1, G, b)
+    h = linrec.block_diagonal_scan(A.to(DEVICE), x.to(DEVICE), h0.to(DEVICE), backend="triton").cpu()
+    want = block_diagonal_scan_reference(A.double(), x.double(), h0.double())
+    inf_want = torch.isinf(want[:, :2])
+    assert inf_want.any() and not torch.isnan(want[:, :2]).any()
+    assert torch.equal(torch.isinf(h[:, :2]), inf_want)
+    assert torch.equal(torch.sign(h[:, :2][inf_want]), torch.sign(want[:, :2][inf_want]).float())
+    assert not torch.isnan(h[:, :2]).any()
+    finite = torch.isfinite(want)
+    assert rel_rms(h[finite], want[finite]) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T", [1, 2, 100, 301])
 def test_lengths_and_chunking(backend, T):
@@ -189,7 +228,8 @@ def test_torch_backend_float64_matches_reference_exactly():
         assert rel_rms(got, want) < 1e-12
 
 
-@pytest.mark.parametrize("b, A_kind", [(1, "full"), (3, "full"), (3, "shared"), (16, "full"), (64, "shared")])
+@pytest.mark.parametrize("b, A_kind", [(1, "full"), (3, "full"), (3, "shared"), (16, "full"), (33, "full"),
+                                        (64, "shared")])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_triton_lookback_chunks(b, A_kind, reverse, varlen):
@@ -202,7 +242,7 @@ def test_triton_lookback_chunks(b, A_kind, reverse, varlen):
     from linrec.block_diagonal.chunked import block_diagonal_scan_chunked_backward
     from linrec.kernels.block_diagonal import block_diagonal_scan_backward, block_diagonal_scan_forward
 
-    T, G = (23, 2) if b < 64 else (9, 1)
+    T, G = (23, 2) if b < 32 else (9, 1)
     B = 1 if varlen else 2
     cu = torch.tensor([0, 5, 5, T - 1, T], dtype=torch.int64) if varlen else None
     N = 4 if varlen else B
