@@ -656,6 +656,134 @@ def _state_bwd_kernel(
         tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
 
 
+@triton.jit
+def _col_piece(x, j, R: tl.constexpr, C: tl.constexpr):
+    """Columns 16 j .. 16 j + 15 of an (R, C) register tile, as (R, 16), for a runtime piece index j
+    (a masked sum over the C / 16 column pieces: register tiles cannot be indexed at run time)."""
+    x3 = tl.reshape(x, (R, C // 16, 16))
+    return tl.sum(tl.where(tl.arange(0, C // 16)[None, :, None] == j, x3, 0.0), axis=1)
+
+
+@triton.jit
+def _row_piece(x, j, R: tl.constexpr, C: tl.constexpr):
+    """Rows 16 j .. 16 j + 15 of an (R, C) register tile, as (16, C), for a runtime piece index j."""
+    x3 = tl.reshape(x, (R // 16, 16, C))
+    return tl.sum(tl.where(tl.arange(0, R // 16)[:, None, None] == j, x3, 0.0), axis=0)
+
+
+@triton.jit
+def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dstates_ptr, d_ptr, dd_ptr, dq_ptr, dk_ptr,
+                       E, dqk, beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, sub0, n_sub,
+                       valid, valid_tok, sub, tok, state_base, head, H, K, V, scale, NFAC: tl.constexpr,
+                       BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       HAS_GATE: tl.constexpr, PREC: tl.constexpr):
+    """Pass B of ``_local_bwd_kernel`` for fp32 inputs; returns (dbeta, dG, dG_r, dG_L) updated.
+
+    The same terms as the bf16 / fp16 body (see there), but every product whose reduction runs over
+    the chunk's sub-steps or tokens - Tinv^T dw, dL/d(Q K^T) K_b, p1 = E K_b, p2 = E^T diag(beta) K_b
+    and dL/d(Q K^T)^T Q_b - is summed over pieces of 16 sub-steps (tokens): per piece, a (BL, 16)
+    or (BC, 16) slice of the (BL, BL) / (BC, BL) left operand times the piece's 16 rows of the
+    right one, accumulated in fp32. With 3xTF32 every operand is split into two TF32 tiles, and the
+    whole 64 x 64 left operands (Tinv^T, E, E^T, dL/d(Q K^T) and its transpose, invariant over the
+    K blocks and so held across their loop) spilled; a 64 x 16 slice is a quarter of one.
+    Tinv's slices are read from memory (the piece's rows of Tinv, transposed: columns of Tinv^T);
+    those of E and dL/d(Q K^T), which are held in registers, are picked by masked sums
+    (``_col_piece``, ``_row_piece``). The pieces are runtime loops over the valid rows (neither
+    unrolled nor pipelined), so that a piece's slices are formed inside the loop and never all live
+    at once, and the products go in two loops (Tinv^T dw with dq's term, then p1 with p2; with all
+    four in one loop the gated kernel still spilled 240 B at sm_90a under Triton 3.6), then the
+    token loop. Same products and FLOPs as the whole-tile form for full chunks (fewer for a
+    sequence's last, partial chunk).
+
+    E: (BL, BL) fp32, dL/dA exp(G_i - G_m) on the strict lower triangle; dqk: (BC, BL) fp32,
+    dL/d(Q K^T); beta, gamma = exp(G), decay_last: (BL,) fp32; gamma_r: (BC,) fp32; gamma_L fp32;
+    dbeta, dG: (BL,) fp32; dG_r: (BC,) fp32; dG_L: fp32 scalar."""
+    rows = tl.arange(0, BL)
+    n_tok = n_sub // NFAC
+    bg = beta * gamma
+    for k0 in tl.range(0, K, BK, num_stages=1):
+        cols_k = k0 + tl.arange(0, BK)
+        k_ok = cols_k < K
+        kmask = valid[:, None] & k_ok[None, :]
+        qmask = valid_tok[:, None] & k_ok[None, :]
+        k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
+        q_off = (tok[:, None] * H + head) * K + cols_k[None, :]
+        kkf = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BL, BK), tl.float32)
+        dqs = tl.zeros((BC, BK), tl.float32)
+        dkd = tl.zeros((BL, BK), tl.float32)
+        for v0 in tl.range(0, V, BV, num_stages=1):
+            cols_v = v0 + tl.arange(0, BV)
+            v_ok = cols_v < V
+            vmask = valid[:, None] & v_ok[None, :]
+            v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+            smask = k_ok[:, None] & v_ok[None, :]
+            s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
+            S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
+            dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
+            d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
+            dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
+            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+                         mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
+            dw -= _dot32(dd, tl.trans(S0), PREC)       # d = u - w S0
+            dqs += _dot32(do, tl.trans(S0), PREC)      # o = scale exp(G_r) Q S0 + ...
+            dkd += _dot32(d, tl.trans(dS), PREC)       # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d
+            dG_L += gamma_L * tl.sum(tl.sum(S0 * dS, axis=1), axis=0)
+        dqs = dqs * (scale * gamma_r)[:, None]
+        dG_r += tl.sum(dqs * q, axis=1)
+        dk = decay_last[:, None] * dkd
+        t = decay_last * tl.sum(kkf * dkd, axis=1)
+        dG -= t
+        dG_L += tl.sum(t, axis=0)
+        # Products over the sub-steps, 16 at a time: dxw = Tinv^T dw (w = Tinv diag(beta exp(G)) K) and
+        # dq's dL/d(Q K^T) K_b; then p1 = E K_b and p2 = E^T diag(beta) K_b (the K K^T terms).
+        dxw = tl.zeros((BL, BK), tl.float32)
+        dq = dqs
+        p1 = tl.zeros((BL, BK), tl.float32)
+        p2 = tl.zeros((BL, BK), tl.float32)
+        for m0 in tl.range(0, n_sub, 16, num_stages=1):    # (runtime bounds: the valid pieces only)
+            j = m0 // 16
+            rp = m0 + tl.arange(0, 16)
+            ok = rp < n_sub
+            sub_p = (sub0 + rp).to(tl.int64)
+            tinv_p = tl.load(tinv_ptr + (sub_p[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None],
+                             other=0.0).to(tl.float32)                  # Tinv's rows of the piece: (16, BL)
+            kk_p = tl.load(k_ptr + (sub_p[:, None] * H + head) * K + cols_k[None, :],
+                           mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)     # (16, BK)
+            dxw += _dot32(tl.trans(tinv_p), _row_piece(dw, j, BL, BK), PREC)
+            dq += _dot32(_col_piece(dqk, j, BC, BL), kk_p, PREC)
+        for m0 in tl.range(0, n_sub, 16, num_stages=1):    # (the piece's k rows again: L1 / L2)
+            j = m0 // 16
+            rp = m0 + tl.arange(0, 16)
+            ok = rp < n_sub
+            sub_p = (sub0 + rp).to(tl.int64)
+            kk_p = tl.load(k_ptr + (sub_p[:, None] * H + head) * K + cols_k[None, :],
+                           mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)     # (16, BK)
+            beta_p = tl.load(beta_ptr + sub_p * H + head, mask=ok, other=0.0).to(tl.float32)
+            p1 += _dot32(_col_piece(E, j, BL, BL), kk_p, PREC)
+            p2 += _dot32(tl.trans(_row_piece(E, j, BL, BL)), beta_p[:, None] * kk_p, PREC)
+        # dk's dL/d(Q K^T)^T Q, 16 tokens at a time.
+        for c0 in tl.range(0, n_tok, 16, num_stages=1):
+            tp = c0 + tl.arange(0, 16)
+            tok_p = (sub0 // NFAC + tp).to(tl.int64)
+            q_p = tl.load(q_ptr + (tok_p[:, None] * H + head) * K + cols_k[None, :],
+                          mask=(tp < n_tok)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            dk += _dot32(tl.trans(_row_piece(dqk, c0 // 16, BC, BL)), q_p, PREC)
+        dk += bg[:, None] * dxw
+        t = tl.sum(dxw * kkf, axis=1)
+        dbeta += gamma * t
+        dG += bg * t
+        tl.store(dq_ptr + q_off, dq.to(dq_ptr.dtype.element_ty), mask=qmask)
+        t = tl.sum(kkf * p1, axis=1)
+        dbeta += t
+        if HAS_GATE:
+            dG += beta * t - tl.sum(kkf * p2, axis=1)
+        dk += beta[:, None] * p1 + p2
+        tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+    return dbeta, dG, dG_r, dG_L
+
+
 # ----------------------------------------------------------------------------------------------
 # Backward kernel 2: chunk-local gradients, all chunks in parallel.
 #
@@ -731,13 +859,40 @@ def _local_bwd_kernel(
         do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
                      mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
         # u = Tinv diag(beta) V
-        dxu = _dot32(tinv_t, dd, PREC)
+        if LOWP:
+            dxu = _dot32(tinv_t, dd, PREC)
+        else:
+            # fp32: Tinv^T dd summed over pieces of 16 sub-steps (reduction), Tinv's rows of the piece
+            # read from memory, not a 64 x 64 Tinv^T held through the loop (see _local_bwd_passb32).
+            dxu = tl.zeros((BL, BV), tl.float32)
+            for m0 in tl.range(0, n_sub, 16, num_stages=1):
+                rp = m0 + tl.arange(0, 16)
+                ok = rp < n_sub
+                sub_p = (sub0 + rp).to(tl.int64)
+                tinv_p = tl.load(tinv_ptr + (sub_p[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None],
+                                 other=0.0)
+                dd_p = tl.load(dd_ptr + (sub_p[:, None] * H + head) * V + cols_v[None, :],
+                               mask=ok[:, None] & v_ok[None, :], other=0.0)
+                dxu += _dot32(tl.trans(tinv_p), dd_p, PREC)
         vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
         tl.store(dv_ptr + v_off, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=vmask)
         dbeta += tl.sum(dxu * vv, axis=1)
-        dA += _dot32(dxu, tl.trans(d), PREC)
-        # o = scale exp(G_r) Q S0 + P d
-        dP += _dot32(do, tl.trans(d), PREC)
+        if LOWP:
+            dA += _dot32(dxu, tl.trans(d), PREC)
+        else:
+            # fp32: dA's 16-column pieces, (BL, 16) products placed into the (BL, BL) tile. A whole
+            # (BL, BL) product's 3xTF32 split keeps its two low-part products in a temporary (BL, BL)
+            # tile in another layout (warps along the rows, replicated), which with dA and dP
+            # spilled at sm_90a (a (BL, 16) temporary is a quarter).
+            for j in tl.static_range(BL // 16):
+                rj = j * 16 + tl.arange(0, 16)
+                d_j = tl.load(d_ptr + ((sub0 + rj).to(tl.int64)[:, None] * H + head) * V + cols_v[None, :],
+                              mask=(rj < n_sub)[:, None] & v_ok[None, :], other=0.0)
+                part = _dot32(dxu, tl.trans(d_j), PREC)
+                dA += tl.reshape(tl.where(tl.arange(0, BL // 16)[None, :, None] == j, part[:, None, :], 0.0), (BL, BL))
+        if LOWP:
+            # o = scale exp(G_r) Q S0 + P d
+            dP += _dot32(do, tl.trans(d), PREC)
 
     # Tinv = (I + A)^{-1}, w = Tinv X_w, u = Tinv X_u: dL/dA = -Tinv^T (dw X_w^T + du X_u^T) Tinv^T
     # = -(Tinv^T dw) w^T - (Tinv^T du) u^T = -(Tinv^T dd) d^T (pass A), kept on the strict lower
@@ -746,6 +901,20 @@ def _local_bwd_kernel(
     strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
     E = tl.where(strict, -dA * tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))),
                  0.0)
+    if not LOWP:
+        # fp32: dP = dO d^T in a second loop over V, after dA has become E (one (BL, BL) accumulator
+        # live in each loop), in 16-column pieces as dA.
+        for v0 in tl.range(0, V, BV, num_stages=1):
+            cols_v = v0 + tl.arange(0, BV)
+            v_ok = cols_v < V
+            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+                         mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
+            for j in tl.static_range(BL // 16):      # o = scale exp(G_r) Q S0 + P d
+                rj = j * 16 + tl.arange(0, 16)
+                d_j = tl.load(d_ptr + ((sub0 + rj).to(tl.int64)[:, None] * H + head) * V + cols_v[None, :],
+                              mask=(rj < n_sub)[:, None] & v_ok[None, :], other=0.0)
+                part = _dot32(do, tl.trans(d_j), PREC)
+                dP += tl.reshape(tl.where(tl.arange(0, BL // 16)[None, :, None] == j, part[:, None, :], 0.0), (BC, BL))
     if HAS_GATE:
         # The gates through P = scale exp(G_r - G_m) Q K^T: dP * P, taken now so that neither
         # (BC, BL) tile stays live through pass B.
@@ -753,74 +922,82 @@ def _local_bwd_kernel(
         dG -= tl.sum(dPP, axis=0)
         dG_r += tl.sum(dPP, axis=1)
 
-    # Pass B. Register pressure: besides its per-block tiles, only Tinv^T, E and dL/d(Q K^T)
-    # (BL x BL or BC x BL) stay live; the terms with K K^T (dk, d beta, the gates) are summed per
-    # K block from products with K_b (see the end of the loop), not from an accumulated K K^T.
-    bg = beta * gamma
-    dqk = dP * scale * decay_read            # gradient of Q K^T through P
-    for k0 in range(0, K, BK):
-        cols_k = k0 + tl.arange(0, BK)
-        k_ok = cols_k < K
-        kmask = valid[:, None] & k_ok[None, :]
-        qmask = valid_tok[:, None] & k_ok[None, :]
-        k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
-        q_off = (tok[:, None] * H + head) * K + cols_k[None, :]
-        kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0)
-        q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
-        dw = tl.zeros((BL, BK), tl.float32)
-        dqs = tl.zeros((BC, BK), tl.float32)
-        dkd = tl.zeros((BL, BK), tl.float32)
-        for v0 in range(0, V, BV):
-            cols_v = v0 + tl.arange(0, BV)
-            v_ok = cols_v < V
-            vmask = valid[:, None] & v_ok[None, :]
-            v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
-            smask = k_ok[:, None] & v_ok[None, :]
-            s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
-            S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
-            dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
-            d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
-            dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
-            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
-                         mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
-            dw -= _dot32(dd, tl.trans(S0), PREC)       # d = u - w S0
-            dqs += _dot32(do, tl.trans(S0), PREC)      # o = scale exp(G_r) Q S0 + ...
-            dkd += _dot32(d, tl.trans(dS), PREC)       # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d
-            dG_L += gamma_L * tl.sum(tl.sum(S0 * dS, axis=1), axis=0)
-        kkf = kk.to(tl.float32)
-        dqs = dqs * (scale * gamma_r)[:, None]
-        dG_r += tl.sum(dqs * q.to(tl.float32), axis=1)
-        dk = decay_last[:, None] * dkd
-        t = decay_last * tl.sum(kkf * dkd, axis=1)
-        dG -= t
-        dG_L += tl.sum(t, axis=0)
-        # w = Tinv diag(beta exp(G)) K
-        dxw = _dot32(tinv_t, dw, PREC)
-        dk += bg[:, None] * dxw
-        t = tl.sum(dxw * kkf, axis=1)
-        dbeta += gamma * t
-        dG += bg * t
-        # P = scale exp(G_r - G_m) q_c . k_m, and A through K K^T.
-        tl.store(dq_ptr + q_off, (dqs + _dot32(dqk, kk, PREC)).to(dq_ptr.dtype.element_ty), mask=qmask)
-        # A[i, m] = beta_i exp(G_i - G_m) k_i . k_m, so dL/d(k_i . k_m) = beta_i E[i, m] and
-        #   dK      = diag(beta) E K + E^T diag(beta) K                  (both sides of k_i . k_m)
-        #   dbeta_i = sum_m E[i, m] k_i . k_m = rowsum(K o (E K))_i       (o: elementwise)
-        #   dG      = beta o rowsum(K o (E K)) - rowsum(K o (E^T diag(beta) K))      (G_i and -G_m)
-        # summed over K blocks from the two (BL, BL) @ (BL, BK) products p1 = E K_b and
-        # p2 = E^T diag(beta) K_b. Neither K_b K_b^T nor diag(beta) E + its transpose is formed or
-        # held (BL x BL each): pass B keeps only E, Tinv^T and dL/d(Q K^T) live across its loop, which
-        # is what keeps the bf16 kernel from spilling at sm_80 (gated: 180 B with Triton 3.9, 200 B
-        # with 3.6 before). Same tensor FLOPs (two BL x BL x BK products per block, as K_b K_b^T and
-        # (diag(beta) E + E^T diag(beta)) K_b were), but both take fp32 operands now (TF32 for bf16 /
-        # fp16 inputs, where K_b K_b^T took the inputs' dtype).
-        p1 = _dot32(E, kk, PREC)
-        p2 = _dot32(tl.trans(E), beta[:, None] * kkf, PREC)
-        t = tl.sum(kkf * p1, axis=1)
-        dbeta += t
-        if HAS_GATE:
-            dG += beta * t - tl.sum(kkf * p2, axis=1)
-        dk += _dot32(tl.trans(dqk), q, PREC) + beta[:, None] * p1 + p2
-        tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+    if not LOWP:
+        # fp32 (3xTF32): pass B with its products over the sub-steps / tokens in 16-row pieces.
+        dqk = dP * scale * decay_read            # gradient of Q K^T through P
+        dbeta, dG, dG_r, dG_L = _local_bwd_passb32(
+            q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dstates_ptr, d_ptr, dd_ptr, dq_ptr, dk_ptr, E, dqk,
+            beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, sub0, n_sub, valid, valid_tok, sub, tok,
+            state_base, head, H, K, V, scale, NFAC, BL, BC, BK, BV, HAS_GATE, PREC)
+    else:
+        # Pass B. Register pressure: besides its per-block tiles, only Tinv^T, E and dL/d(Q K^T)
+        # (BL x BL or BC x BL) stay live; the terms with K K^T (dk, d beta, the gates) are summed per
+        # K block from products with K_b (see the end of the loop), not from an accumulated K K^T.
+        bg = beta * gamma
+        dqk = dP * scale * decay_read            # gradient of Q K^T through P
+        for k0 in range(0, K, BK):
+            cols_k = k0 + tl.arange(0, BK)
+            k_ok = cols_k < K
+            kmask = valid[:, None] & k_ok[None, :]
+            qmask = valid_tok[:, None] & k_ok[None, :]
+            k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
+            q_off = (tok[:, None] * H + head) * K + cols_k[None, :]
+            kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0)
+            q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
+            dw = tl.zeros((BL, BK), tl.float32)
+            dqs = tl.zeros((BC, BK), tl.float32)
+            dkd = tl.zeros((BL, BK), tl.float32)
+            for v0 in range(0, V, BV):
+                cols_v = v0 + tl.arange(0, BV)
+                v_ok = cols_v < V
+                vmask = valid[:, None] & v_ok[None, :]
+                v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+                smask = k_ok[:, None] & v_ok[None, :]
+                s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
+                S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
+                dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
+                d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
+                dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
+                do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+                             mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
+                dw -= _dot32(dd, tl.trans(S0), PREC)       # d = u - w S0
+                dqs += _dot32(do, tl.trans(S0), PREC)      # o = scale exp(G_r) Q S0 + ...
+                dkd += _dot32(d, tl.trans(dS), PREC)       # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d
+                dG_L += gamma_L * tl.sum(tl.sum(S0 * dS, axis=1), axis=0)
+            kkf = kk.to(tl.float32)
+            dqs = dqs * (scale * gamma_r)[:, None]
+            dG_r += tl.sum(dqs * q.to(tl.float32), axis=1)
+            dk = decay_last[:, None] * dkd
+            t = decay_last * tl.sum(kkf * dkd, axis=1)
+            dG -= t
+            dG_L += tl.sum(t, axis=0)
+            # w = Tinv diag(beta exp(G)) K
+            dxw = _dot32(tinv_t, dw, PREC)
+            dk += bg[:, None] * dxw
+            t = tl.sum(dxw * kkf, axis=1)
+            dbeta += gamma * t
+            dG += bg * t
+            # P = scale exp(G_r - G_m) q_c . k_m, and A through K K^T.
+            tl.store(dq_ptr + q_off, (dqs + _dot32(dqk, kk, PREC)).to(dq_ptr.dtype.element_ty), mask=qmask)
+            # A[i, m] = beta_i exp(G_i - G_m) k_i . k_m, so dL/d(k_i . k_m) = beta_i E[i, m] and
+            #   dK      = diag(beta) E K + E^T diag(beta) K                  (both sides of k_i . k_m)
+            #   dbeta_i = sum_m E[i, m] k_i . k_m = rowsum(K o (E K))_i       (o: elementwise)
+            #   dG      = beta o rowsum(K o (E K)) - rowsum(K o (E^T diag(beta) K))      (G_i and -G_m)
+            # summed over K blocks from the two (BL, BL) @ (BL, BK) products p1 = E K_b and
+            # p2 = E^T diag(beta) K_b. Neither K_b K_b^T nor diag(beta) E + its transpose is formed or
+            # held (BL x BL each): pass B keeps only E, Tinv^T and dL/d(Q K^T) live across its loop, which
+            # is what keeps the bf16 kernel from spilling at sm_80 (gated: 180 B with Triton 3.9, 200 B
+            # with 3.6 before). Same tensor FLOPs (two BL x BL x BK products per block, as K_b K_b^T and
+            # (diag(beta) E + E^T diag(beta)) K_b were), but both take fp32 operands now (TF32 for bf16 /
+            # fp16 inputs, where K_b K_b^T took the inputs' dtype).
+            p1 = _dot32(E, kk, PREC)
+            p2 = _dot32(tl.trans(E), beta[:, None] * kkf, PREC)
+            t = tl.sum(kkf * p1, axis=1)
+            dbeta += t
+            if HAS_GATE:
+                dG += beta * t - tl.sum(kkf * p2, axis=1)
+            dk += _dot32(tl.trans(dqk), q, PREC) + beta[:, None] * p1 + p2
+            tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
 
     tl.store(dbeta_ptr + sub * H + head, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
     if HAS_GATE:
