@@ -672,6 +672,50 @@ def _row_piece(x, j, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok, sub,
+                           tok, state_base, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L,
+                           BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           PREC: tl.constexpr, STAGES: tl.constexpr):
+    """Pass B's terms through the state entering the chunk (S0) and the gradient of the state leaving
+    it (dS), for one block of K columns ``cols_k``, summed over V blocks (STAGES: their loop's
+    pipelining depth). Returns (dw, dqs, dk, dG, dG_r, dG_L):
+
+    dw = -dd S0^T (BL, BK), the gradient of w through d = u - w S0; dqs = scale exp(G_r) dO S0^T
+    (BC, BK), the read-out's share of dq; dk = exp(G_L - G) d dS^T (BL, BK), the state exit's share of
+    dk (S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d); and the gates' accumulators dG (BL,), dG_r (BC,) and
+    dG_L (scalar), fp32, updated with the same three terms.
+    kkf (BL, BK) / q (BC, BK): the block's keys and queries as fp32; gamma_r = exp(G_r) (BC,),
+    gamma_L = exp(G_L), decay_last = exp(G_L - G) (BL,)."""
+    dw = tl.zeros((BL, BK), tl.float32)
+    dqs = tl.zeros((BC, BK), tl.float32)
+    dkd = tl.zeros((BL, BK), tl.float32)
+    for v0 in tl.range(0, V, BV, num_stages=STAGES):
+        cols_v = v0 + tl.arange(0, BV)
+        v_ok = cols_v < V
+        vmask = valid[:, None] & v_ok[None, :]
+        v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+        smask = k_ok[:, None] & v_ok[None, :]
+        s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
+        S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
+        dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
+        dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
+        do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+                     mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
+        dw -= _dot32(dd, tl.trans(S0), PREC)       # d = u - w S0
+        dqs += _dot32(do, tl.trans(S0), PREC)      # o = scale exp(G_r) Q S0 + ...
+        dkd += _dot32(d, tl.trans(dS), PREC)       # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d
+        dG_L += gamma_L * tl.sum(tl.sum(S0 * dS, axis=1), axis=0)
+    dqs = dqs * (scale * gamma_r)[:, None]
+    dG_r += tl.sum(dqs * q, axis=1)
+    dk = decay_last[:, None] * dkd
+    t = decay_last * tl.sum(kkf * dkd, axis=1)
+    dG -= t
+    dG_L += tl.sum(t, axis=0)
+    return dw, dqs, dk, dG, dG_r, dG_L
+
+
+@triton.jit
 def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dstates_ptr, d_ptr, dd_ptr, dq_ptr, dk_ptr,
                        E, dqk, beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, sub0, n_sub,
                        valid, valid_tok, sub, tok, state_base, head, H, K, V, scale, NFAC: tl.constexpr,
@@ -710,32 +754,9 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
         q_off = (tok[:, None] * H + head) * K + cols_k[None, :]
         kkf = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
-        dw = tl.zeros((BL, BK), tl.float32)
-        dqs = tl.zeros((BC, BK), tl.float32)
-        dkd = tl.zeros((BL, BK), tl.float32)
-        for v0 in tl.range(0, V, BV, num_stages=1):
-            cols_v = v0 + tl.arange(0, BV)
-            v_ok = cols_v < V
-            vmask = valid[:, None] & v_ok[None, :]
-            v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
-            smask = k_ok[:, None] & v_ok[None, :]
-            s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
-            S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
-            dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
-            d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
-            dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
-            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
-                         mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
-            dw -= _dot32(dd, tl.trans(S0), PREC)       # d = u - w S0
-            dqs += _dot32(do, tl.trans(S0), PREC)      # o = scale exp(G_r) Q S0 + ...
-            dkd += _dot32(d, tl.trans(dS), PREC)       # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d
-            dG_L += gamma_L * tl.sum(tl.sum(S0 * dS, axis=1), axis=0)
-        dqs = dqs * (scale * gamma_r)[:, None]
-        dG_r += tl.sum(dqs * q, axis=1)
-        dk = decay_last[:, None] * dkd
-        t = decay_last * tl.sum(kkf * dkd, axis=1)
-        dG -= t
-        dG_L += tl.sum(t, axis=0)
+        dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
+            states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok, sub, tok, state_base,
+            head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV, PREC, 1)
         # Products over the sub-steps, 16 at a time: dxw = Tinv^T dw (w = Tinv diag(beta exp(G)) K) and
         # dq's dL/d(Q K^T) K_b; then p1 = E K_b and p2 = E^T diag(beta) K_b (the K K^T terms).
         dxw = tl.zeros((BL, BK), tl.float32)
@@ -832,13 +853,11 @@ def _local_bwd_kernel(
 
     beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
     tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
-    G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
-                                                        head, H, NFAC, BL)
+    G, G_L, G_r, decay_last, _ = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, NFAC,
+                                               BL)
     gamma = tl.where(valid, tl.exp(G.to(tl.float32)), 0.0)
     gamma_r = tl.exp(G_r.to(tl.float32))
     gamma_L = tl.exp(G_L.to(tl.float32))
-    qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
-    P = scale * decay_read * qk
 
     dA = tl.zeros((BL, BL), tl.float32)      # Tinv^T dd d^T, negated and masked below
     dP = tl.zeros((BC, BL), tl.float32)      # gradient of the scores P: dO d^T
@@ -898,6 +917,11 @@ def _local_bwd_kernel(
     # = -(Tinv^T dw) w^T - (Tinv^T du) u^T = -(Tinv^T dd) d^T (pass A), kept on the strict lower
     # triangle, with A[i, m] = beta_i exp(G_i - G_m) k_i . k_m. E = dL/dA exp(G_i - G_m) (strictly
     # lower): the gradient of K K^T is diag(beta) E, and d beta and the gates take E times K K^T.
+    # G and the read-out decays are reloaded (formed) here, not held from the chunk's start, and Q K^T
+    # is read only for the gates (below): no (BL,) fp64 vector or (BC, BL) tile but dP stays live
+    # through pass A (Triton 3.6, fp32 with the gate, spills at sm_80 / sm_90a: 116 / 32 B with them
+    # held, 108 / 8 B now; ptxas' allocation moves a few registers either way with any change).
+    G, _, _, _, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, NFAC, BL)
     strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
     E = tl.where(strict, -dA * tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))),
                  0.0)
@@ -915,16 +939,16 @@ def _local_bwd_kernel(
                               mask=(rj < n_sub)[:, None] & v_ok[None, :], other=0.0)
                 part = _dot32(do, tl.trans(d_j), PREC)
                 dP += tl.reshape(tl.where(tl.arange(0, BL // 16)[None, :, None] == j, part[:, None, :], 0.0), (BC, BL))
+    # The scores P = scale exp(G_r - G_m) Q K^T: dL/d(Q K^T) = scale exp(G_r - G_m) dP, and the gates
+    # take dP * P = dL/d(Q K^T) * Q K^T, Q K^T reloaded now.
+    dqk = dP * scale * decay_read            # gradient of Q K^T through P
     if HAS_GATE:
-        # The gates through P = scale exp(G_r - G_m) Q K^T: dP * P, taken now so that neither
-        # (BC, BL) tile stays live through pass B.
-        dPP = dP * P
+        dPP = dqk * _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
         dG -= tl.sum(dPP, axis=0)
         dG_r += tl.sum(dPP, axis=1)
 
     if not LOWP:
         # fp32 (3xTF32): pass B with its products over the sub-steps / tokens in 16-row pieces.
-        dqk = dP * scale * decay_read            # gradient of Q K^T through P
         dbeta, dG, dG_r, dG_L = _local_bwd_passb32(
             q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dstates_ptr, d_ptr, dd_ptr, dq_ptr, dk_ptr, E, dqk,
             beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, sub0, n_sub, valid, valid_tok, sub, tok,
@@ -934,7 +958,6 @@ def _local_bwd_kernel(
         # (BL x BL or BC x BL) stay live; the terms with K K^T (dk, d beta, the gates) are summed per
         # K block from products with K_b (see the end of the loop), not from an accumulated K K^T.
         bg = beta * gamma
-        dqk = dP * scale * decay_read            # gradient of Q K^T through P
         for k0 in range(0, K, BK):
             cols_k = k0 + tl.arange(0, BK)
             k_ok = cols_k < K
@@ -944,33 +967,11 @@ def _local_bwd_kernel(
             q_off = (tok[:, None] * H + head) * K + cols_k[None, :]
             kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0)
             q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
-            dw = tl.zeros((BL, BK), tl.float32)
-            dqs = tl.zeros((BC, BK), tl.float32)
-            dkd = tl.zeros((BL, BK), tl.float32)
-            for v0 in range(0, V, BV):
-                cols_v = v0 + tl.arange(0, BV)
-                v_ok = cols_v < V
-                vmask = valid[:, None] & v_ok[None, :]
-                v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
-                smask = k_ok[:, None] & v_ok[None, :]
-                s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
-                S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
-                dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
-                d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
-                dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
-                do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
-                             mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
-                dw -= _dot32(dd, tl.trans(S0), PREC)       # d = u - w S0
-                dqs += _dot32(do, tl.trans(S0), PREC)      # o = scale exp(G_r) Q S0 + ...
-                dkd += _dot32(d, tl.trans(dS), PREC)       # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d
-                dG_L += gamma_L * tl.sum(tl.sum(S0 * dS, axis=1), axis=0)
             kkf = kk.to(tl.float32)
-            dqs = dqs * (scale * gamma_r)[:, None]
-            dG_r += tl.sum(dqs * q.to(tl.float32), axis=1)
-            dk = decay_last[:, None] * dkd
-            t = decay_last * tl.sum(kkf * dkd, axis=1)
-            dG -= t
-            dG_L += tl.sum(t, axis=0)
+            dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
+                states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q.to(tl.float32), cols_k, k_ok, valid, valid_tok,
+                sub, tok, state_base, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV,
+                PREC, 3)
             # w = Tinv diag(beta exp(G)) K
             dxw = _dot32(tinv_t, dw, PREC)
             dk += bg[:, None] * dxw
