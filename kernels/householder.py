@@ -672,8 +672,8 @@ def _row_piece(x, j, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok, sub,
-                           tok, state_base, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L,
+def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok,
+                           rows, tok_rows, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L,
                            BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            PREC: tl.constexpr, STAGES: tl.constexpr):
     """Pass B's terms through the state entering the chunk (S0) and the gradient of the state leaving
@@ -685,7 +685,8 @@ def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, 
     dk (S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d); and the gates' accumulators dG (BL,), dG_r (BC,) and
     dG_L (scalar), fp32, updated with the same three terms.
     kkf (BL, BK) / q (BC, BK): the block's keys and queries as fp32; gamma_r = exp(G_r) (BC,),
-    gamma_L = exp(G_L), decay_last = exp(G_L - G) (BL,)."""
+    gamma_L = exp(G_L), decay_last = exp(G_L - G) (BL,). The pointers are those of the chunk (its first
+    sub-step, token, state), ``rows`` / ``tok_rows`` int32 row indices within it."""
     dw = tl.zeros((BL, BK), tl.float32)
     dqs = tl.zeros((BC, BK), tl.float32)
     dkd = tl.zeros((BL, BK), tl.float32)
@@ -693,14 +694,14 @@ def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, 
         cols_v = v0 + tl.arange(0, BV)
         v_ok = cols_v < V
         vmask = valid[:, None] & v_ok[None, :]
-        v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+        v_off = (rows[:, None] * H + head) * V + cols_v[None, :]
         smask = k_ok[:, None] & v_ok[None, :]
-        s_off = state_base + cols_k[:, None] * V + cols_v[None, :]
+        s_off = cols_k[:, None] * V + cols_v[None, :]
         S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
         dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
         d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
         dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
-        do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+        do = tl.load(do_ptr + (tok_rows[:, None] * H + head) * V + cols_v[None, :],
                      mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
         dw -= _dot32(dd, tl.trans(S0), PREC)       # d = u - w S0
         dqs += _dot32(do, tl.trans(S0), PREC)      # o = scale exp(G_r) Q S0 + ...
@@ -717,8 +718,8 @@ def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, 
 
 @triton.jit
 def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dstates_ptr, d_ptr, dd_ptr, dq_ptr, dk_ptr,
-                       E, dqk, beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, sub0, n_sub,
-                       valid, valid_tok, sub, tok, state_base, head, H, K, V, scale, NFAC: tl.constexpr,
+                       E, dqk, beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, n_sub,
+                       valid, valid_tok, rows, tok_rows, head, H, K, V, scale, NFAC: tl.constexpr,
                        BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        HAS_GATE: tl.constexpr, PREC: tl.constexpr):
     """Pass B of ``_local_bwd_kernel`` for fp32 inputs; returns (dbeta, dG, dG_r, dG_L) updated.
@@ -741,8 +742,8 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
 
     E: (BL, BL) fp32, dL/dA exp(G_i - G_m) on the strict lower triangle; dqk: (BC, BL) fp32,
     dL/d(Q K^T); beta, gamma = exp(G), decay_last: (BL,) fp32; gamma_r: (BC,) fp32; gamma_L fp32;
-    dbeta, dG: (BL,) fp32; dG_r: (BC,) fp32; dG_L: fp32 scalar."""
-    rows = tl.arange(0, BL)
+    dbeta, dG: (BL,) fp32; dG_r: (BC,) fp32; dG_L: fp32 scalar. Pointers and row indices as in
+    ``_local_bwd_state_terms``."""
     n_tok = n_sub // NFAC
     bg = beta * gamma
     for k0 in tl.range(0, K, BK, num_stages=1):
@@ -750,13 +751,13 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
         k_ok = cols_k < K
         kmask = valid[:, None] & k_ok[None, :]
         qmask = valid_tok[:, None] & k_ok[None, :]
-        k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
-        q_off = (tok[:, None] * H + head) * K + cols_k[None, :]
+        k_off = (rows[:, None] * H + head) * K + cols_k[None, :]
+        q_off = (tok_rows[:, None] * H + head) * K + cols_k[None, :]
         kkf = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
         dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
-            states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok, sub, tok, state_base,
-            head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV, PREC, 1)
+            states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok, rows, tok_rows, head,
+            H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV, PREC, 1)
         # Products over the sub-steps, 16 at a time: dxw = Tinv^T dw (w = Tinv diag(beta exp(G)) K) and
         # dq's dL/d(Q K^T) K_b; then p1 = E K_b and p2 = E^T diag(beta) K_b (the K K^T terms).
         dxw = tl.zeros((BL, BK), tl.float32)
@@ -767,10 +768,9 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
             j = m0 // 16
             rp = m0 + tl.arange(0, 16)
             ok = rp < n_sub
-            sub_p = (sub0 + rp).to(tl.int64)
-            tinv_p = tl.load(tinv_ptr + (sub_p[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None],
+            tinv_p = tl.load(tinv_ptr + (rp[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None],
                              other=0.0).to(tl.float32)                  # Tinv's rows of the piece: (16, BL)
-            kk_p = tl.load(k_ptr + (sub_p[:, None] * H + head) * K + cols_k[None, :],
+            kk_p = tl.load(k_ptr + (rp[:, None] * H + head) * K + cols_k[None, :],
                            mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)     # (16, BK)
             dxw += _dot32(tl.trans(tinv_p), _row_piece(dw, j, BL, BK), PREC)
             dq += _dot32(_col_piece(dqk, j, BC, BL), kk_p, PREC)
@@ -778,17 +778,15 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
             j = m0 // 16
             rp = m0 + tl.arange(0, 16)
             ok = rp < n_sub
-            sub_p = (sub0 + rp).to(tl.int64)
-            kk_p = tl.load(k_ptr + (sub_p[:, None] * H + head) * K + cols_k[None, :],
+            kk_p = tl.load(k_ptr + (rp[:, None] * H + head) * K + cols_k[None, :],
                            mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)     # (16, BK)
-            beta_p = tl.load(beta_ptr + sub_p * H + head, mask=ok, other=0.0).to(tl.float32)
+            beta_p = tl.load(beta_ptr + rp * H + head, mask=ok, other=0.0).to(tl.float32)
             p1 += _dot32(_col_piece(E, j, BL, BL), kk_p, PREC)
             p2 += _dot32(tl.trans(_row_piece(E, j, BL, BL)), beta_p[:, None] * kk_p, PREC)
         # dk's dL/d(Q K^T)^T Q, 16 tokens at a time.
         for c0 in tl.range(0, n_tok, 16, num_stages=1):
             tp = c0 + tl.arange(0, 16)
-            tok_p = (sub0 // NFAC + tp).to(tl.int64)
-            q_p = tl.load(q_ptr + (tok_p[:, None] * H + head) * K + cols_k[None, :],
+            q_p = tl.load(q_ptr + (tp[:, None] * H + head) * K + cols_k[None, :],
                           mask=(tp < n_tok)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             dk += _dot32(tl.trans(_row_piece(dqk, c0 // 16, BC, BL)), q_p, PREC)
         dk += bg[:, None] * dxw
@@ -846,18 +844,33 @@ def _local_bwd_kernel(
     if tok0 >= eos:
         return
     chunk_idx = tl.load(cu_chunk_ptr + seq) + chunk
-    sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(tok0, eos, CT, NFAC, BL, BC)
+    sub0, n_sub, valid, valid_tok, _, _ = _chunk_span(tok0, eos, CT, NFAC, BL, BC)
+    # Every pointer is moved once to the chunk (its first sub-step, token or state), in 64-bit scalar
+    # arithmetic, and the chunk's rows are int32 offsets from there (rows: sub-steps, tok_rows:
+    # tokens), so that no 64-bit index vector or address arithmetic is held across the loops.
+    # (bf16, registers at sm_80 / sm_90a with Triton 3.9: 244-255 / 216-232 before, 240 / 220-222 now.)
+    q_ptr += tok0 * H * K
+    dq_ptr += tok0 * H * K
+    do_ptr += tok0 * H * V
+    qk_ptr += tok0 * H * BL
+    dlg_ptr += tok0 * H
+    k_ptr += sub0 * H * K
+    dk_ptr += sub0 * H * K
+    v_ptr += sub0 * H * V
+    dv_ptr += sub0 * H * V
+    d_ptr += sub0 * H * V
+    dd_ptr += sub0 * H * V
+    tinv_ptr += sub0 * H * BL
+    beta_ptr += sub0 * H
+    dbeta_ptr += sub0 * H
+    g_ptr += sub0 * H
+    states_ptr += (chunk_idx * H + head) * K * V
+    dstates_ptr += (chunk_idx * H + head) * K * V
     rows = tl.arange(0, BL)
     tok_rows = tl.arange(0, BC)
-    state_base = (chunk_idx * H + head) * K * V
 
-    beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
-    tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
-    G, G_L, G_r, decay_last, _ = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, NFAC,
-                                               BL)
-    gamma = tl.where(valid, tl.exp(G.to(tl.float32)), 0.0)
-    gamma_r = tl.exp(G_r.to(tl.float32))
-    gamma_L = tl.exp(G_L.to(tl.float32))
+    beta = tl.load(beta_ptr + rows * H + head, mask=valid, other=0.0).to(tl.float32)
+    tinv = tl.load(tinv_ptr + (rows[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
 
     dA = tl.zeros((BL, BL), tl.float32)      # Tinv^T dd d^T, negated and masked below
     dP = tl.zeros((BC, BL), tl.float32)      # gradient of the scores P: dO d^T
@@ -872,10 +885,10 @@ def _local_bwd_kernel(
         cols_v = v0 + tl.arange(0, BV)
         v_ok = cols_v < V
         vmask = valid[:, None] & v_ok[None, :]
-        v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+        v_off = (rows[:, None] * H + head) * V + cols_v[None, :]
         d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
         dd = tl.load(dd_ptr + v_off, mask=vmask, other=0.0)
-        do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+        do = tl.load(do_ptr + (tok_rows[:, None] * H + head) * V + cols_v[None, :],
                      mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
         # u = Tinv diag(beta) V
         if LOWP:
@@ -887,10 +900,9 @@ def _local_bwd_kernel(
             for m0 in tl.range(0, n_sub, 16, num_stages=1):
                 rp = m0 + tl.arange(0, 16)
                 ok = rp < n_sub
-                sub_p = (sub0 + rp).to(tl.int64)
-                tinv_p = tl.load(tinv_ptr + (sub_p[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None],
+                tinv_p = tl.load(tinv_ptr + (rp[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None],
                                  other=0.0)
-                dd_p = tl.load(dd_ptr + (sub_p[:, None] * H + head) * V + cols_v[None, :],
+                dd_p = tl.load(dd_ptr + (rp[:, None] * H + head) * V + cols_v[None, :],
                                mask=ok[:, None] & v_ok[None, :], other=0.0)
                 dxu += _dot32(tl.trans(tinv_p), dd_p, PREC)
         vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
@@ -905,7 +917,7 @@ def _local_bwd_kernel(
             # spilled at sm_90a (a (BL, 16) temporary is a quarter).
             for j in tl.static_range(BL // 16):
                 rj = j * 16 + tl.arange(0, 16)
-                d_j = tl.load(d_ptr + ((sub0 + rj).to(tl.int64)[:, None] * H + head) * V + cols_v[None, :],
+                d_j = tl.load(d_ptr + (rj[:, None] * H + head) * V + cols_v[None, :],
                               mask=(rj < n_sub)[:, None] & v_ok[None, :], other=0.0)
                 part = _dot32(dxu, tl.trans(d_j), PREC)
                 dA += tl.reshape(tl.where(tl.arange(0, BL // 16)[None, :, None] == j, part[:, None, :], 0.0), (BL, BL))
@@ -917,11 +929,16 @@ def _local_bwd_kernel(
     # = -(Tinv^T dw) w^T - (Tinv^T du) u^T = -(Tinv^T dd) d^T (pass A), kept on the strict lower
     # triangle, with A[i, m] = beta_i exp(G_i - G_m) k_i . k_m. E = dL/dA exp(G_i - G_m) (strictly
     # lower): the gradient of K K^T is diag(beta) E, and d beta and the gates take E times K K^T.
-    # G and the read-out decays are reloaded (formed) here, not held from the chunk's start, and Q K^T
-    # is read only for the gates (below): no (BL,) fp64 vector or (BC, BL) tile but dP stays live
-    # through pass A (Triton 3.6, fp32 with the gate, spills at sm_80 / sm_90a: 116 / 32 B with them
-    # held, 108 / 8 B now; ptxas' allocation moves a few registers either way with any change).
-    G, _, _, _, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub, head, H, NFAC, BL)
+    # G, the decays and their exponentials are loaded (formed) here, not at the chunk's start, and Q K^T
+    # is read only for the gates (below): pass A needs none of them, and no (BL,) / (BC,) vector or
+    # (BC, BL) tile but dP is held through it (fp32 with the gate, spills at sm_80 / sm_90a: Triton
+    # 3.9 0 / 0 now, Triton 3.6 116 / 32 B before, 60 / 96 B now: ptxas' allocation at 255 registers
+    # moves tens of bytes either way with any change).
+    G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, rows, tok_rows, valid, valid_tok, 0, n_sub, head, H,
+                                                        NFAC, BL)
+    gamma = tl.where(valid, tl.exp(G.to(tl.float32)), 0.0)
+    gamma_r = tl.exp(G_r.to(tl.float32))
+    gamma_L = tl.exp(G_L.to(tl.float32))
     strict = (rows[:, None] > rows[None, :]) & valid[:, None] & valid[None, :]
     E = tl.where(strict, -dA * tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf"))),
                  0.0)
@@ -931,11 +948,11 @@ def _local_bwd_kernel(
         for v0 in tl.range(0, V, BV, num_stages=1):
             cols_v = v0 + tl.arange(0, BV)
             v_ok = cols_v < V
-            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+            do = tl.load(do_ptr + (tok_rows[:, None] * H + head) * V + cols_v[None, :],
                          mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
             for j in tl.static_range(BL // 16):      # o = scale exp(G_r) Q S0 + P d
                 rj = j * 16 + tl.arange(0, 16)
-                d_j = tl.load(d_ptr + ((sub0 + rj).to(tl.int64)[:, None] * H + head) * V + cols_v[None, :],
+                d_j = tl.load(d_ptr + (rj[:, None] * H + head) * V + cols_v[None, :],
                               mask=(rj < n_sub)[:, None] & v_ok[None, :], other=0.0)
                 part = _dot32(do, tl.trans(d_j), PREC)
                 dP += tl.reshape(tl.where(tl.arange(0, BL // 16)[None, :, None] == j, part[:, None, :], 0.0), (BC, BL))
@@ -943,7 +960,7 @@ def _local_bwd_kernel(
     # take dP * P = dL/d(Q K^T) * Q K^T, Q K^T reloaded now.
     dqk = dP * scale * decay_read            # gradient of Q K^T through P
     if HAS_GATE:
-        dPP = dqk * _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
+        dPP = dqk * _load_scores(qk_ptr, tok_rows, valid, valid_tok, head, H, NFAC, BL, BC)
         dG -= tl.sum(dPP, axis=0)
         dG_r += tl.sum(dPP, axis=1)
 
@@ -951,8 +968,8 @@ def _local_bwd_kernel(
         # fp32 (3xTF32): pass B with its products over the sub-steps / tokens in 16-row pieces.
         dbeta, dG, dG_r, dG_L = _local_bwd_passb32(
             q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dstates_ptr, d_ptr, dd_ptr, dq_ptr, dk_ptr, E, dqk,
-            beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, sub0, n_sub, valid, valid_tok, sub, tok,
-            state_base, head, H, K, V, scale, NFAC, BL, BC, BK, BV, HAS_GATE, PREC)
+            beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, n_sub, valid, valid_tok, rows, tok_rows,
+            head, H, K, V, scale, NFAC, BL, BC, BK, BV, HAS_GATE, PREC)
     else:
         # Pass B. Register pressure: besides its per-block tiles, only Tinv^T, E and dL/d(Q K^T)
         # (BL x BL or BC x BL) stay live; the terms with K K^T (dk, d beta, the gates) are summed per
@@ -963,15 +980,14 @@ def _local_bwd_kernel(
             k_ok = cols_k < K
             kmask = valid[:, None] & k_ok[None, :]
             qmask = valid_tok[:, None] & k_ok[None, :]
-            k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
-            q_off = (tok[:, None] * H + head) * K + cols_k[None, :]
+            k_off = (rows[:, None] * H + head) * K + cols_k[None, :]
+            q_off = (tok_rows[:, None] * H + head) * K + cols_k[None, :]
             kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0)
             q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
             kkf = kk.to(tl.float32)
             dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
                 states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q.to(tl.float32), cols_k, k_ok, valid, valid_tok,
-                sub, tok, state_base, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV,
-                PREC, 3)
+                rows, tok_rows, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV, PREC, 3)
             # w = Tinv diag(beta exp(G)) K
             dxw = _dot32(tinv_t, dw, PREC)
             dk += bg[:, None] * dxw
@@ -1000,7 +1016,7 @@ def _local_bwd_kernel(
             dk += _dot32(tl.trans(dqk), q, PREC) + beta[:, None] * p1 + p2
             tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
 
-    tl.store(dbeta_ptr + sub * H + head, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
+    tl.store(dbeta_ptr + rows * H + head, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
     if HAS_GATE:
         # Scatter the read-out and last-sub-step terms onto their sub-steps, then
         # d lg_i = sum_{j >= i} dG_j (G is the cumulative sum of lg), read at each
@@ -1012,7 +1028,7 @@ def _local_bwd_kernel(
         dlg = tl.sum(tl.where(rows[None, :] >= rows[:, None], dG[None, :], 0.0), axis=1)
         first = (rows[None, :] == (tok_rows * NFAC)[:, None])
         dlg_tok = tl.sum(tl.where(first, dlg[None, :], 0.0), axis=1)
-        tl.store(dlg_ptr + tok * H + head, dlg_tok.to(dlg_ptr.dtype.element_ty), mask=valid_tok)
+        tl.store(dlg_ptr + tok_rows * H + head, dlg_tok.to(dlg_ptr.dtype.element_ty), mask=valid_tok)
 
 
 # ----------------------------------------------------------------------------------------------
