@@ -553,32 +553,52 @@ def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, s
     """One chunk of ``_state_bwd_kernel`` for fp32 inputs; returns the gradient of the state entering it.
 
     The same formulas as the bf16 / fp16 body, 16 rows at a time as in ``_state_fwd_chunk32``: per
-    piece of 16 sub-steps, dd of its rows (the scores' 16 columns of the piece against the whole of
-    dO, and its 16 rows of K against dS) and its share - w^T dd of dS0; per piece of 16 tokens, its
-    share scale (exp(G_r) Q)^T dO of dS0, read from memory piece by piece."""
-    tok_rows = tl.arange(0, BC)
-    r = tok_rows * NFAC + NFAC - 1
-    do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], mask=valid_tok[:, None] & v_ok[None, :],
-                 other=0.0)
+    piece of 16 sub-steps, dd of its rows (P^T dO by 16 x 16 blocks of the scores, 16 tokens at a time,
+    and its 16 rows of K against dS) and its share - w^T dd of dS0; per piece of 16 tokens, its share
+    scale (exp(G_r) Q)^T dO of dS0. Every tile is read from memory piece by piece (dO once per
+    (sub-step piece, token piece) block: re-reads of the chunk's dO, L1 / L2 hits).
+
+    What spilled before (ptxas, K = V = 128, maxnreg 255, 8 warps, Triton 3.6; worst of the four
+    HAS_DFINAL x HAS_H0 specialisations, sm_80 / sm_90a): 596 / 524 B, 255 registers. Two causes:
+    (1) the piece loops were software-pipelined with the compile's default 3 stages (the next
+    pieces' k, w, scores and masks in flight, 56 KB of shared memory): they now take
+    ``num_stages=1``, which alone brought the spills to 0 (222-254 registers); (2) dd's P^T dO was one
+    (16, BC) x (BC, BV) product with dO (BC, BV) loaded once per chunk: with 8 warps along a
+    16-row result every warp holds all of both operands, hi and lo parts, 128 registers a thread.
+    By 16 x 16 blocks (and skipping the blocks of tokens that end before the piece: 6 of 16 at
+    n = 1, fewer products) the kernel takes 197-213 registers (Triton 3.9 and 3.6)."""
+    n_tok = n_sub // NFAC
     dS_prev = tl.exp(G_L.to(tl.float32)) * dS
-    for p0 in range(0, n_sub, 16):    # (runtime bounds: the valid pieces only, a loop, not unrolled)
+    # (Runtime bounds: the valid pieces only, loops, not unrolled, and not pipelined: num_stages=1.)
+    for p0 in tl.range(0, n_sub, 16, num_stages=1):
         rp = p0 + tl.arange(0, 16)                       # the piece's sub-step rows within the chunk
         ok = rp < n_sub
         sub_p = (sub0 + rp).to(tl.int64)
         G_p = tl.load(g_ptr + sub_p * H + head, mask=ok, other=0.0)
-        read = (rp[None, :] <= r[:, None]) & ok[None, :] & valid_tok[:, None]
-        decay_read = tl.exp(tl.where(read, (G_r[:, None] - G_p[None, :]).to(tl.float32), float("-inf")))
-        P = scale * decay_read * tl.load(qk_ptr + (tok[:, None] * H + head) * BL + rp[None, :], mask=read,
-                                         other=0.0)                           # (BC, 16)
+        # P^T dO for the piece's rows, 16 tokens at a time: only tokens whose last sub-step is at or
+        # past the piece's first row (token c >= p0 // NFAC) read it.
+        pdo = tl.zeros((16, BV), tl.float32)
+        for t0 in tl.range((p0 // NFAC) // 16 * 16, n_tok, 16, num_stages=1):
+            tp = t0 + tl.arange(0, 16)
+            tok_ok = tp < n_tok
+            tok_p = (sub0 // NFAC + tp).to(tl.int64)
+            r_p = tp * NFAC + NFAC - 1
+            G_rp = tl.load(g_ptr + (sub0 + r_p).to(tl.int64) * H + head, mask=tok_ok, other=0.0)
+            read = (rp[None, :] <= r_p[:, None]) & ok[None, :] & tok_ok[:, None]
+            decay_read = tl.exp(tl.where(read, (G_rp[:, None] - G_p[None, :]).to(tl.float32), float("-inf")))
+            P = decay_read * tl.load(qk_ptr + (tok_p[:, None] * H + head) * BL + rp[None, :], mask=read,
+                                     other=0.0)                           # (16 tokens, 16 sub-steps)
+            do_p = tl.load(do_ptr + (tok_p[:, None] * H + head) * V + cols_v[None, :],
+                           mask=tok_ok[:, None] & v_ok[None, :], other=0.0)
+            pdo += _dot32(tl.trans(P), do_p, PREC)
         decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
         kk = _kblocks(k_ptr, sub_p, ok, head, H, K, NKB, BK)
-        dd = _dot32(tl.trans(P), do, PREC) + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
+        dd = scale * pdo + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
         tl.store(dd_ptr + (sub_p[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
                  mask=ok[:, None] & v_ok[None, :])
         w = _kblocks(w_ptr, sub_p, ok, head, H, K, NKB, BK)
         dS_prev -= _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, 16, BV)), PREC)
-    n_tok = n_sub // NFAC
-    for t0 in range(0, n_tok, 16):
+    for t0 in tl.range(0, n_tok, 16, num_stages=1):
         tp = t0 + tl.arange(0, 16)                       # the piece's token rows within the chunk
         ok = tp < n_tok
         tok_p = (sub0 // NFAC + tp).to(tl.int64)
