@@ -547,6 +547,14 @@ def _state_fwd_kernel(
 
 
 @triton.jit
+def _kblocks_t(ptr, rows, rows_ok, head, H, K, NKB: tl.constexpr, BK: tl.constexpr):
+    """``_kblocks`` transposed: the (rows, K) tile of a (..., H, K) tensor as (NKB, BK, len(rows))."""
+    cols = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    return tl.load(ptr + (rows[None, None, :] * H + head) * K + cols, mask=rows_ok[None, None, :] & (cols < K),
+                   other=0.0)
+
+
+@triton.jit
 def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, valid_tok, tok, G_L,
                        G_r, cols_v, v_ok, head, H, K, V, scale, NFAC: tl.constexpr, BL: tl.constexpr,
                        BC: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -566,7 +574,9 @@ def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, s
     (16, BC) x (BC, BV) product with dO (BC, BV) loaded once per chunk: with 8 warps along a
     16-row result every warp holds all of both operands, hi and lo parts, 128 registers a thread.
     By 16 x 16 blocks (and skipping the blocks of tokens that end before the piece: 6 of 16 at
-    n = 1, fewer products) the kernel takes 197-213 registers (Triton 3.9 and 3.6)."""
+    n = 1, fewer products) the kernel takes 197-213 registers (Triton 3.9 and 3.6). The left
+    operands of w^T dd and q^T dO are loaded transposed (``_kblocks_t``), not permuted in registers
+    (a layout conversion through shared memory each): 189-201 registers."""
     n_tok = n_sub // NFAC
     dS_prev = tl.exp(G_L.to(tl.float32)) * dS
     # (Runtime bounds: the valid pieces only, loops, not unrolled, and not pipelined: num_stages=1.)
@@ -596,8 +606,8 @@ def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, s
         dd = scale * pdo + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
         tl.store(dd_ptr + (sub_p[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
                  mask=ok[:, None] & v_ok[None, :])
-        w = _kblocks(w_ptr, sub_p, ok, head, H, K, NKB, BK)
-        dS_prev -= _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, 16, BV)), PREC)
+        w = _kblocks_t(w_ptr, sub_p, ok, head, H, K, NKB, BK)
+        dS_prev -= _bdot(w, tl.broadcast_to(dd[None, :, :], (NKB, 16, BV)), PREC)
     for t0 in tl.range(0, n_tok, 16, num_stages=1):
         tp = t0 + tl.arange(0, 16)                       # the piece's token rows within the chunk
         ok = tp < n_tok
@@ -606,8 +616,8 @@ def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, s
         do_p = tl.load(do_ptr + (tok_p[:, None] * H + head) * V + cols_v[None, :], mask=ok[:, None] & v_ok[None, :],
                        other=0.0)
         dos = do_p.to(tl.float32) * (scale * tl.exp(G_rp.to(tl.float32)))[:, None]
-        qs = _kblocks(q_ptr, tok_p, ok, head, H, K, NKB, BK)
-        dS_prev += _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(dos[None, :, :], (NKB, 16, BV)), PREC)
+        qs = _kblocks_t(q_ptr, tok_p, ok, head, H, K, NKB, BK)
+        dS_prev += _bdot(qs, tl.broadcast_to(dos[None, :, :], (NKB, 16, BV)), PREC)
     return dS_prev
 
 
