@@ -576,47 +576,57 @@ def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, s
     By 16 x 16 blocks (and skipping the blocks of tokens that end before the piece: 6 of 16 at
     n = 1, fewer products) the kernel takes 197-213 registers (Triton 3.9 and 3.6). The left
     operands of w^T dd and q^T dO are loaded transposed (``_kblocks_t``), not permuted in registers
-    (a layout conversion through shared memory each): 189-201 registers."""
+    (a layout conversion through shared memory each): 189-201 registers. Indexing the chunk's rows
+    in int32 from 64-bit base pointers of the chunk (the sub-step and token indices were int64, and
+    so was all the address arithmetic, its strides held across the loops): 174-185 registers."""
+    # Chunk-local row indices are int32 against 64-bit base pointers of the chunk (one 64-bit
+    # address a tile element, not 64-bit index arithmetic held across the loops).
+    n_sub = n_sub.to(tl.int32)
     n_tok = n_sub // NFAC
+    tok0 = sub0 // NFAC
+    g_c = g_ptr + sub0 * H + head
+    k_c = k_ptr + sub0 * H * K
+    w_c = w_ptr + sub0 * H * K
+    dd_c = dd_ptr + sub0 * H * V
+    q_c = q_ptr + tok0 * H * K
+    qk_c = qk_ptr + tok0 * H * BL
+    do_c = do_ptr + tok0 * H * V
     dS_prev = tl.exp(G_L.to(tl.float32)) * dS
     # (Runtime bounds: the valid pieces only, loops, not unrolled, and not pipelined: num_stages=1.)
     for p0 in tl.range(0, n_sub, 16, num_stages=1):
         rp = p0 + tl.arange(0, 16)                       # the piece's sub-step rows within the chunk
         ok = rp < n_sub
-        sub_p = (sub0 + rp).to(tl.int64)
-        G_p = tl.load(g_ptr + sub_p * H + head, mask=ok, other=0.0)
+        G_p = tl.load(g_c + rp * H, mask=ok, other=0.0)
         # P^T dO for the piece's rows, 16 tokens at a time: only tokens whose last sub-step is at or
         # past the piece's first row (token c >= p0 // NFAC) read it.
         pdo = tl.zeros((16, BV), tl.float32)
         for t0 in tl.range((p0 // NFAC) // 16 * 16, n_tok, 16, num_stages=1):
             tp = t0 + tl.arange(0, 16)
             tok_ok = tp < n_tok
-            tok_p = (sub0 // NFAC + tp).to(tl.int64)
             r_p = tp * NFAC + NFAC - 1
-            G_rp = tl.load(g_ptr + (sub0 + r_p).to(tl.int64) * H + head, mask=tok_ok, other=0.0)
+            G_rp = tl.load(g_c + r_p * H, mask=tok_ok, other=0.0)
             read = (rp[None, :] <= r_p[:, None]) & ok[None, :] & tok_ok[:, None]
             decay_read = tl.exp(tl.where(read, (G_rp[:, None] - G_p[None, :]).to(tl.float32), float("-inf")))
-            P = decay_read * tl.load(qk_ptr + (tok_p[:, None] * H + head) * BL + rp[None, :], mask=read,
+            P = decay_read * tl.load(qk_c + (tp[:, None] * H + head) * BL + rp[None, :], mask=read,
                                      other=0.0)                           # (16 tokens, 16 sub-steps)
-            do_p = tl.load(do_ptr + (tok_p[:, None] * H + head) * V + cols_v[None, :],
+            do_p = tl.load(do_c + (tp[:, None] * H + head) * V + cols_v[None, :],
                            mask=tok_ok[:, None] & v_ok[None, :], other=0.0)
             pdo += _dot32(tl.trans(P), do_p, PREC)
         decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
-        kk = _kblocks(k_ptr, sub_p, ok, head, H, K, NKB, BK)
+        kk = _kblocks(k_c, rp, ok, head, H, K, NKB, BK)
         dd = scale * pdo + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
-        tl.store(dd_ptr + (sub_p[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
+        tl.store(dd_c + (rp[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
                  mask=ok[:, None] & v_ok[None, :])
-        w = _kblocks_t(w_ptr, sub_p, ok, head, H, K, NKB, BK)
+        w = _kblocks_t(w_c, rp, ok, head, H, K, NKB, BK)
         dS_prev -= _bdot(w, tl.broadcast_to(dd[None, :, :], (NKB, 16, BV)), PREC)
     for t0 in tl.range(0, n_tok, 16, num_stages=1):
         tp = t0 + tl.arange(0, 16)                       # the piece's token rows within the chunk
         ok = tp < n_tok
-        tok_p = (sub0 // NFAC + tp).to(tl.int64)
-        G_rp = tl.load(g_ptr + (sub0 + tp * NFAC + NFAC - 1).to(tl.int64) * H + head, mask=ok, other=0.0)
-        do_p = tl.load(do_ptr + (tok_p[:, None] * H + head) * V + cols_v[None, :], mask=ok[:, None] & v_ok[None, :],
+        G_rp = tl.load(g_c + (tp * NFAC + NFAC - 1) * H, mask=ok, other=0.0)
+        do_p = tl.load(do_c + (tp[:, None] * H + head) * V + cols_v[None, :], mask=ok[:, None] & v_ok[None, :],
                        other=0.0)
         dos = do_p.to(tl.float32) * (scale * tl.exp(G_rp.to(tl.float32)))[:, None]
-        qs = _kblocks_t(q_ptr, tok_p, ok, head, H, K, NKB, BK)
+        qs = _kblocks_t(q_c, tp, ok, head, H, K, NKB, BK)
         dS_prev += _bdot(qs, tl.broadcast_to(dos[None, :, :], (NKB, 16, BV)), PREC)
     return dS_prev
 
