@@ -591,7 +591,8 @@ def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, s
     264 B. (f) That store made in the chunk loop (``_state_bwd_kernel``): none with maxnreg 128
     either (116-128 registers)."""
     # Chunk-local row indices are int32 against 64-bit base pointers of the chunk (one 64-bit
-    # address a tile element, not 64-bit index arithmetic held across the loops).
+    # address a tile element, not 64-bit index arithmetic held across the loops). The int32 offsets
+    # stay below 64 H max(K, V, BL), under 2**31 for H max(K, V) < 2**25.
     n_sub = n_sub.to(tl.int32)
     n_tok = n_sub // NFAC
     tok0 = sub0 // NFAC
