@@ -570,8 +570,8 @@ def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, s
     piece of 16 sub-steps, dd = that + (exp(G_L - G) K) dS (read back, completed, written) and its
     share - w^T dd of dS0; (3) per piece of 16 tokens, its share scale (exp(G_r) Q)^T dO of dS0. Every
     tile is read from memory piece by piece: dO once per (sub-step piece, token piece) block (re-reads,
-    L1 / L2 hits) and the chunk's dd rows written twice and read once more (16 KB a chunk per program,
-    beside its 96 KB of k, w and q).
+    L1 / L2 hits) and the chunk's dd rows (4 KB a chunk per program at BV = 16) written twice and read
+    once in between (8 KB more L1 / L2 traffic a chunk, beside its 96 KB of k, w and q at K = 128).
 
     Registers (ptxas, K = V = 128, 8 warps; worst of the four HAS_DFINAL x HAS_H0 specialisations,
     Triton 3.6 and 3.9, sm_80 and sm_90a). Before: 596 B of spills (3.6, sm_80) at 255 registers.
