@@ -547,47 +547,110 @@ def _state_fwd_kernel(
 
 
 @triton.jit
-def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, valid_tok, tok, G_L,
-                       G_r, cols_v, v_ok, head, H, K, V, scale, NFAC: tl.constexpr, BL: tl.constexpr,
-                       BC: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _kblocks_t(ptr, rows, rows_ok, head, H, K, NKB: tl.constexpr, BK: tl.constexpr):
+    """``_kblocks`` transposed: the (rows, K) tile of a (..., H, K) tensor as (NKB, BK, len(rows))."""
+    cols = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    return tl.load(ptr + (rows[None, None, :] * H + head) * K + cols, mask=rows_ok[None, None, :] & (cols < K),
+                   other=0.0)
+
+
+@triton.jit
+def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L, cols_v, v_ok, head, H,
+                       K, V, scale, NFAC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+                       BV: tl.constexpr, PREC: tl.constexpr):
     """One chunk of ``_state_bwd_kernel`` for fp32 inputs; returns the gradient of the state entering it.
 
-    The same formulas as the bf16 / fp16 body, 16 rows at a time as in ``_state_fwd_chunk32``: per
-    piece of 16 sub-steps, dd of its rows (the scores' 16 columns of the piece against the whole of
-    dO, and its 16 rows of K against dS) and its share - w^T dd of dS0; per piece of 16 tokens, its
-    share scale (exp(G_r) Q)^T dO of dS0, read from memory piece by piece."""
-    tok_rows = tl.arange(0, BC)
-    r = tok_rows * NFAC + NFAC - 1
-    do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], mask=valid_tok[:, None] & v_ok[None, :],
-                 other=0.0)
-    dS_prev = tl.exp(G_L.to(tl.float32)) * dS
-    for p0 in range(0, n_sub, 16):    # (runtime bounds: the valid pieces only, a loop, not unrolled)
+    dS: (NKB, BK, BV) fp32, the gradient of the state leaving the chunk (this program's V columns
+    ``cols_v``); sub0: the chunk's first sub-step (int64), n_sub its valid sub-steps; G_L: fp64, G at
+    the chunk's last sub-step. Writes the chunk's dd rows (fp32, (n_sub, BV) of ``dd_ptr``).
+
+    The same formulas as the bf16 / fp16 body, 16 rows at a time as in ``_state_fwd_chunk32``, in
+    three loops: (1) per piece of 16 sub-steps, scale P^T dO of its rows by 16 x 16 blocks (16 tokens
+    at a time, only the tokens whose last sub-step is at or past the piece), written to dd; (2) per
+    piece of 16 sub-steps, dd = that + (exp(G_L - G) K) dS (read back, completed, written) and its
+    share - w^T dd of dS0; (3) per piece of 16 tokens, its share scale (exp(G_r) Q)^T dO of dS0. Every
+    tile is read from memory piece by piece: dO once per (sub-step piece, token piece) block (re-reads,
+    L1 / L2 hits) and the chunk's dd rows (4 KB a chunk per program at BV = 16) written twice and read
+    once in between (8 KB more L1 / L2 traffic a chunk, beside its 96 KB of k, w and q at K = 128).
+
+    Registers (ptxas, K = V = 128, 8 warps; worst of the four HAS_DFINAL x HAS_H0 specialisations,
+    Triton 3.6 and 3.9, sm_80 and sm_90a). Before: 596 B of spills (3.6, sm_80) at 255 registers.
+    (a) The piece loops were software-pipelined with the compile's default 3 stages (the next
+    pieces' k, w, scores and masks in flight, 56 KB of shared memory); with ``num_stages=1``: no
+    spills, 222-254 registers. (b) dd's P^T dO was one (16, BC) x (BC, BV) product with dO (BC, BV)
+    loaded once per chunk: with 8 warps along a 16-row result every warp holds all of both
+    operands, hi and lo parts (128 registers); by 16 x 16 blocks, skipping the blocks of tokens that
+    end before the piece (6 of 16 at n = 1: fewer products): 197-213. (c) The left operands of w^T dd
+    and q^T dO loaded transposed (``_kblocks_t``), not permuted (a layout conversion each): 189-201.
+    (d) The chunk's rows indexed in int32 from 64-bit base pointers of the chunk (the indices were
+    int64, and all the address arithmetic with them, its strides held across the loops): 174-185.
+    (e) P^T dO in a loop of its own, before the one that holds dS's 3xTF32 hi / lo parts as the
+    operand of K dS (loop-invariant, hoisted: 16 registers across that loop): 162-187 with maxnreg
+    255, and with maxnreg 128 no spills except 48 B at sm_80 with Triton 3.6 (the last of those, the
+    initial state's gradient stored after the chunk loop), where (d) spilled up to 88 B and (c) up to
+    264 B. (f) That store made in the chunk loop (``_state_bwd_kernel``): none with maxnreg 128
+    either (116-128 registers)."""
+    # Chunk-local row indices are int32 against 64-bit base pointers of the chunk (one 64-bit
+    # address a tile element, not 64-bit index arithmetic held across the loops). The int32 offsets
+    # stay below 64 H max(K, V, BL), under 2**31 for H max(K, V) < 2**25.
+    n_sub = n_sub.to(tl.int32)
+    n_tok = n_sub // NFAC
+    tok0 = sub0 // NFAC
+    g_c = g_ptr + sub0 * H + head
+    k_c = k_ptr + sub0 * H * K
+    w_c = w_ptr + sub0 * H * K
+    dd_c = dd_ptr + sub0 * H * V
+    q_c = q_ptr + tok0 * H * K
+    qk_c = qk_ptr + tok0 * H * BL
+    do_c = do_ptr + tok0 * H * V
+    # (Runtime bounds: the valid pieces only, loops, not unrolled, and not pipelined: num_stages=1.)
+    for p0 in tl.range(0, n_sub, 16, num_stages=1):
         rp = p0 + tl.arange(0, 16)                       # the piece's sub-step rows within the chunk
         ok = rp < n_sub
-        sub_p = (sub0 + rp).to(tl.int64)
-        G_p = tl.load(g_ptr + sub_p * H + head, mask=ok, other=0.0)
-        read = (rp[None, :] <= r[:, None]) & ok[None, :] & valid_tok[:, None]
-        decay_read = tl.exp(tl.where(read, (G_r[:, None] - G_p[None, :]).to(tl.float32), float("-inf")))
-        P = scale * decay_read * tl.load(qk_ptr + (tok[:, None] * H + head) * BL + rp[None, :], mask=read,
-                                         other=0.0)                           # (BC, 16)
+        G_p = tl.load(g_c + rp * H, mask=ok, other=0.0)
+        # P^T dO for the piece's rows, 16 tokens at a time: only tokens whose last sub-step is at or
+        # past the piece's first row (token c >= p0 // NFAC) read it.
+        pdo = tl.zeros((16, BV), tl.float32)
+        for t0 in tl.range((p0 // NFAC) // 16 * 16, n_tok, 16, num_stages=1):
+            tp = t0 + tl.arange(0, 16)
+            tok_ok = tp < n_tok
+            r_p = tp * NFAC + NFAC - 1
+            G_rp = tl.load(g_c + r_p * H, mask=tok_ok, other=0.0)
+            read = (rp[None, :] <= r_p[:, None]) & ok[None, :] & tok_ok[:, None]
+            decay_read = tl.exp(tl.where(read, (G_rp[:, None] - G_p[None, :]).to(tl.float32), float("-inf")))
+            P = decay_read * tl.load(qk_c + (tp[:, None] * H + head) * BL + rp[None, :], mask=read,
+                                     other=0.0)                           # (16 tokens, 16 sub-steps)
+            do_p = tl.load(do_c + (tp[:, None] * H + head) * V + cols_v[None, :],
+                           mask=tok_ok[:, None] & v_ok[None, :], other=0.0)
+            pdo += _dot32(tl.trans(P), do_p, PREC)
+        tl.store(dd_c + (rp[:, None] * H + head) * V + cols_v[None, :], scale * pdo, mask=ok[:, None] & v_ok[None, :])
+    # The rows written above are read back below by other threads (other layouts): a CTA barrier,
+    # which also makes the global memory writes before it visible to the reads after it.
+    tl.debug_barrier()
+    dS_prev = tl.exp(G_L.to(tl.float32)) * dS
+    for p0 in tl.range(0, n_sub, 16, num_stages=1):
+        # dd = scale P^T dO (read back) + (exp(G_L - G) K) dS for the piece's rows; dS0 -= w^T dd.
+        rp = p0 + tl.arange(0, 16)
+        ok = rp < n_sub
+        G_p = tl.load(g_c + rp * H, mask=ok, other=0.0)
         decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
-        kk = _kblocks(k_ptr, sub_p, ok, head, H, K, NKB, BK)
-        dd = _dot32(tl.trans(P), do, PREC) + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
-        tl.store(dd_ptr + (sub_p[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
-                 mask=ok[:, None] & v_ok[None, :])
-        w = _kblocks(w_ptr, sub_p, ok, head, H, K, NKB, BK)
-        dS_prev -= _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, 16, BV)), PREC)
-    n_tok = n_sub // NFAC
-    for t0 in range(0, n_tok, 16):
+        kk = _kblocks(k_c, rp, ok, head, H, K, NKB, BK)
+        dd_off = (rp[:, None] * H + head) * V + cols_v[None, :]
+        dd_mask = ok[:, None] & v_ok[None, :]
+        dd = (tl.load(dd_c + dd_off, mask=dd_mask, other=0.0)
+              + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None])
+        tl.store(dd_c + dd_off, dd.to(dd_ptr.dtype.element_ty), mask=dd_mask)
+        w = _kblocks_t(w_c, rp, ok, head, H, K, NKB, BK)
+        dS_prev -= _bdot(w, tl.broadcast_to(dd[None, :, :], (NKB, 16, BV)), PREC)
+    for t0 in tl.range(0, n_tok, 16, num_stages=1):    # dS0 += scale (exp(G_r) Q)^T dO
         tp = t0 + tl.arange(0, 16)                       # the piece's token rows within the chunk
         ok = tp < n_tok
-        tok_p = (sub0 // NFAC + tp).to(tl.int64)
-        G_rp = tl.load(g_ptr + (sub0 + tp * NFAC + NFAC - 1).to(tl.int64) * H + head, mask=ok, other=0.0)
-        do_p = tl.load(do_ptr + (tok_p[:, None] * H + head) * V + cols_v[None, :], mask=ok[:, None] & v_ok[None, :],
+        G_rp = tl.load(g_c + (tp * NFAC + NFAC - 1) * H, mask=ok, other=0.0)
+        do_p = tl.load(do_c + (tp[:, None] * H + head) * V + cols_v[None, :], mask=ok[:, None] & v_ok[None, :],
                        other=0.0)
         dos = do_p.to(tl.float32) * (scale * tl.exp(G_rp.to(tl.float32)))[:, None]
-        qs = _kblocks(q_ptr, tok_p, ok, head, H, K, NKB, BK)
-        dS_prev += _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(dos[None, :, :], (NKB, 16, BV)), PREC)
+        qs = _kblocks_t(q_c, tp, ok, head, H, K, NKB, BK)
+        dS_prev += _bdot(qs, tl.broadcast_to(dos[None, :, :], (NKB, 16, BV)), PREC)
     return dS_prev
 
 
@@ -622,18 +685,30 @@ def _state_bwd_kernel(
     else:
         dS = tl.zeros((NKB, BK, BV), tl.float32)
 
-    # STAGES: pipelining depth as in the forward state pass (the launcher's BWD_STAGES, see _config).
-    for i in tl.range(0, n_chunks, num_stages=STAGES):
-        c = n_chunks - 1 - i
-        tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off, dS.to(dstates_ptr.dtype.element_ty),
-                 mask=smask)
-        sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
-        G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
-                                                            head, H, NFAC, BL)
-        if not LOWP:
-            dS = _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, valid_tok, tok,
-                                    G_L, G_r, cols_v, v_ok, head, H, K, V, scale, NFAC, BL, BC, BK, NKB, BV, PREC)
-        else:
+    if not LOWP:
+        # fp32: one more step than chunks, in which the gradient of the initial state is stored where
+        # the chunks' are (after the loop, the addresses of that store, derived from the thread index
+        # before it, were the registers ptxas spilled at maxnreg 128: 48 B at sm_80 with Triton 3.6).
+        for i in tl.range(0, n_chunks + 1, num_stages=STAGES):
+            c = n_chunks - 1 - i
+            if c >= 0:
+                tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off,
+                         dS.to(dstates_ptr.dtype.element_ty), mask=smask)
+                sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
+                G_L = tl.load(g_ptr + (sub0 + n_sub - 1) * H + head)
+                dS = _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L, cols_v,
+                                        v_ok, head, H, K, V, scale, NFAC, BL, BK, NKB, BV, PREC)
+            elif HAS_H0:
+                tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
+    else:
+        # STAGES: pipelining depth as in the forward state pass (the launcher's BWD_STAGES, see _config).
+        for i in tl.range(0, n_chunks, num_stages=STAGES):
+            c = n_chunks - 1 - i
+            tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off, dS.to(dstates_ptr.dtype.element_ty),
+                     mask=smask)
+            sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
+            G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
+                                                                head, H, NFAC, BL)
             do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
                          mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
             qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
@@ -652,8 +727,8 @@ def _state_bwd_kernel(
             dS = (tl.exp(G_L.to(tl.float32)) * dS
                   + _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(dos[None, :, :], (NKB, BC, BV)), PREC)
                   - _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, BL, BV)), PREC))
-    if HAS_H0:
-        tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
+        if HAS_H0:
+            tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
 
 
 @triton.jit
