@@ -399,8 +399,8 @@ def _state_slice(cols_v, v_ok, K, V, NKB: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr, g_ptr, o_ptr, sub0, n_sub, valid,
-                       valid_tok, sub, tok, G_L, G_r, cols_v, v_ok, head, H, K, V, scale,
+def _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr, g_ptr, o_ptr, sub0, n_sub,
+                       valid_tok, tok, G_L, G_r, cols_v, v_ok, head, H, K, V, scale,
                        NFAC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
                        BV: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr):
     """One chunk of ``_state_fwd_kernel`` for fp32 inputs; returns the state leaving the chunk.
@@ -412,13 +412,26 @@ def _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr
     every product is a 3xTF32 product (three tensor-core products on hi / lo splits of both
     operands), whose operands in the whole chunk's size spilled (ptxas: 0.1-1 KB per thread with
     Triton 3.9, 2-5 KB with 3.6). The pieces are a loop, not unrolled, so that only one piece's tiles
-    are live at a time."""
-    rows = tl.arange(0, BL)
+    are live at a time.
+
+    The piece's u = Tinv[piece rows] diag(beta) V, a product reducing over the chunk's BL sub-steps,
+    is batched over blocks of 16 of them as the K-long products are over K blocks (Tinv's piece as a
+    (BL / 16, 16, 16) tile, diag(beta) V as (BL / 16, 16, BV), the batch summed): as one (16, BL) x
+    (BL, BV) product, its 16 rows put the whole (16, BL) operand, hi and lo parts, in the registers
+    of every one of the 8 warps (ptxas, Triton 3.6, writing o: 8 / 32 B of spills at sm_80 / sm_90a;
+    batched 0 / 16 B, the rest being the final state's addresses, see the kernel).
+    Without o it also frees registers: 242 -> 226 at sm_80 with 3.6, 250 -> 215 with 3.9."""
     tok_rows = tl.arange(0, BC)
-    beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
-    vv = tl.load(v_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], mask=valid[:, None] & v_ok[None, :],
-                 other=0.0).to(tl.float32)
-    rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)          # diag(beta) V: (BL, BV)
+    rows3 = tl.arange(0, BL // 16)[:, None] * 16 + tl.arange(0, 16)[None, :]    # (BL / 16, 16) sub-step rows
+    ok3 = rows3 < n_sub
+    sub3 = (sub0 + rows3).to(tl.int64)
+    beta = tl.load(beta_ptr + sub3 * H + head, mask=ok3, other=0.0).to(tl.float32)
+    vv = tl.load(v_ptr + (sub3[:, :, None] * H + head) * V + cols_v[None, None, :],
+                 mask=ok3[:, :, None] & v_ok[None, None, :], other=0.0).to(tl.float32)
+    x = vv * beta[:, :, None]                                                   # diag(beta) V: (BL / 16, 16, BV)
+    finite = tl.abs(x) < float("inf")      # (as _split_nonfinite, on the 3-D tile)
+    first_bad_u = tl.min(tl.min(tl.where(finite, BL, rows3[:, :, None]), axis=1), axis=0)
+    rhs = tl.where(finite, x, 0.0)
     r = tok_rows * NFAC + NFAC - 1                                              # each token's last sub-step
     S_next = tl.exp(G_L.to(tl.float32)) * S
     if STORE_O:
@@ -432,8 +445,10 @@ def _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr
         ok = rp < n_sub
         sub_p = (sub0 + rp).to(tl.int64)
         G_p = tl.load(g_ptr + sub_p * H + head, mask=ok, other=0.0)
-        tinv = tl.load(tinv_ptr + (sub_p[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None], other=0.0)
-        u = _poison_from(_dot32(tinv, rhs, PREC), rp, first_bad_u)
+        # the piece's rows of Tinv, columns in blocks of 16: (BL / 16, 16, 16)
+        tinv = tl.load(tinv_ptr + (sub_p[None, :, None] * H + head) * BL + rows3[:, None, :], mask=ok[None, :, None],
+                       other=0.0)
+        u = _poison_from(tl.sum(_bdot(tinv, rhs, PREC), axis=0), rp, first_bad_u)
         w = _kblocks(w_ptr, sub_p, ok, head, H, K, NKB, BK)
         d = u - tl.sum(_bdot(w, S, PREC), axis=0)                                # (16, BV)
         if STORE_O:
@@ -505,16 +520,23 @@ def _state_fwd_kernel(
                      mask=smask)
         if not LOWP:
             S = _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr, g_ptr, o_ptr, sub0, n_sub,
-                                   valid, valid_tok, sub, tok, G_L, G_r, cols_v, v_ok, head, H, K, V, scale,
+                                   valid_tok, tok, G_L, G_r, cols_v, v_ok, head, H, K, V, scale,
                                    NFAC, BL, BC, BK, NKB, BV, STORE_O, PREC)
         else:
             v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
             vmask = valid[:, None] & v_ok[None, :]
             # u = Tinv diag(beta) V for this program's V columns (the rows of the chunk-local WY
             # factor u, never stored), then d = u - w S0.
+            # beta's addresses, and those of the store of d below, are computed from the chunk's first
+            # sub-step sub0, not from ``sub`` / ``v_off``: the software pipeliner issues the tiles'
+            # loads STAGES - 1 chunks ahead, and any value they share with this body's plain loads (beta,
+            # too small for an asynchronous copy) and stores is carried across iterations in registers,
+            # one copy per chunk in flight: the (BL,) int64 sub-steps for beta, the (BL, BV) int64
+            # offsets for d. Triton 3.6 spilled them at sm_80 (ptxas: 104 B for bf16 with o, 64 B for
+            # fp16 with o, 8 B for bf16 writing d; now 0).
             rows = tl.arange(0, BL)
             tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
-            beta = tl.load(beta_ptr + sub * H + head, mask=valid, other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + (sub0.to(tl.int64) * H + head) + rows * H, mask=valid, other=0.0).to(tl.float32)
             vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
             rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)
             u = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad_u)
@@ -533,7 +555,8 @@ def _state_fwd_kernel(
                 tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
                          mask=valid_tok[:, None] & v_ok[None, :])
             else:
-                tl.store(o_ptr + v_off, d.to(o_ptr.dtype.element_ty), mask=vmask)
+                tl.store(o_ptr + (sub0.to(tl.int64) * H + head) * V + (rows.to(tl.int64) * H * V)[:, None]
+                         + cols_v[None, :], d.to(o_ptr.dtype.element_ty), mask=vmask)
             # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, computed as ((exp(G_L - G) d)^T K)^T: with d (a
             # dot result) as the second operand, Triton 3.6 fails to compile the tf32 product for sm_90.
             # The decays exp(G_L - G_m) scale the rows of d, a (BL, BV) tile, not those of the (NKB, BL,
@@ -543,7 +566,16 @@ def _state_fwd_kernel(
             dT = tl.broadcast_to(tl.trans(d * decay_last[:, None])[None, :, :], (NKB, BV, BL))
             S = tl.exp(G_L.to(tl.float32)) * S + tl.permute(_bdot(dT, kk, PREC), (0, 2, 1))
     if STORE_O:
-        tl.store(final_ptr + seq_state + s_off, S, mask=smask)
+        if LOWP:
+            tl.store(final_ptr + seq_state + s_off, S, mask=smask)
+        else:
+            # fp32: the final state's offsets are computed anew (pid_nh = seq * H + head, so seq_state =
+            # pid_nh * K * V), not kept from the h0 load across the chunk loop, where ptxas spilled them
+            # under Triton 3.6 (16 B at sm_90a). (With bf16 / fp16 this costs Triton 3.9 registers, up to
+            # 234 -> 254, and spills nothing either way.)
+            rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+            f_off = tl.program_id(1).to(tl.int64) * K * V + rows_k.to(tl.int64) * V + cols_v[None, None, :]
+            tl.store(final_ptr + f_off, S, mask=(rows_k < K) & (cols_v < V)[None, None, :])
 
 
 @triton.jit
