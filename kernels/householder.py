@@ -728,8 +728,8 @@ def _state_bwd_kernel(
                          dS.to(dstates_ptr.dtype.element_ty), mask=smask)
                 sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
                 G_L = tl.load(g_ptr + (sub0 + n_sub - 1) * H + head)
-                dS = _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L, cols_v,
-                                        v_ok, head, H, K, V, scale, NFAC, BL, BK, NKB, BV, PREC)
+                dS = _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L,
+                                        cols_v, v_ok, head, H, K, V, scale, NFAC, BL, BK, NKB, BV, PREC)
             elif HAS_H0:
                 tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
     else:
@@ -863,8 +863,8 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
         kkf = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
         dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
-            states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok, rows, tok_rows, head,
-            H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV, PREC, 1)
+            states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok, rows, tok_rows,
+            head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV, PREC, 1)
         # Products over the sub-steps, 16 at a time: dxw = Tinv^T dw (w = Tinv diag(beta exp(G)) K) and
         # dq's dL/d(Q K^T) K_b; then p1 = E K_b and p2 = E^T diag(beta) K_b (the K K^T terms).
         dxw = tl.zeros((BL, BK), tl.float32)
@@ -875,11 +875,13 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
             j = m0 // 16
             rp = m0 + tl.arange(0, 16)
             ok = rp < n_sub
-            tinv_p = tl.load(tinv_ptr + (rp[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None],
-                             other=0.0).to(tl.float32)                  # Tinv's rows of the piece: (16, BL)
+            # Tinv's rows of the piece as columns, (BL, 16): loaded transposed rather than transposed in
+            # registers (a layout conversion less; so are d's pieces in pass A).
+            tinv_pt = tl.load(tinv_ptr + (rp[None, :] * H + head) * BL + rows[:, None], mask=ok[None, :],
+                              other=0.0).to(tl.float32)
             kk_p = tl.load(k_ptr + (rp[:, None] * H + head) * K + cols_k[None, :],
                            mask=ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)     # (16, BK)
-            dxw += _dot32(tl.trans(tinv_p), _row_piece(dw, j, BL, BK), PREC)
+            dxw += _dot32(tinv_pt, _row_piece(dw, j, BL, BK), PREC)
             dq += _dot32(_col_piece(dqk, j, BC, BL), kk_p, PREC)
         for m0 in tl.range(0, n_sub, 16, num_stages=1):    # (the piece's k rows again: L1 / L2)
             j = m0 // 16
@@ -1007,11 +1009,11 @@ def _local_bwd_kernel(
             for m0 in tl.range(0, n_sub, 16, num_stages=1):
                 rp = m0 + tl.arange(0, 16)
                 ok = rp < n_sub
-                tinv_p = tl.load(tinv_ptr + (rp[:, None] * H + head) * BL + rows[None, :], mask=ok[:, None],
-                                 other=0.0)
+                tinv_pt = tl.load(tinv_ptr + (rp[None, :] * H + head) * BL + rows[:, None], mask=ok[None, :],
+                                  other=0.0)
                 dd_p = tl.load(dd_ptr + (rp[:, None] * H + head) * V + cols_v[None, :],
                                mask=ok[:, None] & v_ok[None, :], other=0.0)
-                dxu += _dot32(tl.trans(tinv_p), dd_p, PREC)
+                dxu += _dot32(tinv_pt, dd_p, PREC)
         vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
         tl.store(dv_ptr + v_off, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=vmask)
         dbeta += tl.sum(dxu * vv, axis=1)
@@ -1024,9 +1026,9 @@ def _local_bwd_kernel(
             # spilled at sm_90a (a (BL, 16) temporary is a quarter).
             for j in tl.static_range(BL // 16):
                 rj = j * 16 + tl.arange(0, 16)
-                d_j = tl.load(d_ptr + (rj[:, None] * H + head) * V + cols_v[None, :],
-                              mask=(rj < n_sub)[:, None] & v_ok[None, :], other=0.0)
-                part = _dot32(dxu, tl.trans(d_j), PREC)
+                d_jt = tl.load(d_ptr + (rj[None, :] * H + head) * V + cols_v[:, None],
+                               mask=(rj < n_sub)[None, :] & v_ok[:, None], other=0.0)
+                part = _dot32(dxu, d_jt, PREC)
                 dA += tl.reshape(tl.where(tl.arange(0, BL // 16)[None, :, None] == j, part[:, None, :], 0.0), (BL, BL))
         if LOWP:
             # o = scale exp(G_r) Q S0 + P d
@@ -1039,8 +1041,9 @@ def _local_bwd_kernel(
     # G, the decays and their exponentials are loaded (formed) here, not at the chunk's start, and Q K^T
     # is read only for the gates (below): pass A needs none of them, and no (BL,) / (BC,) vector or
     # (BC, BL) tile but dP is held through it (fp32 with the gate, spills at sm_80 / sm_90a: Triton
-    # 3.9 0 / 0 now, Triton 3.6 116 / 32 B before, 60 / 96 B now: ptxas' allocation at 255 registers
-    # moves tens of bytes either way with any change).
+    # 3.9 0 / 0 now, Triton 3.6 116 / 32 B before, 20 / 92 B now, stored before pass A and loaded
+    # after pass B, outside the loops but for two loads: ptxas' allocation at 255 registers moves
+    # tens of bytes either way with any change).
     G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, rows, tok_rows, valid, valid_tok, 0, n_sub, head, H,
                                                         NFAC, BL)
     gamma = tl.where(valid, tl.exp(G.to(tl.float32)), 0.0)
@@ -1059,9 +1062,9 @@ def _local_bwd_kernel(
                          mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
             for j in tl.static_range(BL // 16):      # o = scale exp(G_r) Q S0 + P d
                 rj = j * 16 + tl.arange(0, 16)
-                d_j = tl.load(d_ptr + (rj[:, None] * H + head) * V + cols_v[None, :],
-                              mask=(rj < n_sub)[:, None] & v_ok[None, :], other=0.0)
-                part = _dot32(do, tl.trans(d_j), PREC)
+                d_jt = tl.load(d_ptr + (rj[None, :] * H + head) * V + cols_v[:, None],
+                               mask=(rj < n_sub)[None, :] & v_ok[:, None], other=0.0)
+                part = _dot32(do, d_jt, PREC)
                 dP += tl.reshape(tl.where(tl.arange(0, BL // 16)[None, :, None] == j, part[:, None, :], 0.0), (BC, BL))
     # The scores P = scale exp(G_r - G_m) Q K^T: dL/d(Q K^T) = scale exp(G_r - G_m) dP, and the gates
     # take dP * P = dL/d(Q K^T) * Q K^T, Q K^T reloaded now.
@@ -1094,7 +1097,8 @@ def _local_bwd_kernel(
             kkf = kk.to(tl.float32)
             dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
                 states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q.to(tl.float32), cols_k, k_ok, valid, valid_tok,
-                rows, tok_rows, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV, PREC, 3)
+                rows, tok_rows, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV,
+                PREC, 3)
             # w = Tinv diag(beta exp(G)) K
             dxw = _dot32(tinv_t, dw, PREC)
             dk += bg[:, None] * dxw
