@@ -1254,17 +1254,26 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # itself, ptxas caps some of them at 32 or 128 registers and spills far more (Triton 3.6, sm_80:
     # fp32 adjoint state pass 19.5 KB at 32 registers, 5.4 KB at 255; bf16 forward state pass 6.1 KB
     # at 128, 3.4 KB at 255; Triton 3.9, fp32 chunk-local backward 6.1 KB at 128, 3.2 KB at 255).
+    # BWD_MAXNREG: the adjoint state pass's ceiling. For fp32 inputs with K <= 128 it is 128: that
+    # kernel fits in 116-128 registers without spilling (Triton 3.6 and 3.9, sm_80 and sm_90a), so
+    # two 8-warp programs share an SM. The state passes walk the chunks one after another, one
+    # program per (sequence, head, 16 columns of V): at (B, T, H, K = V) = (1, 8192, 32, 128) that
+    # is 256 programs, two waves on 132 SMs at one program per SM and one wave at two. (bf16 / fp16
+    # at 128: see bench/results/householder-traffic.md.)
     # STAGES / BWD_STAGES: software-pipelining depth of the forward / adjoint state pass's chunk loop
     # (fp32: 1, two stages of its fp32 tiles would not fit in shared memory). bf16 / fp16: the adjoint
     # pass takes 2, with which Triton 3.6 spills nothing (with 3: 52 B at sm_90a with both HAS_DFINAL and
-    # HAS_H0); the forward pass 3 (with 2: 200 B at sm_80 under 3.6, with 3: 104 B). Measured at the
-    # launches' alignment (aot_specs' divisible_by_16), bench/results/householder-traffic.md.
+    # HAS_H0); the forward pass 3 (with 2 or 3 no specialisation spills, Triton 3.6 and 3.9, sm_80 and
+    # sm_90a; 3 holds 138-155 KB of shared memory with o, 2 holds 77-94 KB; only timings can choose).
+    # Measured at the launches' alignment (aot_specs' divisible_by_16), bench/results/householder-traffic.md.
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "tf32x3"
+    bwd_maxnreg = 128 if not half and BKF <= 128 else 255
     return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
-                                               num_warps=num_warps, MAXNREG=255, STAGES=3 if half else 1,
-                                               BWD_STAGES=2 if half else 1, PREC=prec, LOWP=half, INTERP=interpret),
-                           ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES", "BWD_STAGES"))
+                                               num_warps=num_warps, MAXNREG=255, BWD_MAXNREG=bwd_maxnreg,
+                                               STAGES=3 if half else 1, BWD_STAGES=2 if half else 1, PREC=prec,
+                                               LOWP=half, INTERP=interpret),
+                           ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES", "BWD_STAGES", "MAXNREG", "BWD_MAXNREG"))
 
 
 def _launch_args(n: int, cfg: dict) -> tuple:
@@ -1451,7 +1460,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _state_bwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
             t["q"], t["k"], f["w"], f["qk"], f["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd,
             cu_tok, cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None,
-            STAGES=cfg["BWD_STAGES"], **state_args)
+            STAGES=cfg["BWD_STAGES"], **dict(state_args, maxnreg=cfg["BWD_MAXNREG"]))
     # w is not read by the chunk-local kernel: freed before its outputs are allocated, which lowers
     # the backward's peak memory by w.
     del f["w"]
@@ -1507,34 +1516,25 @@ STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kerne
                  "_local_bwd_kernel": {"programs_per_sm": 1}}
 
 
-def _under_static_budget(kernel, elem: str, constexprs: dict) -> bool:
-    """Whether CI holds this specialisation to STATIC_BUDGET: the decoding kernel at every dtype,
-    ``_wy_fwd_kernel`` at every dtype, the fp32 forward state pass of the backward (writing the chunk
-    states and d, STORE_O false) and, for bf16 / fp16 inputs, every kernel (both state passes
-    with every flag set, the chunk-local backward with and without the gate): none spills at sm_90a
-    with Triton 3.9 or 3.6, compiled at the launches' alignment (``aot_specs``), and each fits one
-    program per SM (at most 255 registers x 256 threads).
+def _under_static_budget(kernel, elem: str, constexprs: dict):
+    """How CI holds this specialisation to STATIC_BUDGET: True (its kernel's entry), a dict of the
+    fields that replace the entry's, or False (left out). Every specialisation but one is held, at
+    sm_90a with Triton 3.9 and 3.6, compiled at the launches' alignment and register ceilings
+    (``aot_specs``): no spills, one program per SM (at most 255 registers x 256 threads), and two for
+    the fp32 adjoint state pass, launched with ``maxnreg`` 128 (``_config``'s BWD_MAXNREG).
 
-    Left out, as they still spill (ptxas -v, K = V = 128, 16 x 16 blocks, maxnreg 255 where launched
-    with it, aligned as in ``aot_specs``; worst specialisation, bytes of spill stores + loads at
-    sm_80 / sm_90a, Triton 3.9 then 3.6; bench/results/householder-traffic.md has the tables):
-
-    * fp32 (3xTF32 products; the state passes take the chunk 16 rows at a time): forward state pass
-      writing o 0 / 0 (3.9), 8 / 32 (3.6); adjoint state pass 0-48 / 0 (3.9), 432-596 / 280-524
-      (3.6); chunk-local backward 1488-2356 / 64-284 (3.9), 1488-2244 / 256-644 (3.6).
-      (With exact "ieee" products, lowered to FMA loops that hold operand rows in registers, every
-      fp32 kernel spilled: the state passes 1.9-2.8 KB at this alignment.)
-
-    At sm_80 (not budgeted: the budget is sm_90a's) Triton 3.6 still spills 104 B (bf16) / 64 B
-    (fp16) in the forward state pass with o and 8 B in the bf16 one writing d; every other bf16 /
-    fp16 specialisation spills nothing there either. Registers per thread: 77-255 for the budgeted
-    kernels; the state passes use 197-255 at 8 warps (the <= 128 of issue 14 is not reached).
+    Left out: the fp32 chunk-local backward with the gate, which spills under Triton 3.6 (20 / 92 B
+    at sm_80 / sm_90a, stored before its first loop and loaded after its last; none with 3.9).
+    Registers per thread (ptxas -v, K = V = 128; bench/results/householder-traffic.md has the
+    tables): 77-255 in the budgeted kernels, the fp32 adjoint state pass 116-128; the other state
+    passes 197-255 at 8 warps (the <= 128 of issue 14 reached by the fp32 adjoint pass only). No
+    specialisation spills at sm_80 either (not budgeted: the budget is sm_90a's) but that one.
     """
-    if kernel is _recurrent_fwd_kernel:
-        return True
-    if kernel is _state_fwd_kernel and not constexprs["STORE_O"]:
-        return True
-    return elem != "fp32" or kernel is _wy_fwd_kernel
+    if kernel is _state_bwd_kernel and elem == "fp32":
+        return {"programs_per_sm": 2}
+    if kernel is _local_bwd_kernel and elem == "fp32":
+        return not constexprs["HAS_GATE"]
+    return True
 
 
 def aot_specs():
@@ -1595,7 +1595,7 @@ def _plain_specs():
             for has_h0 in (False, True):
                 yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
                        dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["BWD_STAGES"], **state_args), nw, elem,
-                       capped)
+                       {"maxnreg": cfg["BWD_MAXNREG"]})
         for gate in (False, True):
             yield (_local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw, elem,
                    {"maxnreg": cfg["MAXNREG"]})
