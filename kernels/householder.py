@@ -707,7 +707,6 @@ def _state_bwd_kernel(
     LOWP: tl.constexpr, INTERP: tl.constexpr, STAGES: tl.constexpr,
 ):
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
-    tok_rows = tl.arange(0, BC)
     cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
     v_ok = cols_v < V
     s_off, smask = _state_slice(cols_v, v_ok, K, V, NKB, BK)
@@ -717,49 +716,34 @@ def _state_bwd_kernel(
     else:
         dS = tl.zeros((NKB, BK, BV), tl.float32)
 
-    if not LOWP:
-        # fp32: one more step than chunks, in which the gradient of the initial state is stored where
-        # the chunks' are (after the loop, the addresses of that store, derived from the thread index
-        # before it, were the registers ptxas spilled at maxnreg 128: 48 B at sm_80 with Triton 3.6).
-        for i in tl.range(0, n_chunks + 1, num_stages=STAGES):
-            c = n_chunks - 1 - i
-            if c >= 0:
-                tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off,
-                         dS.to(dstates_ptr.dtype.element_ty), mask=smask)
-                sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
-                G_L = tl.load(g_ptr + (sub0 + n_sub - 1) * H + head)
-                dS = _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L,
-                                        cols_v, v_ok, head, H, K, V, scale, NFAC, BL, BK, NKB, BV, PREC)
-            elif HAS_H0:
-                tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
-    else:
-        # STAGES: pipelining depth as in the forward state pass (the launcher's BWD_STAGES, see _config).
-        for i in tl.range(0, n_chunks, num_stages=STAGES):
-            c = n_chunks - 1 - i
-            tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off, dS.to(dstates_ptr.dtype.element_ty),
-                     mask=smask)
+    # Every dtype takes the chunk in pieces of 16 rows (``_state_bwd_chunk32``; PREC is "tf32" for bf16 /
+    # fp16: the same products, each one TF32 product, with the 16-bit tiles loaded as such and widened
+    # in registers), with one more step than chunks, in which the gradient of the initial state is
+    # stored where the chunks' are (after the loop, the addresses of that store, derived from the
+    # thread index before it, were the registers ptxas spilled at maxnreg 128: 48 B at sm_80 with
+    # Triton 3.6, fp32).
+    # bf16 / fp16 took the whole chunk at once (P^T dO one (BL, BC) x (BC, BV) product, K dS, w^T dd
+    # and q^T dO over all BL rows, dO, the scores and the decays loaded once per chunk): 236-255
+    # registers at maxnreg 255 and 60-70 KB of shared memory with STAGES = 2, and at maxnreg 128
+    # 608-920 B of spills (ptxas, K = V = 128, n = 3, the four HAS_DFINAL x HAS_H0 specialisations:
+    # Triton 3.9 608-744 B at sm_90a, 908-920 B at sm_80; 3.6 632-916 B / 720-832 B). By pieces: no
+    # spills at maxnreg 128, 109-128 registers (Triton 3.6 and 3.9, sm_80 and sm_90a, n = 1, 2, 3,
+    # bf16 and fp16), 134-154 at maxnreg 255; 8 KB of shared memory. The same distinct bytes a chunk
+    # (dO and the scores re-read by 16 x 16 blocks, dd written twice and read once: L1 / L2 traffic)
+    # and no more tensor-core work (the blocks of P^T dO above the diagonal are skipped). STAGES
+    # (BWD_STAGES) changes nothing here: the chunk loop holds loops, which Triton does not pipeline
+    # (the same PTX with 1 and 2, Triton 3.9 at sm_90a; the same registers with 3.6). LOWP and INTERP
+    # are no longer read here (every product has a computed operand: fp32 operands, see ``_dot32``).
+    for i in tl.range(0, n_chunks + 1, num_stages=STAGES):
+        c = n_chunks - 1 - i
+        if c >= 0:
+            tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off,
+                     dS.to(dstates_ptr.dtype.element_ty), mask=smask)
             sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
-            G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
-                                                                head, H, NFAC, BL)
-            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
-                         mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
-            qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
-            P = scale * decay_read * qk                                                  # (BC, BL)
-            # dd = P^T dO + (exp(G_L - G) K) dS: the gradient of the chunk's corrected values d.
-            # (The decays scale the (BL, BV) product, not the 3-D k tile: see the forward state pass.)
-            kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK)
-            dd = _dot32(tl.trans(P), do, PREC) + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
-            tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], dd.to(dd_ptr.dtype.element_ty),
-                     mask=valid[:, None] & v_ok[None, :])
-            # dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd: the gradient leaving the previous chunk.
-            # The factors scale exp(G_r) multiply the rows of dO (BC, BV), not those of the 3-D q tile (as above).
-            qs = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
-            dos = do.to(tl.float32) * (scale * tl.exp(G_r.to(tl.float32)))[:, None]
-            w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
-            dS = (tl.exp(G_L.to(tl.float32)) * dS
-                  + _bdot(tl.permute(qs, (0, 2, 1)), tl.broadcast_to(dos[None, :, :], (NKB, BC, BV)), PREC)
-                  - _bdot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(dd[None, :, :], (NKB, BL, BV)), PREC))
-        if HAS_H0:
+            G_L = tl.load(g_ptr + (sub0 + n_sub - 1) * H + head)
+            dS = _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L,
+                                    cols_v, v_ok, head, H, K, V, scale, NFAC, BL, BK, NKB, BV, PREC)
+        elif HAS_H0:
             tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
 
 
