@@ -732,7 +732,7 @@ def _state_bwd_kernel(
     # (dO and the scores re-read by 16 x 16 blocks, dd written twice and read once: L1 / L2 traffic)
     # and no more tensor-core work (the blocks of P^T dO above the diagonal are skipped). STAGES
     # (BWD_STAGES) changes nothing here: the chunk loop holds loops, which Triton does not pipeline
-    # (the same PTX with 1 and 2, Triton 3.9 at sm_90a; the same registers with 3.6). LOWP and INTERP
+    # (the same PTX with 1, 2 and 3, Triton 3.9 and 3.6 at sm_90a). LOWP and INTERP
     # are no longer read here (every product has a computed operand: fp32 operands, see ``_dot32``).
     for i in tl.range(0, n_chunks + 1, num_stages=STAGES):
         c = n_chunks - 1 - i
