@@ -46,9 +46,9 @@ TF32 product: fp32-level results, within the 1e-5 of the float64 reference, chec
 GPU's arithmetic emulated in the interpreter, tests/test_householder.py). Exact "ieee" fp32
 products were lowered to FMA loops that hold operand rows in registers, and every fp32 chunk and
 state kernel spilled, up to 3.4 KB per thread with Triton 3.9 and 5.3 KB with 3.6 (ptxas;
-bench/results/householder-traffic.md). With 3xTF32 the fp32 state passes take each chunk 16 rows
-at a time (``_state_fwd_chunk32``, ``_state_bwd_chunk32``), which keeps their product operands
-small. The tensor cores run three TF32 products per fp32 product. For bf16 / fp16 inputs the
+bench/results/householder-traffic.md). With 3xTF32 the fp32 forward state pass takes each chunk
+16 rows at a time (``_state_fwd_chunk32``), as the adjoint pass does for every dtype
+(``_state_bwd_chunk``), which keeps their product operands small. The tensor cores run three TF32 products per fp32 product. For bf16 / fp16 inputs the
 products of two input tiles (K K^T, Q K^T, in ``_wy_fwd_kernel``) take bf16 / fp16 operands;
 every product with a computed operand (states, Tinv, scores, d, dd, dL/dA) takes fp32 operands as TF32 (bf16 operands
 there were measured past the 1e-2 accuracy bound, see ``_dot32``). Accumulation is fp32
@@ -587,17 +587,19 @@ def _kblocks_t(ptr, rows, rows_ok, head, H, K, NKB: tl.constexpr, BK: tl.constex
 
 
 @triton.jit
-def _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L, cols_v, v_ok, head, H,
+def _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L, cols_v, v_ok, head, H,
                        K, V, scale, NFAC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
                        BV: tl.constexpr, PREC: tl.constexpr):
-    """One chunk of ``_state_bwd_kernel`` for fp32 inputs; returns the gradient of the state entering it.
+    """One chunk of ``_state_bwd_kernel`` (every dtype); returns the gradient of the state entering it.
 
     dS: (NKB, BK, BV) fp32, the gradient of the state leaving the chunk (this program's V columns
     ``cols_v``); sub0: the chunk's first sub-step (int64), n_sub its valid sub-steps; G_L: fp64, G at
     the chunk's last sub-step. Writes the chunk's dd rows (fp32, (n_sub, BV) of ``dd_ptr``).
 
-    The same formulas as the bf16 / fp16 body, 16 rows at a time as in ``_state_fwd_chunk32``, in
-    three loops: (1) per piece of 16 sub-steps, scale P^T dO of its rows by 16 x 16 blocks (16 tokens
+    dd = P^T dO + (exp(G_L - G) K) dS and dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd, the
+    adjoint of the chunk's state update (PREC: "tf32x3" for fp32 inputs, "tf32" for bf16 / fp16, whose
+    tiles are loaded as such and widened in registers), 16 rows at a time as in ``_state_fwd_chunk32``,
+    in three loops: (1) per piece of 16 sub-steps, scale P^T dO of its rows by 16 x 16 blocks (16 tokens
     at a time, only the tokens whose last sub-step is at or past the piece), written to dd; (2) per
     piece of 16 sub-steps, dd = that + (exp(G_L - G) K) dS (read back, completed, written) and its
     share - w^T dd of dS0; (3) per piece of 16 tokens, its share scale (exp(G_r) Q)^T dO of dS0. Every
@@ -704,7 +706,7 @@ def _state_bwd_kernel(
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     NKB: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr, INTERP: tl.constexpr, STAGES: tl.constexpr,
+    LOWP: tl.constexpr, INTERP: tl.constexpr,
 ):
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
@@ -716,7 +718,7 @@ def _state_bwd_kernel(
     else:
         dS = tl.zeros((NKB, BK, BV), tl.float32)
 
-    # Every dtype takes the chunk in pieces of 16 rows (``_state_bwd_chunk32``; PREC is "tf32" for bf16 /
+    # Every dtype takes the chunk in pieces of 16 rows (``_state_bwd_chunk``; PREC is "tf32" for bf16 /
     # fp16: the same products, each one TF32 product, with the 16-bit tiles loaded as such and widened
     # in registers), with one more step than chunks, in which the gradient of the initial state is
     # stored where the chunks' are (after the loop, the addresses of that store, derived from the
@@ -730,18 +732,18 @@ def _state_bwd_kernel(
     # spills at maxnreg 128, 109-128 registers (Triton 3.6 and 3.9, sm_80 and sm_90a, n = 1, 2, 3,
     # bf16 and fp16), 134-154 at maxnreg 255; 8 KB of shared memory. The same distinct bytes a chunk
     # (dO and the scores re-read by 16 x 16 blocks, dd written twice and read once: L1 / L2 traffic)
-    # and no more tensor-core work (the blocks of P^T dO above the diagonal are skipped). STAGES
-    # (BWD_STAGES) changes nothing here: the chunk loop holds loops, which Triton does not pipeline
-    # (the same PTX with 1, 2 and 3, Triton 3.9 and 3.6 at sm_90a). LOWP and INTERP
-    # are no longer read here (every product has a computed operand: fp32 operands, see ``_dot32``).
-    for i in tl.range(0, n_chunks + 1, num_stages=STAGES):
+    # and no more tensor-core work (the blocks of P^T dO above the diagonal are skipped). The chunk
+    # loop is not software-pipelined: it holds loops, which Triton does not pipeline (the same PTX
+    # with num_stages 1, 2 and 3, Triton 3.9 and 3.6 at sm_90a). LOWP and INTERP are not read here
+    # (every product has a computed operand: fp32 operands, see ``_dot32``).
+    for i in range(0, n_chunks + 1):
         c = n_chunks - 1 - i
         if c >= 0:
             tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off,
                      dS.to(dstates_ptr.dtype.element_ty), mask=smask)
             sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
             G_L = tl.load(g_ptr + (sub0 + n_sub - 1) * H + head)
-            dS = _state_bwd_chunk32(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L,
+            dS = _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L,
                                     cols_v, v_ok, head, H, K, V, scale, NFAC, BL, BK, NKB, BV, PREC)
         elif HAS_H0:
             tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
@@ -1238,26 +1240,25 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # itself, ptxas caps some of them at 32 or 128 registers and spills far more (Triton 3.6, sm_80:
     # fp32 adjoint state pass 19.5 KB at 32 registers, 5.4 KB at 255; bf16 forward state pass 6.1 KB
     # at 128, 3.4 KB at 255; Triton 3.9, fp32 chunk-local backward 6.1 KB at 128, 3.2 KB at 255).
-    # BWD_MAXNREG: the adjoint state pass's ceiling. For fp32 inputs with K <= 128 it is 128: that
-    # kernel fits in 116-128 registers without spilling (Triton 3.6 and 3.9, sm_80 and sm_90a), so
-    # two 8-warp programs share an SM. The state passes walk the chunks one after another, one
-    # program per (sequence, head, 16 columns of V): at (B, T, H, K = V) = (1, 8192, 32, 128) that
-    # is 256 programs, two waves on 132 SMs at one program per SM and one wave at two. (bf16 / fp16
-    # at 128: see bench/results/householder-traffic.md.)
-    # STAGES / BWD_STAGES: software-pipelining depth of the forward / adjoint state pass's chunk loop
-    # (fp32: 1, two stages of its fp32 tiles would not fit in shared memory). bf16 / fp16: the adjoint
-    # pass takes 2, with which Triton 3.6 spills nothing (with 3: 52 B at sm_90a with both HAS_DFINAL and
-    # HAS_H0); the forward pass 3 (with 2 or 3 no specialisation spills, Triton 3.6 and 3.9, sm_80 and
-    # sm_90a; 3 holds 138-155 KB of shared memory with o, 2 holds 77-94 KB; only timings can choose).
+    # BWD_MAXNREG: the adjoint state pass's ceiling, 128 for K <= 128: it fits in 109-128 registers
+    # without spilling (every dtype, n = 1, 2, 3, Triton 3.6 and 3.9, sm_80 and sm_90a; K = 256 spills
+    # up to 112 B at 128), so two 8-warp programs share an SM. The state passes walk the chunks one
+    # after another, one program per (sequence, head, 16 columns of V): at (B, T, H, K = V) =
+    # (1, 8192, 32, 128) that is 256 programs, two waves on 132 SMs at one program per SM and one
+    # wave at two.
+    # STAGES: software-pipelining depth of the forward state pass's chunk loop (fp32: 1, two stages
+    # of its fp32 tiles would not fit in shared memory; bf16 / fp16: 3, and with 2 or 3 no
+    # specialisation spills, Triton 3.6 and 3.9, sm_80 and sm_90a; 3 holds 138-155 KB of shared
+    # memory with o, 2 holds 77-94 KB: only timings can choose).
     # Measured at the launches' alignment (aot_specs' divisible_by_16), bench/results/householder-traffic.md.
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "tf32x3"
-    bwd_maxnreg = 128 if not half and BKF <= 128 else 255
+    bwd_maxnreg = 128 if BKF <= 128 else 255
     return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
                                                num_warps=num_warps, MAXNREG=255, BWD_MAXNREG=bwd_maxnreg,
-                                               STAGES=3 if half else 1, BWD_STAGES=2 if half else 1, PREC=prec,
+                                               STAGES=3 if half else 1, PREC=prec,
                                                LOWP=half, INTERP=interpret),
-                           ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES", "BWD_STAGES", "MAXNREG", "BWD_MAXNREG"))
+                           ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES", "MAXNREG", "BWD_MAXNREG"))
 
 
 def _launch_args(n: int, cfg: dict) -> tuple:
@@ -1444,7 +1445,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _state_bwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
             t["q"], t["k"], f["w"], f["qk"], f["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd,
             cu_tok, cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None,
-            STAGES=cfg["BWD_STAGES"], **dict(state_args, maxnreg=cfg["BWD_MAXNREG"]))
+            **dict(state_args, maxnreg=cfg["BWD_MAXNREG"]))
     # w is not read by the chunk-local kernel: freed before its outputs are allocated, which lowers
     # the backward's peak memory by w.
     del f["w"]
@@ -1505,16 +1506,15 @@ def _under_static_budget(kernel, elem: str, constexprs: dict):
     fields that replace the entry's, or False (left out). Every specialisation but one is held, at
     sm_90a with Triton 3.9 and 3.6, compiled at the launches' alignment and register ceilings
     (``aot_specs``): no spills, one program per SM (at most 255 registers x 256 threads), and two for
-    the fp32 adjoint state pass, launched with ``maxnreg`` 128 (``_config``'s BWD_MAXNREG).
+    the adjoint state pass, launched with ``maxnreg`` 128 (``_config``'s BWD_MAXNREG).
 
     Left out: the fp32 chunk-local backward with the gate, which spills under Triton 3.6 (20 / 92 B
     at sm_80 / sm_90a, stored before its first loop and loaded after its last; none with 3.9).
     Registers per thread (ptxas -v, K = V = 128; bench/results/householder-traffic.md has the
-    tables): 77-255 in the budgeted kernels, the fp32 adjoint state pass 116-128; the other state
-    passes 197-255 at 8 warps (the <= 128 of issue 14 reached by the fp32 adjoint pass only). No
+    tables): the adjoint state pass 115-128, the forward state pass STATE_FWD_REGS, the others 77-255. No
     specialisation spills at sm_80 either (not budgeted: the budget is sm_90a's) but that one.
     """
-    if kernel is _state_bwd_kernel and elem == "fp32":
+    if kernel is _state_bwd_kernel:
         return {"programs_per_sm": 2}
     if kernel is _local_bwd_kernel and elem == "fp32":
         return not constexprs["HAS_GATE"]
@@ -1578,7 +1578,7 @@ def _plain_specs():
         for has_dfinal in (False, True):
             for has_h0 in (False, True):
                 yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
-                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["BWD_STAGES"], **state_args), nw, elem,
+                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, **state_args), nw, elem,
                        {"maxnreg": cfg["BWD_MAXNREG"]})
         for gate in (False, True):
             yield (_local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw, elem,
