@@ -1511,7 +1511,7 @@ def _under_static_budget(kernel, elem: str, constexprs: dict):
     Left out: the fp32 chunk-local backward with the gate, which spills under Triton 3.6 (20 / 92 B
     at sm_80 / sm_90a, stored before its first loop and loaded after its last; none with 3.9).
     Registers per thread (ptxas -v, K = V = 128; bench/results/householder-traffic.md has the
-    tables): the adjoint state pass 115-128, the forward state pass STATE_FWD_REGS, the others 77-255. No
+    tables): the adjoint state pass 115-128, the forward state pass 197-255, the others 77-255. No
     specialisation spills at sm_80 either (not budgeted: the budget is sm_90a's) but that one.
     """
     if kernel is _state_bwd_kernel:
