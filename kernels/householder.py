@@ -17,15 +17,16 @@ hard reset does not wipe out the small gates after it), and::
 Forward: ``_wy_fwd_kernel`` (all chunks in parallel, everything that does not depend on the
 carried state: A; Tinv by 16 x 16 diagonal blocks, inverted together by forward substitution in
 15 steps and merged by doubling with products, see ``_unit_lower_inverse``; w, G and the causal
-part of Q K^T, once per chunk) then ``_state_fwd_kernel`` (per sequence, head and block of V
+part of Q K^T, once per chunk), then ``_state_fwd_kernel`` (per sequence, head and block of V
 columns, sequentially over chunks: u = Tinv diag(beta) V for its V columns, never stored, d, the
-outputs and the final state). ``S1 = M S0 + c`` is affine in S0, so the state pass is one
-(BL x K) x (K x BV) product and one update per chunk. The fp32 state stays in registers across
-the chunk loop (a (K / BK, BK, BV) tile: the K-long products are batched over K blocks), so the
-forward writes no chunk states at all. The forward hands Tinv to the backward (the op's autograd
-saves it; ``return_saved``); the backward reruns ``_wy_fwd_kernel`` reading it (w, G, Q K^T: no
-K K^T, no inverse) and the state pass, which then writes the chunk-entry states and
-d = u - w S0 instead of the outputs.
+state entering every chunk and the final state), then ``_output_kernel`` (all chunks in parallel:
+o from Q, Q K^T, the chunk-entry states and d). ``S1 = M S0 + c`` is affine in S0, so the state
+pass holds only the products with the carried state (w S0 and the update) and runs them 16
+sub-steps at a time; its fp32 state stays in registers across the chunk loop (a (K / BK, BK, BV)
+tile: the K-long products are batched over K blocks). Everything that does not depend on the
+carried state is in the chunk-parallel kernels. The forward hands Tinv to the backward (the op's
+autograd saves it; ``return_saved``); the backward reruns ``_wy_fwd_kernel`` reading it (w, G,
+Q K^T: no K K^T, no inverse) and the state pass, for the chunk-entry states and d.
 
 Decoding: ``_recurrent_fwd_kernel`` applies the sub-steps one by one with the state
 in registers; the op uses it for forward passes of at most ``RECURRENT_MAX_T`` tokens.
@@ -46,16 +47,18 @@ TF32 product: fp32-level results, within the 1e-5 of the float64 reference, chec
 GPU's arithmetic emulated in the interpreter, tests/test_householder.py). Exact "ieee" fp32
 products were lowered to FMA loops that hold operand rows in registers, and every fp32 chunk and
 state kernel spilled, up to 3.4 KB per thread with Triton 3.9 and 5.3 KB with 3.6 (ptxas;
-bench/results/householder-traffic.md). With 3xTF32 the fp32 forward state pass takes each chunk
-16 rows at a time (``_state_fwd_chunk32``), as the adjoint pass does for every dtype
-(``_state_bwd_chunk``), which keeps their product operands small. The tensor cores run three TF32 products per fp32 product. For bf16 / fp16 inputs the
+bench/results/householder-traffic.md). With 3xTF32 the state passes take each chunk 16 rows at a
+time for every dtype (``_state_fwd_chunk``, ``_state_bwd_chunk``), which keeps their product
+operands small. The tensor cores run three TF32 products per fp32 product. For bf16 / fp16 inputs the
 products of two input tiles (K K^T, Q K^T, in ``_wy_fwd_kernel``) take bf16 / fp16 operands;
-every product with a computed operand (states, Tinv, scores, d, dd, dL/dA) takes fp32 operands as TF32 (bf16 operands
-there were measured past the 1e-2 accuracy bound, see ``_dot32``). Accumulation is fp32
-throughout, and the state passes carry the states in fp32; w, Tinv and the chunk states and
-their gradients handed to the chunk-local backward are stored in the inputs' dtype (the states:
-bf16 relative errors up to 6.0e-3 instead of 4.6e-3, measured with TF32 emulated), Q K^T, d and
-dd in fp32, and the kernels write every gradient in its input's dtype.
+every product with a computed operand (Tinv, scores, d, dd, dL/dA) takes fp32 operands as TF32 (bf16 operands
+there were measured past the 1e-2 accuracy bound, see ``_dot32``), but Q S0 in ``_output_kernel``,
+whose S0 is stored in the inputs' dtype. Accumulation is fp32 throughout, and the state passes
+carry the states in fp32; w, Tinv and the chunk states and their gradients handed to the
+chunk-parallel kernels are stored in the inputs' dtype (the states: bf16 relative errors of the
+gradients up to 6.0e-3 instead of 4.6e-3, measured with TF32 emulated; of o 4.6e-3 / 4.8e-3 instead
+of 4.4e-3 / 3.5e-3 at K = 16 / 128, interpreter), Q K^T, d and dd in fp32, and the kernels write
+every gradient in its input's dtype.
 
 Only plain pointer arithmetic with masks is used (no block pointers), and offsets
 that can pass 2**31 are int64.
@@ -399,183 +402,202 @@ def _state_slice(cols_v, v_ok, K, V, NKB: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr, g_ptr, o_ptr, sub0, n_sub,
-                       valid_tok, tok, G_L, G_r, cols_v, v_ok, head, H, K, V, scale,
-                       NFAC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
-                       BV: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr):
-    """One chunk of ``_state_fwd_kernel`` for fp32 inputs; returns the state leaving the chunk.
+def _state_fwd_chunk(S, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, sub0, n_sub, G_L, head, H, K, V,
+                     BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of ``_state_fwd_kernel`` (every dtype); returns the state leaving the chunk.
 
-    The same formulas as the bf16 / fp16 body, with the chunk's BL rows taken 16 at a time: per
-    piece of 16 sub-steps, u and d = u - w S0 of its rows (Tinv's rows of the piece against the whole
-    of diag(beta) V), its share of the read-outs (the scores' 16 columns of the piece times d's 16 rows)
-    and of the state update (16 rows of K and d). Each piece's tiles are a quarter of the chunk's:
-    every product is a 3xTF32 product (three tensor-core products on hi / lo splits of both
-    operands), whose operands in the whole chunk's size spilled (ptxas: 0.1-1 KB per thread with
-    Triton 3.9, 2-5 KB with 3.6). The pieces are a loop, not unrolled, so that only one piece's tiles
-    are live at a time.
+    S: (NKB, BK, BV) fp32, the state entering the chunk (this program's BV columns of V, from
+    ``program_id(0) * BV``); sub0: the chunk's first sub-step (int64), n_sub its valid sub-steps;
+    G_L: fp64, G at its last sub-step. Writes d = u - w S0 of the chunk's sub-steps ((n_sub, BV) of
+    ``d_ptr``, fp32) and returns S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d.
 
-    The piece's u = Tinv[piece rows] diag(beta) V, a product reducing over the chunk's BL sub-steps,
-    is batched over blocks of 16 of them as the K-long products are over K blocks (Tinv's piece as a
-    (BL / 16, 16, 16) tile, diag(beta) V as (BL / 16, 16, BV), the batch summed): as one (16, BL) x
-    (BL, BV) product, its 16 rows put the whole (16, BL) operand, hi and lo parts, in the registers
-    of every one of the 8 warps (ptxas, Triton 3.6, writing o: 8 / 32 B of spills at sm_80 / sm_90a;
-    batched 0 / 16 B, the rest being the final state's addresses, see the kernel).
-    Without o it also frees registers: 242 -> 226 at sm_80 with 3.6, 250 -> 215 with 3.9."""
-    tok_rows = tl.arange(0, BC)
-    rows3 = tl.arange(0, BL // 16)[:, None] * 16 + tl.arange(0, 16)[None, :]    # (BL / 16, 16) sub-step rows
-    ok3 = rows3 < n_sub
-    sub3 = (sub0 + rows3).to(tl.int64)
-    beta = tl.load(beta_ptr + sub3 * H + head, mask=ok3, other=0.0).to(tl.float32)
-    vv = tl.load(v_ptr + (sub3[:, :, None] * H + head) * V + cols_v[None, None, :],
-                 mask=ok3[:, :, None] & v_ok[None, None, :], other=0.0).to(tl.float32)
-    x = vv * beta[:, :, None]                                                   # diag(beta) V: (BL / 16, 16, BV)
-    finite = tl.abs(x) < float("inf")      # (as _split_nonfinite, on the 3-D tile)
-    first_bad_u = tl.min(tl.min(tl.where(finite, BL, rows3[:, :, None]), axis=1), axis=0)
-    rhs = tl.where(finite, x, 0.0)
-    r = tok_rows * NFAC + NFAC - 1                                              # each token's last sub-step
+    The chunk is taken 16 sub-steps at a time, in a loop that is neither unrolled nor software-
+    pipelined (``num_stages=1``), so that one piece's tiles are live at a time: per piece, u =
+    Tinv diag(beta) V of its rows, as a loop over the 16-row blocks of the reduction up to the piece
+    (Tinv is lower triangular: the blocks past it are zeros), diag(beta) V's block loaded there (v
+    and beta re-read per piece: L1 / L2 hits, no (BL, BV) operand held across the piece loop); then
+    d = u - w S0 of its rows and its share of the state update, with k's piece loaded transposed,
+    (NKB, BK, 16), so that the update is a batched product with no permute of its result. Every
+    product has a computed operand and takes fp32 operands (PREC: "tf32x3" for fp32 inputs, "tf32" for
+    bf16 / fp16, whose tiles are loaded as such and widened in registers).
+
+    Registers (ptxas, K = V = 128, 8 warps, sm_80 and sm_90a, Triton 3.6 and 3.9): the whole chunk at
+    once (bf16 / fp16: (BL, BL) x (BL, BV) u, (NKB, BL, BK) w and k tiles) took 197-254 registers at
+    maxnreg 255 and spilled 80-296 B at 128 (writing d, without the outputs); by pieces it fits the
+    launch's maxnreg 128 without spills (bench/results/householder-traffic.md has the table).
+    Non-finite values: a NaN / inf of diag(beta) V is zeroed in the product and put back by
+    ``_poison_from`` in the rows at or past it (Tinv's rows past a non-finite k are NaN already)."""
+    # Chunk-local row indices are int32 against 64-bit base pointers of the chunk, which also hold
+    # the head and the program's first V column. The int32 offsets stay below 64 H max(K, V, BL),
+    # under 2**31 for H max(K, V) < 2**25.
+    n_sub = n_sub.to(tl.int32)
+    c0 = tl.program_id(0) * BV                           # this program's first V column
+    cols_v = tl.arange(0, BV)                            # (its V columns, from c0)
+    v_ok = cols_v < V - c0
+    g_c = g_ptr + sub0 * H + head
+    k_c = k_ptr + (sub0 * H + head) * K
+    w_c = w_ptr + (sub0 * H + head) * K
+    v_c = v_ptr + (sub0 * H + head) * V + c0
+    d_c = d_ptr + (sub0 * H + head) * V + c0
+    beta_c = beta_ptr + sub0 * H + head
+    tinv_c = tinv_ptr + (sub0 * H + head) * BL
     S_next = tl.exp(G_L.to(tl.float32)) * S
-    if STORE_O:
-        q = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
-        o = tl.sum(_bdot(q, S, PREC), axis=0) * tl.exp(G_r.to(tl.float32))[:, None]      # exp(G_r) Q S0
-    else:
-        o = tl.zeros((BC, BV), tl.float32)
-    first_bad = tl.full((BV,), BL, tl.int32)
-    for p0 in range(0, n_sub, 16):    # (runtime bounds: the valid pieces only, a loop, not unrolled)
-        rp = (p0 + tl.arange(0, 16)).to(tl.int32)        # the piece's rows within the chunk
+    for p0 in tl.range(0, n_sub, 16, num_stages=1):
+        rp = p0 + tl.arange(0, 16)                       # the piece's sub-step rows within the chunk
         ok = rp < n_sub
-        sub_p = (sub0 + rp).to(tl.int64)
-        G_p = tl.load(g_ptr + sub_p * H + head, mask=ok, other=0.0)
-        # the piece's rows of Tinv, columns in blocks of 16: (BL / 16, 16, 16)
-        tinv = tl.load(tinv_ptr + (sub_p[None, :, None] * H + head) * BL + rows3[:, None, :], mask=ok[None, :, None],
-                       other=0.0)
-        u = _poison_from(tl.sum(_bdot(tinv, rhs, PREC), axis=0), rp, first_bad_u)
-        w = _kblocks(w_ptr, sub_p, ok, head, H, K, NKB, BK)
+        u = tl.zeros((16, BV), tl.float32)
+        first_bad_u = tl.full((BV,), BL, tl.int32)
+        for j0 in tl.range(0, p0 + 16, 16, num_stages=1):
+            rj = j0 + tl.arange(0, 16)
+            okj = rj < n_sub
+            beta_j = tl.load(beta_c + rj * H, mask=okj, other=0.0).to(tl.float32)
+            v_j = tl.load(v_c + rj[:, None] * H * V + cols_v[None, :], mask=okj[:, None] & v_ok[None, :],
+                          other=0.0).to(tl.float32)
+            rhs_j, bad_j = _split_nonfinite(v_j * beta_j[:, None], rj, BL)
+            first_bad_u = tl.minimum(first_bad_u, bad_j)
+            tinv_j = tl.load(tinv_c + rp[:, None] * H * BL + rj[None, :], mask=ok[:, None], other=0.0)
+            u += _dot32(tinv_j, rhs_j, PREC)
+        u = _poison_from(u, rp, first_bad_u)
+        w = _kblocks(w_c, rp, ok, 0, H, K, NKB, BK)
         d = u - tl.sum(_bdot(w, S, PREC), axis=0)                                # (16, BV)
-        if STORE_O:
-            read = (rp[None, :] <= r[:, None]) & ok[None, :] & valid_tok[:, None]
-            decay_read = tl.exp(tl.where(read, (G_r[:, None] - G_p[None, :]).to(tl.float32), float("-inf")))
-            qk = tl.load(qk_ptr + (tok[:, None] * H + head) * BL + rp[None, :], mask=read, other=0.0)
-            scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
-            d_finite, bad = _split_nonfinite(d, rp, BL)
-            first_bad = tl.minimum(first_bad, bad)
-            o += _dot32(scores, d_finite, PREC)
-        else:
-            tl.store(o_ptr + (sub_p[:, None] * H + head) * V + cols_v[None, :], d.to(o_ptr.dtype.element_ty),
-                     mask=ok[:, None] & v_ok[None, :])
+        tl.store(d_c + rp[:, None] * H * V + cols_v[None, :], d.to(d_ptr.dtype.element_ty),
+                 mask=ok[:, None] & v_ok[None, :])
+        # S1 += (exp(G_L - G) K)^T d for the piece's rows; the decays scale the rows of d, a 2-D
+        # (16, BV) tile, not the 3-D k tile (whose layout Triton 3.6 replicated per-row vectors in).
+        G_p = tl.load(g_c + rp * H, mask=ok, other=0.0)
         decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
-        kk = _kblocks(k_ptr, sub_p, ok, head, H, K, NKB, BK)
-        dT = tl.broadcast_to(tl.trans(d * decay_last[:, None])[None, :, :], (NKB, BV, 16))
-        S_next += tl.permute(_bdot(dT, kk, PREC), (0, 2, 1))
-    if STORE_O:
-        o = _poison_from(scale * o, r, first_bad)
-        tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=valid_tok[:, None] & v_ok[None, :])
+        kT = _kblocks_t(k_c, rp, ok, 0, H, K, NKB, BK)                          # (NKB, BK, 16)
+        S_next += _bdot(kT, tl.broadcast_to((d * decay_last[:, None])[None, :, :], (NKB, 16, BV)), PREC)
     return S_next
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward kernel 2: the state pass over chunks, with the outputs. The forward writes the
-# outputs and the final state only; the backward's recomputation (STORE_O false) writes
-# instead the state entering every chunk and d = u - w S0, which its chunk-local kernel reads.
+# Forward kernel 2: the state pass over chunks. It writes the state entering every chunk and
+# d = u - w S0 of every sub-step (for ``_output_kernel`` in the forward, for the chunk-local
+# backward in the backward's recomputation), and the final state when asked (the forward).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _state_fwd_kernel(
-    q_ptr,        # (B*T, H, K)
     k_ptr,        # (B*T*n, H, K)
     v_ptr,        # (B*T*n, H, V)
     beta_ptr,     # (B*T*n, H)
     w_ptr,        # (B*T*n, H, K) work dtype
     tinv_ptr,     # (B*T*n, H, BL) work dtype
-    qk_ptr,       # (B*T, H, BL) fp32: the causal part of Q K^T, read when STORE_O
     g_ptr,        # (B*T*n, H) fp64
     h0_ptr,       # (N, H, K, V) initial states, read when HAS_H0
-    o_ptr,        # out (B*T, H, V) when STORE_O; else out (B*T*n, H, V) fp32: d, for the backward
-    states_ptr,   # out (total chunks, H, K, V) fp32, when not STORE_O: the state entering every chunk
-    final_ptr,    # out (N, H, K, V) fp32, written when STORE_O (the backward does not need it)
+    d_ptr,        # out (B*T*n, H, V) fp32: d = u - w S0
+    states_ptr,   # out (total chunks, H, K, V) state dtype: the state entering every chunk
+    final_ptr,    # out (N, H, K, V) fp32, written when HAS_FINAL
     cu_tok_ptr,   # (N + 1,) int64 token offsets
     cu_chunk_ptr,  # (N + 1,) int64 chunk offsets (index of a sequence's first chunk)
-    H, K, V, scale,
-    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    NKB: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr, INTERP: tl.constexpr, STAGES: tl.constexpr,
+    H, K, V,
+    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+    BV: tl.constexpr, HAS_H0: tl.constexpr, HAS_FINAL: tl.constexpr, PREC: tl.constexpr,
 ):
+    """One program per (block of BV columns of V, sequence * head), sequential over the sequence's
+    chunks, its (K, BV) fp32 slice of the state in registers across the chunk loop. Only the products
+    that depend on the carried state are here (d = u - w S0 and the state update, ``_state_fwd_chunk``);
+    the outputs are ``_output_kernel``'s, chunk-parallel."""
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
-    tok_rows = tl.arange(0, BC)
-    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
-    v_ok = cols_v < V
-    s_off, smask = _state_slice(cols_v, v_ok, K, V, NKB, BK)
+    # The state slice's offsets are int32, from 64-bit pointers to this program's first column of its
+    # head's (K, V) state (held across the chunk loop: 64-bit offsets there spilled, fp32 at maxnreg 128).
+    c0 = tl.program_id(0) * BV
+    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    s_off = rows_k * V + tl.arange(0, BV)[None, None, :]
+    smask = (rows_k < K) & (tl.arange(0, BV) < V - c0)[None, None, :]
+    states_ptr += head * K * V + c0
     if HAS_H0:
-        S = tl.load(h0_ptr + seq_state + s_off, mask=smask, other=0.0).to(tl.float32)
+        S = tl.load(h0_ptr + seq_state + c0 + s_off, mask=smask, other=0.0).to(tl.float32)
     else:
         S = tl.zeros((NKB, BK, BV), tl.float32)
+    # One more step than chunks, in which the final state is stored where the chunk states are (as
+    # in ``_state_bwd_kernel``: no addresses of a store after the loop held across it). The chunk
+    # loop holds the piece loops, which Triton does not software-pipeline: the next chunk's tiles
+    # are not prefetched, and two programs share an SM instead (maxnreg 128).
+    for c in range(0, n_chunks + 1):
+        if c < n_chunks:
+            tl.store(states_ptr + (chunk_base + c) * H * K * V + s_off, S.to(states_ptr.dtype.element_ty), mask=smask)
+            tok0 = bos + c * CT                          # (int64: the offsets are)
+            n_sub = tl.minimum(eos - tok0, CT) * NFAC
+            G_L = tl.load(g_ptr + (tok0 * NFAC + n_sub - 1) * H + head)
+            S = _state_fwd_chunk(S, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, tok0 * NFAC, n_sub, G_L,
+                                 head, H, K, V, BL, BK, NKB, BV, PREC)
+        elif HAS_FINAL:
+            tl.store(final_ptr + seq_state + c0 + s_off, S, mask=smask)
 
-    # STAGES: how many chunks' tiles the compiler may have in flight (software pipelining of the
-    # chunk loop); fp32 tiles take 1 (three stages of w, u and k need 189 KB of shared memory).
-    for c in tl.range(0, n_chunks, num_stages=STAGES):
-        sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
-        G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, sub, tok_rows, valid, valid_tok, sub0, n_sub,
-                                                            head, H, NFAC, BL)
-        if not STORE_O:
-            tl.store(states_ptr + ((chunk_base + c) * H + head) * K * V + s_off, S.to(states_ptr.dtype.element_ty),
-                     mask=smask)
-        if not LOWP:
-            S = _state_fwd_chunk32(S, q_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, qk_ptr, g_ptr, o_ptr, sub0, n_sub,
-                                   valid_tok, tok, G_L, G_r, cols_v, v_ok, head, H, K, V, scale,
-                                   NFAC, BL, BC, BK, NKB, BV, STORE_O, PREC)
-        else:
-            v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
-            vmask = valid[:, None] & v_ok[None, :]
-            # u = Tinv diag(beta) V for this program's V columns (the rows of the chunk-local WY
-            # factor u, never stored), then d = u - w S0.
-            # beta's addresses, and those of the store of d below, are computed from the chunk's first
-            # sub-step sub0, not from ``sub`` / ``v_off``: the software pipeliner issues the tiles'
-            # loads STAGES - 1 chunks ahead, and any value they share with this body's plain loads (beta,
-            # too small for an asynchronous copy) and stores is carried across iterations in registers,
-            # one copy per chunk in flight: the (BL,) int64 sub-steps for beta, the (BL, BV) int64
-            # offsets for d. Triton 3.6 spilled them at sm_80 (ptxas: 104 B for bf16 with o, 64 B for
-            # fp16 with o, 8 B for bf16 writing d; now 0).
-            rows = tl.arange(0, BL)
-            tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
-            beta = tl.load(beta_ptr + (sub0.to(tl.int64) * H + head) + rows * H, mask=valid, other=0.0).to(tl.float32)
-            vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
-            rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)
-            u = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad_u)
-            w = _kblocks(w_ptr, sub, valid, head, H, K, NKB, BK)
-            d = u - tl.sum(_bdot(w, S, PREC), axis=0)
-            if STORE_O:
-                # o = scale (exp(G_r) Q S0 + P d). Non-finite rows of d (sub-steps at or after a
-                # NaN/inf input) reach only the tokens whose last sub-step r is at or past them.
-                q = _kblocks(q_ptr, tok, valid_tok, head, H, K, NKB, BK)
-                qk = _load_scores(qk_ptr, tok, valid, valid_tok, head, H, NFAC, BL, BC)
-                d_finite, first_bad = _split_nonfinite(d, rows, BL)
-                scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
-                o = scale * (tl.sum(_bdot(q, S, PREC), axis=0) * tl.exp(G_r.to(tl.float32))[:, None]
-                             + _dot32(scores, d_finite, PREC))
-                o = _poison_from(o, tok_rows * NFAC + NFAC - 1, first_bad)
-                tl.store(o_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
-                         mask=valid_tok[:, None] & v_ok[None, :])
-            else:
-                tl.store(o_ptr + (sub0.to(tl.int64) * H + head) * V + (rows.to(tl.int64) * H * V)[:, None]
-                         + cols_v[None, :], d.to(o_ptr.dtype.element_ty), mask=vmask)
-            # S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, computed as ((exp(G_L - G) d)^T K)^T: with d (a
-            # dot result) as the second operand, Triton 3.6 fails to compile the tf32 product for sm_90.
-            # The decays exp(G_L - G_m) scale the rows of d, a (BL, BV) tile, not those of the (NKB, BL,
-            # BK) k tile: the same product, but the (BL,) decays are not broadcast into the 3-D tile's
-            # layout, where Triton 3.6 held them replicated (bf16 with o: 3.6 KB -> 1.7 KB of spills at sm_90a).
-            kk = _kblocks(k_ptr, sub, valid, head, H, K, NKB, BK)
-            dT = tl.broadcast_to(tl.trans(d * decay_last[:, None])[None, :, :], (NKB, BV, BL))
-            S = tl.exp(G_L.to(tl.float32)) * S + tl.permute(_bdot(dT, kk, PREC), (0, 2, 1))
-    if STORE_O:
-        if LOWP:
-            tl.store(final_ptr + seq_state + s_off, S, mask=smask)
-        else:
-            # fp32: the final state's offsets are computed anew (pid_nh = seq * H + head, so seq_state =
-            # pid_nh * K * V), not kept from the h0 load across the chunk loop, where ptxas spilled them
-            # under Triton 3.6 (16 B at sm_90a). (With bf16 / fp16 this costs Triton 3.9 registers, up to
-            # 234 -> 254, and spills nothing either way.)
-            rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
-            f_off = tl.program_id(1).to(tl.int64) * K * V + rows_k.to(tl.int64) * V + cols_v[None, None, :]
-            tl.store(final_ptr + f_off, S, mask=(rows_k < K) & (cols_v < V)[None, None, :])
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel 3: the outputs, all chunks in parallel, from the states the state pass wrote.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _output_kernel(
+    q_ptr,        # (B*T, H, K)
+    qk_ptr,       # (B*T, H, BL) fp32: the causal part of Q K^T (from _wy_fwd_kernel)
+    g_ptr,        # (B*T*n, H) fp64
+    states_ptr,   # (total chunks, H, K, V) state dtype: the state entering every chunk
+    d_ptr,        # (B*T*n, H, V) fp32: d = u - w S0
+    o_ptr,        # out (B*T, H, V) q's dtype
+    cu_tok_ptr, cu_chunk_ptr,
+    H, K, V, scale,
+    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.constexpr,
+):
+    """One program per (chunk, sequence * head, block of BV columns of V):
+    o = scale (exp(G_r) Q S0 + P d) for the chunk's tokens, P = (exp(G_r - G_m) Q K^T)_{m <= r} the
+    read-out scores (Q K^T from ``_wy_fwd_kernel``), r a token's last sub-step.
+
+    Q S0 takes operands in the inputs' dtype for bf16 / fp16 (the chunk states are stored in it; the
+    tensor cores' full rate), 3xTF32 for fp32 (``_mm``); P d fp32 operands (``_dot32``). Non-finite rows
+    of d (sub-steps at or after a NaN / inf input) reach only the tokens whose last sub-step is at or
+    past them (``_split_nonfinite`` / ``_poison_from``); a non-finite state reaches every token."""
+    chunk = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    seq = pid_nh // H
+    head = pid_nh % H
+    bos = tl.load(cu_tok_ptr + seq)
+    eos = tl.load(cu_tok_ptr + seq + 1)
+    tok0 = bos + chunk * CT
+    if tok0 >= eos:
+        return
+    chunk_idx = tl.load(cu_chunk_ptr + seq) + chunk
+    n_tok = tl.minimum(eos - tok0, CT)
+    sub0 = tok0 * NFAC
+    # Pointers moved once to the chunk, its rows int32 offsets from there (as in _local_bwd_kernel).
+    q_ptr += tok0 * H * K + head * K
+    qk_ptr += tok0 * H * BL + head * BL
+    o_ptr += tok0 * H * V + head * V
+    d_ptr += sub0 * H * V + head * V
+    g_ptr += sub0 * H + head
+    states_ptr += (chunk_idx * H + head) * K * V
+    rows = tl.arange(0, BL)
+    tok_rows = tl.arange(0, BC)
+    valid = rows < n_tok * NFAC
+    valid_tok = tok_rows < n_tok
+    cols_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    v_ok = cols_v < V
+
+    qs = tl.zeros((BC, BV), tl.float32)                  # Q S0, over blocks of BK columns of K
+    for k0 in range(0, K, BK):
+        cols_k = k0 + tl.arange(0, BK)
+        k_ok = cols_k < K
+        q = tl.load(q_ptr + tok_rows[:, None] * H * K + cols_k[None, :], mask=valid_tok[:, None] & k_ok[None, :],
+                    other=0.0)
+        s0 = tl.load(states_ptr + cols_k[:, None] * V + cols_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
+                     other=0.0)
+        qs += _mm(q, s0, q_ptr, PREC, LOWP, INTERP)
+    r = tok_rows * NFAC + NFAC - 1                       # each token's last sub-step
+    G_r = tl.load(g_ptr + r * H, mask=valid_tok, other=0.0)
+    G = tl.load(g_ptr + rows * H, mask=valid, other=0.0)
+    read = (rows[None, :] <= r[:, None]) & valid[None, :] & valid_tok[:, None]
+    decay_read = tl.exp(tl.where(read, (G_r[:, None] - G[None, :]).to(tl.float32), float("-inf")))
+    qk = tl.load(qk_ptr + tok_rows[:, None] * H * BL + rows[None, :], mask=read, other=0.0)
+    scores = tl.where(decay_read > 0.0, decay_read * qk, 0.0)
+    d = tl.load(d_ptr + rows[:, None] * H * V + cols_v[None, :], mask=valid[:, None] & v_ok[None, :], other=0.0)
+    d_finite, first_bad = _split_nonfinite(d, rows, BL)
+    o = scale * (qs * tl.exp(G_r.to(tl.float32))[:, None] + _dot32(scores, d_finite, PREC))
+    o = _poison_from(o, r, first_bad)
+    tl.store(o_ptr + tok_rows[:, None] * H * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=valid_tok[:, None] & v_ok[None, :])
 
 
 @triton.jit
@@ -588,8 +610,8 @@ def _kblocks_t(ptr, rows, rows_ok, head, H, K, NKB: tl.constexpr, BK: tl.constex
 
 @triton.jit
 def _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L, cols_v, v_ok, head, H,
-                       K, V, scale, NFAC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
-                       BV: tl.constexpr, PREC: tl.constexpr):
+                     K, V, scale, NFAC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+                     BV: tl.constexpr, PREC: tl.constexpr):
     """One chunk of ``_state_bwd_kernel`` (every dtype); returns the gradient of the state entering it.
 
     dS: (NKB, BK, BV) fp32, the gradient of the state leaving the chunk (this program's V columns
@@ -598,7 +620,7 @@ def _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub
 
     dd = P^T dO + (exp(G_L - G) K) dS and dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd, the
     adjoint of the chunk's state update (PREC: "tf32x3" for fp32 inputs, "tf32" for bf16 / fp16, whose
-    tiles are loaded as such and widened in registers), 16 rows at a time as in ``_state_fwd_chunk32``,
+    tiles are loaded as such and widened in registers), 16 rows at a time as in ``_state_fwd_chunk``,
     in three loops: (1) per piece of 16 sub-steps, scale P^T dO of its rows by 16 x 16 blocks (16 tokens
     at a time, only the tokens whose last sub-step is at or past the piece), written to dd; (2) per
     piece of 16 sub-steps, dd = that + (exp(G_L - G) K) dS (read back, completed, written) and its
@@ -704,9 +726,8 @@ def _state_bwd_kernel(
     dd_ptr,       # out (B*T*n, H, V) fp32: dL/dd, for the chunk-local kernel
     cu_tok_ptr, cu_chunk_ptr,
     H, K, V, scale,
-    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    NKB: tl.constexpr, BV: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr, INTERP: tl.constexpr,
+    NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+    BV: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
 ):
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
     cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
@@ -734,17 +755,18 @@ def _state_bwd_kernel(
     # (dO and the scores re-read by 16 x 16 blocks, dd written twice and read once: L1 / L2 traffic)
     # and no more tensor-core work (the blocks of P^T dO above the diagonal are skipped). The chunk
     # loop is not software-pipelined: it holds loops, which Triton does not pipeline (the same PTX
-    # with num_stages 1, 2 and 3, Triton 3.9 and 3.6 at sm_90a). LOWP and INTERP are not read here
-    # (every product has a computed operand: fp32 operands, see ``_dot32``).
+    # with num_stages 1, 2 and 3, Triton 3.9 and 3.6 at sm_90a). Every product has a computed operand:
+    # fp32 operands, see ``_dot32``.
     for i in range(0, n_chunks + 1):
         c = n_chunks - 1 - i
         if c >= 0:
             tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off,
                      dS.to(dstates_ptr.dtype.element_ty), mask=smask)
-            sub0, n_sub, valid, valid_tok, sub, tok = _chunk_span(bos + c * CT, eos, CT, NFAC, BL, BC)
-            G_L = tl.load(g_ptr + (sub0 + n_sub - 1) * H + head)
-            dS = _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L,
-                                    cols_v, v_ok, head, H, K, V, scale, NFAC, BL, BK, NKB, BV, PREC)
+            tok0 = bos + c * CT
+            n_sub = tl.minimum(eos - tok0, CT) * NFAC
+            G_L = tl.load(g_ptr + (tok0 * NFAC + n_sub - 1) * H + head)
+            dS = _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, tok0 * NFAC, n_sub, G_L,
+                                  cols_v, v_ok, head, H, K, V, scale, NFAC, BL, BK, NKB, BV, PREC)
         elif HAS_H0:
             tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
 
@@ -1236,39 +1258,41 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     BVS = 16
     BKS = 16
     # GPU: 8 warps. (Interpreter: 1 warp, the same blocks.) MAXNREG: the register ceiling ptxas is
-    # given for the state passes and the chunk-local backward (launch option ``maxnreg``): left to
-    # itself, ptxas caps some of them at 32 or 128 registers and spills far more (Triton 3.6, sm_80:
-    # fp32 adjoint state pass 19.5 KB at 32 registers, 5.4 KB at 255; bf16 forward state pass 6.1 KB
-    # at 128, 3.4 KB at 255; Triton 3.9, fp32 chunk-local backward 6.1 KB at 128, 3.2 KB at 255).
-    # BWD_MAXNREG: the adjoint state pass's ceiling, 128 for K <= 128: it fits in 109-128 registers
-    # without spilling (every dtype, n = 1, 2, 3, Triton 3.6 and 3.9, sm_80 and sm_90a; K = 256 spills
-    # up to 112 B at 128), so two 8-warp programs share an SM. The state passes walk the chunks one
-    # after another, one program per (sequence, head, 16 columns of V): at (B, T, H, K = V) =
-    # (1, 8192, 32, 128) that is 256 programs, two waves on 132 SMs at one program per SM and one
-    # wave at two.
-    # STAGES: software-pipelining depth of the forward state pass's chunk loop (fp32: 1, two stages
-    # of its fp32 tiles would not fit in shared memory; bf16 / fp16: 3, and with 2 or 3 no
-    # specialisation spills, Triton 3.6 and 3.9, sm_80 and sm_90a; 3 holds 138-155 KB of shared
-    # memory with o, 2 holds 77-94 KB: only timings can choose).
+    # given for the chunk-local backward (launch option ``maxnreg``): left to itself, ptxas caps some
+    # kernels at 32 or 128 registers and spills far more (Triton 3.9, fp32 chunk-local backward 6.1 KB
+    # at 128, 3.2 KB at 255, before its 16-row pieces).
+    # FWD_MAXNREG, BWD_MAXNREG: the forward and adjoint state passes' ceilings, 128 for K <= 128
+    # where they fit in it without spilling (by 16-row pieces: the adjoint pass at every dtype, the
+    # forward pass for bf16 / fp16; n = 1, 2, 3, Triton 3.6 and 3.9, sm_80 and sm_90a), so that two
+    # 8-warp programs share an SM; 255 else (the fp32 forward pass spills 8-64 B at 128 and takes
+    # 185-200 registers at 255; the adjoint pass at K = 256 spills up to 112 B at 128). The state
+    # passes walk the chunks one after another, one program per (sequence, head, 16 columns of V): at
+    # (B, T, H, K = V) = (1, 8192, 32, 128) that is 256 programs, two waves on 132 SMs at one program
+    # per SM and one wave at two.
+    # BKO, BVO, OUT_WARPS: ``_output_kernel``'s blocks of K (its loop) and of V (its grid), and warps:
+    # no spills, Triton 3.6 and 3.9, sm_80 and sm_90a (bf16 / fp16 with BVO = 64: 128-152 registers;
+    # fp32, 3xTF32, with BVO = 32: 145-202; with 64 it spilled 1.0-1.2 KB at sm_80, 0.8 KB with 8 warps).
     # Measured at the launches' alignment (aot_specs' divisible_by_16), bench/results/householder-traffic.md.
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "tf32x3"
     bwd_maxnreg = 128 if BKF <= 128 else 255
+    fwd_maxnreg = bwd_maxnreg if half else 255
     return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
-                                               num_warps=num_warps, MAXNREG=255, BWD_MAXNREG=bwd_maxnreg,
-                                               STAGES=3 if half else 1, PREC=prec,
-                                               LOWP=half, INTERP=interpret),
-                           ("BK", "BV", "BKS", "BVS", "num_warps", "STAGES", "MAXNREG", "BWD_MAXNREG"))
+                                               BKO=32, BVO=64 if half else 32, OUT_WARPS=1 if interpret else 4,
+                                               num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=fwd_maxnreg,
+                                               BWD_MAXNREG=bwd_maxnreg,
+                                               PREC=prec, LOWP=half, INTERP=interpret),
+                           ("BK", "BV", "BKS", "BVS", "BKO", "BVO", "OUT_WARPS", "num_warps", "MAXNREG",
+                            "FWD_MAXNREG", "BWD_MAXNREG"))
 
 
 def _launch_args(n: int, cfg: dict) -> tuple:
-    """Keyword arguments of the chunk-parallel kernels and of the state kernels (with the register
-    ceiling ``maxnreg``; ``_local_bwd_kernel`` is launched with it too, ``_wy_fwd_kernel`` without)."""
-    shared = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], PREC=cfg["PREC"], LOWP=cfg["LOWP"], INTERP=cfg["INTERP"],
-                  num_warps=cfg["num_warps"])
-    return (dict(BK=cfg["BK"], BV=cfg["BV"], **shared),
-            dict(BC=cfg["BC"], BK=cfg["BKS"], NKB=cfg["BKF"] // cfg["BKS"], BV=cfg["BVS"], maxnreg=cfg["MAXNREG"],
-                 **shared))
+    """Keyword arguments of the chunk-parallel kernels (``_wy_fwd_kernel``, ``_local_bwd_kernel``) and of
+    the two state kernels (``maxnreg``: the forward pass's register ceiling; the adjoint pass is
+    launched with ``BWD_MAXNREG``)."""
+    shared = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+    return (dict(BK=cfg["BK"], BV=cfg["BV"], LOWP=cfg["LOWP"], INTERP=cfg["INTERP"], **shared),
+            dict(BK=cfg["BKS"], NKB=cfg["BKF"] // cfg["BKS"], BV=cfg["BVS"], maxnreg=cfg["FWD_MAXNREG"], **shared))
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1347,30 +1371,36 @@ def tinv_shape(B: int, T: int, n: int, H: int) -> tuple:
     return (B, T * n, H, max(16, _next_pow2(max(1, SUBSTEPS_PER_CHUNK // n) * n)))
 
 
-def _state_pass(t, f, h0, cfg, N, cu_tok, cu_chunk, total_chunks, scale, H, K, V, n, store_o):
-    """The state pass over the chunk factors ``f``. With store_o the outputs o and the final states are
-    written; without (the backward's recomputation) the state entering every chunk and the corrected
-    values d = u - w S0 of every sub-step instead. Returns (out, states, final)."""
-    q, k, v, beta = t["q"], t["k"], t["v"], t["beta"]
-    B, T = q.shape[:2]
-    dev = q.device
-    f32 = torch.float32
-    if store_o:
-        out = torch.empty((B, T, H, V), dtype=q.dtype, device=dev)
-        final = torch.empty((N, H, K, V), dtype=f32, device=dev)
-        states = None
-    else:
-        out = torch.empty((B, T * n, H, V), dtype=f32, device=dev)
-        final = None
-        states = torch.empty((max(total_chunks, 1), H, K, V), dtype=_state_dtype(q.dtype), device=dev)
+def _state_pass(t, f, h0, cfg, N, cu_tok, cu_chunk, total_chunks, H, K, V, n, with_final):
+    """Runs ``_state_fwd_kernel`` over the chunk factors ``f``: the state entering every chunk
+    ((total chunks, H, K, V), ``_state_dtype``), d = u - w S0 of every sub-step ((B, T * n, H, V)
+    fp32) and, with_final, the final states ((N, H, K, V) fp32; else None). Returns (d, states, final)."""
+    k, v, beta = t["k"], t["v"], t["beta"]
+    B, T = k.shape[:2]
+    dev = k.device
+    d = torch.empty((B, T * n, H, V), dtype=torch.float32, device=dev)
+    states = torch.empty((max(total_chunks, 1), H, K, V), dtype=_state_dtype(k.dtype), device=dev)
+    final = torch.empty((N, H, K, V), dtype=torch.float32, device=dev) if with_final else None
     _, state_args = _launch_args(n, cfg)
-    if N * H > 0:
-        spare = final if store_o else states                                   # (placeholders: not read)
-        h0c = h0.contiguous() if h0 is not None else spare
+    if N * H > 0 and V > 0:
+        h0c = h0.contiguous() if h0 is not None else states                 # (placeholders: not read)
         _state_fwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
-            q, k, v, beta, f["w"], f["tinv"], f["qk"], f["G"], h0c, out, spare, spare, cu_tok, cu_chunk, H, K, V,
-            float(scale), HAS_H0=h0 is not None, STORE_O=store_o, STAGES=cfg["STAGES"], **state_args)
-    return out, states, final
+            k, v, beta, f["w"], f["tinv"], f["G"], h0c, d, states, final if with_final else states, cu_tok, cu_chunk,
+            H, K, V, HAS_H0=h0 is not None, HAS_FINAL=with_final, **state_args)
+    return d, states, final
+
+
+def _outputs(t, f, d, states, cfg, N, cu_tok, cu_chunk, max_chunks, scale, H, K, V, n):
+    """Runs ``_output_kernel``: o (B, T, H, V) in q's dtype from the chunk states and d."""
+    q = t["q"]
+    B, T = q.shape[:2]
+    o = torch.empty((B, T, H, V), dtype=q.dtype, device=q.device)
+    if max_chunks > 0 and N * H > 0 and V > 0:
+        _output_kernel[(max_chunks, N * H, triton.cdiv(V, cfg["BVO"]))](
+            q, f["qk"], f["G"], states, d, o, cu_tok, cu_chunk, H, K, V, float(scale), NFAC=n, CT=cfg["CT"],
+            BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BKO"], BV=cfg["BVO"], PREC=cfg["PREC"], LOWP=cfg["LOWP"],
+            INTERP=cfg["INTERP"], num_warps=cfg["OUT_WARPS"])
+    return o
 
 
 def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -1394,7 +1424,9 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     n, V = k.shape[2], v.shape[-1]
     cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
     f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n)
-    o, _, final = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, scale, H, K, V, n, True)
+    d, states, final = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, H, K, V, n, True)
+    del f["w"]                     # (not read by the output kernel: freed before o is allocated)
+    o = _outputs(t, f, d, states, cfg, N, cu_tok, cu_chunk, max_chunks, scale, H, K, V, n)
     if q.dtype == torch.float64:  # the contract's dtype; the kernels themselves accumulate in fp32
         final = final.double()
     if return_saved:
@@ -1431,8 +1463,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     n, V = k.shape[2], v.shape[-1]
     cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
     f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=tinv)
-    d, states, _ = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, scale, H, K, V, n,
-                               False)
+    d, states, _ = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, H, K, V, n, False)
     dev = q.device
     grad_o = grad_o.contiguous()
     dstates = torch.empty_like(states)
@@ -1472,11 +1503,12 @@ def _signatures(elem: str) -> dict:
         _wy_fwd_kernel: {"q_ptr": x, "k_ptr": x, "beta_ptr": x, "lg_ptr": x, "w_ptr": x, "tinv_ptr": x,
                          "qk_ptr": "*fp32", "g_ptr": "*fp64", "cu_tok_ptr": "*i64", "H": "i32", "K": "i32",
                          "V": "i32"},
-        _state_fwd_kernel: {"q_ptr": x, "k_ptr": x, "v_ptr": x, "beta_ptr": x, "w_ptr": x, "tinv_ptr": x,
-                            "qk_ptr": "*fp32", "g_ptr": "*fp64",
-                            "h0_ptr": "*fp32", "o_ptr": x, "states_ptr": x, "final_ptr": "*fp32",
-                            "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
-                            "scale": "fp32"},
+        _state_fwd_kernel: {"k_ptr": x, "v_ptr": x, "beta_ptr": x, "w_ptr": x, "tinv_ptr": x, "g_ptr": "*fp64",
+                            "h0_ptr": "*fp32", "d_ptr": "*fp32", "states_ptr": x, "final_ptr": "*fp32",
+                            "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32"},
+        _output_kernel: {"q_ptr": x, "qk_ptr": "*fp32", "g_ptr": "*fp64", "states_ptr": x, "d_ptr": "*fp32",
+                         "o_ptr": x, "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
+                         "scale": "fp32"},
         _state_bwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": x, "qk_ptr": "*fp32", "g_ptr": "*fp64", "do_ptr": x,
                             "dfinal_ptr": "*fp32", "dstates_ptr": x, "dh0_ptr": "*fp32", "dd_ptr": "*fp32",
                             "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
@@ -1498,7 +1530,7 @@ def _signatures(elem: str) -> dict:
 # through masks.
 STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kernel": {"programs_per_sm": 1},
                  "_state_fwd_kernel": {"programs_per_sm": 1}, "_state_bwd_kernel": {"programs_per_sm": 1},
-                 "_local_bwd_kernel": {"programs_per_sm": 1}}
+                 "_local_bwd_kernel": {"programs_per_sm": 1}, "_output_kernel": {"programs_per_sm": 1}}
 
 
 def _under_static_budget(kernel, elem: str, constexprs: dict):
@@ -1506,15 +1538,17 @@ def _under_static_budget(kernel, elem: str, constexprs: dict):
     fields that replace the entry's, or False (left out). Every specialisation but one is held, at
     sm_90a with Triton 3.9 and 3.6, compiled at the launches' alignment and register ceilings
     (``aot_specs``): no spills, one program per SM (at most 255 registers x 256 threads), and two for
-    the adjoint state pass, launched with ``maxnreg`` 128 (``_config``'s BWD_MAXNREG).
+    the state passes launched with ``maxnreg`` 128 (``_config``'s BWD_MAXNREG, FWD_MAXNREG): the
+    adjoint pass, and the forward pass but for fp32.
 
     Left out: the fp32 chunk-local backward with the gate, which spills under Triton 3.6 (20 / 92 B
     at sm_80 / sm_90a, stored before its first loop and loaded after its last; none with 3.9).
     Registers per thread (ptxas -v, K = V = 128; bench/results/householder-traffic.md has the
-    tables): the adjoint state pass 115-128, the forward state pass 197-255, the others 77-255. No
+    tables): the adjoint state pass 115-128, the forward state pass 111-128 (fp32 185-200), the
+    output kernel 128-202, the others 77-255. No
     specialisation spills at sm_80 either (not budgeted: the budget is sm_90a's) but that one.
     """
-    if kernel is _state_bwd_kernel:
+    if kernel is _state_bwd_kernel or (kernel is _state_fwd_kernel and elem != "fp32"):
         return {"programs_per_sm": 2}
     if kernel is _local_bwd_kernel and elem == "fp32":
         return not constexprs["HAS_GATE"]
@@ -1564,11 +1598,12 @@ def _plain_specs():
             for given in ((False, True) if with_backward and saves_tinv(torch_dtype) else (False,)):
                 yield (_wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, TINV_GIVEN=given, BC=cfg["BC"],
                                                                  **chunk_args), nw, elem, {})
-        for store_o in (False, True):  # without the outputs it writes d (fp32) through o_ptr
-            sig = dict(sigs[_state_fwd_kernel], o_ptr=f"*{elem}" if store_o else "*fp32",
-                       states_ptr="*fp32" if store_o else f"*{elem}")   # (with o: the final state, not written)
-            yield (_state_fwd_kernel, sig, dict(HAS_H0=True, STORE_O=store_o, STAGES=cfg["STAGES"], **state_args), nw,
-                   elem, capped)
+        for with_final in (False, True):     # (the backward's recomputation, the forward)
+            yield (_state_fwd_kernel, sigs[_state_fwd_kernel], dict(HAS_H0=True, HAS_FINAL=with_final, **state_args),
+                   nw, elem, capped)
+        yield (_output_kernel, sigs[_output_kernel],
+               dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BKO"], BV=cfg["BVO"], PREC=cfg["PREC"],
+                    LOWP=cfg["LOWP"], INTERP=False), cfg["OUT_WARPS"], elem, {})
         rec_sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "beta_ptr": f"*{elem}",
                    "lg_ptr": f"*{elem}", "h0_ptr": "*fp32", "o_ptr": f"*{elem}", "final_ptr": "*fp32",
                    "cu_tok_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"}
