@@ -48,7 +48,7 @@ GPU's arithmetic emulated in the interpreter, tests/test_householder.py). Exact 
 products were lowered to FMA loops that hold operand rows in registers, and every fp32 chunk and
 state kernel spilled, up to 3.4 KB per thread with Triton 3.9 and 5.3 KB with 3.6 (ptxas;
 bench/results/householder-traffic.md). With 3xTF32 the state passes take each chunk 16 rows at a
-time for every dtype (``_state_fwd_chunk``, ``_state_bwd_chunk``), which keeps their product
+time for every dtype (``_state_fwd_piece``, ``_state_bwd_chunk``), which keeps their product
 operands small. The tensor cores run three TF32 products per fp32 product. For bf16 / fp16 inputs the
 products of two input tiles (K K^T, Q K^T, in ``_wy_fwd_kernel``) take bf16 / fp16 operands;
 every product with a computed operand (Tinv, scores, d, dd, dL/dA) takes fp32 operands as TF32 (bf16 operands
@@ -402,73 +402,60 @@ def _state_slice(cols_v, v_ok, K, V, NKB: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _state_fwd_chunk(S, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, sub0, n_sub, G_L, head, H, K, V,
+def _chunk_state_offsets(rows_k, cols_v, KP: tl.constexpr, VB: tl.constexpr):
+    """Offsets of the elements (rows_k, cols_v) (broadcast against each other) of one head's state in
+    the layout of the chunk-state buffers (``states``, ``dstates``: (chunks, H, cdiv(V, VB), KP, VB),
+    K padded to KP = BKF and V to VB = BVS columns a block): each state-pass program's (K, VB) slice is
+    one contiguous block, which it stores with compile-time offsets and no mask (the padding holds
+    zeros: the states' rows past K and columns past V are zeros)."""
+    return (cols_v // VB) * (KP * VB) + rows_k * VB + cols_v % VB
+
+
+@triton.jit
+def _state_fwd_piece(S, S_next, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, row0, n_sub, p0, G_L, H, K, V,
                      BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """One chunk of ``_state_fwd_kernel`` (every dtype); returns the state leaving the chunk.
+    """One piece of 16 sub-steps (rows p0 .. p0 + 15 of its chunk) in ``_state_fwd_kernel``; returns
+    S_next plus the piece's share of the state update.
 
     S: (NKB, BK, BV) fp32, the state entering the chunk (this program's BV columns of V, from
-    ``program_id(0) * BV``); sub0: the chunk's first sub-step (int64), n_sub its valid sub-steps;
-    G_L: fp64, G at its last sub-step. Writes d = u - w S0 of the chunk's sub-steps ((n_sub, BV) of
-    ``d_ptr``, fp32) and returns S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d.
+    ``program_id(0) * BV``); S_next: (NKB, BK, BV) fp32, exp(G_L) S0 plus the shares of the chunk's
+    earlier pieces; row0: int64, (the chunk's first sub-step) * H + head; n_sub: int32, its valid
+    sub-steps; G_L: fp64, G at its last sub-step. Writes d = u - w S0 of the piece's rows ((16, BV)
+    of ``d_ptr``, fp32) and adds (exp(G_L - G) K)^T d of those rows to S_next.
 
-    The chunk is taken 16 sub-steps at a time, in a loop that is neither unrolled nor software-
-    pipelined (``num_stages=1``), so that one piece's tiles are live at a time: per piece, u =
-    Tinv diag(beta) V of its rows, as a loop over the 16-row blocks of the reduction up to the piece
-    (Tinv is lower triangular: the blocks past it are zeros), diag(beta) V's block loaded there (v
-    and beta re-read per piece: L1 / L2 hits, no (BL, BV) operand held across the piece loop); then
-    d = u - w S0 of its rows and its share of the state update, with k's piece loaded transposed,
-    (NKB, BK, 16), so that the update is a batched product with no permute of its result. Every
-    product has a computed operand and takes fp32 operands (PREC: "tf32x3" for fp32 inputs, "tf32" for
-    bf16 / fp16, whose tiles are loaded as such and widened in registers).
-
-    Registers (ptxas, K = V = 128, 8 warps, sm_80 and sm_90a, Triton 3.6 and 3.9): the whole chunk at
-    once (bf16 / fp16: (BL, BL) x (BL, BV) u, (NKB, BL, BK) w and k tiles) took 197-254 registers at
-    maxnreg 255 and spilled 80-296 B at 128 (writing d, without the outputs); by pieces it fits the
-    launch's maxnreg 128 without spills (bench/results/householder-traffic.md has the table).
-    Non-finite values: a NaN / inf of diag(beta) V is zeroed in the product and put back by
-    ``_poison_from`` in the rows at or past it (Tinv's rows past a non-finite k are NaN already)."""
-    # Chunk-local row indices are int32 against 64-bit base pointers of the chunk, which also hold
-    # the head and the program's first V column. The int32 offsets stay below 64 H max(K, V, BL),
-    # under 2**31 for H max(K, V) < 2**25.
-    n_sub = n_sub.to(tl.int32)
-    c0 = tl.program_id(0) * BV                           # this program's first V column
-    cols_v = tl.arange(0, BV)                            # (its V columns, from c0)
+    u = Tinv diag(beta) V of the piece's rows is one (16, BL) x (BL, BV) product (diag(beta) V's
+    BL rows re-read per piece: L1 / L2 hits). k's piece is loaded transposed, (NKB, BK, 16), so that
+    the update is a batched product with no permute of its result; the decays exp(G_L - G_m) scale
+    the rows of d, a 2-D (16, BV) tile, not the 3-D k tile (in whose layout Triton 3.6 replicated
+    per-row vectors). Every product has a computed operand and takes fp32 operands (PREC: "tf32x3"
+    for fp32 inputs, "tf32" for bf16 / fp16, whose tiles are loaded as such and widened in
+    registers). Rows past n_sub are masked to zeros (a chunk shorter than BL: its last pieces add
+    nothing). Non-finite values of diag(beta) V are zeroed in the product and put back by
+    ``_poison_from`` in the rows at or past them (Tinv's rows past a non-finite k are NaN already)."""
+    # The chunk's rows are int32 offsets from 64-bit pointers moved to it (row0), which hold the head
+    # and, for v and d, the program's first V column c0; they stay below 64 H max(K, V, BL), under
+    # 2**31 for H max(K, V) < 2**25.
+    c0 = tl.program_id(0) * BV
+    cols_v = tl.arange(0, BV)                            # (this program's V columns, from c0)
     v_ok = cols_v < V - c0
-    g_c = g_ptr + sub0 * H + head
-    k_c = k_ptr + (sub0 * H + head) * K
-    w_c = w_ptr + (sub0 * H + head) * K
-    v_c = v_ptr + (sub0 * H + head) * V + c0
-    d_c = d_ptr + (sub0 * H + head) * V + c0
-    beta_c = beta_ptr + sub0 * H + head
-    tinv_c = tinv_ptr + (sub0 * H + head) * BL
-    S_next = tl.exp(G_L.to(tl.float32)) * S
-    for p0 in tl.range(0, n_sub, 16, num_stages=1):
-        rp = p0 + tl.arange(0, 16)                       # the piece's sub-step rows within the chunk
-        ok = rp < n_sub
-        u = tl.zeros((16, BV), tl.float32)
-        first_bad_u = tl.full((BV,), BL, tl.int32)
-        for j0 in tl.range(0, p0 + 16, 16, num_stages=1):
-            rj = j0 + tl.arange(0, 16)
-            okj = rj < n_sub
-            beta_j = tl.load(beta_c + rj * H, mask=okj, other=0.0).to(tl.float32)
-            v_j = tl.load(v_c + rj[:, None] * H * V + cols_v[None, :], mask=okj[:, None] & v_ok[None, :],
-                          other=0.0).to(tl.float32)
-            rhs_j, bad_j = _split_nonfinite(v_j * beta_j[:, None], rj, BL)
-            first_bad_u = tl.minimum(first_bad_u, bad_j)
-            tinv_j = tl.load(tinv_c + rp[:, None] * H * BL + rj[None, :], mask=ok[:, None], other=0.0)
-            u += _dot32(tinv_j, rhs_j, PREC)
-        u = _poison_from(u, rp, first_bad_u)
-        w = _kblocks(w_c, rp, ok, 0, H, K, NKB, BK)
-        d = u - tl.sum(_bdot(w, S, PREC), axis=0)                                # (16, BV)
-        tl.store(d_c + rp[:, None] * H * V + cols_v[None, :], d.to(d_ptr.dtype.element_ty),
-                 mask=ok[:, None] & v_ok[None, :])
-        # S1 += (exp(G_L - G) K)^T d for the piece's rows; the decays scale the rows of d, a 2-D
-        # (16, BV) tile, not the 3-D k tile (whose layout Triton 3.6 replicated per-row vectors in).
-        G_p = tl.load(g_c + rp * H, mask=ok, other=0.0)
-        decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
-        kT = _kblocks_t(k_c, rp, ok, 0, H, K, NKB, BK)                          # (NKB, BK, 16)
-        S_next += _bdot(kT, tl.broadcast_to((d * decay_last[:, None])[None, :, :], (NKB, 16, BV)), PREC)
-    return S_next
+    rows = tl.arange(0, BL)                              # the chunk's sub-steps
+    rows_ok = rows < n_sub
+    rp = p0 + tl.arange(0, 16)                           # the piece's
+    ok = rp < n_sub
+    beta = tl.load(beta_ptr + row0 + rows * H, mask=rows_ok, other=0.0).to(tl.float32)
+    vv = tl.load(v_ptr + row0 * V + c0 + rows[:, None] * H * V + cols_v[None, :], mask=rows_ok[:, None] & v_ok[None, :],
+                 other=0.0).to(tl.float32)
+    rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)
+    tinv = tl.load(tinv_ptr + row0 * BL + rp[:, None] * H * BL + rows[None, :], mask=ok[:, None], other=0.0)
+    u = _poison_from(_dot32(tinv, rhs, PREC), rp, first_bad_u)
+    w = _kblocks(w_ptr + row0 * K, rp, ok, 0, H, K, NKB, BK)
+    d = u - tl.sum(_bdot(w, S, PREC), axis=0)                                    # (16, BV)
+    tl.store(d_ptr + row0 * V + c0 + rp[:, None] * H * V + cols_v[None, :], d.to(d_ptr.dtype.element_ty),
+             mask=ok[:, None] & v_ok[None, :])
+    G_p = tl.load(g_ptr + row0 + rp * H, mask=ok, other=0.0)
+    decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
+    kT = _kblocks_t(k_ptr + row0 * K, rp, ok, 0, H, K, NKB, BK)                 # (NKB, BK, 16)
+    return S_next + _bdot(kT, tl.broadcast_to((d * decay_last[:, None])[None, :, :], (NKB, 16, BV)), PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,44 +473,61 @@ def _state_fwd_kernel(
     g_ptr,        # (B*T*n, H) fp64
     h0_ptr,       # (N, H, K, V) initial states, read when HAS_H0
     d_ptr,        # out (B*T*n, H, V) fp32: d = u - w S0
-    states_ptr,   # out (total chunks, H, K, V) state dtype: the state entering every chunk
+    states_ptr,   # out (total chunks, H, cdiv(V, BV), NKB * BK, BV) state dtype: the state entering every chunk
     final_ptr,    # out (N, H, K, V) fp32, written when HAS_FINAL
     cu_tok_ptr,   # (N + 1,) int64 token offsets
     cu_chunk_ptr,  # (N + 1,) int64 chunk offsets (index of a sequence's first chunk)
     H, K, V,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
-    BV: tl.constexpr, HAS_H0: tl.constexpr, HAS_FINAL: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, HAS_H0: tl.constexpr, HAS_FINAL: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One program per (block of BV columns of V, sequence * head), sequential over the sequence's
     chunks, its (K, BV) fp32 slice of the state in registers across the chunk loop. Only the products
-    that depend on the carried state are here (d = u - w S0 and the state update, ``_state_fwd_chunk``);
+    that depend on the carried state are here (d = u - w S0 and the state update, ``_state_fwd_piece``);
     the outputs are ``_output_kernel``'s, chunk-parallel."""
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
-    # The state slice's offsets are int32, from 64-bit pointers to this program's first column of its
-    # head's (K, V) state (held across the chunk loop: 64-bit offsets there spilled, fp32 at maxnreg 128).
+    # What the loop below holds is kept small (at maxnreg 128 a few registers more spilled): the
+    # sequence's sub-step rows as one 64-bit base (row_base: its first sub-step * H + head) and an int32
+    # length; the chunk states through a pointer to this program's block of its first chunk's state in
+    # the chunk-state layout (``_chunk_state_offsets``: contiguous, stored with constant offsets and no
+    # mask); the initial state's int32 offsets and mask are not held: the final state's are built anew
+    # after the loop, from the program ids.
     c0 = tl.program_id(0) * BV
     rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
-    s_off = rows_k * V + tl.arange(0, BV)[None, None, :]
-    smask = (rows_k < K) & (tl.arange(0, BV) < V - c0)[None, None, :]
-    states_ptr += head * K * V + c0
     if HAS_H0:
-        S = tl.load(h0_ptr + seq_state + c0 + s_off, mask=smask, other=0.0).to(tl.float32)
+        S = tl.load(h0_ptr + seq_state + c0 + rows_k * V + tl.arange(0, BV)[None, None, :],
+                    mask=(rows_k < K) & (tl.arange(0, BV) < V - c0)[None, None, :], other=0.0).to(tl.float32)
     else:
         S = tl.zeros((NKB, BK, BV), tl.float32)
-    # One more step than chunks, in which the final state is stored where the chunk states are (as
-    # in ``_state_bwd_kernel``: no addresses of a store after the loop held across it). The chunk
-    # loop holds the piece loops, which Triton does not software-pipeline: the next chunk's tiles
-    # are not prefetched, and two programs share an SM instead (maxnreg 128).
-    for c in range(0, n_chunks + 1):
-        if c < n_chunks:
-            tl.store(states_ptr + (chunk_base + c) * H * K * V + s_off, S.to(states_ptr.dtype.element_ty), mask=smask)
-            tok0 = bos + c * CT                          # (int64: the offsets are)
-            n_sub = tl.minimum(eos - tok0, CT) * NFAC
-            G_L = tl.load(g_ptr + (tok0 * NFAC + n_sub - 1) * H + head)
-            S = _state_fwd_chunk(S, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, tok0 * NFAC, n_sub, G_L,
-                                 head, H, K, V, BL, BK, NKB, BV, PREC)
-        elif HAS_FINAL:
-            tl.store(final_ptr + seq_state + c0 + s_off, S, mask=smask)
+    block = tl.cdiv(V, BV) * NKB * BK * BV               # one head's chunk state
+    states_ptr += (chunk_base * H + head) * block + tl.program_id(0) * NKB * BK * BV
+    st_off = rows_k * BV + tl.arange(0, BV)[None, None, :]
+    row_base = bos * NFAC * H + head
+    seq_len = (eos - bos).to(tl.int32)
+    # One loop over (chunk, piece of 16 sub-steps), NP = BL / 16 pieces a chunk, software-pipelined
+    # STAGES deep: the next piece's tiles (of the next chunk, at a chunk's last piece) are loaded while
+    # this one's products run. A chunk's first piece stores the state entering it and starts
+    # S_next = exp(G_L) S0; its last piece makes S_next the state. (A loop over chunks holding a
+    # loop over pieces was not pipelined at all: Triton pipelines innermost loops only.)
+    NP: tl.constexpr = BL // 16
+    S_next = S
+    for i in tl.range(0, n_chunks * NP, num_stages=STAGES):
+        c = i // NP
+        p0 = (i % NP) * 16
+        n_sub = tl.minimum(seq_len - c * CT, CT) * NFAC
+        row0 = row_base + (c * CT * NFAC).to(tl.int64) * H
+        G_L = tl.load(g_ptr + row0 + (n_sub - 1) * H)
+        if p0 == 0:
+            tl.store(states_ptr + c.to(tl.int64) * H * block + st_off, S.to(states_ptr.dtype.element_ty))
+            S_next = tl.exp(G_L.to(tl.float32)) * S
+        S_next = _state_fwd_piece(S, S_next, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, row0, n_sub, p0,
+                                  G_L, H, K, V, BL, BK, NKB, BV, PREC)
+        if p0 == BL - 16:
+            S = S_next
+    if HAS_FINAL:
+        cols_v = tl.program_id(0) * BV + tl.arange(0, BV)[None, None, :]
+        tl.store(final_ptr + tl.program_id(1).to(tl.int64) * K * V + rows_k * V + cols_v, S,
+                 mask=(rows_k < K) & (cols_v < V))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,13 +538,14 @@ def _output_kernel(
     q_ptr,        # (B*T, H, K)
     qk_ptr,       # (B*T, H, BL) fp32: the causal part of Q K^T (from _wy_fwd_kernel)
     g_ptr,        # (B*T*n, H) fp64
-    states_ptr,   # (total chunks, H, K, V) state dtype: the state entering every chunk
+    states_ptr,   # (total chunks, H, cdiv(V, VB), KP, VB) state dtype: the state entering every chunk
     d_ptr,        # (B*T*n, H, V) fp32: d = u - w S0
     o_ptr,        # out (B*T, H, V) q's dtype
     cu_tok_ptr, cu_chunk_ptr,
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.constexpr,
+    BV: tl.constexpr, KP: tl.constexpr, VB: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     """One program per (chunk, sequence * head, block of BV columns of V):
     o = scale (exp(G_r) Q S0 + P d) for the chunk's tokens, P = (exp(G_r - G_m) Q K^T)_{m <= r} the
@@ -568,7 +573,7 @@ def _output_kernel(
     o_ptr += tok0 * H * V + head * V
     d_ptr += sub0 * H * V + head * V
     g_ptr += sub0 * H + head
-    states_ptr += (chunk_idx * H + head) * K * V
+    states_ptr += (chunk_idx * H + head) * tl.cdiv(V, VB) * KP * VB
     rows = tl.arange(0, BL)
     tok_rows = tl.arange(0, BC)
     valid = rows < n_tok * NFAC
@@ -582,8 +587,8 @@ def _output_kernel(
         k_ok = cols_k < K
         q = tl.load(q_ptr + tok_rows[:, None] * H * K + cols_k[None, :], mask=valid_tok[:, None] & k_ok[None, :],
                     other=0.0)
-        s0 = tl.load(states_ptr + cols_k[:, None] * V + cols_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
-                     other=0.0)
+        s0 = tl.load(states_ptr + _chunk_state_offsets(cols_k[:, None], cols_v[None, :], KP, VB),
+                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         qs += _mm(q, s0, q_ptr, PREC, LOWP, INTERP)
     r = tok_rows * NFAC + NFAC - 1                       # each token's last sub-step
     G_r = tl.load(g_ptr + r * H, mask=valid_tok, other=0.0)
@@ -620,7 +625,7 @@ def _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub
 
     dd = P^T dO + (exp(G_L - G) K) dS and dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd, the
     adjoint of the chunk's state update (PREC: "tf32x3" for fp32 inputs, "tf32" for bf16 / fp16, whose
-    tiles are loaded as such and widened in registers), 16 rows at a time as in ``_state_fwd_chunk``,
+    tiles are loaded as such and widened in registers), 16 rows at a time as in ``_state_fwd_piece``,
     in three loops: (1) per piece of 16 sub-steps, scale P^T dO of its rows by 16 x 16 blocks (16 tokens
     at a time, only the tokens whose last sub-step is at or past the piece), written to dd; (2) per
     piece of 16 sub-steps, dd = that + (exp(G_L - G) K) dS (read back, completed, written) and its
@@ -721,7 +726,8 @@ def _state_bwd_kernel(
     g_ptr,
     do_ptr,       # (B*T, H, V) gradient of o
     dfinal_ptr,   # (N, H, K, V) gradient of the final state, read when HAS_DFINAL
-    dstates_ptr,  # out (total chunks, H, K, V) fp32: gradient of the state leaving every chunk
+    dstates_ptr,  # out (total chunks, H, cdiv(V, BV), NKB * BK, BV) state dtype: gradient of the state leaving
+                  # every chunk
     dh0_ptr,      # out (N, H, K, V) gradient of the initial state (its dtype), written when HAS_H0
     dd_ptr,       # out (B*T*n, H, V) fp32: dL/dd, for the chunk-local kernel
     cu_tok_ptr, cu_chunk_ptr,
@@ -733,6 +739,9 @@ def _state_bwd_kernel(
     cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
     v_ok = cols_v < V
     s_off, smask = _state_slice(cols_v, v_ok, K, V, NKB, BK)
+    block = tl.cdiv(V, BV) * NKB * BK * BV               # one head's chunk state (``_chunk_state_offsets``)
+    dstates_ptr += (head * tl.cdiv(V, BV) + tl.program_id(0)) * NKB * BK * BV
+    st_off = (tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]) * BV + tl.arange(0, BV)[None, None, :]
     # The gradient of the state leaving the last chunk is that of the final state.
     if HAS_DFINAL:
         dS = tl.load(dfinal_ptr + seq_state + s_off, mask=smask, other=0.0).to(tl.float32)
@@ -760,8 +769,7 @@ def _state_bwd_kernel(
     for i in range(0, n_chunks + 1):
         c = n_chunks - 1 - i
         if c >= 0:
-            tl.store(dstates_ptr + ((chunk_base + c) * H + head) * K * V + s_off,
-                     dS.to(dstates_ptr.dtype.element_ty), mask=smask)
+            tl.store(dstates_ptr + (chunk_base + c) * H * block + st_off, dS.to(dstates_ptr.dtype.element_ty))
             tok0 = bos + c * CT
             n_sub = tl.minimum(eos - tok0, CT) * NFAC
             G_L = tl.load(g_ptr + (tok0 * NFAC + n_sub - 1) * H + head)
@@ -790,7 +798,7 @@ def _row_piece(x, j, R: tl.constexpr, C: tl.constexpr):
 def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok,
                            rows, tok_rows, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L,
                            BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           PREC: tl.constexpr, STAGES: tl.constexpr):
+                           KP: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     """Pass B's terms through the state entering the chunk (S0) and the gradient of the state leaving
     it (dS), for one block of K columns ``cols_k``, summed over V blocks (STAGES: their loop's
     pipelining depth). Returns (dw, dqs, dk, dG, dG_r, dG_L):
@@ -811,7 +819,7 @@ def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, 
         vmask = valid[:, None] & v_ok[None, :]
         v_off = (rows[:, None] * H + head) * V + cols_v[None, :]
         smask = k_ok[:, None] & v_ok[None, :]
-        s_off = cols_k[:, None] * V + cols_v[None, :]
+        s_off = _chunk_state_offsets(cols_k[:, None], cols_v[None, :], KP, BV)   # (BV: the state blocks' VB)
         S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
         dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
         d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
@@ -835,7 +843,7 @@ def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, 
 def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dstates_ptr, d_ptr, dd_ptr, dq_ptr, dk_ptr,
                        E, dqk, beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, n_sub,
                        valid, valid_tok, rows, tok_rows, head, H, K, V, scale, NFAC: tl.constexpr,
-                       BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KP: tl.constexpr,
                        HAS_GATE: tl.constexpr, PREC: tl.constexpr):
     """Pass B of ``_local_bwd_kernel`` for fp32 inputs; returns (dbeta, dG, dG_r, dG_L) updated.
 
@@ -872,7 +880,7 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
         q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
         dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
             states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok, rows, tok_rows,
-            head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV, PREC, 1)
+            head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV, KP, PREC, 1)
         # Products over the sub-steps, 16 at a time: dxw = Tinv^T dw (w = Tinv diag(beta exp(G)) K) and
         # dq's dL/d(Q K^T) K_b; then p1 = E K_b and p2 = E^T diag(beta) K_b (the K K^T terms).
         dxw = tl.zeros((BL, BK), tl.float32)
@@ -936,8 +944,8 @@ def _local_bwd_kernel(
     qk_ptr,       # (B*T, H, BL) fp32: the causal part of Q K^T (from _wy_fwd_kernel)
     g_ptr,
     do_ptr,       # (B*T, H, V)
-    states_ptr,   # (total chunks, H, K, V) fp32: state entering each chunk
-    dstates_ptr,  # (total chunks, H, K, V) fp32: gradient of the state leaving each chunk
+    states_ptr,   # (total chunks, H, cdiv(V, BV), KP, BV) state dtype: state entering each chunk
+    dstates_ptr,  # (total chunks, H, cdiv(V, BV), KP, BV) state dtype: gradient of the state leaving each chunk
     d_ptr,        # (B*T*n, H, V) fp32: d = u - w S0
     dd_ptr,       # (B*T*n, H, V) fp32: dL/dd
     dq_ptr,       # out (B*T, H, K) q's dtype
@@ -948,7 +956,7 @@ def _local_bwd_kernel(
     cu_tok_ptr, cu_chunk_ptr,
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+    BV: tl.constexpr, KP: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -981,8 +989,8 @@ def _local_bwd_kernel(
     beta_ptr += sub0 * H
     dbeta_ptr += sub0 * H
     g_ptr += sub0 * H
-    states_ptr += (chunk_idx * H + head) * K * V
-    dstates_ptr += (chunk_idx * H + head) * K * V
+    states_ptr += (chunk_idx * H + head) * tl.cdiv(V, BV) * KP * BV
+    dstates_ptr += (chunk_idx * H + head) * tl.cdiv(V, BV) * KP * BV
     rows = tl.arange(0, BL)
     tok_rows = tl.arange(0, BC)
 
@@ -1087,7 +1095,7 @@ def _local_bwd_kernel(
         dbeta, dG, dG_r, dG_L = _local_bwd_passb32(
             q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dstates_ptr, d_ptr, dd_ptr, dq_ptr, dk_ptr, E, dqk,
             beta, gamma, gamma_r, gamma_L, decay_last, dbeta, dG, dG_r, dG_L, n_sub, valid, valid_tok, rows, tok_rows,
-            head, H, K, V, scale, NFAC, BL, BC, BK, BV, HAS_GATE, PREC)
+            head, H, K, V, scale, NFAC, BL, BC, BK, BV, KP, HAS_GATE, PREC)
     else:
         # Pass B. Register pressure: besides its per-block tiles, only Tinv^T, E and dL/d(Q K^T)
         # (BL x BL or BC x BL) stay live; the terms with K K^T (dk, d beta, the gates) are summed per
@@ -1106,7 +1114,7 @@ def _local_bwd_kernel(
             dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
                 states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q.to(tl.float32), cols_k, k_ok, valid, valid_tok,
                 rows, tok_rows, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L, BL, BC, BK, BV,
-                PREC, 3)
+                KP, PREC, 3)
             # w = Tinv diag(beta exp(G)) K
             dxw = _dot32(tinv_t, dw, PREC)
             dk += bg[:, None] * dxw
@@ -1261,14 +1269,15 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # given for the chunk-local backward (launch option ``maxnreg``): left to itself, ptxas caps some
     # kernels at 32 or 128 registers and spills far more (Triton 3.9, fp32 chunk-local backward 6.1 KB
     # at 128, 3.2 KB at 255, before its 16-row pieces).
-    # FWD_MAXNREG, BWD_MAXNREG: the forward and adjoint state passes' ceilings, 128 for K <= 128
-    # where they fit in it without spilling (by 16-row pieces: the adjoint pass at every dtype, the
-    # forward pass for bf16 / fp16; n = 1, 2, 3, Triton 3.6 and 3.9, sm_80 and sm_90a), so that two
-    # 8-warp programs share an SM; 255 else (the fp32 forward pass spills 8-64 B at 128 and takes
-    # 185-200 registers at 255; the adjoint pass at K = 256 spills up to 112 B at 128). The state
-    # passes walk the chunks one after another, one program per (sequence, head, 16 columns of V): at
-    # (B, T, H, K = V) = (1, 8192, 32, 128) that is 256 programs, two waves on 132 SMs at one program
-    # per SM and one wave at two.
+    # The state passes walk the chunks one after another, one program per (sequence, head, 16 columns
+    # of V): at (B, T, H, K = V) = (1, 8192, 32, 128) that is 256 programs, two waves on 132 SMs at one
+    # program per SM and one wave at two. BWD_MAXNREG: the adjoint pass's ceiling, 128 for K <= 128,
+    # where it fits without spilling (every dtype, n = 1, 2, 3, Triton 3.6 and 3.9, sm_80 and sm_90a;
+    # at K = 256 it spills up to 112 B): two 8-warp programs an SM. The forward pass is software-
+    # pipelined (FWD_STAGES = 2: the next piece's tiles in flight) and takes more registers: bf16 / fp16
+    # run it with FWD_WARPS = 4 at FWD_MAXNREG = 255 (196-253 registers, no spills: two programs an SM;
+    # 8 warps at 128 spilled 8-24 B in a few specialisations), fp32 with 8 warps (250-255 registers,
+    # one program an SM; 4 warps spilled 8-64 B).
     # BKO, BVO, OUT_WARPS: ``_output_kernel``'s blocks of K (its loop) and of V (its grid), and warps:
     # no spills, Triton 3.6 and 3.9, sm_80 and sm_90a (bf16 / fp16 with BVO = 64: 128-152 registers;
     # fp32, 3xTF32, with BVO = 32: 145-202; with 64 it spilled 1.0-1.2 KB at sm_80, 0.8 KB with 8 warps).
@@ -1276,23 +1285,27 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "tf32x3"
     bwd_maxnreg = 128 if BKF <= 128 else 255
-    fwd_maxnreg = bwd_maxnreg if half else 255
-    return config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
-                                               BKO=32, BVO=64 if half else 32, OUT_WARPS=1 if interpret else 4,
-                                               num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=fwd_maxnreg,
-                                               BWD_MAXNREG=bwd_maxnreg,
-                                               PREC=prec, LOWP=half, INTERP=interpret),
-                           ("BK", "BV", "BKS", "BVS", "BKO", "BVO", "OUT_WARPS", "num_warps", "MAXNREG",
-                            "FWD_MAXNREG", "BWD_MAXNREG"))
+    cfg = config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
+                                              BKO=32, BVO=64 if half else 32, OUT_WARPS=1 if interpret else 4,
+                                              num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=255, FWD_STAGES=2,
+                                              FWD_WARPS=1 if interpret else (4 if half else 8),
+                                              BWD_MAXNREG=bwd_maxnreg,
+                                              PREC=prec, LOWP=half, INTERP=interpret),
+                          ("BK", "BV", "BKS", "BVS", "BKO", "BVO", "OUT_WARPS", "num_warps", "MAXNREG",
+                           "FWD_MAXNREG", "BWD_MAXNREG", "FWD_STAGES", "FWD_WARPS"))
+    if cfg["BV"] != cfg["BVS"]:
+        raise ValueError(f"LINREC_HOUSEHOLDER_CONFIG: BV ({cfg['BV']}) must equal BVS ({cfg['BVS']}): the chunk-local "
+                         "backward reads the chunk states in the state passes' blocks of BVS columns")
+    return cfg
 
 
 def _launch_args(n: int, cfg: dict) -> tuple:
     """Keyword arguments of the chunk-parallel kernels (``_wy_fwd_kernel``, ``_local_bwd_kernel``) and of
-    the two state kernels (``maxnreg``: the forward pass's register ceiling; the adjoint pass is
-    launched with ``BWD_MAXNREG``)."""
+    the two state kernels (``num_warps`` and ``maxnreg`` the adjoint pass's; the forward pass is launched
+    with FWD_WARPS and FWD_MAXNREG)."""
     shared = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
     return (dict(BK=cfg["BK"], BV=cfg["BV"], LOWP=cfg["LOWP"], INTERP=cfg["INTERP"], **shared),
-            dict(BK=cfg["BKS"], NKB=cfg["BKF"] // cfg["BKS"], BV=cfg["BVS"], maxnreg=cfg["FWD_MAXNREG"], **shared))
+            dict(BK=cfg["BKS"], NKB=cfg["BKF"] // cfg["BKS"], BV=cfg["BVS"], maxnreg=cfg["BWD_MAXNREG"], **shared))
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1365,6 +1378,14 @@ def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=None):
     return dict(w=w, tinv=tinv, qk=qk, G=G)
 
 
+def chunk_states_shape(chunks: int, H: int, V: int, cfg: dict) -> tuple:
+    """Shape of the chunk-state buffers the state passes write and the chunk-parallel kernels read
+    (the states entering the chunks, their gradients): (chunks, H, cdiv(V, BVS), BKF, BVS), each
+    state-pass program's (K, BVS) slice of a head's state one contiguous block, K padded to BKF
+    (``_chunk_state_offsets``)."""
+    return (chunks, H, triton.cdiv(V, cfg["BVS"]), cfg["BKF"], cfg["BVS"])
+
+
 def tinv_shape(B: int, T: int, n: int, H: int) -> tuple:
     """Shape of the chunk inverse Tinv the forward hands to the backward: (B, T * n, H, BL), row s
     holding row s mod BL of its chunk's (I + A)^{-1}; stored in ``_work_dtype`` of the inputs."""
@@ -1373,20 +1394,21 @@ def tinv_shape(B: int, T: int, n: int, H: int) -> tuple:
 
 def _state_pass(t, f, h0, cfg, N, cu_tok, cu_chunk, total_chunks, H, K, V, n, with_final):
     """Runs ``_state_fwd_kernel`` over the chunk factors ``f``: the state entering every chunk
-    ((total chunks, H, K, V), ``_state_dtype``), d = u - w S0 of every sub-step ((B, T * n, H, V)
+    (``chunk_states_shape``, ``_state_dtype``), d = u - w S0 of every sub-step ((B, T * n, H, V)
     fp32) and, with_final, the final states ((N, H, K, V) fp32; else None). Returns (d, states, final)."""
     k, v, beta = t["k"], t["v"], t["beta"]
     B, T = k.shape[:2]
     dev = k.device
     d = torch.empty((B, T * n, H, V), dtype=torch.float32, device=dev)
-    states = torch.empty((max(total_chunks, 1), H, K, V), dtype=_state_dtype(k.dtype), device=dev)
+    states = torch.empty(chunk_states_shape(max(total_chunks, 1), H, V, cfg), dtype=_state_dtype(k.dtype), device=dev)
     final = torch.empty((N, H, K, V), dtype=torch.float32, device=dev) if with_final else None
     _, state_args = _launch_args(n, cfg)
     if N * H > 0 and V > 0:
         h0c = h0.contiguous() if h0 is not None else states                 # (placeholders: not read)
         _state_fwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
             k, v, beta, f["w"], f["tinv"], f["G"], h0c, d, states, final if with_final else states, cu_tok, cu_chunk,
-            H, K, V, HAS_H0=h0 is not None, HAS_FINAL=with_final, **state_args)
+            H, K, V, HAS_H0=h0 is not None, HAS_FINAL=with_final, STAGES=cfg["FWD_STAGES"],
+            **dict(state_args, num_warps=cfg["FWD_WARPS"], maxnreg=cfg["FWD_MAXNREG"]))
     return d, states, final
 
 
@@ -1398,8 +1420,8 @@ def _outputs(t, f, d, states, cfg, N, cu_tok, cu_chunk, max_chunks, scale, H, K,
     if max_chunks > 0 and N * H > 0 and V > 0:
         _output_kernel[(max_chunks, N * H, triton.cdiv(V, cfg["BVO"]))](
             q, f["qk"], f["G"], states, d, o, cu_tok, cu_chunk, H, K, V, float(scale), NFAC=n, CT=cfg["CT"],
-            BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BKO"], BV=cfg["BVO"], PREC=cfg["PREC"], LOWP=cfg["LOWP"],
-            INTERP=cfg["INTERP"], num_warps=cfg["OUT_WARPS"])
+            BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BKO"], BV=cfg["BVO"], KP=cfg["BKF"], VB=cfg["BVS"], PREC=cfg["PREC"],
+            LOWP=cfg["LOWP"], INTERP=cfg["INTERP"], num_warps=cfg["OUT_WARPS"])
     return o
 
 
@@ -1476,7 +1498,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _state_bwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
             t["q"], t["k"], f["w"], f["qk"], f["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd,
             cu_tok, cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None,
-            **dict(state_args, maxnreg=cfg["BWD_MAXNREG"]))
+            **state_args)
     # w is not read by the chunk-local kernel: freed before its outputs are allocated, which lowers
     # the backward's peak memory by w.
     del f["w"]
@@ -1489,7 +1511,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _local_bwd_kernel[(max_chunks, N * H)](
             t["q"], t["k"], t["v"], t["beta"], f["tinv"], f["qk"], f["G"], grad_o, states, dstates, d, dd,
             dq, dk, dv, dbeta, dlg if dlg is not None else dbeta, cu_tok, cu_chunk, H, K, V, float(scale),
-            HAS_GATE=log_gate is not None, BC=cfg["BC"], maxnreg=cfg["MAXNREG"], **chunk_args)
+            HAS_GATE=log_gate is not None, BC=cfg["BC"], KP=cfg["BKF"], maxnreg=cfg["MAXNREG"], **chunk_args)
     return dq, dk, dv, dbeta, dlg, dh0
 
 
@@ -1549,7 +1571,7 @@ def _under_static_budget(kernel, elem: str, constexprs: dict):
     specialisation spills at sm_80 either (not budgeted: the budget is sm_90a's) but that one.
     """
     if kernel is _state_bwd_kernel or (kernel is _state_fwd_kernel and elem != "fp32"):
-        return {"programs_per_sm": 2}
+        return {"programs_per_sm": 2}    # (the forward pass: 4 warps at up to 255 registers)
     if kernel is _local_bwd_kernel and elem == "fp32":
         return not constexprs["HAS_GATE"]
     return True
@@ -1599,11 +1621,12 @@ def _plain_specs():
                 yield (_wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, TINV_GIVEN=given, BC=cfg["BC"],
                                                                  **chunk_args), nw, elem, {})
         for with_final in (False, True):     # (the backward's recomputation, the forward)
-            yield (_state_fwd_kernel, sigs[_state_fwd_kernel], dict(HAS_H0=True, HAS_FINAL=with_final, **state_args),
-                   nw, elem, capped)
+            yield (_state_fwd_kernel, sigs[_state_fwd_kernel],
+                   dict(HAS_H0=True, HAS_FINAL=with_final, STAGES=cfg["FWD_STAGES"], **state_args), cfg["FWD_WARPS"],
+                   elem, {"maxnreg": cfg["FWD_MAXNREG"]})
         yield (_output_kernel, sigs[_output_kernel],
-               dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BKO"], BV=cfg["BVO"], PREC=cfg["PREC"],
-                    LOWP=cfg["LOWP"], INTERP=False), cfg["OUT_WARPS"], elem, {})
+               dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BKO"], BV=cfg["BVO"], KP=cfg["BKF"],
+                    VB=cfg["BVS"], PREC=cfg["PREC"], LOWP=cfg["LOWP"], INTERP=False), cfg["OUT_WARPS"], elem, {})
         rec_sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "beta_ptr": f"*{elem}",
                    "lg_ptr": f"*{elem}", "h0_ptr": "*fp32", "o_ptr": f"*{elem}", "final_ptr": "*fp32",
                    "cu_tok_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"}
@@ -1613,8 +1636,8 @@ def _plain_specs():
         for has_dfinal in (False, True):
             for has_h0 in (False, True):
                 yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
-                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, **state_args), nw, elem,
-                       {"maxnreg": cfg["BWD_MAXNREG"]})
+                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, **state_args), nw, elem, capped)
         for gate in (False, True):
-            yield (_local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], **chunk_args), nw, elem,
+            yield (_local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], KP=cfg["BKF"], **chunk_args),
+                   nw, elem,
                    {"maxnreg": cfg["MAXNREG"]})
