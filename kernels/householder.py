@@ -22,8 +22,10 @@ columns, sequentially over chunks: u = Tinv diag(beta) V for its V columns, neve
 state entering every chunk and the final state), then ``_output_kernel`` (all chunks in parallel:
 o from Q, Q K^T, the chunk-entry states and d). ``S1 = M S0 + c`` is affine in S0, so the state
 pass holds only the products with the carried state (w S0 and the update) and runs them 16
-sub-steps at a time; its fp32 state stays in registers across the chunk loop (a (K / BK, BK, BV)
-tile: the K-long products are batched over K blocks). Everything that does not depend on the
+sub-steps at a time, in one software-pipelined loop over (chunk, piece); its fp32 state stays in
+registers across that loop (a (K / BK, BK, BV) tile: the K-long products are batched over K
+blocks), and it writes the chunk states in a blocked layout of its own (``_chunk_state_offsets``).
+Everything that does not depend on the
 carried state is in the chunk-parallel kernels. The forward hands Tinv to the backward (the op's
 autograd saves it; ``return_saved``); the backward reruns ``_wy_fwd_kernel`` reading it (w, G,
 Q K^T: no K K^T, no inverse) and the state pass, for the chunk-entry states and d.
