@@ -210,18 +210,23 @@ def _wy_fwd_kernel(
     tinv_ptr,     # out (B*T*n, H, BL) work dtype: rows of (I + A)^{-1}
     qk_ptr,       # out (B*T, H, BL) fp32: Q K^T, row c holding q_c . k_m for the sub-steps m <= c's last
     g_ptr,        # out (B*T*n, H) fp64: cumulative log-gate within the chunk
+    do_ptr,       # (B*T, H, V) gradient of o, read when WITH_DO (the backward)
+    dd_ptr,       # out (B*T*n, H, V) fp32, written when WITH_DO: scale P^T dO, dd's state-independent part
     cu_tok_ptr,   # (N + 1,) int64 token offsets of the sequences
-    H, K, V,
+    H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_GATE: tl.constexpr, TINV_GIVEN: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr, INTERP: tl.constexpr,
+    BV: tl.constexpr, HAS_GATE: tl.constexpr, TINV_GIVEN: tl.constexpr, WITH_DO: tl.constexpr,
+    PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One program per (chunk, sequence * head): A, Tinv = (I + A)^{-1}, w = Tinv diag(beta exp(G)) K,
     the causal part of Q K^T and G. Everything here is independent of the carried state; u =
     Tinv diag(beta) V is left to the state passes (per V block, at no extra FLOPs), so that it
     is never written to memory. Q K^T is computed once per chunk here rather than once per V block
     in each state pass. TINV_GIVEN (the backward, with the forward's Tinv): Tinv is read from
-    ``tinv_ptr`` instead of computed (no K K^T, no inverse)."""
+    ``tinv_ptr`` instead of computed (no K K^T, no inverse). WITH_DO (the backward): also the part of
+    dd = dL/dd that does not depend on the carried state, scale P^T dO with P = (exp(G_r - G_m) Q K^T)
+    restricted to m <= r (r a token's last sub-step), for the adjoint state pass to complete: formed
+    here from the Q K^T this program holds, not in the sequential pass."""
     chunk = tl.program_id(0)
     pid_nh = tl.program_id(1)
     seq = pid_nh // H
@@ -281,6 +286,30 @@ def _wy_fwd_kernel(
         rhs, first_bad = _split_nonfinite(kk * bg[:, None], rows, BL)
         w = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
         tl.store(w_ptr + k_off, w.to(w_ptr.dtype.element_ty), mask=kmask)
+
+    if WITH_DO:
+        # scale P^T dO, (BL, BV) per block of V. P^T is read back from the Q K^T rows stored above,
+        # transposed (after a CTA barrier: other threads stored them; it also makes those global
+        # stores visible), not held in registers through the inverse and w (fp32 with 3xTF32: 16-24 B
+        # of spills at sm_80 under Triton 3.6). G_r, G at each token's last sub-step, is the
+        # cumulative sum of the tokens' log-gates.
+        tl.debug_barrier()
+        if HAS_GATE:
+            lg_tok = tl.load(lg_ptr + tok * H + head, mask=valid_tok, other=0.0)
+            G_r = tl.cumsum(lg_tok.to(tl.float64), 0)
+        else:
+            G_r = tl.zeros((BC,), tl.float64)
+        read_t = (rows[:, None] <= (tok_rows * NFAC + NFAC - 1)[None, :]) & valid[:, None] & valid_tok[None, :]
+        decay_t = tl.exp(tl.where(read_t, (G_r[None, :] - G[:, None]).to(tl.float32), float("-inf")))
+        qk_t = tl.load(qk_ptr + (tok[None, :] * H + head) * BL + rows[:, None], mask=read_t, other=0.0)
+        P_t = tl.where(decay_t > 0.0, decay_t * qk_t, 0.0)                      # (BL, BC)
+        for v0 in range(0, V, BV):
+            cols_v = v0 + tl.arange(0, BV)
+            v_ok = cols_v < V
+            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], mask=valid_tok[:, None] & v_ok[None, :],
+                         other=0.0)
+            tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], scale * _dot32(P_t, do, PREC),
+                     mask=valid[:, None] & v_ok[None, :])
 
 
 @triton.jit
@@ -616,105 +645,46 @@ def _kblocks_t(ptr, rows, rows_ok, head, H, K, NKB: tl.constexpr, BK: tl.constex
 
 
 @triton.jit
-def _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub0, n_sub, G_L, cols_v, v_ok, head, H,
-                     K, V, scale, NFAC: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
-                     BV: tl.constexpr, PREC: tl.constexpr):
-    """One chunk of ``_state_bwd_kernel`` (every dtype); returns the gradient of the state entering it.
+def _state_bwd_piece(dS, dS_prev, q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dd_ptr, row0, tok_row0, n_sub, p0, G_L, H, K, V,
+                     scale, NFAC: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
+                     PREC: tl.constexpr):
+    """One piece of ``_state_bwd_kernel``: sub-steps p0 .. p0 + 15 and tokens p0 .. p0 + 15 of a chunk;
+    returns dS_prev plus the piece's share of the gradient of the state entering the chunk.
 
-    dS: (NKB, BK, BV) fp32, the gradient of the state leaving the chunk (this program's V columns
-    ``cols_v``); sub0: the chunk's first sub-step (int64), n_sub its valid sub-steps; G_L: fp64, G at
-    the chunk's last sub-step. Writes the chunk's dd rows (fp32, (n_sub, BV) of ``dd_ptr``).
+    dS: (NKB, BK, BV) fp32, the gradient of the state leaving the chunk (this program's BV columns of
+    V, from ``program_id(0) * BV``); dS_prev: exp(G_L) dS plus the shares of the chunk's earlier
+    pieces; row0 / tok_row0: int64, (the chunk's first sub-step / token) * H + head; n_sub: int32,
+    its valid sub-steps; G_L: fp64, G at its last sub-step.
 
-    dd = P^T dO + (exp(G_L - G) K) dS and dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd, the
-    adjoint of the chunk's state update (PREC: "tf32x3" for fp32 inputs, "tf32" for bf16 / fp16, whose
-    tiles are loaded as such and widened in registers), 16 rows at a time as in ``_state_fwd_piece``,
-    in three loops: (1) per piece of 16 sub-steps, scale P^T dO of its rows by 16 x 16 blocks (16 tokens
-    at a time, only the tokens whose last sub-step is at or past the piece), written to dd; (2) per
-    piece of 16 sub-steps, dd = that + (exp(G_L - G) K) dS (read back, completed, written) and its
-    share - w^T dd of dS0; (3) per piece of 16 tokens, its share scale (exp(G_r) Q)^T dO of dS0. Every
-    tile is read from memory piece by piece: dO once per (sub-step piece, token piece) block (re-reads,
-    L1 / L2 hits) and the chunk's dd rows (4 KB a chunk per program at BV = 16) written twice and read
-    once in between (8 KB more L1 / L2 traffic a chunk, beside its 96 KB of k, w and q at K = 128).
-
-    Registers (ptxas, K = V = 128, 8 warps; worst of the four HAS_DFINAL x HAS_H0 specialisations,
-    Triton 3.6 and 3.9, sm_80 and sm_90a). Before: 596 B of spills (3.6, sm_80) at 255 registers.
-    (a) The piece loops were software-pipelined with the compile's default 3 stages (the next
-    pieces' k, w, scores and masks in flight, 56 KB of shared memory); with ``num_stages=1``: no
-    spills, 222-254 registers. (b) dd's P^T dO was one (16, BC) x (BC, BV) product with dO (BC, BV)
-    loaded once per chunk: with 8 warps along a 16-row result every warp holds all of both
-    operands, hi and lo parts (128 registers); by 16 x 16 blocks, skipping the blocks of tokens that
-    end before the piece (6 of 16 at n = 1: fewer products): 197-213. (c) The left operands of w^T dd
-    and q^T dO loaded transposed (``_kblocks_t``), not permuted (a layout conversion each): 189-201.
-    (d) The chunk's rows indexed in int32 from 64-bit base pointers of the chunk (the indices were
-    int64, and all the address arithmetic with them, its strides held across the loops): 174-185.
-    (e) P^T dO in a loop of its own, before the one that holds dS's 3xTF32 hi / lo parts as the
-    operand of K dS (loop-invariant, hoisted: 16 registers across that loop): 162-187 with maxnreg
-    255, and with maxnreg 128 no spills except 48 B at sm_80 with Triton 3.6 (the last of those, the
-    initial state's gradient stored after the chunk loop), where (d) spilled up to 88 B and (c) up to
-    264 B. (f) That store made in the chunk loop (``_state_bwd_kernel``): none with maxnreg 128
-    either (116-128 registers)."""
-    # Chunk-local row indices are int32 against 64-bit base pointers of the chunk (one 64-bit
-    # address a tile element, not 64-bit index arithmetic held across the loops). The int32 offsets
-    # stay below 64 H max(K, V, BL), under 2**31 for H max(K, V) < 2**25.
-    n_sub = n_sub.to(tl.int32)
-    n_tok = n_sub // NFAC
-    tok0 = sub0 // NFAC
-    g_c = g_ptr + sub0 * H + head
-    k_c = k_ptr + sub0 * H * K
-    w_c = w_ptr + sub0 * H * K
-    dd_c = dd_ptr + sub0 * H * V
-    q_c = q_ptr + tok0 * H * K
-    qk_c = qk_ptr + tok0 * H * BL
-    do_c = do_ptr + tok0 * H * V
-    # (Runtime bounds: the valid pieces only, loops, not unrolled, and not pipelined: num_stages=1.)
-    for p0 in tl.range(0, n_sub, 16, num_stages=1):
-        rp = p0 + tl.arange(0, 16)                       # the piece's sub-step rows within the chunk
-        ok = rp < n_sub
-        G_p = tl.load(g_c + rp * H, mask=ok, other=0.0)
-        # P^T dO for the piece's rows, 16 tokens at a time: only tokens whose last sub-step is at or
-        # past the piece's first row (token c >= p0 // NFAC) read it.
-        pdo = tl.zeros((16, BV), tl.float32)
-        for t0 in tl.range((p0 // NFAC) // 16 * 16, n_tok, 16, num_stages=1):
-            tp = t0 + tl.arange(0, 16)
-            tok_ok = tp < n_tok
-            r_p = tp * NFAC + NFAC - 1
-            G_rp = tl.load(g_c + r_p * H, mask=tok_ok, other=0.0)
-            read = (rp[None, :] <= r_p[:, None]) & ok[None, :] & tok_ok[:, None]
-            decay_read = tl.exp(tl.where(read, (G_rp[:, None] - G_p[None, :]).to(tl.float32), float("-inf")))
-            P = decay_read * tl.load(qk_c + (tp[:, None] * H + head) * BL + rp[None, :], mask=read,
-                                     other=0.0)                           # (16 tokens, 16 sub-steps)
-            do_p = tl.load(do_c + (tp[:, None] * H + head) * V + cols_v[None, :],
-                           mask=tok_ok[:, None] & v_ok[None, :], other=0.0)
-            pdo += _dot32(tl.trans(P), do_p, PREC)
-        tl.store(dd_c + (rp[:, None] * H + head) * V + cols_v[None, :], scale * pdo, mask=ok[:, None] & v_ok[None, :])
-    # The rows written above are read back below by other threads (other layouts): a CTA barrier,
-    # which also makes the global memory writes before it visible to the reads after it.
-    tl.debug_barrier()
-    dS_prev = tl.exp(G_L.to(tl.float32)) * dS
-    for p0 in tl.range(0, n_sub, 16, num_stages=1):
-        # dd = scale P^T dO (read back) + (exp(G_L - G) K) dS for the piece's rows; dS0 -= w^T dd.
-        rp = p0 + tl.arange(0, 16)
-        ok = rp < n_sub
-        G_p = tl.load(g_c + rp * H, mask=ok, other=0.0)
-        decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
-        kk = _kblocks(k_c, rp, ok, head, H, K, NKB, BK)
-        dd_off = (rp[:, None] * H + head) * V + cols_v[None, :]
-        dd_mask = ok[:, None] & v_ok[None, :]
-        dd = (tl.load(dd_c + dd_off, mask=dd_mask, other=0.0)
-              + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None])
-        tl.store(dd_c + dd_off, dd.to(dd_ptr.dtype.element_ty), mask=dd_mask)
-        w = _kblocks_t(w_c, rp, ok, head, H, K, NKB, BK)
-        dS_prev -= _bdot(w, tl.broadcast_to(dd[None, :, :], (NKB, 16, BV)), PREC)
-    for t0 in tl.range(0, n_tok, 16, num_stages=1):    # dS0 += scale (exp(G_r) Q)^T dO
-        tp = t0 + tl.arange(0, 16)                       # the piece's token rows within the chunk
-        ok = tp < n_tok
-        G_rp = tl.load(g_c + (tp * NFAC + NFAC - 1) * H, mask=ok, other=0.0)
-        do_p = tl.load(do_c + (tp[:, None] * H + head) * V + cols_v[None, :], mask=ok[:, None] & v_ok[None, :],
-                       other=0.0)
-        dos = do_p.to(tl.float32) * (scale * tl.exp(G_rp.to(tl.float32)))[:, None]
-        qs = _kblocks_t(q_c, tp, ok, head, H, K, NKB, BK)
-        dS_prev += _bdot(qs, tl.broadcast_to(dos[None, :, :], (NKB, 16, BV)), PREC)
-    return dS_prev
+    The adjoint of the chunk's state update (S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, d = u - w S0,
+    o = scale (exp(G_r) Q S0 + P d)): dd = scale P^T dO (written by ``_wy_fwd_kernel``, read here) +
+    (exp(G_L - G) K) dS for the piece's sub-steps, stored; dS0 gets - w^T dd of them and scale
+    (exp(G_r) Q)^T dO of the piece's tokens (a chunk has at most BL / NFAC <= BL tokens: the pieces
+    past them add nothing). Products take fp32 operands (PREC: "tf32x3" for fp32 inputs, "tf32" for
+    bf16 / fp16, whose tiles are loaded as such and widened in registers); w and q are loaded
+    transposed, (NKB, BK, 16), for their batched products (no permute in registers)."""
+    c0 = tl.program_id(0) * BV
+    cols_v = tl.arange(0, BV)                            # (this program's V columns, from c0)
+    v_ok = cols_v < V - c0
+    rp = p0 + tl.arange(0, 16)                           # the piece's sub-steps within the chunk
+    ok = rp < n_sub
+    G_p = tl.load(g_ptr + row0 + rp * H, mask=ok, other=0.0)
+    decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
+    kk = _kblocks(k_ptr + row0 * K, rp, ok, 0, H, K, NKB, BK)                   # (NKB, 16, BK)
+    dd_ptrs = dd_ptr + row0 * V + c0 + rp[:, None] * H * V + cols_v[None, :]
+    dd_mask = ok[:, None] & v_ok[None, :]
+    dd = tl.load(dd_ptrs, mask=dd_mask, other=0.0) + tl.sum(_bdot(kk, dS, PREC), axis=0) * decay_last[:, None]
+    tl.store(dd_ptrs, dd.to(dd_ptr.dtype.element_ty), mask=dd_mask)
+    w = _kblocks_t(w_ptr + row0 * K, rp, ok, 0, H, K, NKB, BK)                 # (NKB, BK, 16)
+    dS_prev -= _bdot(w, tl.broadcast_to(dd[None, :, :], (NKB, 16, BV)), PREC)
+    tp = p0 + tl.arange(0, 16)                           # the piece's tokens within the chunk
+    tok_ok = tp < n_sub // NFAC
+    G_rp = tl.load(g_ptr + row0 + (tp * NFAC + NFAC - 1) * H, mask=tok_ok, other=0.0)
+    do_p = tl.load(do_ptr + tok_row0 * V + c0 + tp[:, None] * H * V + cols_v[None, :],
+                   mask=tok_ok[:, None] & v_ok[None, :], other=0.0)
+    dos = do_p.to(tl.float32) * (scale * tl.exp(G_rp.to(tl.float32)))[:, None]
+    qs = _kblocks_t(q_ptr + tok_row0 * K, tp, tok_ok, 0, H, K, NKB, BK)          # (NKB, BK, 16)
+    return dS_prev + _bdot(qs, tl.broadcast_to(dos[None, :, :], (NKB, 16, BV)), PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -724,61 +694,62 @@ def _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, sub
 @triton.jit
 def _state_bwd_kernel(
     q_ptr, k_ptr, w_ptr,
-    qk_ptr,       # (B*T, H, BL) fp32: the causal part of Q K^T (from _wy_fwd_kernel)
     g_ptr,
     do_ptr,       # (B*T, H, V) gradient of o
     dfinal_ptr,   # (N, H, K, V) gradient of the final state, read when HAS_DFINAL
     dstates_ptr,  # out (total chunks, H, cdiv(V, BV), NKB * BK, BV) state dtype: gradient of the state leaving
                   # every chunk
     dh0_ptr,      # out (N, H, K, V) gradient of the initial state (its dtype), written when HAS_H0
-    dd_ptr,       # out (B*T*n, H, V) fp32: dL/dd, for the chunk-local kernel
+    dd_ptr,       # (B*T*n, H, V) fp32: scale P^T dO on entry (``_wy_fwd_kernel``), dL/dd on exit
     cu_tok_ptr, cu_chunk_ptr,
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
-    BV: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
+    """One program per (block of BV columns of V, sequence * head), over the sequence's chunks in
+    reverse, the (K, BV) fp32 slice of the state's gradient dS held in registers, as the state is in
+    ``_state_fwd_kernel``, with the same loop: one loop over (chunk, piece of 16 rows), software-
+    pipelined STAGES deep, a chunk's first piece storing the gradient of the state leaving it and
+    starting dS_prev = exp(G_L) dS, its last making dS_prev the gradient. Only the products with the
+    carried dS are here (``_state_bwd_piece``); dd's state-independent part, scale P^T dO, comes from
+    ``_wy_fwd_kernel``."""
     head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
-    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
-    v_ok = cols_v < V
-    s_off, smask = _state_slice(cols_v, v_ok, K, V, NKB, BK)
-    block = tl.cdiv(V, BV) * NKB * BK * BV               # one head's chunk state (``_chunk_state_offsets``)
-    dstates_ptr += (head * tl.cdiv(V, BV) + tl.program_id(0)) * NKB * BK * BV
-    st_off = (tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]) * BV + tl.arange(0, BV)[None, None, :]
+    c0 = tl.program_id(0) * BV
+    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
     # The gradient of the state leaving the last chunk is that of the final state.
     if HAS_DFINAL:
-        dS = tl.load(dfinal_ptr + seq_state + s_off, mask=smask, other=0.0).to(tl.float32)
+        dS = tl.load(dfinal_ptr + seq_state + c0 + rows_k * V + tl.arange(0, BV)[None, None, :],
+                     mask=(rows_k < K) & (tl.arange(0, BV) < V - c0)[None, None, :], other=0.0).to(tl.float32)
     else:
         dS = tl.zeros((NKB, BK, BV), tl.float32)
-
-    # Every dtype takes the chunk in pieces of 16 rows (``_state_bwd_chunk``; PREC is "tf32" for bf16 /
-    # fp16: the same products, each one TF32 product, with the 16-bit tiles loaded as such and widened
-    # in registers), with one more step than chunks, in which the gradient of the initial state is
-    # stored where the chunks' are (after the loop, the addresses of that store, derived from the
-    # thread index before it, were the registers ptxas spilled at maxnreg 128: 48 B at sm_80 with
-    # Triton 3.6, fp32).
-    # bf16 / fp16 took the whole chunk at once (P^T dO one (BL, BC) x (BC, BV) product, K dS, w^T dd
-    # and q^T dO over all BL rows, dO, the scores and the decays loaded once per chunk): 236-255
-    # registers at maxnreg 255 and 60-70 KB of shared memory with STAGES = 2, and at maxnreg 128
-    # 608-920 B of spills (ptxas, K = V = 128, n = 3, the four HAS_DFINAL x HAS_H0 specialisations:
-    # Triton 3.9 608-744 B at sm_90a, 908-920 B at sm_80; 3.6 632-916 B / 720-832 B). By pieces: no
-    # spills at maxnreg 128, 109-128 registers (Triton 3.6 and 3.9, sm_80 and sm_90a, n = 1, 2, 3,
-    # bf16 and fp16), 134-154 at maxnreg 255; 8 KB of shared memory. The same distinct bytes a chunk
-    # (dO and the scores re-read by 16 x 16 blocks, dd written twice and read once: L1 / L2 traffic)
-    # and no more tensor-core work (the blocks of P^T dO above the diagonal are skipped). The chunk
-    # loop is not software-pipelined: it holds loops, which Triton does not pipeline (the same PTX
-    # with num_stages 1, 2 and 3, Triton 3.9 and 3.6 at sm_90a). Every product has a computed operand:
-    # fp32 operands, see ``_dot32``.
-    for i in range(0, n_chunks + 1):
-        c = n_chunks - 1 - i
-        if c >= 0:
-            tl.store(dstates_ptr + (chunk_base + c) * H * block + st_off, dS.to(dstates_ptr.dtype.element_ty))
-            tok0 = bos + c * CT
-            n_sub = tl.minimum(eos - tok0, CT) * NFAC
-            G_L = tl.load(g_ptr + (tok0 * NFAC + n_sub - 1) * H + head)
-            dS = _state_bwd_chunk(dS, q_ptr, k_ptr, w_ptr, qk_ptr, g_ptr, do_ptr, dd_ptr, tok0 * NFAC, n_sub, G_L,
-                                  cols_v, v_ok, head, H, K, V, scale, NFAC, BL, BK, NKB, BV, PREC)
-        elif HAS_H0:
-            tl.store(dh0_ptr + seq_state + s_off, dS.to(dh0_ptr.dtype.element_ty), mask=smask)
+    # As in _state_fwd_kernel: a 64-bit base of the sequence's sub-step and token rows, an int32
+    # length, a pointer to this program's block of its first chunk's dS (``_chunk_state_offsets``).
+    block = tl.cdiv(V, BV) * NKB * BK * BV               # one head's chunk state
+    dstates_ptr += (chunk_base * H + head) * block + tl.program_id(0) * NKB * BK * BV
+    st_off = rows_k * BV + tl.arange(0, BV)[None, None, :]
+    row_base = bos * NFAC * H + head
+    tok_base = bos * H + head
+    seq_len = (eos - bos).to(tl.int32)
+    NP: tl.constexpr = BL // 16
+    dS_prev = dS
+    for i in tl.range(0, n_chunks * NP, num_stages=STAGES):
+        c = n_chunks - 1 - i // NP
+        p0 = (i % NP) * 16
+        n_sub = tl.minimum(seq_len - c * CT, CT) * NFAC
+        row0 = row_base + (c * CT * NFAC).to(tl.int64) * H
+        tok_row0 = tok_base + (c * CT).to(tl.int64) * H
+        G_L = tl.load(g_ptr + row0 + (n_sub - 1) * H)
+        if p0 == 0:
+            tl.store(dstates_ptr + c.to(tl.int64) * H * block + st_off, dS.to(dstates_ptr.dtype.element_ty))
+            dS_prev = tl.exp(G_L.to(tl.float32)) * dS
+        dS_prev = _state_bwd_piece(dS, dS_prev, q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dd_ptr, row0, tok_row0, n_sub, p0,
+                                   G_L, H, K, V, scale, NFAC, BK, NKB, BV, PREC)
+        if p0 == BL - 16:
+            dS = dS_prev
+    if HAS_H0:
+        cols_v = tl.program_id(0) * BV + tl.arange(0, BV)[None, None, :]
+        tl.store(dh0_ptr + tl.program_id(1).to(tl.int64) * K * V + rows_k * V + cols_v, dS.to(dh0_ptr.dtype.element_ty),
+                 mask=(rows_k < K) & (cols_v < V))
 
 
 @triton.jit
@@ -1273,28 +1244,30 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # at 128, 3.2 KB at 255, before its 16-row pieces).
     # The state passes walk the chunks one after another, one program per (sequence, head, 16 columns
     # of V): at (B, T, H, K = V) = (1, 8192, 32, 128) that is 256 programs, two waves on 132 SMs at one
-    # program per SM and one wave at two. BWD_MAXNREG: the adjoint pass's ceiling, 128 for K <= 128,
-    # where it fits without spilling (every dtype, n = 1, 2, 3, Triton 3.6 and 3.9, sm_80 and sm_90a;
-    # at K = 256 it spills up to 112 B): two 8-warp programs an SM. The forward pass is software-
-    # pipelined (FWD_STAGES = 2: the next piece's tiles in flight) and takes more registers: bf16 / fp16
-    # run it with FWD_WARPS = 4 at FWD_MAXNREG = 255 (196-253 registers, no spills: two programs an SM;
-    # 8 warps at 128 spilled 8-24 B in a few specialisations), fp32 with 8 warps (250-255 registers,
-    # one program an SM; 4 warps spilled 8-64 B).
+    # program per SM and one wave at two. Both are software-pipelined (FWD_STAGES, BWD_STAGES = 2: the
+    # next piece's tiles in flight). The adjoint pass: 8 warps (BWD_WARPS) at BWD_MAXNREG = 128 for
+    # bf16 / fp16 with K <= 128 (106-128 registers, no spills, n = 1, 2, 3, Triton 3.6 and 3.9, sm_80
+    # and sm_90a: two programs an SM), 255 for fp32 (167-193; at 128 it spilled 8 B under Triton 3.6 at
+    # sm_90a with an initial state). The forward pass takes more: bf16 / fp16 run it with FWD_WARPS = 4
+    # at FWD_MAXNREG = 255 (196-253 registers, no spills: two programs an SM; 8 warps at 128 spilled
+    # 8-24 B in a few specialisations), fp32 with 8 warps (247-255 registers, one program an SM; 4 warps
+    # spilled 8-64 B).
     # BKO, BVO, OUT_WARPS: ``_output_kernel``'s blocks of K (its loop) and of V (its grid), and warps:
     # no spills, Triton 3.6 and 3.9, sm_80 and sm_90a (bf16 / fp16 with BVO = 64: 128-152 registers;
     # fp32, 3xTF32, with BVO = 32: 145-202; with 64 it spilled 1.0-1.2 KB at sm_80, 0.8 KB with 8 warps).
     # Measured at the launches' alignment (aot_specs' divisible_by_16), bench/results/householder-traffic.md.
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "tf32x3"
-    bwd_maxnreg = 128 if BKF <= 128 else 255
+    bwd_maxnreg = 128 if half and BKF <= 128 else 255
     cfg = config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
                                               BKO=32, BVO=64 if half else 32, OUT_WARPS=1 if interpret else 4,
-                                              num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=255, FWD_STAGES=2,
+                                              num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=255, FWD_STAGES=2, BWD_STAGES=2,
+                                              BWD_WARPS=1 if interpret else 8,
                                               FWD_WARPS=1 if interpret else (4 if half else 8),
                                               BWD_MAXNREG=bwd_maxnreg,
                                               PREC=prec, LOWP=half, INTERP=interpret),
                           ("BK", "BV", "BKS", "BVS", "BKO", "BVO", "OUT_WARPS", "num_warps", "MAXNREG",
-                           "FWD_MAXNREG", "BWD_MAXNREG", "FWD_STAGES", "FWD_WARPS"))
+                           "FWD_MAXNREG", "BWD_MAXNREG", "FWD_STAGES", "FWD_WARPS", "BWD_STAGES", "BWD_WARPS"))
     if cfg["BV"] != cfg["BVS"]:
         raise ValueError(f"LINREC_HOUSEHOLDER_CONFIG: BV ({cfg['BV']}) must equal BVS ({cfg['BVS']}): the chunk-local "
                          "backward reads the chunk states in the state passes' blocks of BVS columns")
@@ -1307,7 +1280,8 @@ def _launch_args(n: int, cfg: dict) -> tuple:
     with FWD_WARPS and FWD_MAXNREG)."""
     shared = dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
     return (dict(BK=cfg["BK"], BV=cfg["BV"], LOWP=cfg["LOWP"], INTERP=cfg["INTERP"], **shared),
-            dict(BK=cfg["BKS"], NKB=cfg["BKF"] // cfg["BKS"], BV=cfg["BVS"], maxnreg=cfg["BWD_MAXNREG"], **shared))
+            dict(BK=cfg["BKS"], NKB=cfg["BKF"] // cfg["BKS"], BV=cfg["BVS"], maxnreg=cfg["BWD_MAXNREG"],
+                 **dict(shared, num_warps=cfg["BWD_WARPS"])))
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1357,11 +1331,12 @@ def _prepare(q, k, v, beta, log_gate, cu_seqlens):
     return cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, tensors
 
 
-def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=None):
+def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=None, grad_o=None, scale=1.0):
     """Runs ``_wy_fwd_kernel``: the state-independent chunk factors, as a dict of tensors
     w (B, T * n, H, K) and Tinv (B, T * n, H, BL) in the work dtype, qk (B, T, H, BL) fp32 (the
     causal part of Q K^T) and G (B, T * n, H) fp64. With ``tinv`` (the forward's, in the backward)
-    Tinv is read, not computed."""
+    Tinv is read, not computed. With ``grad_o`` (the backward, (B, T, H, V) contiguous) also dd
+    (B, T * n, H, V) fp32 holding scale P^T dO, for the adjoint state pass to complete."""
     q, k, beta, lg = t["q"], t["k"], t["beta"], t["lg"]
     B, T = q.shape[:2]
     dev = q.device
@@ -1372,12 +1347,15 @@ def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=None):
         tinv = torch.empty(tinv_shape(B, T, n, H), dtype=wdt, device=dev)
     qk = torch.empty((B, T, H, cfg["BL"]), dtype=torch.float32, device=dev)
     G = torch.empty((B, T * n, H), dtype=torch.float64, device=dev)
+    with_do = grad_o is not None
+    dd = torch.empty((B, T * n, H, V), dtype=torch.float32, device=dev) if with_do else None
     chunk_args, _ = _launch_args(n, cfg)
     if max_chunks > 0 and N * H > 0:
         _wy_fwd_kernel[(max_chunks, N * H)](
-            q, k, beta, lg if lg is not None else beta, w, tinv, qk, G, cu_tok, H, K, V,
-            HAS_GATE=lg is not None, TINV_GIVEN=given, BC=cfg["BC"], **chunk_args)
-    return dict(w=w, tinv=tinv, qk=qk, G=G)
+            q, k, beta, lg if lg is not None else beta, w, tinv, qk, G, grad_o if with_do else q,
+            dd if with_do else qk, cu_tok, H, K, V, float(scale),                 # (placeholders: not read)
+            HAS_GATE=lg is not None, TINV_GIVEN=given, WITH_DO=with_do, BC=cfg["BC"], **chunk_args)
+    return dict(w=w, tinv=tinv, qk=qk, G=G, dd=dd)
 
 
 def chunk_states_shape(chunks: int, H: int, V: int, cfg: dict) -> tuple:
@@ -1439,10 +1417,10 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Returns:
         o: (B, T, H, V) in q's dtype; final_state: (N, H, K, V) fp32 (float64 for float64 q);
-        with return_saved also the chunk inverse Tinv ((B, T * n, H, BL), ``tinv_shape``, in the
-        inputs' bf16 / fp16; None for fp32, see ``saves_tinv``) for ``householder_scan_backward``, which then need not
-        recompute it (K K^T and the blocked inverse: 1.2 M of 42 M FLOPs per chunk and head at
-        K = V = 128, for Tinv's 128 bytes per token and head kept between the passes).
+        with return_saved also the chunk inverse Tinv ((B, T * n, H, BL), ``tinv_shape``, in
+        ``_work_dtype``; see ``saves_tinv``) for ``householder_scan_backward``, which then need not
+        recompute it (K K^T and the blocked inverse: 1.2 M of 41 M FLOPs per chunk and head at
+        K = V = 128, for Tinv's 128 bytes per token and head (bf16) kept between the passes).
     """
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
@@ -1459,13 +1437,14 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def saves_tinv(dtype: torch.dtype) -> bool:
-    """Whether the forward hands Tinv to the backward for inputs of ``dtype``: for bf16 / fp16. fp32
-    recomputes it (K K^T and the inverse: 1.21 M tensor FLOPs per chunk and head at K = 128, run as
-    3xTF32 products) instead of keeping 256 B per token and head between the passes. (Chosen when the
-    fp32 ``_wy_fwd_kernel`` reading Tinv spilled 11 KB per thread at sm_90a with exact "ieee" products;
-    with 3xTF32 it spills nothing, ptxas with Triton 3.9 and 3.6 at sm_80 and sm_90a, 206-249
-    registers, so saving it for fp32 too is a memory / FLOPs trade-off now.)"""
-    return dtype in (torch.bfloat16, torch.float16)
+    """Whether the forward hands Tinv to the backward for inputs of ``dtype``: always (bf16 / fp16
+    Tinv in their dtype, 128 B per token and head at n = 1; fp32 and float64 inputs in fp32, 256 B).
+    The backward then reads it instead of recomputing K K^T and the inverse (1.21 M tensor FLOPs per
+    chunk and head at K = 128), and its ``_wy_fwd_kernel``, which also forms scale P^T dO, holds fewer
+    registers: fp32 recomputing Tinv spilled 8 B at sm_80 under Triton 3.6 (131-188 registers and no
+    spills reading it). (fp32 recomputed it while the fp32 variant reading Tinv, with exact "ieee"
+    products, spilled 11 KB per thread.)"""
+    return True
 
 
 def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -1486,21 +1465,21 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
     cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
-    f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=tinv)
+    grad_o = grad_o.contiguous()
+    f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=tinv, grad_o=grad_o, scale=scale)
     d, states, _ = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, H, K, V, n, False)
     dev = q.device
-    grad_o = grad_o.contiguous()
     dstates = torch.empty_like(states)
-    dd = torch.empty_like(d)
+    dd = f["dd"]
     # Every token of every sequence is written by exactly one chunk program: no zero-fills.
     dh0 = torch.empty_like(initial_state, memory_format=torch.contiguous_format) if initial_state is not None else None
     chunk_args, state_args = _launch_args(n, cfg)
     if N * H > 0:
         gf = grad_final.contiguous() if grad_final is not None else dstates      # (placeholders: not read)
         _state_bwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
-            t["q"], t["k"], f["w"], f["qk"], f["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd,
+            t["q"], t["k"], f["w"], f["G"], grad_o, gf, dstates, dh0 if dh0 is not None else dstates, dd,
             cu_tok, cu_chunk, H, K, V, float(scale), HAS_DFINAL=grad_final is not None, HAS_H0=dh0 is not None,
-            **state_args)
+            STAGES=cfg["BWD_STAGES"], **state_args)
     # w is not read by the chunk-local kernel: freed before its outputs are allocated, which lowers
     # the backward's peak memory by w.
     del f["w"]
@@ -1525,15 +1504,15 @@ def _signatures(elem: str) -> dict:
     x = f"*{elem}"
     return {
         _wy_fwd_kernel: {"q_ptr": x, "k_ptr": x, "beta_ptr": x, "lg_ptr": x, "w_ptr": x, "tinv_ptr": x,
-                         "qk_ptr": "*fp32", "g_ptr": "*fp64", "cu_tok_ptr": "*i64", "H": "i32", "K": "i32",
-                         "V": "i32"},
+                         "qk_ptr": "*fp32", "g_ptr": "*fp64", "do_ptr": x, "dd_ptr": "*fp32", "cu_tok_ptr": "*i64",
+                         "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"},
         _state_fwd_kernel: {"k_ptr": x, "v_ptr": x, "beta_ptr": x, "w_ptr": x, "tinv_ptr": x, "g_ptr": "*fp64",
                             "h0_ptr": "*fp32", "d_ptr": "*fp32", "states_ptr": x, "final_ptr": "*fp32",
                             "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32"},
         _output_kernel: {"q_ptr": x, "qk_ptr": "*fp32", "g_ptr": "*fp64", "states_ptr": x, "d_ptr": "*fp32",
                          "o_ptr": x, "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
                          "scale": "fp32"},
-        _state_bwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": x, "qk_ptr": "*fp32", "g_ptr": "*fp64", "do_ptr": x,
+        _state_bwd_kernel: {"q_ptr": x, "k_ptr": x, "w_ptr": x, "g_ptr": "*fp64", "do_ptr": x,
                             "dfinal_ptr": "*fp32", "dstates_ptr": x, "dh0_ptr": "*fp32", "dd_ptr": "*fp32",
                             "cu_tok_ptr": "*i64", "cu_chunk_ptr": "*i64", "H": "i32", "K": "i32", "V": "i32",
                             "scale": "fp32"},
@@ -1562,17 +1541,17 @@ def _under_static_budget(kernel, elem: str, constexprs: dict):
     fields that replace the entry's, or False (left out). Every specialisation but one is held, at
     sm_90a with Triton 3.9 and 3.6, compiled at the launches' alignment and register ceilings
     (``aot_specs``): no spills, one program per SM (at most 255 registers x 256 threads), and two for
-    the state passes launched with ``maxnreg`` 128 (``_config``'s BWD_MAXNREG, FWD_MAXNREG): the
-    adjoint pass, and the forward pass but for fp32.
+    the state passes but for fp32 (``_config``'s FWD_WARPS, FWD_MAXNREG, BWD_MAXNREG: the forward
+    pass at 4 warps, the adjoint pass at 8 warps and 128 registers).
 
     Left out: the fp32 chunk-local backward with the gate, which spills under Triton 3.6 (20 / 92 B
     at sm_80 / sm_90a, stored before its first loop and loaded after its last; none with 3.9).
     Registers per thread (ptxas -v, K = V = 128; bench/results/householder-traffic.md has the
-    tables): the adjoint state pass 115-128, the forward state pass 111-128 (fp32 185-200), the
-    output kernel 128-202, the others 77-255. No
+    tables): the adjoint state pass 106-128 (fp32 167-193), the forward state pass 196-253 at 4 warps
+    (fp32 247-255 at 8), the output kernel 128-202, the others 77-255. No
     specialisation spills at sm_80 either (not budgeted: the budget is sm_90a's) but that one.
     """
-    if kernel is _state_bwd_kernel or (kernel is _state_fwd_kernel and elem != "fp32"):
+    if kernel in (_state_fwd_kernel, _state_bwd_kernel) and elem != "fp32":
         return {"programs_per_sm": 2}    # (the forward pass: 4 warps at up to 255 registers)
     if kernel is _local_bwd_kernel and elem == "fp32":
         return not constexprs["HAS_GATE"]
@@ -1619,9 +1598,12 @@ def _plain_specs():
         capped = {"maxnreg": state_args.pop("maxnreg")}
         sigs = _signatures(elem)
         for gate in (False, True):
-            for given in ((False, True) if with_backward and saves_tinv(torch_dtype) else (False,)):
-                yield (_wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, TINV_GIVEN=given, BC=cfg["BC"],
-                                                                 **chunk_args), nw, elem, {})
+            # the forward's (computing Tinv), and the backward's (reading the forward's Tinv where it is
+            # saved, and forming scale P^T dO)
+            # (and the backward's when it is given no Tinv: a direct call of the backward op)
+            for given, with_do in ((False, False),) + (((True, True), (False, True)) if with_backward else ()):
+                yield (_wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, TINV_GIVEN=given, WITH_DO=with_do,
+                                                                 BC=cfg["BC"], **chunk_args), nw, elem, {})
         for with_final in (False, True):     # (the backward's recomputation, the forward)
             yield (_state_fwd_kernel, sigs[_state_fwd_kernel],
                    dict(HAS_H0=True, HAS_FINAL=with_final, STAGES=cfg["FWD_STAGES"], **state_args), cfg["FWD_WARPS"],
@@ -1638,7 +1620,8 @@ def _plain_specs():
         for has_dfinal in (False, True):
             for has_h0 in (False, True):
                 yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
-                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, **state_args), nw, elem, capped)
+                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["BWD_STAGES"], **state_args),
+                       cfg["BWD_WARPS"], elem, capped)
         for gate in (False, True):
             yield (_local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], KP=cfg["BKF"], **chunk_args),
                    nw, elem,

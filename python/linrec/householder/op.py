@@ -8,9 +8,9 @@ Two custom ops carry the work so that ``torch.compile`` traces through them:
   grad_final_state?, cu_seqlens?, scale?, backend) -> (grad_q, grad_k, grad_v, grad_beta, grad_log_gate,
   grad_initial_state)
 
-``saved`` is what a backend's forward keeps for its backward: for ``triton`` with bf16 / fp16
-inputs the chunk inverse Tinv = (I + A)^{-1} of every chunk, (B, T * n, H, 64) in their dtype, so
-that the backward skips K K^T and the blocked inverse; an empty tensor for fp32 inputs, the other
+``saved`` is what a backend's forward keeps for its backward: for ``triton`` the chunk inverse
+Tinv = (I + A)^{-1} of every chunk, (B, T * n, H, 64) in the inputs' bf16 / fp16 (fp32 for fp32
+inputs), so that the backward skips K K^T and the blocked inverse; an empty tensor for the other
 backends and the step-by-step decoding form. The backward recomputes it when given None or an
 empty tensor.
 
@@ -82,8 +82,7 @@ def _torch_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale)
 
 def _triton_forward(q, k, v, beta, log_gate, initial_state, *, cu_seqlens, scale):
     """The Triton forward: (o, final, saved), ``saved`` the chunk inverse Tinv
-    (``linrec.kernels.householder.tinv_shape``) for the backward, or None (fp32 inputs: the backward
-    recomputes it; step-by-step decoding)."""
+    (``linrec.kernels.householder.tinv_shape``) for the backward, or None (step-by-step decoding)."""
     from linrec.kernels.householder import householder_scan_forward, householder_scan_recurrent_forward
     if q.shape[1] <= HOUSEHOLDER_RECURRENT_MAX_T:
         o, final = householder_scan_recurrent_forward(q, k, v, beta, _floor_log_gate(log_gate), initial_state,
@@ -159,9 +158,8 @@ def _householder_scan_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_gate
 
 def _saved_like(q: Tensor, n: int, backend: str) -> Tensor:
     """The empty tensor shaped like what ``backend``'s forward saves for q (B, T, H, K) and n factors:
-    the Triton chunked form's Tinv for bf16 / fp16 inputs (``tinv_shape``, in their dtype), nothing
-    (shape (0,)) for fp32 inputs, the step-by-step form (T <= HOUSEHOLDER_RECURRENT_MAX_T) and the other
-    backends."""
+    the Triton chunked form's Tinv (``tinv_shape``, in ``_work_dtype``), nothing (shape (0,)) for the
+    step-by-step form (T <= HOUSEHOLDER_RECURRENT_MAX_T) and the other backends."""
     B, T, H, _ = q.shape
     if backend != "triton" or T <= HOUSEHOLDER_RECURRENT_MAX_T:
         return q.new_empty((0,))
