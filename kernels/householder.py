@@ -765,6 +765,20 @@ def _row_piece(x, j, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _local_bwd_kblock(k0, rows, tok_rows, valid, valid_tok, head, H, K, BK: tl.constexpr):
+    """Pass B's K block at column k0: returns (cols_k, k_ok, kmask, qmask, k_off, q_off), its columns
+    (BK,) and their mask, the masks of its sub-step (BL, BK) and token (BC, BK) tiles, and their int32
+    offsets from the chunk's first sub-step / token in a (..., H, K) tensor."""
+    cols_k = k0 + tl.arange(0, BK)
+    k_ok = cols_k < K
+    kmask = valid[:, None] & k_ok[None, :]
+    qmask = valid_tok[:, None] & k_ok[None, :]
+    k_off = (rows[:, None] * H + head) * K + cols_k[None, :]
+    q_off = (tok_rows[:, None] * H + head) * K + cols_k[None, :]
+    return cols_k, k_ok, kmask, qmask, k_off, q_off
+
+
+@triton.jit
 def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok,
                            rows, tok_rows, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L,
                            BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -840,12 +854,8 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
     n_tok = n_sub // NFAC
     bg = beta * gamma
     for k0 in tl.range(0, K, BK, num_stages=1):
-        cols_k = k0 + tl.arange(0, BK)
-        k_ok = cols_k < K
-        kmask = valid[:, None] & k_ok[None, :]
-        qmask = valid_tok[:, None] & k_ok[None, :]
-        k_off = (rows[:, None] * H + head) * K + cols_k[None, :]
-        q_off = (tok_rows[:, None] * H + head) * K + cols_k[None, :]
+        cols_k, k_ok, kmask, qmask, k_off, q_off = _local_bwd_kblock(
+            k0, rows, tok_rows, valid, valid_tok, head, H, K, BK)
         kkf = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
         dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
@@ -1079,12 +1089,8 @@ def _local_bwd_kernel(
         # K block from products with K_b (see the end of the loop), not from an accumulated K K^T.
         bg = beta * gamma
         for k0 in range(0, K, BK):
-            cols_k = k0 + tl.arange(0, BK)
-            k_ok = cols_k < K
-            kmask = valid[:, None] & k_ok[None, :]
-            qmask = valid_tok[:, None] & k_ok[None, :]
-            k_off = (rows[:, None] * H + head) * K + cols_k[None, :]
-            q_off = (tok_rows[:, None] * H + head) * K + cols_k[None, :]
+            cols_k, k_ok, kmask, qmask, k_off, q_off = _local_bwd_kblock(
+                k0, rows, tok_rows, valid, valid_tok, head, H, K, BK)
             kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0)
             q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
             kkf = kk.to(tl.float32)
