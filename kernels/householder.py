@@ -768,6 +768,20 @@ def _row_piece(x, j, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _local_bwd_kblock(k0, rows, tok_rows, valid, valid_tok, head, H, K, BK: tl.constexpr):
+    """Pass B's K block at column k0: returns (cols_k, k_ok, kmask, qmask, k_off, q_off), its columns
+    (BK,) and their mask, the masks of its sub-step (BL, BK) and token (BC, BK) tiles, and their int32
+    offsets from the chunk's first sub-step / token in a (..., H, K) tensor."""
+    cols_k = k0 + tl.arange(0, BK)
+    k_ok = cols_k < K
+    kmask = valid[:, None] & k_ok[None, :]
+    qmask = valid_tok[:, None] & k_ok[None, :]
+    k_off = (rows[:, None] * H + head) * K + cols_k[None, :]
+    q_off = (tok_rows[:, None] * H + head) * K + cols_k[None, :]
+    return cols_k, k_ok, kmask, qmask, k_off, q_off
+
+
+@triton.jit
 def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, q, cols_k, k_ok, valid, valid_tok,
                            rows, tok_rows, head, H, V, scale, gamma_r, gamma_L, decay_last, dG, dG_r, dG_L,
                            BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -843,12 +857,8 @@ def _local_bwd_passb32(q_ptr, k_ptr, beta_ptr, tinv_ptr, do_ptr, states_ptr, dst
     n_tok = n_sub // NFAC
     bg = beta * gamma
     for k0 in tl.range(0, K, BK, num_stages=1):
-        cols_k = k0 + tl.arange(0, BK)
-        k_ok = cols_k < K
-        kmask = valid[:, None] & k_ok[None, :]
-        qmask = valid_tok[:, None] & k_ok[None, :]
-        k_off = (rows[:, None] * H + head) * K + cols_k[None, :]
-        q_off = (tok_rows[:, None] * H + head) * K + cols_k[None, :]
+        cols_k, k_ok, kmask, qmask, k_off, q_off = _local_bwd_kblock(
+            k0, rows, tok_rows, valid, valid_tok, head, H, K, BK)
         kkf = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
         dw, dqs, dk, dG, dG_r, dG_L = _local_bwd_state_terms(
@@ -942,7 +952,15 @@ def _local_bwd_kernel(
     if tok0 >= eos:
         return
     chunk_idx = tl.load(cu_chunk_ptr + seq) + chunk
-    sub0, n_sub, valid, valid_tok, _, _ = _chunk_span(tok0, eos, CT, NFAC, BL, BC)
+    sub0, n_sub, _, _, _, _ = _chunk_span(tok0, eos, CT, NFAC, BL, BC)
+    # The chunk's sub-step count as int32 (at most BL): _chunk_span's is int64, from the int64 sequence
+    # offsets, and every mask and loop bound made from it took 64-bit compares, with a register pair
+    # held to the end for the last sub-step's (fp32 with the gate, Triton 3.6, sm_80 / sm_90a: 20 / 92 B
+    # of spills before, none now; bf16 registers at sm_90a, no gate / gate, Triton 3.9: 222 / 220 before,
+    # 198 / 230 now).
+    n_sub = n_sub.to(tl.int32)
+    valid = tl.arange(0, BL) < n_sub
+    valid_tok = tl.arange(0, BC) < n_sub // NFAC
     # Every pointer is moved once to the chunk (its first sub-step, token or state), in 64-bit scalar
     # arithmetic, and the chunk's rows are int32 offsets from there (rows: sub-steps, tok_rows:
     # tokens), so that no 64-bit index vector or address arithmetic is held across the loops.
@@ -1030,9 +1048,8 @@ def _local_bwd_kernel(
     # G, the decays and their exponentials are loaded (formed) here, not at the chunk's start, and Q K^T
     # is read only for the gates (below): pass A needs none of them, and no (BL,) / (BC,) vector or
     # (BC, BL) tile but dP is held through it (fp32 with the gate, spills at sm_80 / sm_90a: Triton
-    # 3.9 0 / 0 now, Triton 3.6 116 / 32 B before, 20 / 92 B now, stored before pass A and loaded
-    # after pass B, outside the loops but for two loads: ptxas' allocation at 255 registers moves
-    # tens of bytes either way with any change).
+    # 3.9 0 / 0 now, Triton 3.6 116 / 32 B before, 20 / 92 B after, none since n_sub is int32, see
+    # above: ptxas' allocation at 255 registers moves tens of bytes either way with any change).
     G, G_L, G_r, decay_last, decay_read = _chunk_decays(g_ptr, rows, tok_rows, valid, valid_tok, 0, n_sub, head, H,
                                                         NFAC, BL)
     gamma = tl.where(valid, tl.exp(G.to(tl.float32)), 0.0)
@@ -1075,12 +1092,8 @@ def _local_bwd_kernel(
         # K block from products with K_b (see the end of the loop), not from an accumulated K K^T.
         bg = beta * gamma
         for k0 in range(0, K, BK):
-            cols_k = k0 + tl.arange(0, BK)
-            k_ok = cols_k < K
-            kmask = valid[:, None] & k_ok[None, :]
-            qmask = valid_tok[:, None] & k_ok[None, :]
-            k_off = (rows[:, None] * H + head) * K + cols_k[None, :]
-            q_off = (tok_rows[:, None] * H + head) * K + cols_k[None, :]
+            cols_k, k_ok, kmask, qmask, k_off, q_off = _local_bwd_kblock(
+                k0, rows, tok_rows, valid, valid_tok, head, H, K, BK)
             kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0)
             q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
             kkf = kk.to(tl.float32)
@@ -1527,10 +1540,9 @@ def _signatures(elem: str) -> dict:
 
 
 # The static budget CI checks at sm_90a (tests/aot_compile.py --budget, with Triton 3.9 and the GPU
-# machines' 3.6): no register spills and one program per SM (registers x threads <= 65536). Only the
-# specialisations ``_under_static_budget`` names are checked; the others still spill, see there. No
-# vector-access check: the chunk tiles are 16-column blocks of rows H K elements apart, loaded
-# through masks.
+# machines' 3.6): no register spills and one program per SM (registers x threads <= 65536), for every
+# specialisation (``_under_static_budget`` says which entry each is held to). No vector-access
+# check: the chunk tiles are 16-column blocks of rows H K elements apart, loaded through masks.
 STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kernel": {"programs_per_sm": 1},
                  "_state_fwd_kernel": {"programs_per_sm": 1}, "_state_bwd_kernel": {"programs_per_sm": 1},
                  "_local_bwd_kernel": {"programs_per_sm": 1}, "_output_kernel": {"programs_per_sm": 1}}
@@ -1538,23 +1550,23 @@ STATIC_BUDGET = {"_wy_fwd_kernel": {"programs_per_sm": 1}, "_recurrent_fwd_kerne
 
 def _under_static_budget(kernel, elem: str, constexprs: dict):
     """How CI holds this specialisation to STATIC_BUDGET: True (its kernel's entry), a dict of the
-    fields that replace the entry's, or False (left out). Every specialisation but one is held, at
-    sm_90a with Triton 3.9 and 3.6, compiled at the launches' alignment and register ceilings
+    fields that replace the entry's, or False (left out). Every specialisation is held, at sm_90a
+    with Triton 3.9 and 3.6, compiled at the launches' alignment and register ceilings
     (``aot_specs``): no spills, one program per SM (at most 255 registers x 256 threads), and two for
     the state passes but for fp32 (``_config``'s FWD_WARPS, FWD_MAXNREG, BWD_MAXNREG: the forward
     pass at 4 warps, the adjoint pass at 8 warps and 128 registers).
 
-    Left out: the fp32 chunk-local backward with the gate, which spills under Triton 3.6 (20 / 92 B
-    at sm_80 / sm_90a, stored before its first loop and loaded after its last; none with 3.9).
+    The last one left out, the fp32 chunk-local backward with the gate (Triton 3.6: 20 / 92 B of
+    spills at sm_80 / sm_90a, stored before its first loop and loaded after its last), spills
+    nothing since that kernel takes the chunk's sub-step count as int32 (see there).
     Registers per thread (ptxas -v, K = V = 128; bench/results/householder-traffic.md has the
     tables): the adjoint state pass 106-128 (fp32 167-193), the forward state pass 196-253 at 4 warps
-    (fp32 247-255 at 8), the output kernel 128-202, the others 77-255. No
-    specialisation spills at sm_80 either (not budgeted: the budget is sm_90a's) but that one.
+    (fp32 247-255 at 8), the output kernel 128-202, the others 77-255. At sm_80 (not budgeted: the
+    budget is sm_90a's) one specialisation spills, off the default path: the fp32 ``_wy_fwd_kernel``
+    recomputing Tinv in the backward (a backward op given no saved Tinv), 8 B under Triton 3.6.
     """
     if kernel in (_state_fwd_kernel, _state_bwd_kernel) and elem != "fp32":
         return {"programs_per_sm": 2}    # (the forward pass: 4 warps at up to 255 registers)
-    if kernel is _local_bwd_kernel and elem == "fp32":
-        return not constexprs["HAS_GATE"]
     return True
 
 
