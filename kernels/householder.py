@@ -806,7 +806,8 @@ def _local_bwd_state_terms(states_ptr, dstates_ptr, d_ptr, dd_ptr, do_ptr, kkf, 
         vmask = valid[:, None] & v_ok[None, :]
         v_off = (rows[:, None] * H + head) * V + cols_v[None, :]
         smask = k_ok[:, None] & v_ok[None, :]
-        s_off = _chunk_state_offsets(cols_k[:, None], cols_v[None, :], KP, BV)   # (BV: the state blocks' VB)
+        # (the chunk-state layout, ``_chunk_state_offsets``, with v0 a multiple of BV, the blocks' width)
+        s_off = (v0 // BV) * (KP * BV) + cols_k[:, None] * BV + tl.arange(0, BV)[None, :]
         S0 = tl.load(states_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
         dS = tl.load(dstates_ptr + s_off, mask=smask, other=0.0).to(tl.float32)
         d = tl.load(d_ptr + v_off, mask=vmask, other=0.0)
