@@ -35,8 +35,10 @@ in registers; the op uses it for forward passes of at most ``RECURRENT_MAX_T`` t
 
 Backward, with dS the gradient of the state leaving a chunk:
 ``_state_bwd_kernel`` walks the chunks in reverse, ``dd = P^T dO + (exp(G_L - G) K) dS``
-(stored for the next kernel) and ``dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd``
-(the adjoint of the same affine map), storing dS per chunk; ``_local_bwd_kernel`` then
+(stored for the next kernel; its state-independent part, scale P^T dO, is formed by the backward's
+``_wy_fwd_kernel``) and ``dS0 = exp(G_L) dS + scale (exp(G_r) Q)^T dO - w^T dd`` (the adjoint
+of the same affine map, in the forward pass's pipelined loop over (chunk, piece)), storing dS
+per chunk; ``_local_bwd_kernel`` then
 computes, for all chunks in parallel, the gradients of q, k, v, beta and log_gate from d,
 dd, S0, dS and Tinv (``dA = -(Tinv^T dd) d^T`` restricted to the strictly lower triangle,
 which is ``-(Tinv^T du u^T + Tinv^T dw w^T)`` with du = dd, dw = -dd S0^T and w S0 = u - d,
@@ -50,7 +52,7 @@ GPU's arithmetic emulated in the interpreter, tests/test_householder.py). Exact 
 products were lowered to FMA loops that hold operand rows in registers, and every fp32 chunk and
 state kernel spilled, up to 3.4 KB per thread with Triton 3.9 and 5.3 KB with 3.6 (ptxas;
 bench/results/householder-traffic.md). With 3xTF32 the state passes take each chunk 16 rows at a
-time for every dtype (``_state_fwd_piece``, ``_state_bwd_chunk``), which keeps their product
+time for every dtype (``_state_fwd_piece``, ``_state_bwd_piece``), which keeps their product
 operands small. The tensor cores run three TF32 products per fp32 product. For bf16 / fp16 inputs the
 products of two input tiles (K K^T, Q K^T, in ``_wy_fwd_kernel``) take bf16 / fp16 operands;
 every product with a computed operand (Tinv, scores, d, dd, dL/dA) takes fp32 operands as TF32 (bf16 operands
@@ -423,13 +425,6 @@ def _kblocks(ptr, rows, rows_ok, head, H, K, NKB: tl.constexpr, BK: tl.constexpr
 def _bdot(a, b, PREC: tl.constexpr):
     """Batched a @ b with fp32 operands (input precision PREC) and fp32 accumulation."""
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
-
-
-@triton.jit
-def _state_slice(cols_v, v_ok, K, V, NKB: tl.constexpr, BK: tl.constexpr):
-    """Offsets (int64) and mask of this program's (NKB, BK, BV) slice of a (K, V) state."""
-    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
-    return (rows_k * V + cols_v[None, None, :]).to(tl.int64), (rows_k < K) & v_ok[None, None, :]
 
 
 @triton.jit
