@@ -1344,8 +1344,8 @@ def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=None, grad_o=
     """Runs ``_wy_fwd_kernel``: the state-independent chunk factors, as a dict of tensors
     w (B, T * n, H, K) and Tinv (B, T * n, H, BL) in the work dtype, qk (B, T, H, BL) fp32 (the
     causal part of Q K^T) and G (B, T * n, H) fp64. With ``tinv`` (the forward's, in the backward)
-    Tinv is read, not computed. With ``grad_o`` (the backward, (B, T, H, V) contiguous) also dd
-    (B, T * n, H, V) fp32 holding scale P^T dO, for the adjoint state pass to complete."""
+    Tinv is read, not computed. With ``grad_o`` (the backward, (B, T, H, V) contiguous; ``tinv``
+    given) also dd (B, T * n, H, V) fp32 holding scale P^T dO, for the adjoint state pass to complete."""
     q, k, beta, lg = t["q"], t["k"], t["beta"], t["lg"]
     B, T = q.shape[:2]
     dev = q.device
@@ -1475,6 +1475,11 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     n, V = k.shape[2], v.shape[-1]
     cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, t = _prepare(q, k, v, beta, log_gate, cu_seqlens)
     grad_o = grad_o.contiguous()
+    if tinv is None:
+        # A backward op called without the forward's Tinv: computed first by the forward's launch, so
+        # that the one below always reads it (recomputing it and forming P^T dO in one program, the
+        # fp32 kernel spilled 8 B at sm_80 under Triton 3.6).
+        tinv = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n)["tinv"]
     f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=tinv, grad_o=grad_o, scale=scale)
     d, states, _ = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, H, K, V, n, False)
     dev = q.device
@@ -1557,9 +1562,8 @@ def _under_static_budget(kernel, elem: str, constexprs: dict):
     nothing since that kernel takes the chunk's sub-step count as int32 (see there).
     Registers per thread (ptxas -v, K = V = 128; bench/results/householder-traffic.md has the
     tables): the adjoint state pass 106-128 (fp32 167-193), the forward state pass 196-253 at 4 warps
-    (fp32 247-255 at 8), the output kernel 128-202, the others 77-255. At sm_80 (not budgeted: the
-    budget is sm_90a's) one specialisation spills, off the default path: the fp32 ``_wy_fwd_kernel``
-    recomputing Tinv in the backward (a backward op given no saved Tinv), 8 B under Triton 3.6.
+    (fp32 247-255 at 8), the output kernel 128-202, the others 77-255. None spills at sm_80 either
+    (not budgeted: the budget is sm_90a's).
     """
     if kernel in (_state_fwd_kernel, _state_bwd_kernel) and elem != "fp32":
         return {"programs_per_sm": 2}    # (the forward pass: 4 warps at up to 255 registers)
@@ -1606,10 +1610,8 @@ def _plain_specs():
         capped = {"maxnreg": state_args.pop("maxnreg")}
         sigs = _signatures(elem)
         for gate in (False, True):
-            # the forward's (computing Tinv), and the backward's (reading the forward's Tinv where it is
-            # saved, and forming scale P^T dO)
-            # (and the backward's when it is given no Tinv: a direct call of the backward op)
-            for given, with_do in ((False, False),) + (((True, True), (False, True)) if with_backward else ()):
+            # the forward's (computing Tinv), and the backward's (reading Tinv, forming scale P^T dO)
+            for given, with_do in ((False, False),) + (((True, True),) if with_backward else ()):
                 yield (_wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, TINV_GIVEN=given, WITH_DO=with_do,
                                                                  BC=cfg["BC"], **chunk_args), nw, elem, {})
         for with_final in (False, True):     # (the backward's recomputation, the forward)
