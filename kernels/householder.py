@@ -356,6 +356,20 @@ def _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V):
 
 
 @triton.jit
+def _chunk_program(cu_tok_ptr, cu_chunk_ptr, H, CT: tl.constexpr):
+    """What a program of the chunk-parallel kernels (grid (chunks, N * H, ...)) works on: (head, tok0,
+    eos, chunk_idx), the head, the first token of its chunk and the end of its sequence (the program
+    has nothing to do when tok0 >= eos: past its sequence's last chunk), and the chunk's index among
+    all sequences' chunks (int64: the offsets are)."""
+    chunk = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    seq = pid_nh // H
+    bos = tl.load(cu_tok_ptr + seq)
+    eos = tl.load(cu_tok_ptr + seq + 1)
+    return pid_nh % H, bos + chunk * CT, eos, tl.load(cu_chunk_ptr + seq) + chunk
+
+
+@triton.jit
 def _chunk_span(tok0, eos, CT: tl.constexpr, NFAC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
     """The rows of the chunk that starts at token ``tok0`` of a sequence ending at ``eos``.
 
@@ -581,16 +595,9 @@ def _output_kernel(
     tensor cores' full rate), 3xTF32 for fp32 (``_mm``); P d fp32 operands (``_dot32``). Non-finite rows
     of d (sub-steps at or after a NaN / inf input) reach only the tokens whose last sub-step is at or
     past them (``_split_nonfinite`` / ``_poison_from``); a non-finite state reaches every token."""
-    chunk = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    seq = pid_nh // H
-    head = pid_nh % H
-    bos = tl.load(cu_tok_ptr + seq)
-    eos = tl.load(cu_tok_ptr + seq + 1)
-    tok0 = bos + chunk * CT
+    head, tok0, eos, chunk_idx = _chunk_program(cu_tok_ptr, cu_chunk_ptr, H, CT)
     if tok0 >= eos:
         return
-    chunk_idx = tl.load(cu_chunk_ptr + seq) + chunk
     n_tok = tl.minimum(eos - tok0, CT)
     sub0 = tok0 * NFAC
     # Pointers moved once to the chunk, its rows int32 offsets from there (as in _local_bwd_kernel).
@@ -938,16 +945,9 @@ def _local_bwd_kernel(
     BV: tl.constexpr, KP: tl.constexpr, HAS_GATE: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    seq = pid_nh // H
-    head = pid_nh % H
-    bos = tl.load(cu_tok_ptr + seq)
-    eos = tl.load(cu_tok_ptr + seq + 1)
-    tok0 = bos + chunk * CT
+    head, tok0, eos, chunk_idx = _chunk_program(cu_tok_ptr, cu_chunk_ptr, H, CT)
     if tok0 >= eos:
         return
-    chunk_idx = tl.load(cu_chunk_ptr + seq) + chunk
     sub0, n_sub, _, _, _, _ = _chunk_span(tok0, eos, CT, NFAC, BL, BC)
     # The chunk's sub-step count as int32 (at most BL): _chunk_span's is int64, from the int64 sequence
     # offsets, and every mask and loop bound made from it took 64-bit compares, with a register pair
