@@ -77,6 +77,21 @@ def test_bad_override_names_the_variable(text, monkeypatch):
         config_override("householder", dict(CT=64, BK=32, BV=32, num_warps=8), ("BK", "BV", "num_warps"))
 
 
+def test_householder_override_keeps_the_chunk_state_blocks(monkeypatch):
+    """The chunk-local backward reads the chunk states in the blocks of BVS columns the state passes
+    write: an override that makes its V blocks (BV) differ is refused, naming both."""
+    pytest.importorskip("triton")
+    from linrec.kernels.householder import _config
+
+    assert _config(1, 128, 128, torch.bfloat16, interpret=True)["BV"] == 16
+    for text in ("BV=32", "BVS=32"):
+        monkeypatch.setenv("LINREC_HOUSEHOLDER_CONFIG", text)
+        with pytest.raises(ValueError, match="BV .* BVS"):
+            _config(1, 128, 128, torch.bfloat16, interpret=True)
+    monkeypatch.setenv("LINREC_HOUSEHOLDER_CONFIG", "BV=32,BVS=32")
+    assert _config(1, 128, 128, torch.bfloat16, interpret=True)["BVS"] == 32
+
+
 # ---------------------------------------------------------------------------------------------
 # LINREC_DEVICE_MODEL: the interpreter runs the launch plan of a named GPU
 # ---------------------------------------------------------------------------------------------
