@@ -273,6 +273,25 @@ def _wy_fwd_kernel(
         qk += _mm(q, tl.trans(kk), q_ptr, PREC, LOWP, INTERP)
     read = (rows[None, :] <= (tok_rows * NFAC + NFAC - 1)[:, None]) & valid[None, :] & valid_tok[:, None]
     tl.store(qk_ptr + (tok[:, None] * H + head) * BL + rows[None, :], qk, mask=read)
+    if WITH_DO:
+        # scale P^T dO, (BL, BV) per block of V, from the Q K^T held here (the backward reads Tinv, so
+        # the inverse's registers are free: no spills; read back from memory after a barrier instead,
+        # it cost 130 B per token and head of (L2) reads). G_r, G at each token's last sub-step, is the
+        # cumulative sum of the tokens' log-gates.
+        if HAS_GATE:
+            lg_tok = tl.load(lg_ptr + tok * H + head, mask=valid_tok, other=0.0)
+            G_r = tl.cumsum(lg_tok.to(tl.float64), 0)
+        else:
+            G_r = tl.zeros((BC,), tl.float64)
+        decay_read = tl.exp(tl.where(read, (G_r[:, None] - G[None, :]).to(tl.float32), float("-inf")))
+        P_t = tl.trans(tl.where(decay_read > 0.0, decay_read * qk, 0.0))            # (BL, BC)
+        for v0 in range(0, V, BV):
+            cols_v = v0 + tl.arange(0, BV)
+            v_ok = cols_v < V
+            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], mask=valid_tok[:, None] & v_ok[None, :],
+                         other=0.0)
+            tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], scale * _dot32(P_t, do, PREC),
+                     mask=valid[:, None] & v_ok[None, :])
     if TINV_GIVEN:
         tinv = tl.load(tinv_ptr + (sub[:, None] * H + head) * BL + rows[None, :], mask=valid[:, None], other=0.0)
     else:
@@ -288,30 +307,6 @@ def _wy_fwd_kernel(
         rhs, first_bad = _split_nonfinite(kk * bg[:, None], rows, BL)
         w = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
         tl.store(w_ptr + k_off, w.to(w_ptr.dtype.element_ty), mask=kmask)
-
-    if WITH_DO:
-        # scale P^T dO, (BL, BV) per block of V. P^T is read back from the Q K^T rows stored above,
-        # transposed (after a CTA barrier: other threads stored them; it also makes those global
-        # stores visible), not held in registers through the inverse and w (fp32 with 3xTF32: 16-24 B
-        # of spills at sm_80 under Triton 3.6). G_r, G at each token's last sub-step, is the
-        # cumulative sum of the tokens' log-gates.
-        tl.debug_barrier()
-        if HAS_GATE:
-            lg_tok = tl.load(lg_ptr + tok * H + head, mask=valid_tok, other=0.0)
-            G_r = tl.cumsum(lg_tok.to(tl.float64), 0)
-        else:
-            G_r = tl.zeros((BC,), tl.float64)
-        read_t = (rows[:, None] <= (tok_rows * NFAC + NFAC - 1)[None, :]) & valid[:, None] & valid_tok[None, :]
-        decay_t = tl.exp(tl.where(read_t, (G_r[None, :] - G[:, None]).to(tl.float32), float("-inf")))
-        qk_t = tl.load(qk_ptr + (tok[None, :] * H + head) * BL + rows[:, None], mask=read_t, other=0.0)
-        P_t = tl.where(decay_t > 0.0, decay_t * qk_t, 0.0)                      # (BL, BC)
-        for v0 in range(0, V, BV):
-            cols_v = v0 + tl.arange(0, BV)
-            v_ok = cols_v < V
-            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], mask=valid_tok[:, None] & v_ok[None, :],
-                         other=0.0)
-            tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], scale * _dot32(P_t, do, PREC),
-                     mask=valid[:, None] & v_ok[None, :])
 
 
 @triton.jit
