@@ -288,8 +288,8 @@ def _wy_fwd_kernel(
         for v0 in range(0, V, BV):
             cols_v = v0 + tl.arange(0, BV)
             v_ok = cols_v < V
-            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :], mask=valid_tok[:, None] & v_ok[None, :],
-                         other=0.0)
+            do = tl.load(do_ptr + (tok[:, None] * H + head) * V + cols_v[None, :],
+                         mask=valid_tok[:, None] & v_ok[None, :], other=0.0)
             tl.store(dd_ptr + (sub[:, None] * H + head) * V + cols_v[None, :], scale * _dot32(P_t, do, PREC),
                      mask=valid[:, None] & v_ok[None, :])
     if TINV_GIVEN:
@@ -332,12 +332,11 @@ def _chunk_inverse(kkt, beta, G, rows, valid, tinv_ptr, sub, head, H, BL: tl.con
 
 
 @triton.jit
-def _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V):
+def _state_program(cu_tok_ptr, cu_chunk_ptr, H):
     """What a program of the state passes (grid (V blocks, N * H)) works on.
 
-    Returns (head, bos, eos, chunk_base, n_chunks, seq_state): the head; the sequence's token
-    span [bos, eos); the index of its first chunk and its number of chunks; the
-    int64 offset of its (K, V) state in an (N, H, K, V) tensor.
+    Returns (head, bos, eos, chunk_base, n_chunks): the head; the sequence's token span [bos, eos);
+    the index of its first chunk and its number of chunks.
     """
     pid_nh = tl.program_id(1)
     seq = pid_nh // H
@@ -346,8 +345,18 @@ def _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V):
     eos = tl.load(cu_tok_ptr + seq + 1)
     chunk_base = tl.load(cu_chunk_ptr + seq)
     n_chunks = tl.load(cu_chunk_ptr + seq + 1) - chunk_base
-    seq_state = (seq.to(tl.int64) * H + head) * K * V
-    return head, bos, eos, chunk_base, n_chunks, seq_state
+    return head, bos, eos, chunk_base, n_chunks
+
+
+@triton.jit
+def _state_slice(K, V, NKB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """(offsets, mask) of a state pass program's (NKB, BK, BV) slice of its sequence and head's (K, V)
+    state in an (N, H, K, V) tensor (the initial and final states and their gradients): int64 offsets,
+    built from the program ids (program_id(1) = sequence * H + head, program_id(0) the V block) where
+    they are used, so that none is held across the chunk loop (held, they spilled at maxnreg 128)."""
+    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)[None, None, :]
+    return tl.program_id(1).to(tl.int64) * K * V + rows_k * V + cols_v, (rows_k < K) & (cols_v < V)
 
 
 @triton.jit
@@ -520,23 +529,21 @@ def _state_fwd_kernel(
     chunks, its (K, BV) fp32 slice of the state in registers across the chunk loop. Only the products
     that depend on the carried state are here (d = u - w S0 and the state update, ``_state_fwd_piece``);
     the outputs are ``_output_kernel``'s, chunk-parallel."""
-    head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
+    head, bos, eos, chunk_base, n_chunks = _state_program(cu_tok_ptr, cu_chunk_ptr, H)
     # What the loop below holds is kept small (at maxnreg 128 a few registers more spilled): the
     # sequence's sub-step rows as one 64-bit base (row_base: its first sub-step * H + head) and an int32
     # length; the chunk states through a pointer to this program's block of its first chunk's state in
     # the chunk-state layout (``_chunk_state_offsets``: contiguous, stored with constant offsets and no
-    # mask); the initial state's int32 offsets and mask are not held: the final state's are built anew
-    # after the loop, from the program ids.
-    c0 = tl.program_id(0) * BV
-    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    # mask); the initial and final states' offsets are built where used (``_state_slice``).
     if HAS_H0:
-        S = tl.load(h0_ptr + seq_state + c0 + rows_k * V + tl.arange(0, BV)[None, None, :],
-                    mask=(rows_k < K) & (tl.arange(0, BV) < V - c0)[None, None, :], other=0.0).to(tl.float32)
+        h0_off, h0_mask = _state_slice(K, V, NKB, BK, BV)
+        S = tl.load(h0_ptr + h0_off, mask=h0_mask, other=0.0).to(tl.float32)
     else:
         S = tl.zeros((NKB, BK, BV), tl.float32)
     block = tl.cdiv(V, BV) * NKB * BK * BV               # one head's chunk state
     states_ptr += (chunk_base * H + head) * block + tl.program_id(0) * NKB * BK * BV
-    st_off = rows_k * BV + tl.arange(0, BV)[None, None, :]
+    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    st_off = rows_k * BV + tl.arange(0, BV)[None, None, :]      # (within the block)
     row_base = bos * NFAC * H + head
     seq_len = (eos - bos).to(tl.int32)
     # One loop over (chunk, piece of 16 sub-steps), NP = BL / 16 pieces a chunk, software-pipelined
@@ -560,9 +567,8 @@ def _state_fwd_kernel(
         if p0 == BL - 16:
             S = S_next
     if HAS_FINAL:
-        cols_v = tl.program_id(0) * BV + tl.arange(0, BV)[None, None, :]
-        tl.store(final_ptr + tl.program_id(1).to(tl.int64) * K * V + rows_k * V + cols_v, S,
-                 mask=(rows_k < K) & (cols_v < V))
+        f_off, f_mask = _state_slice(K, V, NKB, BK, BV)
+        tl.store(final_ptr + f_off, S, mask=f_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,20 +716,19 @@ def _state_bwd_kernel(
     starting dS_prev = exp(G_L) dS, its last making dS_prev the gradient. Only the products with the
     carried dS are here (``_state_bwd_piece``); dd's state-independent part, scale P^T dO, comes from
     ``_wy_fwd_kernel``."""
-    head, bos, eos, chunk_base, n_chunks, seq_state = _state_program(cu_tok_ptr, cu_chunk_ptr, H, K, V)
-    c0 = tl.program_id(0) * BV
-    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    head, bos, eos, chunk_base, n_chunks = _state_program(cu_tok_ptr, cu_chunk_ptr, H)
     # The gradient of the state leaving the last chunk is that of the final state.
     if HAS_DFINAL:
-        dS = tl.load(dfinal_ptr + seq_state + c0 + rows_k * V + tl.arange(0, BV)[None, None, :],
-                     mask=(rows_k < K) & (tl.arange(0, BV) < V - c0)[None, None, :], other=0.0).to(tl.float32)
+        f_off, f_mask = _state_slice(K, V, NKB, BK, BV)
+        dS = tl.load(dfinal_ptr + f_off, mask=f_mask, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros((NKB, BK, BV), tl.float32)
     # As in _state_fwd_kernel: a 64-bit base of the sequence's sub-step and token rows, an int32
     # length, a pointer to this program's block of its first chunk's dS (``_chunk_state_offsets``).
     block = tl.cdiv(V, BV) * NKB * BK * BV               # one head's chunk state
     dstates_ptr += (chunk_base * H + head) * block + tl.program_id(0) * NKB * BK * BV
-    st_off = rows_k * BV + tl.arange(0, BV)[None, None, :]
+    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    st_off = rows_k * BV + tl.arange(0, BV)[None, None, :]      # (within the block)
     row_base = bos * NFAC * H + head
     tok_base = bos * H + head
     seq_len = (eos - bos).to(tl.int32)
@@ -744,9 +749,8 @@ def _state_bwd_kernel(
         if p0 == BL - 16:
             dS = dS_prev
     if HAS_H0:
-        cols_v = tl.program_id(0) * BV + tl.arange(0, BV)[None, None, :]
-        tl.store(dh0_ptr + tl.program_id(1).to(tl.int64) * K * V + rows_k * V + cols_v, dS.to(dh0_ptr.dtype.element_ty),
-                 mask=(rows_k < K) & (cols_v < V))
+        h0_off, h0_mask = _state_slice(K, V, NKB, BK, BV)
+        tl.store(dh0_ptr + h0_off, dS.to(dh0_ptr.dtype.element_ty), mask=h0_mask)
 
 
 @triton.jit
@@ -1265,7 +1269,8 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     bwd_maxnreg = 128 if half and BKF <= 128 else 255
     cfg = config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
                                               BKO=32, BVO=64 if half else 32, OUT_WARPS=1 if interpret else 4,
-                                              num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=255, FWD_STAGES=2, BWD_STAGES=2,
+                                              num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=255, FWD_STAGES=2,
+                                              BWD_STAGES=2,
                                               BWD_WARPS=1 if interpret else 8,
                                               FWD_WARPS=1 if interpret else (4 if half else 8),
                                               BWD_MAXNREG=bwd_maxnreg,
@@ -1628,6 +1633,6 @@ def _plain_specs():
                        dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["BWD_STAGES"], **state_args),
                        cfg["BWD_WARPS"], elem, capped)
         for gate in (False, True):
-            yield (_local_bwd_kernel, sigs[_local_bwd_kernel], dict(HAS_GATE=gate, BC=cfg["BC"], KP=cfg["BKF"], **chunk_args),
-                   nw, elem,
+            yield (_local_bwd_kernel, sigs[_local_bwd_kernel],
+                   dict(HAS_GATE=gate, BC=cfg["BC"], KP=cfg["BKF"], **chunk_args), nw, elem,
                    {"maxnreg": cfg["MAXNREG"]})
