@@ -1427,9 +1427,11 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Returns:
         o: (B, T, H, V) in q's dtype; final_state: (N, H, K, V) fp32 (float64 for float64 q);
         with return_saved also the chunk inverse Tinv ((B, T * n, H, BL), ``tinv_shape``, in
-        ``_work_dtype``; see ``saves_tinv``) for ``householder_scan_backward``, which then need not
-        recompute it (K K^T and the blocked inverse: 1.2 M of 41 M FLOPs per chunk and head at
-        K = V = 128, for Tinv's 128 bytes per token and head (bf16) kept between the passes).
+        ``_work_dtype``: 128 B per token and head at n = 1 for bf16 / fp16, 256 B for fp32) for
+        ``householder_scan_backward``, which then need not recompute it (K K^T and the blocked inverse:
+        1.2 M of 41 M FLOPs per chunk and head at K = V = 128). Every dtype saves it: the backward's
+        ``_wy_fwd_kernel``, which also forms scale P^T dO, then holds fewer registers (fp32 recomputing
+        Tinv there spilled 8 B at sm_80 under Triton 3.6; reading it, 131-188 registers, no spills).
     """
     B, T, H, K = q.shape
     n, V = k.shape[2], v.shape[-1]
@@ -1441,19 +1443,8 @@ def householder_scan_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if q.dtype == torch.float64:  # the contract's dtype; the kernels themselves accumulate in fp32
         final = final.double()
     if return_saved:
-        return o, final, f["tinv"] if saves_tinv(q.dtype) else None
+        return o, final, f["tinv"]
     return o, final
-
-
-def saves_tinv(dtype: torch.dtype) -> bool:
-    """Whether the forward hands Tinv to the backward for inputs of ``dtype``: always (bf16 / fp16
-    Tinv in their dtype, 128 B per token and head at n = 1; fp32 and float64 inputs in fp32, 256 B).
-    The backward then reads it instead of recomputing K K^T and the inverse (1.21 M tensor FLOPs per
-    chunk and head at K = 128), and its ``_wy_fwd_kernel``, which also forms scale P^T dO, holds fewer
-    registers: fp32 recomputing Tinv spilled 8 B at sm_80 under Triton 3.6 (131-188 registers and no
-    spills reading it). (fp32 recomputed it while the fp32 variant reading Tinv, with exact "ieee"
-    products, spilled 11 KB per thread.)"""
-    return True
 
 
 def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,

@@ -163,9 +163,7 @@ def _saved_like(q: Tensor, n: int, backend: str) -> Tensor:
     B, T, H, _ = q.shape
     if backend != "triton" or T <= HOUSEHOLDER_RECURRENT_MAX_T:
         return q.new_empty((0,))
-    from linrec.kernels.householder import _work_dtype, saves_tinv, tinv_shape
-    if not saves_tinv(q.dtype):
-        return q.new_empty((0,))
+    from linrec.kernels.householder import _work_dtype, tinv_shape
     return q.new_empty(tinv_shape(B, T, n, H), dtype=_work_dtype(q.dtype))
 
 
