@@ -456,6 +456,19 @@ def _chunk_state_offsets(rows_k, cols_v, KP: tl.constexpr, VB: tl.constexpr):
 
 
 @triton.jit
+def _chunk_state_block(ptr, chunk_base, head, H, V, NKB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A state pass program's block of the chunk-state layout (``_chunk_state_offsets``, BV = VB and
+    NKB * BK = KP): returns (ptr, block, offsets), ``ptr`` moved to the program's block of its
+    sequence's first chunk (chunk c's is ``c * H * block`` further), ``block`` the elements of one
+    head's chunk state, and the (NKB, BK, BV) int32 offsets within the block, compile-time
+    constants a thread (stored with no mask: the padding rows and columns hold zeros)."""
+    block = tl.cdiv(V, BV) * NKB * BK * BV
+    ptr += (chunk_base * H + head) * block + tl.program_id(0) * NKB * BK * BV
+    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
+    return ptr, block, rows_k * BV + tl.arange(0, BV)[None, None, :]
+
+
+@triton.jit
 def _state_fwd_piece(S, S_next, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, row0, n_sub, p0, G_L, H, K, V,
                      BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One piece of 16 sub-steps (rows p0 .. p0 + 15 of its chunk) in ``_state_fwd_kernel``; returns
@@ -540,10 +553,7 @@ def _state_fwd_kernel(
         S = tl.load(h0_ptr + h0_off, mask=h0_mask, other=0.0).to(tl.float32)
     else:
         S = tl.zeros((NKB, BK, BV), tl.float32)
-    block = tl.cdiv(V, BV) * NKB * BK * BV               # one head's chunk state
-    states_ptr += (chunk_base * H + head) * block + tl.program_id(0) * NKB * BK * BV
-    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
-    st_off = rows_k * BV + tl.arange(0, BV)[None, None, :]      # (within the block)
+    states_ptr, block, st_off = _chunk_state_block(states_ptr, chunk_base, head, H, V, NKB, BK, BV)
     row_base = bos * NFAC * H + head
     seq_len = (eos - bos).to(tl.int32)
     # One loop over (chunk, piece of 16 sub-steps), NP = BL / 16 pieces a chunk, software-pipelined
@@ -725,10 +735,7 @@ def _state_bwd_kernel(
         dS = tl.zeros((NKB, BK, BV), tl.float32)
     # As in _state_fwd_kernel: a 64-bit base of the sequence's sub-step and token rows, an int32
     # length, a pointer to this program's block of its first chunk's dS (``_chunk_state_offsets``).
-    block = tl.cdiv(V, BV) * NKB * BK * BV               # one head's chunk state
-    dstates_ptr += (chunk_base * H + head) * block + tl.program_id(0) * NKB * BK * BV
-    rows_k = tl.arange(0, NKB)[:, None, None] * BK + tl.arange(0, BK)[None, :, None]
-    st_off = rows_k * BV + tl.arange(0, BV)[None, None, :]      # (within the block)
+    dstates_ptr, block, st_off = _chunk_state_block(dstates_ptr, chunk_base, head, H, V, NKB, BK, BV)
     row_base = bos * NFAC * H + head
     tok_base = bos * H + head
     seq_len = (eos - bos).to(tl.int32)
