@@ -70,6 +70,7 @@ that can pass 2**31 are int64.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -547,7 +548,9 @@ def _state_fwd_kernel(
     # sequence's sub-step rows as one 64-bit base (row_base: its first sub-step * H + head) and an int32
     # length; the chunk states through a pointer to this program's block of its first chunk's state in
     # the chunk-state layout (``_chunk_state_offsets``: contiguous, stored with constant offsets and no
-    # mask); the initial and final states' offsets are built where used (``_state_slice``).
+    # mask); the initial and final states' offsets are built where used (``_state_slice``), the final
+    # state stored by the loop's last iteration (stored after the loop, its offsets, shared with the
+    # initial state's, were held across the loop: 8-12 B of spills at 8 warps and maxnreg 128).
     if HAS_H0:
         h0_off, h0_mask = _state_slice(K, V, NKB, BK, BV)
         S = tl.load(h0_ptr + h0_off, mask=h0_mask, other=0.0).to(tl.float32)
@@ -560,25 +563,31 @@ def _state_fwd_kernel(
     # STAGES deep: the next piece's tiles (of the next chunk, at a chunk's last piece) are loaded while
     # this one's products run. A chunk's first piece stores the state entering it and starts
     # S_next = exp(G_L) S0; its last piece makes S_next the state. (A loop over chunks holding a
-    # loop over pieces was not pipelined at all: Triton pipelines innermost loops only.)
+    # loop over pieces was not pipelined at all: Triton pipelines innermost loops only.) An empty
+    # sequence (no chunks) runs one chunk's pieces with no valid row (n_sub = 0: every load masked,
+    # G_L = 0), which store no chunk state and leave the state as it came, so that the last iteration
+    # still stores the final state.
     NP: tl.constexpr = BL // 16
+    n_iter = tl.maximum(n_chunks, 1) * NP
     S_next = S
-    for i in tl.range(0, n_chunks * NP, num_stages=STAGES):
+    for i in tl.range(0, n_iter, num_stages=STAGES):
         c = i // NP
         p0 = (i % NP) * 16
         n_sub = tl.minimum(seq_len - c * CT, CT) * NFAC
         row0 = row_base + (c * CT * NFAC).to(tl.int64) * H
-        G_L = tl.load(g_ptr + row0 + (n_sub - 1) * H)
+        G_L = tl.load(g_ptr + row0 + (n_sub - 1) * H, mask=n_sub > 0, other=0.0)
         if p0 == 0:
-            tl.store(states_ptr + c.to(tl.int64) * H * block + st_off, S.to(states_ptr.dtype.element_ty))
+            if n_chunks > 0:
+                tl.store(states_ptr + c.to(tl.int64) * H * block + st_off, S.to(states_ptr.dtype.element_ty))
             S_next = tl.exp(G_L.to(tl.float32)) * S
         S_next = _state_fwd_piece(S, S_next, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, row0, n_sub, p0,
                                   G_L, H, K, V, BL, BK, NKB, BV, PREC)
         if p0 == BL - 16:
             S = S_next
-    if HAS_FINAL:
-        f_off, f_mask = _state_slice(K, V, NKB, BK, BV)
-        tl.store(final_ptr + f_off, S, mask=f_mask)
+            if HAS_FINAL:
+                if i == n_iter - 1:
+                    f_off, f_mask = _state_slice(K, V, NKB, BK, BV)
+                    tl.store(final_ptr + f_off, S, mask=f_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,7 +667,7 @@ def _kblocks_t(ptr, rows, rows_ok, head, H, K, NKB: tl.constexpr, BK: tl.constex
 
 
 @triton.jit
-def _state_bwd_piece(dS, dS_prev, q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dd_ptr, row0, tok_row0, n_sub, p0, G_L, H, K, V,
+def _state_bwd_piece(dS, dS_prev, q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dd_ptr, row0, head, n_sub, p0, G_L, H, K, V,
                      scale, NFAC: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr,
                      PREC: tl.constexpr):
     """One piece of ``_state_bwd_kernel``: sub-steps p0 .. p0 + 15 and tokens p0 .. p0 + 15 of a chunk;
@@ -666,8 +675,10 @@ def _state_bwd_piece(dS, dS_prev, q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dd_ptr, ro
 
     dS: (NKB, BK, BV) fp32, the gradient of the state leaving the chunk (this program's BV columns of
     V, from ``program_id(0) * BV``); dS_prev: exp(G_L) dS plus the shares of the chunk's earlier
-    pieces; row0 / tok_row0: int64, (the chunk's first sub-step / token) * H + head; n_sub: int32,
-    its valid sub-steps; G_L: fp64, G at its last sub-step.
+    pieces; row0: int64, (the chunk's first sub-step) * H + head; n_sub: int32, its valid sub-steps;
+    G_L: fp64, G at its last sub-step. The chunk's first token's row, (first sub-step / NFAC) * H +
+    head, is formed from row0 where it is used (a second 64-bit row offset held across the loop
+    spilled 8 B in fp32 specialisations at maxnreg 128).
 
     The adjoint of the chunk's state update (S1 = exp(G_L) S0 + (exp(G_L - G) K)^T d, d = u - w S0,
     o = scale (exp(G_r) Q S0 + P d)): dd = scale P^T dO (written by ``_wy_fwd_kernel``, read here) +
@@ -693,6 +704,7 @@ def _state_bwd_piece(dS, dS_prev, q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dd_ptr, ro
     tp = p0 + tl.arange(0, 16)                           # the piece's tokens within the chunk
     tok_ok = tp < n_sub // NFAC
     G_rp = tl.load(g_ptr + row0 + (tp * NFAC + NFAC - 1) * H, mask=tok_ok, other=0.0)
+    tok_row0 = (row0 - head) // NFAC + head
     do_p = tl.load(do_ptr + tok_row0 * V + c0 + tp[:, None] * H * V + cols_v[None, :],
                    mask=tok_ok[:, None] & v_ok[None, :], other=0.0)
     dos = do_p.to(tl.float32) * (scale * tl.exp(G_rp.to(tl.float32)))[:, None]
@@ -733,31 +745,33 @@ def _state_bwd_kernel(
         dS = tl.load(dfinal_ptr + f_off, mask=f_mask, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros((NKB, BK, BV), tl.float32)
-    # As in _state_fwd_kernel: a 64-bit base of the sequence's sub-step and token rows, an int32
-    # length, a pointer to this program's block of its first chunk's dS (``_chunk_state_offsets``).
+    # As in _state_fwd_kernel: a 64-bit base of the sequence's sub-step rows, an int32 length, a pointer
+    # to this program's block of its first chunk's dS (``_chunk_state_offsets``); the gradient of the
+    # initial state stored by the last iteration, and an empty sequence run as one chunk with no row.
     dstates_ptr, block, st_off = _chunk_state_block(dstates_ptr, chunk_base, head, H, V, NKB, BK, BV)
     row_base = bos * NFAC * H + head
-    tok_base = bos * H + head
     seq_len = (eos - bos).to(tl.int32)
     NP: tl.constexpr = BL // 16
+    n_iter = tl.maximum(n_chunks, 1) * NP
     dS_prev = dS
-    for i in tl.range(0, n_chunks * NP, num_stages=STAGES):
-        c = n_chunks - 1 - i // NP
+    for i in tl.range(0, n_iter, num_stages=STAGES):
+        c = n_iter // NP - 1 - i // NP
         p0 = (i % NP) * 16
         n_sub = tl.minimum(seq_len - c * CT, CT) * NFAC
         row0 = row_base + (c * CT * NFAC).to(tl.int64) * H
-        tok_row0 = tok_base + (c * CT).to(tl.int64) * H
-        G_L = tl.load(g_ptr + row0 + (n_sub - 1) * H)
+        G_L = tl.load(g_ptr + row0 + (n_sub - 1) * H, mask=n_sub > 0, other=0.0)
         if p0 == 0:
-            tl.store(dstates_ptr + c.to(tl.int64) * H * block + st_off, dS.to(dstates_ptr.dtype.element_ty))
+            if n_chunks > 0:
+                tl.store(dstates_ptr + c.to(tl.int64) * H * block + st_off, dS.to(dstates_ptr.dtype.element_ty))
             dS_prev = tl.exp(G_L.to(tl.float32)) * dS
-        dS_prev = _state_bwd_piece(dS, dS_prev, q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dd_ptr, row0, tok_row0, n_sub, p0,
+        dS_prev = _state_bwd_piece(dS, dS_prev, q_ptr, k_ptr, w_ptr, g_ptr, do_ptr, dd_ptr, row0, head, n_sub, p0,
                                    G_L, H, K, V, scale, NFAC, BK, NKB, BV, PREC)
         if p0 == BL - 16:
             dS = dS_prev
-    if HAS_H0:
-        h0_off, h0_mask = _state_slice(K, V, NKB, BK, BV)
-        tl.store(dh0_ptr + h0_off, dS.to(dh0_ptr.dtype.element_ty), mask=h0_mask)
+            if HAS_H0:
+                if i == n_iter - 1:
+                    h0_off, h0_mask = _state_slice(K, V, NKB, BK, BV)
+                    tl.store(dh0_ptr + h0_off, dS.to(dh0_ptr.dtype.element_ty), mask=h0_mask)
 
 
 @triton.jit
@@ -1260,26 +1274,26 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # The state passes walk the chunks one after another, one program per (sequence, head, 16 columns
     # of V): at (B, T, H, K = V) = (1, 8192, 32, 128) that is 256 programs, two waves on 132 SMs at one
     # program per SM and one wave at two. Both are software-pipelined (FWD_STAGES, BWD_STAGES = 2: the
-    # next piece's tiles in flight). The adjoint pass: 8 warps (BWD_WARPS) at BWD_MAXNREG = 128 for
-    # bf16 / fp16 with K <= 128 (106-128 registers, no spills, n = 1, 2, 3, Triton 3.6 and 3.9, sm_80
-    # and sm_90a: two programs an SM), 255 for fp32 (167-193; at 128 it spilled 8 B under Triton 3.6 at
-    # sm_90a with an initial state). The forward pass takes more: bf16 / fp16 run it with FWD_WARPS = 4
-    # at FWD_MAXNREG = 255 (196-253 registers, no spills: two programs an SM; 8 warps at 128 spilled
-    # 8-24 B in a few specialisations), fp32 with 8 warps (247-255 registers, one program an SM; 4 warps
-    # spilled 8-64 B).
+    # next piece's tiles in flight). Both run 8 warps (FWD_WARPS, BWD_WARPS). With K <= 128 the adjoint
+    # pass, every dtype, and the bf16 / fp16 forward pass are given maxnreg 128 (BWD_MAXNREG,
+    # FWD_MAXNREG): no spills at n = 1, 2, 3, with and without the initial and final states, Triton 3.6
+    # and 3.9, sm_80 and sm_90a, two programs an SM. The fp32 forward pass takes 255 (247-255 registers,
+    # one program an SM): its 3xTF32 products split every operand in two, and at 128 it spilled
+    # 360-480 B (4 warps at 255: 8-24 B). K > 128 (a larger state slice): 255 for both.
     # BKO, BVO, OUT_WARPS: ``_output_kernel``'s blocks of K (its loop) and of V (its grid), and warps:
     # no spills, Triton 3.6 and 3.9, sm_80 and sm_90a (bf16 / fp16 with BVO = 64: 128-152 registers;
     # fp32, 3xTF32, with BVO = 32: 145-202; with 64 it spilled 1.0-1.2 KB at sm_80, 0.8 KB with 8 warps).
     # Measured at the launches' alignment (aot_specs' divisible_by_16), bench/results/householder-traffic.md.
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "tf32x3"
-    bwd_maxnreg = 128 if half and BKF <= 128 else 255
+    bwd_maxnreg = 128 if BKF <= 128 else 255
+    fwd_maxnreg = 128 if half and BKF <= 128 else 255
     cfg = config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
                                               BKO=32, BVO=64 if half else 32, OUT_WARPS=1 if interpret else 4,
-                                              num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=255, FWD_STAGES=2,
+                                              num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=fwd_maxnreg, FWD_STAGES=2,
                                               BWD_STAGES=2,
                                               BWD_WARPS=1 if interpret else 8,
-                                              FWD_WARPS=1 if interpret else (4 if half else 8),
+                                              FWD_WARPS=1 if interpret else 8,
                                               BWD_MAXNREG=bwd_maxnreg,
                                               PREC=prec, LOWP=half, INTERP=interpret),
                           ("BK", "BV", "BKS", "BVS", "BKO", "BVO", "OUT_WARPS", "num_warps", "MAXNREG",
@@ -1509,6 +1523,10 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 # Kernel specialisations compiled ahead of time in CI for sm_80 and sm_90a.
+# ``LINREC_HOUSEHOLDER_AOT=all`` adds the state passes for every dtype, n = 1, 2, 3 and every flag
+# (72 specialisations, too many for CI's time; bench/results/householder-traffic.md's register tables):
+#   LINREC_HOUSEHOLDER_AOT=all python tests/aot_compile.py linrec.kernels.householder 80 90 --spills --budget
+AOT_ENV = "LINREC_HOUSEHOLDER_AOT"
 def _signatures(elem: str) -> dict:
     """Triton signatures of the four kernels for inputs stored as ``elem`` (fp32 / bf16 / fp16); w,
     Tinv, the chunk states handed to the chunk-local backward and the gradients are stored in that
@@ -1552,19 +1570,19 @@ def _under_static_budget(kernel, elem: str, constexprs: dict):
     fields that replace the entry's, or False (left out). Every specialisation is held, at sm_90a
     with Triton 3.9 and 3.6, compiled at the launches' alignment and register ceilings
     (``aot_specs``): no spills, one program per SM (at most 255 registers x 256 threads), and two for
-    the state passes but for fp32 (``_config``'s FWD_WARPS, FWD_MAXNREG, BWD_MAXNREG: the forward
-    pass at 4 warps, the adjoint pass at 8 warps and 128 registers).
+    the state passes at 8 warps and 128 registers (``_config``'s FWD_MAXNREG, BWD_MAXNREG) but the fp32
+    forward pass.
 
     The last one left out, the fp32 chunk-local backward with the gate (Triton 3.6: 20 / 92 B of
     spills at sm_80 / sm_90a, stored before its first loop and loaded after its last), spills
     nothing since that kernel takes the chunk's sub-step count as int32 (see there).
     Registers per thread (ptxas -v, K = V = 128; bench/results/householder-traffic.md has the
-    tables): the adjoint state pass 106-128 (fp32 167-193), the forward state pass 196-253 at 4 warps
-    (fp32 247-255 at 8), the output kernel 128-202, the others 77-255. None spills at sm_80 either
+    tables): the adjoint state pass 92-128 (every dtype), the forward state pass 104-128 (fp32 247-255),
+    the output kernel 128-202, the others 77-255. None spills at sm_80 either
     (not budgeted: the budget is sm_90a's).
     """
-    if kernel in (_state_fwd_kernel, _state_bwd_kernel) and elem != "fp32":
-        return {"programs_per_sm": 2}    # (the forward pass: 4 warps at up to 255 registers)
+    if kernel is _state_bwd_kernel or (kernel is _state_fwd_kernel and elem != "fp32"):
+        return {"programs_per_sm": 2}    # (8 warps at up to 128 registers)
     return True
 
 
@@ -1596,26 +1614,46 @@ def aot_specs():
         yield kernel, signature, constexprs, num_warps, options
 
 
+def _state_pass_specs(torch_dtype, elem: str, n: int, every_flag: bool, with_backward: bool):
+    """``_plain_specs``' entries of the two state passes for one dtype and n (K = V = 128): the forward
+    pass with an initial state, with and without the final one (the forward, the backward's
+    recomputation), or with every flag; the adjoint pass with every flag (with_backward)."""
+    cfg = _config(n, 128, 128, torch_dtype, interpret=False)
+    _, state_args = _launch_args(n, cfg)
+    del state_args["num_warps"]                              # (launch options, not constexprs)
+    del state_args["maxnreg"]
+    sigs = _signatures(elem)
+    for has_h0 in (False, True) if every_flag else (True,):
+        for with_final in (False, True):
+            yield (_state_fwd_kernel, sigs[_state_fwd_kernel],
+                   dict(HAS_H0=has_h0, HAS_FINAL=with_final, STAGES=cfg["FWD_STAGES"], **state_args),
+                   cfg["FWD_WARPS"], elem, {"maxnreg": cfg["FWD_MAXNREG"]})
+    if not with_backward:
+        return
+    for has_dfinal in (False, True):
+        for has_h0 in (False, True):
+            yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
+                   dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["BWD_STAGES"], **state_args),
+                   cfg["BWD_WARPS"], elem, {"maxnreg": cfg["BWD_MAXNREG"]})
+
+
 def _plain_specs():
     """The specialisations of ``aot_specs`` as (kernel, signature, constexprs, num_warps, storage dtype,
     the launch's compile options: its ``maxnreg`` where the launcher passes one)."""
+    every_state_pass = os.environ.get(AOT_ENV, "") == "all"
     plans = ((torch.float32, "fp32", 1, True), (torch.bfloat16, "bf16", 3, True), (torch.float16, "fp16", 2, False))
     for torch_dtype, elem, n, with_backward in plans:
         cfg = _config(n, 128, 128, torch_dtype, interpret=False)
-        chunk_args, state_args = _launch_args(n, cfg)
+        chunk_args, _ = _launch_args(n, cfg)
         nw = chunk_args.pop("num_warps")
-        del state_args["num_warps"]                              # (launch options, not constexprs)
-        capped = {"maxnreg": state_args.pop("maxnreg")}
         sigs = _signatures(elem)
         for gate in (False, True):
             # the forward's (computing Tinv), and the backward's (reading Tinv, forming scale P^T dO)
             for given, with_do in ((False, False),) + (((True, True),) if with_backward else ()):
                 yield (_wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, TINV_GIVEN=given, WITH_DO=with_do,
                                                                  BC=cfg["BC"], **chunk_args), nw, elem, {})
-        for with_final in (False, True):     # (the backward's recomputation, the forward)
-            yield (_state_fwd_kernel, sigs[_state_fwd_kernel],
-                   dict(HAS_H0=True, HAS_FINAL=with_final, STAGES=cfg["FWD_STAGES"], **state_args), cfg["FWD_WARPS"],
-                   elem, {"maxnreg": cfg["FWD_MAXNREG"]})
+        for state_n in (1, 2, 3) if every_state_pass else (n,):
+            yield from _state_pass_specs(torch_dtype, elem, state_n, every_state_pass, with_backward or every_state_pass)
         yield (_output_kernel, sigs[_output_kernel],
                dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BKO"], BV=cfg["BVO"], KP=cfg["BKF"],
                     VB=cfg["BVS"], PREC=cfg["PREC"], LOWP=cfg["LOWP"], INTERP=False), cfg["OUT_WARPS"], elem, {})
@@ -1625,11 +1663,6 @@ def _plain_specs():
         yield (_recurrent_fwd_kernel, rec_sig, dict(NFAC=n, BKF=128, BV=32, HAS_GATE=True, HAS_H0=True), 4, elem, {})
         if not with_backward:
             continue
-        for has_dfinal in (False, True):
-            for has_h0 in (False, True):
-                yield (_state_bwd_kernel, sigs[_state_bwd_kernel],
-                       dict(HAS_DFINAL=has_dfinal, HAS_H0=has_h0, STAGES=cfg["BWD_STAGES"], **state_args),
-                       cfg["BWD_WARPS"], elem, capped)
         for gate in (False, True):
             yield (_local_bwd_kernel, sigs[_local_bwd_kernel],
                    dict(HAS_GATE=gate, BC=cfg["BC"], KP=cfg["BKF"], **chunk_args), nw, elem,
