@@ -17,9 +17,10 @@ hard reset does not wipe out the small gates after it), and::
 Forward: ``_wy_fwd_kernel`` (all chunks in parallel, everything that does not depend on the
 carried state: A; Tinv by 16 x 16 diagonal blocks, inverted together by forward substitution in
 15 steps and merged by doubling with products, see ``_unit_lower_inverse``; w, G and the causal
-part of Q K^T, once per chunk), then ``_state_fwd_kernel`` (per sequence, head and block of V
-columns, sequentially over chunks: u = Tinv diag(beta) V for its V columns, never stored, d, the
-state entering every chunk and the final state), then ``_output_kernel`` (all chunks in parallel:
+part of Q K^T, once per chunk; for fp32 inputs also u = Tinv diag(beta) V, which the state pass
+overwrites with d), then ``_state_fwd_kernel`` (per sequence, head and block of V columns,
+sequentially over chunks: for bf16 / fp16 inputs u = Tinv diag(beta) V for its V columns, never
+stored; d, the state entering every chunk and the final state), then ``_output_kernel`` (all chunks in parallel:
 o from Q, Q K^T, the chunk-entry states and d). ``S1 = M S0 + c`` is affine in S0, so the state
 pass holds only the products with the carried state (w S0 and the update) and runs them 16
 sub-steps at a time, in one software-pipelined loop over (chunk, piece); its fp32 state stays in
@@ -215,17 +216,21 @@ def _wy_fwd_kernel(
     g_ptr,        # out (B*T*n, H) fp64: cumulative log-gate within the chunk
     do_ptr,       # (B*T, H, V) gradient of o, read when WITH_DO (the backward)
     dd_ptr,       # out (B*T*n, H, V) fp32, written when WITH_DO: scale P^T dO, dd's state-independent part
+    v_ptr,        # (B*T*n, H, V) values, read when WITH_U
+    u_ptr,        # out (B*T*n, H, V) fp32, written when WITH_U: u = Tinv diag(beta) V
     cu_tok_ptr,   # (N + 1,) int64 token offsets of the sequences
     H, K, V, scale,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, HAS_GATE: tl.constexpr, TINV_GIVEN: tl.constexpr, WITH_DO: tl.constexpr,
-    PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.constexpr,
+    WITH_U: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, INTERP: tl.constexpr,
 ):
     """One program per (chunk, sequence * head): A, Tinv = (I + A)^{-1}, w = Tinv diag(beta exp(G)) K,
-    the causal part of Q K^T and G. Everything here is independent of the carried state; u =
-    Tinv diag(beta) V is left to the state passes (per V block, at no extra FLOPs), so that it
-    is never written to memory. Q K^T is computed once per chunk here rather than once per V block
-    in each state pass. TINV_GIVEN (the backward, with the forward's Tinv): Tinv is read from
+    the causal part of Q K^T and G. Everything here is independent of the carried state. u =
+    Tinv diag(beta) V: for bf16 / fp16 inputs left to the forward state pass (per V block, at no extra
+    FLOPs: never written to memory); for fp32 inputs (WITH_U) computed here and written (fp32) for it,
+    whose 3xTF32 product with Tinv held 100-150 registers more than the rest of its pass (see
+    ``_config``). Q K^T is computed once per chunk here rather than once per V block in each state
+    pass. TINV_GIVEN (the backward, with the forward's Tinv): Tinv is read from
     ``tinv_ptr`` instead of computed (no K K^T, no inverse). WITH_DO (the backward): also the part of
     dd = dL/dd that does not depend on the carried state, scale P^T dO with P = (exp(G_r - G_m) Q K^T)
     restricted to m <= r (r a token's last sub-step), for the adjoint state pass to complete: formed
@@ -308,6 +313,15 @@ def _wy_fwd_kernel(
         rhs, first_bad = _split_nonfinite(kk * bg[:, None], rows, BL)
         w = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
         tl.store(w_ptr + k_off, w.to(w_ptr.dtype.element_ty), mask=kmask)
+    if WITH_U:
+        # u = Tinv diag(beta) V likewise, block by block (non-finite values as in w).
+        for v0 in range(0, V, BV):
+            cols_v = v0 + tl.arange(0, BV)
+            v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
+            vmask = valid[:, None] & (cols_v[None, :] < V)
+            vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
+            rhs, first_bad = _split_nonfinite(vv * beta[:, None], rows, BL)
+            tl.store(u_ptr + v_off, _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad), mask=vmask)
 
 
 @triton.jit
@@ -471,7 +485,8 @@ def _chunk_state_block(ptr, chunk_base, head, H, V, NKB: tl.constexpr, BK: tl.co
 
 @triton.jit
 def _state_fwd_piece(S, S_next, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, row0, n_sub, p0, G_L, H, K, V,
-                     BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                     BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                     U_GIVEN: tl.constexpr):
     """One piece of 16 sub-steps (rows p0 .. p0 + 15 of its chunk) in ``_state_fwd_kernel``; returns
     S_next plus the piece's share of the state update.
 
@@ -482,7 +497,9 @@ def _state_fwd_piece(S, S_next, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, 
     of ``d_ptr``, fp32) and adds (exp(G_L - G) K)^T d of those rows to S_next.
 
     u = Tinv diag(beta) V of the piece's rows is one (16, BL) x (BL, BV) product (diag(beta) V's
-    BL rows re-read per piece: L1 / L2 hits). k's piece is loaded transposed, (NKB, BK, 16), so that
+    BL rows re-read per piece: L1 / L2 hits), or, U_GIVEN (fp32 inputs), read from ``d_ptr``, where
+    ``_wy_fwd_kernel`` wrote it (d then overwrites it row for row: the pipeline's prefetch reads the
+    next piece's rows, never rows already overwritten). k's piece is loaded transposed, (NKB, BK, 16), so that
     the update is a batched product with no permute of its result; the decays exp(G_L - G_m) scale
     the rows of d, a 2-D (16, BV) tile, not the 3-D k tile (in whose layout Triton 3.6 replicated
     per-row vectors). Every product has a computed operand and takes fp32 operands (PREC: "tf32x3"
@@ -500,16 +517,19 @@ def _state_fwd_piece(S, S_next, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, 
     rows_ok = rows < n_sub
     rp = p0 + tl.arange(0, 16)                           # the piece's
     ok = rp < n_sub
-    beta = tl.load(beta_ptr + row0 + rows * H, mask=rows_ok, other=0.0).to(tl.float32)
-    vv = tl.load(v_ptr + row0 * V + c0 + rows[:, None] * H * V + cols_v[None, :], mask=rows_ok[:, None] & v_ok[None, :],
-                 other=0.0).to(tl.float32)
-    rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)
-    tinv = tl.load(tinv_ptr + row0 * BL + rp[:, None] * H * BL + rows[None, :], mask=ok[:, None], other=0.0)
-    u = _poison_from(_dot32(tinv, rhs, PREC), rp, first_bad_u)
+    d_ptrs = d_ptr + row0 * V + c0 + rp[:, None] * H * V + cols_v[None, :]
+    if U_GIVEN:
+        u = tl.load(d_ptrs, mask=ok[:, None] & v_ok[None, :], other=0.0)
+    else:
+        beta = tl.load(beta_ptr + row0 + rows * H, mask=rows_ok, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + row0 * V + c0 + rows[:, None] * H * V + cols_v[None, :],
+                     mask=rows_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        rhs, first_bad_u = _split_nonfinite(vv * beta[:, None], rows, BL)
+        tinv = tl.load(tinv_ptr + row0 * BL + rp[:, None] * H * BL + rows[None, :], mask=ok[:, None], other=0.0)
+        u = _poison_from(_dot32(tinv, rhs, PREC), rp, first_bad_u)
     w = _kblocks(w_ptr + row0 * K, rp, ok, 0, H, K, NKB, BK)
     d = u - tl.sum(_bdot(w, S, PREC), axis=0)                                    # (16, BV)
-    tl.store(d_ptr + row0 * V + c0 + rp[:, None] * H * V + cols_v[None, :], d.to(d_ptr.dtype.element_ty),
-             mask=ok[:, None] & v_ok[None, :])
+    tl.store(d_ptrs, d.to(d_ptr.dtype.element_ty), mask=ok[:, None] & v_ok[None, :])
     G_p = tl.load(g_ptr + row0 + rp * H, mask=ok, other=0.0)
     decay_last = tl.exp(tl.where(ok, (G_L - G_p).to(tl.float32), float("-inf")))
     kT = _kblocks_t(k_ptr + row0 * K, rp, ok, 0, H, K, NKB, BK)                 # (NKB, BK, 16)
@@ -530,7 +550,7 @@ def _state_fwd_kernel(
     tinv_ptr,     # (B*T*n, H, BL) work dtype
     g_ptr,        # (B*T*n, H) fp64
     h0_ptr,       # (N, H, K, V) initial states, read when HAS_H0
-    d_ptr,        # out (B*T*n, H, V) fp32: d = u - w S0
+    d_ptr,        # out (B*T*n, H, V) fp32: d = u - w S0 (U_GIVEN: holds u on entry)
     states_ptr,   # out (total chunks, H, cdiv(V, BV), NKB * BK, BV) state dtype: the state entering every chunk
     final_ptr,    # out (N, H, K, V) fp32, written when HAS_FINAL
     cu_tok_ptr,   # (N + 1,) int64 token offsets
@@ -538,6 +558,7 @@ def _state_fwd_kernel(
     H, K, V,
     NFAC: tl.constexpr, CT: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
     BV: tl.constexpr, HAS_H0: tl.constexpr, HAS_FINAL: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+    U_GIVEN: tl.constexpr,
 ):
     """One program per (block of BV columns of V, sequence * head), sequential over the sequence's
     chunks, its (K, BV) fp32 slice of the state in registers across the chunk loop. Only the products
@@ -581,7 +602,7 @@ def _state_fwd_kernel(
                 tl.store(states_ptr + c.to(tl.int64) * H * block + st_off, S.to(states_ptr.dtype.element_ty))
             S_next = tl.exp(G_L.to(tl.float32)) * S
         S_next = _state_fwd_piece(S, S_next, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, d_ptr, row0, n_sub, p0,
-                                  G_L, H, K, V, BL, BK, NKB, BV, PREC)
+                                  G_L, H, K, V, BL, BK, NKB, BV, PREC, U_GIVEN)
         if p0 == BL - 16:
             S = S_next
             if HAS_FINAL:
@@ -1274,12 +1295,15 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     # The state passes walk the chunks one after another, one program per (sequence, head, 16 columns
     # of V): at (B, T, H, K = V) = (1, 8192, 32, 128) that is 256 programs, two waves on 132 SMs at one
     # program per SM and one wave at two. Both are software-pipelined (FWD_STAGES, BWD_STAGES = 2: the
-    # next piece's tiles in flight). Both run 8 warps (FWD_WARPS, BWD_WARPS). With K <= 128 the adjoint
-    # pass, every dtype, and the bf16 / fp16 forward pass are given maxnreg 128 (BWD_MAXNREG,
-    # FWD_MAXNREG): no spills at n = 1, 2, 3, with and without the initial and final states, Triton 3.6
-    # and 3.9, sm_80 and sm_90a, two programs an SM. The fp32 forward pass takes 255 (247-255 registers,
-    # one program an SM): its 3xTF32 products split every operand in two, and at 128 it spilled
-    # 360-480 B (4 warps at 255: 8-24 B). K > 128 (a larger state slice): 255 for both.
+    # next piece's tiles in flight). Both run 8 warps (FWD_WARPS, BWD_WARPS) at maxnreg 128 with K <= 128
+    # (FWD_MAXNREG, BWD_MAXNREG): no spills at n = 1, 2, 3, every dtype, with and without the initial and
+    # final states, Triton 3.6 and 3.9, sm_80 and sm_90a, two programs an SM. For that the fp32 forward
+    # pass reads u (U_IN_WY: ``_wy_fwd_kernel`` computes it): its 3xTF32 product Tinv diag(beta) V split
+    # both operands in two and took it to 247-255 registers (at 128: 360-480 B of spills; without that
+    # product, 100-108 registers; u costs 764 B per token and head more a run at K = V = 128: written
+    # and v read by ``_wy_fwd_kernel``, u read instead of v and Tinv by the state pass; to time the other
+    # way on a GPU: LINREC_HOUSEHOLDER_CONFIG="U_IN_WY=0,FWD_MAXNREG=255"). K > 128 (a larger state
+    # slice): 255 for both.
     # BKO, BVO, OUT_WARPS: ``_output_kernel``'s blocks of K (its loop) and of V (its grid), and warps:
     # no spills, Triton 3.6 and 3.9, sm_80 and sm_90a (bf16 / fp16 with BVO = 64: 128-152 registers;
     # fp32, 3xTF32, with BVO = 32: 145-202; with 64 it spilled 1.0-1.2 KB at sm_80, 0.8 KB with 8 warps).
@@ -1287,7 +1311,7 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
     num_warps = 1 if interpret else 8
     prec = "tf32" if half else "tf32x3"
     bwd_maxnreg = 128 if BKF <= 128 else 255
-    fwd_maxnreg = 128 if half and BKF <= 128 else 255
+    fwd_maxnreg = 128 if BKF <= 128 else 255
     cfg = config_override("householder", dict(CT=CT, BL=BL, BC=BC, BK=BK, BV=BV, BKF=BKF, BKS=BKS, BVS=BVS,
                                               BKO=32, BVO=64 if half else 32, OUT_WARPS=1 if interpret else 4,
                                               num_warps=num_warps, MAXNREG=255, FWD_MAXNREG=fwd_maxnreg, FWD_STAGES=2,
@@ -1295,9 +1319,10 @@ def _config(n: int, K: int, V: int, dtype: torch.dtype, interpret: bool) -> dict
                                               BWD_WARPS=1 if interpret else 8,
                                               FWD_WARPS=1 if interpret else 8,
                                               BWD_MAXNREG=bwd_maxnreg,
-                                              PREC=prec, LOWP=half, INTERP=interpret),
+                                              PREC=prec, LOWP=half, INTERP=interpret, U_IN_WY=not half),
                           ("BK", "BV", "BKS", "BVS", "BKO", "BVO", "OUT_WARPS", "num_warps", "MAXNREG",
-                           "FWD_MAXNREG", "BWD_MAXNREG", "FWD_STAGES", "FWD_WARPS", "BWD_STAGES", "BWD_WARPS"))
+                           "FWD_MAXNREG", "BWD_MAXNREG", "FWD_STAGES", "FWD_WARPS", "BWD_STAGES", "BWD_WARPS",
+                           "U_IN_WY"))
     if cfg["BV"] != cfg["BVS"]:
         raise ValueError(f"LINREC_HOUSEHOLDER_CONFIG: BV ({cfg['BV']}) must equal BVS ({cfg['BVS']}): the chunk-local "
                          "backward reads the chunk states in the state passes' blocks of BVS columns")
@@ -1361,12 +1386,14 @@ def _prepare(q, k, v, beta, log_gate, cu_seqlens):
     return cfg, N, cu_tok, cu_chunk, max_chunks, total_chunks, tensors
 
 
-def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=None, grad_o=None, scale=1.0):
+def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=None, grad_o=None, scale=1.0, with_u=True):
     """Runs ``_wy_fwd_kernel``: the state-independent chunk factors, as a dict of tensors
     w (B, T * n, H, K) and Tinv (B, T * n, H, BL) in the work dtype, qk (B, T, H, BL) fp32 (the
     causal part of Q K^T) and G (B, T * n, H) fp64. With ``tinv`` (the forward's, in the backward)
     Tinv is read, not computed. With ``grad_o`` (the backward, (B, T, H, V) contiguous; ``tinv``
-    given) also dd (B, T * n, H, V) fp32 holding scale P^T dO, for the adjoint state pass to complete."""
+    given) also dd (B, T * n, H, V) fp32 holding scale P^T dO, for the adjoint state pass to complete.
+    For fp32 inputs (``cfg["U_IN_WY"]``) and with_u, also u (B, T * n, H, V) fp32 = Tinv diag(beta) V,
+    which the state pass overwrites with d (else None: the state pass computes u)."""
     q, k, beta, lg = t["q"], t["k"], t["beta"], t["lg"]
     B, T = q.shape[:2]
     dev = q.device
@@ -1379,13 +1406,16 @@ def _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=None, grad_o=
     G = torch.empty((B, T * n, H), dtype=torch.float64, device=dev)
     with_do = grad_o is not None
     dd = torch.empty((B, T * n, H, V), dtype=torch.float32, device=dev) if with_do else None
+    with_u = with_u and cfg["U_IN_WY"]
+    u = torch.empty((B, T * n, H, V), dtype=torch.float32, device=dev) if with_u else None
     chunk_args, _ = _launch_args(n, cfg)
     if max_chunks > 0 and N * H > 0:
         _wy_fwd_kernel[(max_chunks, N * H)](
             q, k, beta, lg if lg is not None else beta, w, tinv, qk, G, grad_o if with_do else q,
-            dd if with_do else qk, cu_tok, H, K, V, float(scale),                 # (placeholders: not read)
-            HAS_GATE=lg is not None, TINV_GIVEN=given, WITH_DO=with_do, BC=cfg["BC"], **chunk_args)
-    return dict(w=w, tinv=tinv, qk=qk, G=G, dd=dd)
+            dd if with_do else qk, t["v"], u if with_u else qk,                     # (placeholders: not read)
+            cu_tok, H, K, V, float(scale),
+            HAS_GATE=lg is not None, TINV_GIVEN=given, WITH_DO=with_do, WITH_U=with_u, BC=cfg["BC"], **chunk_args)
+    return dict(w=w, tinv=tinv, qk=qk, G=G, dd=dd, u=u)
 
 
 def chunk_states_shape(chunks: int, H: int, V: int, cfg: dict) -> tuple:
@@ -1405,11 +1435,13 @@ def tinv_shape(B: int, T: int, n: int, H: int) -> tuple:
 def _state_pass(t, f, h0, cfg, N, cu_tok, cu_chunk, total_chunks, H, K, V, n, with_final):
     """Runs ``_state_fwd_kernel`` over the chunk factors ``f``: the state entering every chunk
     (``chunk_states_shape``, ``_state_dtype``), d = u - w S0 of every sub-step ((B, T * n, H, V)
-    fp32) and, with_final, the final states ((N, H, K, V) fp32; else None). Returns (d, states, final)."""
+    fp32; written over ``f["u"]`` where the chunk factors hold u) and, with_final, the final states
+    ((N, H, K, V) fp32; else None). Returns (d, states, final)."""
     k, v, beta = t["k"], t["v"], t["beta"]
     B, T = k.shape[:2]
     dev = k.device
-    d = torch.empty((B, T * n, H, V), dtype=torch.float32, device=dev)
+    u_given = f.get("u") is not None
+    d = f.pop("u") if u_given else torch.empty((B, T * n, H, V), dtype=torch.float32, device=dev)
     states = torch.empty(chunk_states_shape(max(total_chunks, 1), H, V, cfg), dtype=_state_dtype(k.dtype), device=dev)
     final = torch.empty((N, H, K, V), dtype=torch.float32, device=dev) if with_final else None
     _, state_args = _launch_args(n, cfg)
@@ -1417,7 +1449,7 @@ def _state_pass(t, f, h0, cfg, N, cu_tok, cu_chunk, total_chunks, H, K, V, n, wi
         h0c = h0.contiguous() if h0 is not None else states                 # (placeholders: not read)
         _state_fwd_kernel[(triton.cdiv(V, cfg["BVS"]), N * H)](
             k, v, beta, f["w"], f["tinv"], f["G"], h0c, d, states, final if with_final else states, cu_tok, cu_chunk,
-            H, K, V, HAS_H0=h0 is not None, HAS_FINAL=with_final, STAGES=cfg["FWD_STAGES"],
+            H, K, V, HAS_H0=h0 is not None, HAS_FINAL=with_final, STAGES=cfg["FWD_STAGES"], U_GIVEN=u_given,
             **dict(state_args, num_warps=cfg["FWD_WARPS"], maxnreg=cfg["FWD_MAXNREG"]))
     return d, states, final
 
@@ -1491,7 +1523,7 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # A backward op called without the forward's Tinv: computed first by the forward's launch, so
         # that the one below always reads it (recomputing it and forming P^T dO in one program, the
         # fp32 kernel spilled 8 B at sm_80 under Triton 3.6).
-        tinv = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n)["tinv"]
+        tinv = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, with_u=False)["tinv"]
     f = _chunk_factors(t, cfg, N, cu_tok, max_chunks, H, K, V, n, tinv=tinv, grad_o=grad_o, scale=scale)
     d, states, _ = _state_pass(t, f, initial_state, cfg, N, cu_tok, cu_chunk, total_chunks, H, K, V, n, False)
     dev = q.device
@@ -1534,7 +1566,8 @@ def _signatures(elem: str) -> dict:
     x = f"*{elem}"
     return {
         _wy_fwd_kernel: {"q_ptr": x, "k_ptr": x, "beta_ptr": x, "lg_ptr": x, "w_ptr": x, "tinv_ptr": x,
-                         "qk_ptr": "*fp32", "g_ptr": "*fp64", "do_ptr": x, "dd_ptr": "*fp32", "cu_tok_ptr": "*i64",
+                         "qk_ptr": "*fp32", "g_ptr": "*fp64", "do_ptr": x, "dd_ptr": "*fp32", "v_ptr": x,
+                         "u_ptr": "*fp32", "cu_tok_ptr": "*i64",
                          "H": "i32", "K": "i32", "V": "i32", "scale": "fp32"},
         _state_fwd_kernel: {"k_ptr": x, "v_ptr": x, "beta_ptr": x, "w_ptr": x, "tinv_ptr": x, "g_ptr": "*fp64",
                             "h0_ptr": "*fp32", "d_ptr": "*fp32", "states_ptr": x, "final_ptr": "*fp32",
@@ -1570,18 +1603,16 @@ def _under_static_budget(kernel, elem: str, constexprs: dict):
     fields that replace the entry's, or False (left out). Every specialisation is held, at sm_90a
     with Triton 3.9 and 3.6, compiled at the launches' alignment and register ceilings
     (``aot_specs``): no spills, one program per SM (at most 255 registers x 256 threads), and two for
-    the state passes at 8 warps and 128 registers (``_config``'s FWD_MAXNREG, BWD_MAXNREG) but the fp32
-    forward pass.
+    the state passes at 8 warps and 128 registers (``_config``'s FWD_MAXNREG, BWD_MAXNREG).
 
     The last one left out, the fp32 chunk-local backward with the gate (Triton 3.6: 20 / 92 B of
     spills at sm_80 / sm_90a, stored before its first loop and loaded after its last), spills
     nothing since that kernel takes the chunk's sub-step count as int32 (see there).
     Registers per thread (ptxas -v, K = V = 128; bench/results/householder-traffic.md has the
-    tables): the adjoint state pass 92-128 (every dtype), the forward state pass 104-128 (fp32 247-255),
-    the output kernel 128-202, the others 77-255. None spills at sm_80 either
-    (not budgeted: the budget is sm_90a's).
+    tables): the state passes 92-128 (every dtype), the output kernel 128-202, the others 77-255. None
+    spills at sm_80 either (not budgeted: the budget is sm_90a's).
     """
-    if kernel is _state_bwd_kernel or (kernel is _state_fwd_kernel and elem != "fp32"):
+    if kernel in (_state_fwd_kernel, _state_bwd_kernel):
         return {"programs_per_sm": 2}    # (8 warps at up to 128 registers)
     return True
 
@@ -1626,7 +1657,8 @@ def _state_pass_specs(torch_dtype, elem: str, n: int, every_flag: bool, with_bac
     for has_h0 in (False, True) if every_flag else (True,):
         for with_final in (False, True):
             yield (_state_fwd_kernel, sigs[_state_fwd_kernel],
-                   dict(HAS_H0=has_h0, HAS_FINAL=with_final, STAGES=cfg["FWD_STAGES"], **state_args),
+                   dict(HAS_H0=has_h0, HAS_FINAL=with_final, STAGES=cfg["FWD_STAGES"], U_GIVEN=cfg["U_IN_WY"],
+                        **state_args),
                    cfg["FWD_WARPS"], elem, {"maxnreg": cfg["FWD_MAXNREG"]})
     if not with_backward:
         return
@@ -1647,13 +1679,19 @@ def _plain_specs():
         chunk_args, _ = _launch_args(n, cfg)
         nw = chunk_args.pop("num_warps")
         sigs = _signatures(elem)
+        with_u = cfg["U_IN_WY"]
         for gate in (False, True):
-            # the forward's (computing Tinv), and the backward's (reading Tinv, forming scale P^T dO)
-            for given, with_do in ((False, False),) + (((True, True),) if with_backward else ()):
+            # the forward's (computing Tinv), and the backward's (reading Tinv, forming scale P^T dO), both
+            # computing u for fp32; for fp32 also the one a backward given no Tinv runs first (Tinv only)
+            variants = ((False, False, with_u),) + (((True, True, with_u),) if with_backward else ())
+            if with_u and with_backward:
+                variants += ((False, False, False),)
+            for given, with_do, u in variants:
                 yield (_wy_fwd_kernel, sigs[_wy_fwd_kernel], dict(HAS_GATE=gate, TINV_GIVEN=given, WITH_DO=with_do,
-                                                                 BC=cfg["BC"], **chunk_args), nw, elem, {})
+                                                                 WITH_U=u, BC=cfg["BC"], **chunk_args), nw, elem, {})
         for state_n in (1, 2, 3) if every_state_pass else (n,):
-            yield from _state_pass_specs(torch_dtype, elem, state_n, every_state_pass, with_backward or every_state_pass)
+            yield from _state_pass_specs(torch_dtype, elem, state_n, every_state_pass,
+                                         with_backward or every_state_pass)
         yield (_output_kernel, sigs[_output_kernel],
                dict(NFAC=n, CT=cfg["CT"], BL=cfg["BL"], BC=cfg["BC"], BK=cfg["BKO"], BV=cfg["BVO"], KP=cfg["BKF"],
                     VB=cfg["BVS"], PREC=cfg["PREC"], LOWP=cfg["LOWP"], INTERP=False), cfg["OUT_WARPS"], elem, {})
