@@ -303,25 +303,27 @@ def _wy_fwd_kernel(
     else:
         tinv = _chunk_inverse(kkt, beta, G, rows, valid, tinv_ptr, sub, head, H, BL, PREC)
 
-    # w = Tinv diag(beta exp(G)) K, block by block.
-    bg = beta * tl.exp(G.to(tl.float32))
-    for k0 in range(0, K, BK):
-        cols_k = k0 + tl.arange(0, BK)
-        k_off = (sub[:, None] * H + head) * K + cols_k[None, :]
-        kmask = valid[:, None] & (cols_k[None, :] < K)
-        kk = tl.load(k_ptr + k_off, mask=kmask, other=0.0).to(tl.float32)
-        rhs, first_bad = _split_nonfinite(kk * bg[:, None], rows, BL)
-        w = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
-        tl.store(w_ptr + k_off, w.to(w_ptr.dtype.element_ty), mask=kmask)
+    # w = Tinv diag(beta exp(G)) K, and for fp32 inputs u = Tinv diag(beta) V.
+    _tinv_apply(tinv, k_ptr, w_ptr, beta * tl.exp(G.to(tl.float32)), sub, head, H, K, rows, valid, BL, BK, PREC)
     if WITH_U:
-        # u = Tinv diag(beta) V likewise, block by block (non-finite values as in w).
-        for v0 in range(0, V, BV):
-            cols_v = v0 + tl.arange(0, BV)
-            v_off = (sub[:, None] * H + head) * V + cols_v[None, :]
-            vmask = valid[:, None] & (cols_v[None, :] < V)
-            vv = tl.load(v_ptr + v_off, mask=vmask, other=0.0).to(tl.float32)
-            rhs, first_bad = _split_nonfinite(vv * beta[:, None], rows, BL)
-            tl.store(u_ptr + v_off, _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad), mask=vmask)
+        _tinv_apply(tinv, v_ptr, u_ptr, beta, sub, head, H, V, rows, valid, BL, BV, PREC)
+
+
+@triton.jit
+def _tinv_apply(tinv, x_ptr, out_ptr, row_scale, sub, head, H, D, rows, valid, BL: tl.constexpr, BD: tl.constexpr,
+                PREC: tl.constexpr):
+    """out = Tinv diag(row_scale) X for one chunk, BD columns at a time: X the chunk's (BL, D) rows of an
+    (..., H, D) tensor (rows ``sub``, head ``head``; ``valid`` masks the chunk's sub-steps), Tinv (BL, BL),
+    row_scale (BL,) fp32; stored in ``out_ptr``'s dtype at the same offsets. Non-finite values of
+    diag(row_scale) X are zeroed in the product and put back in the rows at or past them."""
+    for c0 in range(0, D, BD):
+        cols = c0 + tl.arange(0, BD)
+        off = (sub[:, None] * H + head) * D + cols[None, :]
+        mask = valid[:, None] & (cols[None, :] < D)
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        rhs, first_bad = _split_nonfinite(x * row_scale[:, None], rows, BL)
+        out = _poison_from(_dot32(tinv, rhs, PREC), rows, first_bad)
+        tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
