@@ -515,14 +515,14 @@ def _state_fwd_piece(S, S_next, k_ptr, v_ptr, beta_ptr, w_ptr, tinv_ptr, g_ptr, 
     c0 = tl.program_id(0) * BV
     cols_v = tl.arange(0, BV)                            # (this program's V columns, from c0)
     v_ok = cols_v < V - c0
-    rows = tl.arange(0, BL)                              # the chunk's sub-steps
-    rows_ok = rows < n_sub
-    rp = p0 + tl.arange(0, 16)                           # the piece's
+    rp = p0 + tl.arange(0, 16)                           # the piece's sub-steps within the chunk
     ok = rp < n_sub
     d_ptrs = d_ptr + row0 * V + c0 + rp[:, None] * H * V + cols_v[None, :]
     if U_GIVEN:
         u = tl.load(d_ptrs, mask=ok[:, None] & v_ok[None, :], other=0.0)
     else:
+        rows = tl.arange(0, BL)                          # the chunk's sub-steps
+        rows_ok = rows < n_sub
         beta = tl.load(beta_ptr + row0 + rows * H, mask=rows_ok, other=0.0).to(tl.float32)
         vv = tl.load(v_ptr + row0 * V + c0 + rows[:, None] * H * V + cols_v[None, :],
                      mask=rows_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
@@ -1561,6 +1561,8 @@ def householder_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # (72 specialisations, too many for CI's time; bench/results/householder-traffic.md's register tables):
 #   LINREC_HOUSEHOLDER_AOT=all python tests/aot_compile.py linrec.kernels.householder 80 90 --spills --budget
 AOT_ENV = "LINREC_HOUSEHOLDER_AOT"
+
+
 def _signatures(elem: str) -> dict:
     """Triton signatures of the four kernels for inputs stored as ``elem`` (fp32 / bf16 / fp16); w,
     Tinv, the chunk states handed to the chunk-local backward and the gradients are stored in that
